@@ -1,0 +1,53 @@
+"""The paper's metrics, each defined once, computed from a cell's totals over all of its ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CellTotals:
+    """What the ranks of one cell measured together."""
+
+    total_s: float  # wall time of the cell: the slowest rank's window
+    responses: int
+    output_tokens: int
+    output_words: int
+    energy_j: float | None  # every GPU of the cell summed; None where any rank had no meter
+    idle_energy_j: float | None = None  # sum over GPUs of idle power x that GPU's window; None where any had none
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    unit: str
+    definition: str
+    compute: Callable[[CellTotals], float | None]
+
+
+def _per_second(count: Callable[[CellTotals], float]) -> Callable[[CellTotals], float | None]:
+    return lambda c: count(c) / c.total_s if c.total_s > 0 else None
+
+
+def _energy_per(count: Callable[[CellTotals], float]) -> Callable[[CellTotals], float | None]:
+    return lambda c: c.energy_j / count(c) if c.energy_j is not None and count(c) > 0 else None
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("words_per_s", "words/s", "output words (split on whitespace) / total run time",
+           _per_second(lambda c: c.output_words)),
+    Metric("tokens_per_s", "tokens/s", "output tokens / total run time", _per_second(lambda c: c.output_tokens)),
+    Metric("responses_per_s", "responses/s", "responses / total run time", _per_second(lambda c: c.responses)),
+    Metric("energy_per_s_w", "W", "energy of all GPUs / total run time",
+           lambda c: c.energy_j / c.total_s if c.energy_j is not None and c.total_s > 0 else None),
+    Metric("energy_per_token_j", "J/token", "energy of all GPUs / output tokens", _energy_per(lambda c: c.output_tokens)),
+    Metric("energy_per_response_j", "J/response", "energy of all GPUs / responses", _energy_per(lambda c: c.responses)),
+    Metric("energy_j_above_idle", "J", "energy of all GPUs - each GPU's idle power x its run time",
+           lambda c: c.energy_j - c.idle_energy_j if c.energy_j is not None and c.idle_energy_j is not None else None),
+)
+METRIC_NAMES = tuple(m.name for m in METRICS)
+
+
+def compute(totals: CellTotals) -> dict[str, float | None]:
+    return {m.name: m.compute(totals) for m in METRICS}

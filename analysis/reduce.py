@@ -1,0 +1,275 @@
+"""w2w-reduce: join the rank records of each cell into the cells table (CSV, Parquet, Markdown)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from w2w.analysis.metrics import METRIC_NAMES, CellTotals, compute
+
+from w2w.records import STATUS_OK, RecordError, read_record, write_atomic
+
+PARAM_COLUMNS = ("model", "gpu", "dataset", "shards", "precision", "batch_size", "max_gen_len", "power_cap_w")
+# Measured beside the metrics: GPU energy summed over the cell's GPUs, CPU energy over its nodes.
+ENERGY_COLUMNS = (
+    "energy_source", "idle_power_w", "prefill_energy_j", "decode_energy_j", "cpu_energy_j",
+    "power_cap_enforced_w", "sm_util_avg_pct", "mem_util_max_pct", "mem_used_max_pct", "cpu_note",
+)
+
+
+class ReduceError(ValueError):
+    """A request the sweep directory cannot answer (e.g. no timeline for a cell)."""
+
+
+@dataclass
+class CellRecords:
+    cell_id: str
+    records: dict[int, dict] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def load_cells(sweep_dir: Path) -> dict[str, CellRecords]:
+    """Every cell folder's rank records; unreadable files become problems of their cell."""
+    cells: dict[str, CellRecords] = {}
+    for folder in sorted((sweep_dir / "cells").glob("*")):
+        if not folder.is_dir():
+            continue
+        cell = cells.setdefault(folder.name, CellRecords(folder.name))
+        for path in sorted(folder.glob("rank-*.json")):
+            try:
+                record = read_record(path)
+            except RecordError as exc:
+                cell.problems.append(str(exc))
+                continue
+            cell.records[int(record["rank"])] = record
+    return cells
+
+
+def _energy(records: list[dict]) -> tuple[float | None, str | None]:
+    values = [r.get("energy", {}).get("gpu_j") for r in records]
+    if any(v is None for v in values):
+        reasons = {r.get("energy", {}).get("reason") or "no energy reading" for r in records}
+        return None, "; ".join(sorted(reasons))
+    return float(sum(values)), None
+
+
+def _paper_energy(records: list[dict]) -> float | None:
+    """The paper's convention: the rank-0 node's energy times the number of nodes."""
+    first_node = next(r["node"] for r in records if r["rank"] == 0)
+    nodes = {r["node"] for r in records}
+    on_first = [r["energy"]["gpu_j"] for r in records if r["node"] == first_node]
+    if any(v is None for v in on_first):
+        return None
+    return float(sum(on_first)) * len(nodes)
+
+
+def _energy_sum(records: list[dict], key: str) -> float | None:
+    """An energy field summed over ranks; None where any rank has none (no partial sums)."""
+    values = [r.get("energy", {}).get(key) for r in records]
+    return None if any(v is None for v in values) else float(math.fsum(values))
+
+
+def _idle_energy(records: list[dict]) -> float:
+    """What each GPU would have drawn at rest over its own window of the cell."""
+    return float(math.fsum(r["energy"]["idle_power_w"] * r["times"]["total_s"] for r in records))
+
+
+def _energy_source(records: list[dict]) -> str:
+    sources = sorted({r.get("energy", {}).get("source") or "none" for r in records})
+    return sources[0] if len(sources) == 1 else "mixed: " + ", ".join(sources)
+
+
+def _cpu_energy(records: list[dict]) -> tuple[float | None, str | None]:
+    """RAPL energy over every node of the cell: each node's local rank 0 read it once."""
+    readers = {r["node"]: r for r in records if r.get("local_rank") == 0}
+    nodes = sorted({r["node"] for r in records})
+    values = [readers[n].get("energy", {}).get("cpu_j") if n in readers else None for n in nodes]
+    if all(v is not None for v in values):
+        return float(math.fsum(values)), None
+    reasons = {readers[n].get("energy", {}).get("cpu_reason") if n in readers else None for n in nodes}
+    return None, "; ".join(sorted(r or "no local rank 0 record" for r in reasons))
+
+
+def _telemetry(records: list[dict]) -> dict:
+    """Tables IV/V: SM utilization averaged over the cell's GPUs, memory peaks over them."""
+    def values(key: str) -> list | None:
+        found = [(r.get("telemetry") or {}).get(key) for r in records]
+        return None if any(v is None for v in found) else found
+
+    sm, mem, used = values("sm_util_avg_pct"), values("mem_util_max_pct"), values("mem_used_max_pct")
+    caps = [(r.get("power_cap") or {}).get("enforced_w") for r in records]
+    return {
+        "sm_util_avg_pct": math.fsum(sm) / len(sm) if sm else None,
+        "mem_util_max_pct": max(mem) if mem else None,
+        "mem_used_max_pct": max(used) if used else None,
+        "power_cap_enforced_w": None if any(c is None for c in caps) else max(caps),
+    }
+
+
+def _energy_columns(records: list[dict], energy_j: float | None) -> dict:
+    cpu_j, cpu_reason = _cpu_energy(records)
+    return {
+        "energy_source": _energy_source(records),
+        "prefill_energy_j": _energy_sum(records, "prefill_gpu_j") if energy_j is not None else None,
+        "decode_energy_j": _energy_sum(records, "decode_gpu_j") if energy_j is not None else None,
+        "cpu_energy_j": cpu_j,
+        "cpu_note": f"no CPU energy: {cpu_reason}" if cpu_reason else "",
+        **_telemetry(records),
+    }
+
+
+def reduce_cell(cell: CellRecords) -> dict:
+    """One row of the cells table."""
+    records = [cell.records[r] for r in sorted(cell.records)]
+    row: dict = {"cell_id": cell.cell_id}
+    if not records:
+        return row | {"status": "incomplete", "note": "; ".join(cell.problems) or "no records"}
+    first = records[0]
+    row |= {k: first.get("params", {}).get(k) for k in PARAM_COLUMNS}
+    world = int(first["world_size"])
+    problems = list(cell.problems)
+    missing = sorted(set(range(world)) - set(cell.records))
+    if missing:
+        problems.append(f"missing rank(s) {missing} of {world}")
+    failed = [r for r in records if r["status"] != STATUS_OK]
+    if failed:
+        row["status"] = failed[0]["status"]
+        row["note"] = "; ".join(f"rank {r['rank']}: {r.get('error', r['status'])}" for r in failed)
+        return row
+    if problems:
+        return row | {"status": "incomplete", "note": "; ".join(problems)}
+    energy_j, reason = _energy(records)
+    idle_power_w = _energy_sum(records, "idle_power_w")
+    totals = CellTotals(
+        total_s=max(r["times"]["total_s"] for r in records),
+        responses=int(first["counts"]["responses"]),
+        output_tokens=int(first["counts"]["output_tokens"]),
+        output_words=int(first["counts"]["output_words"]),
+        energy_j=energy_j,
+        idle_energy_j=_idle_energy(records) if idle_power_w is not None else None,
+    )
+    row |= {"status": STATUS_OK, **compute(totals), "idle_power_w": idle_power_w, **_energy_columns(records, energy_j)}
+    row |= {
+        "energy_j": energy_j,
+        "energy_j_paper": _paper_energy(records) if energy_j is not None else None,
+        "gpus": world,
+        "nodes": len({r["node"] for r in records}),
+        "total_s": totals.total_s,
+        "output_tokens": totals.output_tokens,
+        "responses": totals.responses,
+        "note": f"no energy: {reason}" if reason else "",
+    }
+    return row
+
+
+def reduce_sweep(sweep_dir: Path) -> pd.DataFrame:
+    rows = [reduce_cell(cell) for cell in load_cells(sweep_dir).values()]
+    table = pd.DataFrame(rows)
+    for column in ("cell_id", *PARAM_COLUMNS, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus", "nodes", "note"):
+        if column not in table:
+            table[column] = None
+    sort_keys = [c for c in ("model", "gpu", "dataset", "shards", "batch_size", "max_gen_len") if table[c].notna().any()]
+    return table.sort_values(sort_keys, kind="stable").reset_index(drop=True) if sort_keys else table
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown(table: pd.DataFrame, columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+TABLE_COLUMNS = ["model", "gpu", "dataset", "shards", "batch_size", "max_gen_len", "status", *METRIC_NAMES, "energy_j", "gpus"]
+
+
+def write_results(table: pd.DataFrame, sweep_dir: Path) -> Path:
+    out = sweep_dir / "results"
+    write_atomic(out / "cells.csv", table.to_csv(index=False).encode())
+    write_atomic(out / "cells.md", markdown(table, TABLE_COLUMNS).encode())
+    text = {c: "string" for c in ("note", "energy_source", "cpu_note")}
+    write_atomic(out / "cells.parquet", table.astype(text).to_parquet(index=False))
+    return out
+
+
+def summary_notes(table: pd.DataFrame) -> list[str]:
+    notes = []
+    for _, row in table.iterrows():
+        if row["status"] != STATUS_OK:
+            notes.append(f"cell {row['cell_id']}: {row['status']}: {row['note']}")
+    energy_reasons = {row["note"] for _, row in table.iterrows() if row["status"] == STATUS_OK and row["note"]}
+    notes.extend(f"energy columns empty: {reason.removeprefix('no energy: ')}" for reason in sorted(energy_reasons))
+    cpu_reasons = {row["cpu_note"] for _, row in table.iterrows() if row["status"] == STATUS_OK and row["cpu_note"]}
+    notes.extend(f"cpu_energy_j empty: {reason.removeprefix('no CPU energy: ')}" for reason in sorted(cpu_reasons))
+    return notes
+
+
+def plot_timeline(sweep_dir: Path, cell: str) -> Path:
+    """results/timeline_<cell>.png: the GPU power of every rank of one cell (a unique id prefix will do)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend, Agg by default for PNG
+
+    folders = [d for d in (sweep_dir / "cells").glob(f"{cell}*") if d.is_dir()]
+    if len(folders) != 1:
+        found = ", ".join(d.name for d in folders) or "none"
+        raise ReduceError(f"--plot-timeline {cell}: {len(folders)} cells match ({found}): give one cell id")
+    files = sorted(folders[0].glob("rank-*.timeline.parquet"))
+    if not files:
+        raise ReduceError(
+            f"cell {folders[0].name} has no timeline files: its ranks had no GPU meter or ran with energy.sampler=false"
+        )
+    fig = Figure(figsize=(9, 4.5))
+    ax = fig.subplots()
+    for path in files:
+        frame = pd.read_parquet(path, columns=["rank", "t_s", "power_w"])
+        ax.plot(frame["t_s"], frame["power_w"], linewidth=1, label=f"rank {int(frame['rank'].iloc[0])}")
+    ax.set_xlabel("time since the cell started (s)")
+    ax.set_ylabel("GPU power (W)")
+    ax.set_title(f"cell {folders[0].name}: GPU power per rank")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    out = sweep_dir / "results" / f"timeline_{folders[0].name}.png"
+    write_atomic(out, buffer.getvalue())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="w2w-reduce", description=__doc__)
+    parser.add_argument("sweep_dir", type=Path, help="a sweep directory (holds cells/)")
+    parser.add_argument("--plot-timeline", metavar="CELL_ID", action="append", default=[],
+                        help="also write results/timeline_<cell>.png: GPU power of every rank over the cell")
+    args = parser.parse_args(argv)
+    if not (args.sweep_dir / "cells").is_dir():
+        print(f"w2w-reduce: error: {args.sweep_dir} has no cells/ folder: give the sweep_dir of a run", file=sys.stderr)
+        return 2
+    table = reduce_sweep(args.sweep_dir)
+    out = write_results(table, args.sweep_dir)
+    print(markdown(table, TABLE_COLUMNS), end="")
+    for note in summary_notes(table):
+        print(note)
+    print(f"{len(table)} cells ({(table['status'] == STATUS_OK).sum()} ok); results in {out}/")
+    for cell in args.plot_timeline:
+        try:
+            print(f"power timeline: {plot_timeline(args.sweep_dir, cell)}")
+        except ReduceError as exc:
+            print(f"w2w-reduce: error: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""The callable each SLURM (or local) task runs: the runner over one placement's cells, requeued on timeout."""
+
+from __future__ import annotations
+
+import submitit
+from omegaconf import DictConfig
+
+
+class CellsJob(submitit.helpers.Checkpointable):
+    """Checkpointable: on preemption or timeout submitit requeues the same cells, and the
+    runner skips those whose records are complete, so the job resumes at the first unfinished cell."""
+
+    def __init__(self, cells: list[DictConfig]):
+        self.cells = cells
+
+    def __call__(self) -> list[str]:
+        from w2w.runner import run_cells, setup_logging
+
+        setup_logging()
+        return run_cells(self.cells)

@@ -1,0 +1,142 @@
+"""Plan a sweep: expand the grid into cells, group them by placement into jobs, check each fits."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig
+
+from w2w.config import ConfigError, cell_id, compose_grid, placement_key
+from w2w.model import DTYPES
+from w2w.records import cell_done
+
+GIB = 1024**3
+# Activations, allocator slack and the CUDA context: a margin on top of weights + KV cache.
+MEMORY_OVERHEAD = 1.10
+CONTEXT_GIB = 1.0
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_gib: float  # per GPU
+    kv_cache_gib: float  # per GPU, for the cell's batch x (prompt + max_gen_len)
+
+    @property
+    def total_gib(self) -> float:
+        return (self.weights_gib + self.kv_cache_gib) * MEMORY_OVERHEAD + CONTEXT_GIB
+
+
+def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
+    """From the shapes alone: the login node has no checkpoint to look at."""
+    from w2w.checkpoint import model_args
+
+    args = model_args(cfg.model)
+    width = DTYPES[cfg.precision].itemsize
+    weights = args.num_params() * width / cfg.shards
+    tokens = cfg.batch_size * (cfg.dataset.max_prompt_tokens + cfg.max_gen_len)
+    kv = 2 * args.n_layers * tokens * args.kv_heads * args.head_dim * width / cfg.shards
+    return MemoryEstimate(weights / GIB, kv / GIB)
+
+
+@dataclass
+class Cell:
+    cfg: DictConfig
+    id: str
+    memory: MemoryEstimate
+    skip_reason: str | None = None
+
+
+@dataclass
+class Job:
+    """One submitit job: the cells of one placement, sharing one model load."""
+
+    index: int
+    cells: list[Cell]
+    nodes: int
+    tasks_per_node: int
+    skipped: list[Cell] = field(default_factory=list)
+
+    @property
+    def cfg(self) -> DictConfig:
+        return self.cells[0].cfg
+
+    @property
+    def key(self) -> str:
+        """Stable across re-plans of the same sweep: the placement's hash."""
+        return hashlib.sha256(placement_key(self.cfg).encode()).hexdigest()[:8]
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (
+            f"job {self.key}: model={c.model.name} gpu={c.gpu.name} shards={c.shards} "
+            f"precision={c.precision} -> {self.nodes} node(s) x {self.tasks_per_node} task(s), "
+            f"{len(self.cells)} cell(s), peak est. {max(x.memory.total_gib for x in self.cells):.1f} GiB/GPU"
+        )
+
+
+@dataclass
+class Plan:
+    jobs: list[Job]
+    skipped: list[Cell]
+
+    @property
+    def cells(self) -> list[Cell]:
+        return [cell for job in self.jobs for cell in job.cells]
+
+
+def placement(cfg: DictConfig) -> tuple[int, int]:
+    """(nodes, tasks per node), one GPU per task; errors name the option to change."""
+    per_node = cfg.cluster.gpus_per_node
+    nodes = math.ceil(cfg.shards / per_node)
+    if cfg.shards % nodes:
+        raise ConfigError(
+            f"shards={cfg.shards} does not split evenly over {nodes} nodes of {per_node} GPUs "
+            f"(cluster={cfg.cluster.name}): choose shards <= {per_node} or a multiple of it"
+        )
+    if nodes > cfg.cluster.max_nodes:
+        raise ConfigError(
+            f"shards={cfg.shards} needs {nodes} nodes of {per_node} GPUs but cluster={cfg.cluster.name} "
+            f"offers at most {cfg.cluster.max_nodes} (cluster.max_nodes): lower shards or pick another cluster"
+        )
+    return nodes, cfg.shards // nodes
+
+
+def _fit_reason(cfg: DictConfig, memory: MemoryEstimate) -> str | None:
+    limit = cfg.gpu.memory_gib
+    if not limit or memory.total_gib <= limit:
+        return None
+    return (
+        f"model={cfg.model.name} shards={cfg.shards} batch_size={cfg.batch_size} max_gen_len={cfg.max_gen_len} "
+        f"needs ~{memory.total_gib:.1f} GiB per GPU (weights {memory.weights_gib:.1f} + KV cache "
+        f"{memory.kv_cache_gib:.1f}, +{MEMORY_OVERHEAD - 1:.0%} +{CONTEXT_GIB:.0f} GiB) but gpu={cfg.gpu.name} "
+        f"has {limit:g} GiB"
+    )
+
+
+def make_plan(overrides: list[str]) -> Plan:
+    """Every cell of the grid, validated; cells of one placement share a job."""
+    groups: dict[str, list[Cell]] = {}
+    skipped: list[Cell] = []
+    for cfg in compose_grid(overrides):
+        placement(cfg)
+        memory = estimate_memory(cfg)
+        cell = Cell(cfg, cell_id(cfg), memory, _fit_reason(cfg, memory))
+        if cell.skip_reason:
+            if not cfg.skip_unfit:
+                raise ConfigError(f"{cell.skip_reason}: raise shards, lower batch_size, or pass skip_unfit=true")
+            skipped.append(cell)
+            continue
+        groups.setdefault(placement_key(cfg), []).append(cell)
+    jobs = [Job(i, cells, *placement(cells[0].cfg)) for i, cells in enumerate(groups.values())]
+    return Plan(jobs, skipped)
+
+
+def pending_cells(job: Job) -> list[Cell]:
+    """Cells of the job without a complete set of ok records."""
+    return [c for c in job.cells if not cell_done(c.cfg.sweep_dir, c.id, c.cfg.shards)]

@@ -1,0 +1,140 @@
+"""A fake pynvml for tests: the real module autospecced, its functions driven by fake GPUs on a clock."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from unittest import mock
+
+import pynvml
+
+MIB = 1024 * 1024
+
+
+class FakeClock:
+    """Monotonic seconds that move only when a test says so."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class FakeGpu:
+    """One GPU: constant power (changeable), and what it offers or refuses."""
+
+    uuid: str = "GPU-00000000-0000-0000-0000-000000000000"
+    name: str = "NVIDIA A100-SXM4-80GB"
+    power_w: float = 100.0
+    counter: bool = True  # offers nvmlDeviceGetTotalEnergyConsumption
+    instant: bool = True  # offers NVML_FI_DEV_POWER_INSTANT
+    counter_period_s: float = 0.0  # > 0: the counter only moves every period, as NVML's does
+    mig: bool = False
+    may_set_limit: bool = True
+    limit_w: float = 400.0
+    default_limit_w: float = 400.0
+    min_limit_w: float = 100.0
+    max_limit_w: float = 400.0
+    site_limit_w: float | None = None  # a limit set elsewhere that wins over ours
+    failing: Callable[[float], bool] = lambda t: False  # reads raise NVMLError_Unknown while True
+    sm_util: int = 90
+    mem_util: int = 40
+    mem_used_mib: float = 20_000.0
+    mem_total_mib: float = 81_920.0
+    energy_mj: float = 5_000_000.0  # counter value at `since`
+    since: float | None = None
+    set_calls: list[int] = field(default_factory=list)  # mW passed to the setter
+
+    def counter_mj(self, t: float) -> int:
+        t = math.floor(t / self.counter_period_s) * self.counter_period_s if self.counter_period_s else t
+        return int(self.energy_mj + self.power_w * 1000.0 * (t - self.since))
+
+    def set_power(self, watts: float, t: float) -> None:
+        """Change the draw from time t on (the counter keeps what was drawn so far)."""
+        self.energy_mj = self.counter_mj(t)
+        self.since, self.power_w = t, watts
+
+    def enforced_w(self) -> float:
+        return min(self.limit_w, self.site_limit_w) if self.site_limit_w is not None else self.limit_w
+
+
+def nvml_error(code: int) -> pynvml.NVMLError:
+    return pynvml.NVMLError(code)
+
+
+def fake_nvml(gpus: list[FakeGpu], clock: Callable[[], float] = time.perf_counter) -> mock.NonCallableMagicMock:
+    """create_autospec(pynvml) with real constants and exception classes, answering from `gpus`."""
+    nvml = mock.create_autospec(pynvml)
+    for name in dir(pynvml):
+        if name.startswith(("NVML_", "NVMLError")):
+            setattr(nvml, name, getattr(pynvml, name))
+    for gpu in gpus:
+        gpu.since = clock() if gpu.since is None else gpu.since
+
+    def read(fn: Callable[[FakeGpu], object], needs: str | None = None):
+        def answer(handle: FakeGpu, *args):
+            if handle.failing(clock()):
+                raise nvml_error(pynvml.NVML_ERROR_UNKNOWN)
+            if needs is not None and not getattr(handle, needs):
+                raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            return fn(handle, *args)
+
+        return answer
+
+    def by_index(index: int) -> FakeGpu:
+        if not 0 <= index < len(gpus):
+            raise nvml_error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return gpus[index]
+
+    def by_uuid(uuid: str) -> FakeGpu:
+        for gpu in gpus:
+            if gpu.uuid == uuid:
+                return gpu
+        raise nvml_error(pynvml.NVML_ERROR_NOT_FOUND)
+
+    def field_values(gpu: FakeGpu, ids: list[int]) -> list[SimpleNamespace]:
+        status = pynvml.NVML_SUCCESS if gpu.instant else pynvml.NVML_ERROR_NOT_SUPPORTED
+        return [SimpleNamespace(nvmlReturn=status, valueType=pynvml.NVML_VALUE_TYPE_UNSIGNED_INT,
+                                value=SimpleNamespace(uiVal=round(gpu.power_w * 1000))) for _ in ids]
+
+    def set_limit(gpu: FakeGpu, milliwatts: int) -> None:
+        if not gpu.may_set_limit:
+            raise nvml_error(pynvml.NVML_ERROR_NO_PERMISSION)
+        gpu.set_calls.append(milliwatts)
+        gpu.limit_w = milliwatts / 1000.0
+
+    nvml.nvmlInit.return_value = None
+    nvml.nvmlShutdown.return_value = None
+    nvml.nvmlSystemGetDriverVersion.return_value = "550.54.15"
+    nvml.nvmlDeviceGetCount.return_value = len(gpus)
+    nvml.nvmlDeviceGetHandleByIndex.side_effect = by_index
+    nvml.nvmlDeviceGetHandleByUUID.side_effect = by_uuid
+    nvml.nvmlDeviceGetIndex.side_effect = lambda g: next(i for i, x in enumerate(gpus) if x is g)
+    nvml.nvmlDeviceGetName.side_effect = lambda g: g.name
+    nvml.nvmlDeviceGetUUID.side_effect = lambda g: g.uuid
+    nvml.nvmlDeviceIsMigDeviceHandle.side_effect = lambda g: False
+    nvml.nvmlDeviceGetMigMode.side_effect = lambda g: [int(g.mig), int(g.mig)]
+    nvml.nvmlDeviceGetTotalEnergyConsumption.side_effect = read(lambda g: g.counter_mj(clock()), "counter")
+    nvml.nvmlDeviceGetPowerUsage.side_effect = read(lambda g: round(g.power_w * 1000))
+    nvml.nvmlDeviceGetFieldValues.side_effect = read(field_values)
+    nvml.nvmlDeviceGetUtilizationRates.side_effect = read(lambda g: SimpleNamespace(gpu=g.sm_util, memory=g.mem_util))
+    nvml.nvmlDeviceGetMemoryInfo.side_effect = read(
+        lambda g: SimpleNamespace(used=int(g.mem_used_mib * MIB), total=int(g.mem_total_mib * MIB),
+                                  free=int((g.mem_total_mib - g.mem_used_mib) * MIB)))
+    nvml.nvmlDeviceGetTemperature.side_effect = read(lambda g, sensor: 61)
+    nvml.nvmlDeviceGetClockInfo.side_effect = read(lambda g, kind: 1410)
+    nvml.nvmlDeviceGetPowerManagementLimit.side_effect = read(lambda g: round(g.limit_w * 1000))
+    nvml.nvmlDeviceGetPowerManagementDefaultLimit.side_effect = read(lambda g: round(g.default_limit_w * 1000))
+    nvml.nvmlDeviceGetPowerManagementLimitConstraints.side_effect = read(
+        lambda g: [round(g.min_limit_w * 1000), round(g.max_limit_w * 1000)])
+    nvml.nvmlDeviceGetEnforcedPowerLimit.side_effect = read(lambda g: round(g.enforced_w() * 1000))
+    nvml.nvmlDeviceSetPowerManagementLimit.side_effect = set_limit
+    return nvml

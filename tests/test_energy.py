@@ -1,0 +1,285 @@
+"""GPU energy windows, sampler and NVML handling against a fake pynvml driven by a fake clock."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import pynvml
+import pytest
+import torch
+
+from tests.fake_nvml import FakeClock, FakeGpu, fake_nvml
+from w2w.config import ConfigError, compose_cell
+from w2w.energy import (
+    SOURCE_COUNTER,
+    SOURCE_INTEGRATED,
+    SOURCE_NONE,
+    EnergyError,
+    EnergyMonitor,
+    GpuInitError,
+    GpuNoPermissionError,
+    GpuNotSupportedError,
+    GpuReadError,
+    Sampler,
+    Window,
+    integrate,
+    summarize,
+    timeline_frame,
+)
+from w2w.energy.nvml import call
+
+CPU = torch.device("cpu")
+
+
+def monitor_for(gpus: list[FakeGpu], clock=None, **kwargs) -> tuple[EnergyMonitor, object]:
+    clock = clock or time.perf_counter
+    nvml = fake_nvml(gpus, clock)
+    kwargs.setdefault("sampler", False)
+    return EnergyMonitor("auto", CPU, nvml=nvml, clock=clock, sleep=getattr(clock, "sleep", time.sleep), **kwargs), nvml
+
+
+def test_counter_window_follows_the_fake_clock():
+    clock = FakeClock()
+    monitor, _ = monitor_for([FakeGpu(power_w=250.0)], clock)
+    assert monitor.source == SOURCE_COUNTER and monitor.reason is None
+    monitor.begin_window("cell")
+    clock.sleep(4.0)
+    window = monitor.end_window("cell")
+    assert isinstance(window, Window)
+    assert window.gpu_energy_j == pytest.approx(1000.0)
+    assert window.counter_energy_j == window.gpu_energy_j
+    assert window.duration_s == pytest.approx(4.0)
+    assert window.source == SOURCE_COUNTER and window.error is None and not window.short
+
+
+def test_nested_phase_windows_add_up_to_the_cell():
+    clock = FakeClock()
+    gpu = FakeGpu(power_w=100.0)
+    monitor, _ = monitor_for([gpu], clock)
+    monitor.begin_window("cell")
+    phases = {}
+    for phase, seconds, watts in (("prefill", 0.5, 300.0), ("decode", 2.0, 200.0)):
+        gpu.set_power(watts, clock())
+        monitor.begin_window(phase)
+        clock.sleep(seconds)
+        phases[phase] = monitor.end_window(phase).gpu_energy_j
+    cell = monitor.end_window("cell")
+    assert phases == {"prefill": pytest.approx(150.0), "decode": pytest.approx(400.0)}
+    assert cell.gpu_energy_j == pytest.approx(550.0)
+
+
+def test_window_shorter_than_the_counter_period_warns():
+    clock = FakeClock(1000.0)
+    monitor, _ = monitor_for([FakeGpu(power_w=300.0, counter_period_s=0.1)], clock)
+    monitor.begin_window("prefill")
+    clock.sleep(0.03)
+    with pytest.warns(UserWarning, match="shorter than NVML's energy counter update period"):
+        window = monitor.end_window("prefill")
+    assert window.short
+    assert window.gpu_energy_j == 0.0  # what a real counter reads inside one update period
+
+
+def test_long_window_does_not_warn():
+    clock = FakeClock()
+    monitor, _ = monitor_for([FakeGpu()], clock)
+    monitor.begin_window("cell")
+    clock.sleep(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not monitor.end_window("cell").short
+
+
+def test_counter_missing_integrates_the_samples_and_says_so():
+    gpu = FakeGpu(power_w=180.0, counter=False)
+    monitor, _ = monitor_for([gpu], sampler=True, sample_interval_s=0.01)
+    assert monitor.source == SOURCE_INTEGRATED
+    monitor.begin_window("cell")
+    time.sleep(0.15)
+    window = monitor.end_window("cell")
+    monitor.close()
+    assert window.source == SOURCE_INTEGRATED and window.counter_energy_j is None
+    assert window.gpu_energy_j == pytest.approx(180.0 * window.duration_s, rel=1e-9)
+    assert len(window.samples) >= 5  # the thread sampled, not only the two edges
+
+
+def test_instant_power_preferred_average_otherwise():
+    with_field, _ = monitor_for([FakeGpu(instant=True)])
+    without, _ = monitor_for([FakeGpu(instant=False)])
+    assert with_field.power_reading == "instant"
+    assert without.power_reading == "average"
+    assert with_field.gpu_record()["power_reading"] == "instant"
+
+
+def test_read_error_mid_run_voids_that_window_and_later_windows_still_measure():
+    clock = FakeClock(1000.0)
+    gpu = FakeGpu(power_w=100.0, failing=lambda t: 1001.0 <= t < 1002.0)
+    monitor, _ = monitor_for([gpu], clock)
+    monitor.begin_window("cell-1")
+    clock.sleep(1.5)  # the end read lands inside the failure
+    broken = monitor.end_window("cell-1")
+    assert broken.gpu_energy_j is None
+    assert "NVML read error" in broken.error and "nvmlDeviceGetTotalEnergyConsumption" in broken.error
+    clock.sleep(1.0)
+    monitor.begin_window("cell-2")
+    clock.sleep(1.0)
+    assert monitor.end_window("cell-2").gpu_energy_j == pytest.approx(100.0)
+
+
+def test_sampler_errors_void_an_integrated_window():
+    clock = FakeClock(1000.0)
+    gpu = FakeGpu(power_w=100.0, counter=False, failing=lambda t: 1000.5 <= t < 1001.0)
+    monitor, _ = monitor_for([gpu], clock, sampler=True, sample_interval_s=60.0)
+    monitor.begin_window("cell")
+    clock.sleep(0.6)
+    monitor.sampler.sample()  # a reading inside the failure
+    clock.sleep(0.6)
+    window = monitor.end_window("cell")
+    assert window.gpu_energy_j is None and "NVML read error" in window.error
+    assert window.telemetry_errors
+
+
+def test_mig_is_reported_unsupported_not_a_crash():
+    monitor, _ = monitor_for([FakeGpu(mig=True)])
+    assert monitor.source == SOURCE_NONE and not monitor.available
+    assert "MIG" in monitor.reason
+    monitor.begin_window("cell")
+    window = monitor.end_window("cell")
+    assert window.gpu_energy_j is None and "MIG" in window.reason
+    with pytest.raises(EnergyError, match="MIG"):
+        EnergyMonitor("nvml", CPU, nvml=fake_nvml([FakeGpu(mig=True)]))
+
+
+def test_no_nvml_library_is_a_reason_under_auto_and_an_error_under_nvml():
+    nvml = fake_nvml([FakeGpu()])
+    nvml.nvmlInit.side_effect = pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+    monitor = EnergyMonitor("auto", CPU, nvml=nvml)
+    assert monitor.source == SOURCE_NONE and "LibraryNotFound" in monitor.reason
+    with pytest.raises(EnergyError, match=r"energy\.backend=nvml"):
+        EnergyMonitor("nvml", CPU, nvml=nvml)
+
+
+def test_nvml_backend_on_a_cpu_run_fails_before_anything_loads():
+    with pytest.raises(EnergyError, match="needs a GPU"):
+        EnergyMonitor("nvml", CPU)
+    assert "no GPU" in EnergyMonitor("auto", CPU).reason
+    with pytest.raises(ConfigError, match=r"energy\.backend=nvml needs a GPU"):
+        compose_cell(["energy.backend=nvml"])
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [(pynvml.NVML_ERROR_NOT_SUPPORTED, GpuNotSupportedError), (pynvml.NVML_ERROR_NO_PERMISSION, GpuNoPermissionError),
+     (pynvml.NVML_ERROR_DRIVER_NOT_LOADED, GpuInitError), (pynvml.NVML_ERROR_UNKNOWN, GpuReadError)],
+)
+def test_nvml_errors_map_to_typed_exceptions(code, kind):
+    nvml = fake_nvml([FakeGpu()])
+    nvml.nvmlDeviceGetPowerUsage.side_effect = pynvml.NVMLError(code)
+    with pytest.raises(kind) as caught:
+        call(nvml, "nvmlDeviceGetPowerUsage", object())
+    assert caught.value.code == code and "nvmlDeviceGetPowerUsage" in str(caught.value)
+
+
+def test_rank_finds_its_gpu_through_cuda_visible_devices(monkeypatch):
+    gpus = [FakeGpu(uuid=f"GPU-{i}") for i in range(4)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    monitor, nvml = monitor_for(gpus, local_rank=1)
+    nvml.nvmlDeviceGetHandleByIndex.assert_called_once_with(1)
+    assert monitor.gpu_record()["gpu_uuid"] == "GPU-1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-2,GPU-0")
+    monitor, nvml = monitor_for(gpus, local_rank=0)
+    nvml.nvmlDeviceGetHandleByUUID.assert_called_once_with("GPU-2")
+    assert monitor.gpu_record()["gpu_uuid"] == "GPU-2"
+
+
+def test_gpu_record_carries_identity_and_power_limits():
+    record, _ = monitor_for([FakeGpu(name="NVIDIA H100 80GB HBM3", limit_w=700.0, max_limit_w=700.0, site_limit_w=650.0)])
+    info = record.gpu_record()
+    assert info["gpu_name"] == "NVIDIA H100 80GB HBM3" and info["driver"] == "550.54.15"
+    assert info["power_limit_w"] == 700.0 and info["enforced_power_limit_w"] == 650.0
+    assert info["energy_counter"] is True and info["memory_total_mib"] == pytest.approx(81_920.0)
+
+
+def test_idle_baseline_is_energy_over_time():
+    clock = FakeClock()
+    monitor, _ = monitor_for([FakeGpu(power_w=62.5)], clock)
+    idle = monitor.measure_idle(5.0)
+    assert idle.idle_power_w == pytest.approx(62.5) and idle.idle_s == pytest.approx(5.0)
+    skipped = monitor.measure_idle(0)
+    assert skipped.idle_power_w is None and "idle_seconds=0" in skipped.idle_reason
+
+
+def test_no_meter_never_invents_a_number():
+    monitor = EnergyMonitor("none", CPU)
+    monitor.begin_window("cell")
+    window = monitor.end_window("cell")
+    assert window.gpu_energy_j is None and window.source == SOURCE_NONE and window.reason == "energy.backend=none"
+    start = time.perf_counter()
+    idle = monitor.measure_idle(5.0)
+    assert idle.idle_power_w is None and idle.idle_reason == "energy.backend=none"
+    assert time.perf_counter() - start < 1.0  # no meter: no waiting
+
+
+def test_integrate_is_exact_for_piecewise_linear_power():
+    rows = [(0.0, 100.0), (1.0, 200.0), (3.0, 200.0)]
+    assert integrate(rows, 0.0, 3.0) == pytest.approx(150.0 + 400.0)
+    assert integrate(rows, 0.5, 2.0) == pytest.approx((150.0 + 200.0) / 2 * 0.5 + 200.0)
+    assert integrate(rows, -1.0, 4.0) == pytest.approx(100.0 + 550.0 + 200.0)  # held flat outside the rows
+    assert integrate([], 0.0, 1.0) is None
+
+
+def test_sampler_keeps_rows_in_time_order_and_errors_apart():
+    clock = FakeClock(10.0)
+    values = iter([(1.0,), (2.0,), GpuReadError("boom"), (4.0,)])
+
+    def read():
+        value = next(values)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    sampler = Sampler(read, 0.1, clock)
+    for _ in range(4):
+        sampler.sample()
+        clock.sleep(0.1)
+    assert [row[1] for row in sampler.rows(0.0, 100.0)] == [1.0, 2.0, 4.0]
+    assert sampler.errors(10.15, 10.25) == ["boom"]
+    assert sampler.rows(10.05, 10.15) == [(pytest.approx(10.1), 2.0)]
+
+
+def test_sampler_thread_samples_at_its_interval():
+    sampler = Sampler(lambda: (1.0,), 0.01)
+    sampler.start()
+    time.sleep(0.2)
+    sampler.stop()
+    rows = sampler.rows(0.0, float("inf"))
+    assert 5 <= len(rows) <= 25
+    assert not sampler.running
+
+
+def test_telemetry_summary_and_timeline_frame():
+    rows = [(1.0, 100.0, 80.0, 30.0, 1000.0, 60.0, 1400.0), (1.1, 200.0, 100.0, 50.0, 2000.0, 62.0, 1500.0)]
+    summary = summarize(rows, memory_total_mib=4000.0, errors=[])
+    assert summary["sm_util_avg_pct"] == 90.0 and summary["mem_util_max_pct"] == 50.0
+    assert summary["mem_used_max_pct"] == 50.0 and summary["power_max_w"] == 200.0
+    frame = timeline_frame(rows, t0=1.0, start_unix_s=1.7e9, rank=3)
+    assert list(frame.columns[:3]) == ["rank", "t_s", "unix_s"]
+    assert frame["t_s"].tolist() == pytest.approx([0.0, 0.1]) and (frame["rank"] == 3).all()
+    assert summarize([], None, ["x"])["sm_util_avg_pct"] is None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("energy.idle_seconds=-1", "energy.idle_seconds=-1"),
+     ("power_cap_command='sudo setcap {gpu_index}'", "must contain {watts}"),
+     ("power_cap_command='sudo setcap {watt}'", "unknown or malformed placeholder")],
+)
+def test_config_rejects_bad_energy_options(override, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_cell([override])
+
+
+def test_config_defaults():
+    cfg = compose_cell([])
+    assert cfg.energy.idle_seconds == 5.0 and cfg.energy.rapl and cfg.energy.sampler and cfg.energy.instant_power
+    assert cfg.power_cap_command is None

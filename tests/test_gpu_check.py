@@ -1,0 +1,48 @@
+"""The GPU check's code path on CPU with a fake NVML (no GPU here), and its clear refusal without a GPU."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.fake_nvml import FakeGpu, fake_nvml
+from tests.parallel import run_parallel
+from w2w import distributed, gpu_check
+from w2w.model import ModelArgs
+
+TINY = gpu_check.Workload(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=128, multiple_of=16, max_seq_len=64),
+                          batch=2, prompt_len=8, gen_len=8, dtype=torch.float32)
+
+
+def _checks_on_cpu() -> list[gpu_check.Check]:
+    distributed.init("cpu", timeout_s=60)
+    distributed.init_model_parallel(1, 1)
+    nvml = fake_nvml([FakeGpu(power_w=150.0)])
+    settings = gpu_check.Settings(idle_s=0.1, long_window_s=0.3, rounds=2, interval_s=0.01)
+    return gpu_check.run_checks(torch.device("cpu"), TINY, settings, nvml=nvml, runner=False)
+
+
+def test_checks_run_through_on_a_fake_gpu():
+    checks = {c.name: c for c in run_parallel(1, _checks_on_cpu)[0]}
+    assert list(checks) == ["GPU", "model", "idle power", "counter vs integrated", "sampler cost"]
+    assert checks["idle power"].ok and "plausible: 5 W to 240 W" in checks["idle power"].detail
+    # A constant draw: counter and integrated samples agree, but the load draws no more than idle: a FAIL.
+    long = checks["counter vs integrated"]
+    assert long.ok is False and "counter" in long.detail and "(limit ±5%)" in long.detail
+    assert abs(float(long.detail.split(": ")[1].split("%")[0])) < 2.0
+    assert "tokens/s" in checks["sampler cost"].detail
+    text = gpu_check.report(list(checks.values()), 1.0)
+    assert text.splitlines()[-1].startswith("gpu-check: ") and "FAIL  counter vs integrated" in text
+
+
+def test_sizes_a_7b_shape_to_the_gpu_memory():
+    big = gpu_check.size_workload(80 * 2**30)
+    assert (big.args.n_layers, big.args.dim, big.batch) == (32, 4096, 64)
+    small = gpu_check.size_workload(16 * 2**30)
+    assert 1 <= small.args.n_layers < 32 and small.batch >= 1
+
+
+def test_no_gpu_exits_non_zero_with_a_clear_message(capsys):
+    if torch.cuda.is_available():
+        return
+    assert gpu_check.main([]) == 2
+    assert "no NVIDIA GPU" in capsys.readouterr().err

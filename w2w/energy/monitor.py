@@ -1,0 +1,316 @@
+"""EnergyMonitor: named measurement windows on this rank's GPU (and its node's CPUs), or no meter and why."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from w2w.energy.errors import EnergyError, GpuError
+from w2w.energy.nvml import GpuMeter, call, import_nvml, open_gpu_meter
+from w2w.energy.rapl import POWERCAP_ROOT, RaplMeter, open_rapl
+from w2w.energy.sampler import Row, Sampler, integrate
+
+log = logging.getLogger("w2w.energy")
+# NVML's energy counter updates every 20-100 ms; shorter windows can read zero.
+MIN_TRUSTED_WINDOW_S = 0.1
+SOURCE_COUNTER = "nvml_counter"  # NVML's total-energy counter, read at both ends of the window
+SOURCE_INTEGRATED = "nvml_integrated"  # the sampler's power readings integrated over the window
+SOURCE_NONE = "none"
+
+
+@dataclass(frozen=True)
+class Window:
+    """One measured interval on this rank. Energies in J, times in s."""
+
+    name: str
+    start_unix_s: float  # s since the epoch, when the window opened
+    duration_s: float  # s
+    gpu_energy_j: float | None  # J from `source`; None: no figure (see reason)
+    source: str  # nvml_counter | nvml_integrated | none
+    counter_energy_j: float | None = None  # J: difference of NVML's total-energy counter
+    integrated_energy_j: float | None = None  # J: sampled power integrated over the window
+    cpu_energy_j: float | None = None  # J: RAPL packages + DRAM of this node (local rank 0 only)
+    cpu_zones_j: dict[str, float] | None = None  # J per RAPL zone ("package-0", "package-0/dram")
+    reason: str | None = None  # why gpu_energy_j is None
+    error: str | None = None  # an NVML read error inside the window that voids gpu_energy_j
+    short: bool = False  # shorter than the counter's update period: gpu_energy_j is unreliable
+    samples: tuple[Row, ...] = ()  # sampler rows (t monotonic s, *TELEMETRY_COLUMNS) inside the window
+    t0: float = 0.0  # monotonic s when the window opened (the time base of samples)
+    telemetry_errors: tuple[str, ...] = ()  # sampler read errors inside the window
+
+
+@dataclass
+class _Open:
+    t0: float
+    start_unix_s: float
+    counter_mj: int | None
+    cpu_j: dict[str, float] | None
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class IdleBaseline:
+    """This rank's GPU at rest with the model loaded, before the first cell."""
+
+    idle_power_w: float | None  # W: window energy / duration; None: no meter or not measured
+    idle_s: float  # s the baseline lasted
+    idle_source: str
+    idle_cpu_power_w: float | None  # W: the node's RAPL (local rank 0 only)
+    idle_reason: str | None
+
+
+class EnergyMonitor:
+    """begin_window/end_window pairs (nestable) on this rank's own GPU.
+
+    nvml: a pynvml-like module; leave None for the real one. Passing one also meters a CPU run,
+    which only tests do (their fake GPU); production never claims a GPU meter on a CPU device.
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        device: torch.device,
+        *,
+        sample_interval_s: float = 0.1,
+        sampler: bool = True,
+        instant_power: bool = True,
+        rapl: bool = False,
+        local_rank: int = 0,
+        nvml: ModuleType | None = None,
+        rapl_root: Path = POWERCAP_ROOT,
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.backend = backend
+        self.device = device
+        self.reason: str | None = None
+        self.meter: GpuMeter | None = None
+        self.source = SOURCE_NONE
+        self._clock = clock
+        self._sleep = sleep
+        self._open: dict[str, _Open] = {}
+        self._open_gpu(nvml, local_rank, instant_power)
+        self.memory_total_mib = self.meter.memory_total_mib if self.meter is not None else None  # MiB
+        self.sampler = self._make_sampler(sample_interval_s) if sampler and self.meter is not None else None
+        self.source = self._choose_source()
+        self.rapl: RaplMeter | None = None
+        self.cpu_reason: str | None = "energy.rapl=false"
+        if rapl:
+            self.rapl, self.cpu_reason = open_rapl(rapl_root)
+
+    @classmethod
+    def from_config(cls, energy: Any, device: torch.device, local_rank: int) -> EnergyMonitor:
+        """A monitor as the config's energy block says; RAPL on local rank 0 of the node only."""
+        monitor = cls(
+            energy.backend,
+            device,
+            sample_interval_s=energy.sample_interval_s,
+            sampler=energy.sampler,
+            instant_power=energy.instant_power,
+            rapl=energy.rapl and local_rank == 0,
+            local_rank=local_rank,
+        )
+        if energy.rapl and local_rank != 0:
+            monitor.cpu_reason = "RAPL is read by local rank 0 of each node only"
+        return monitor
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _open_gpu(self, nvml: ModuleType | None, local_rank: int, instant_power: bool) -> None:
+        if self.backend == "none":
+            self.reason = "energy.backend=none"
+            return
+        if self.device.type != "cuda" and nvml is None:
+            if self.backend == "nvml":
+                raise EnergyError("energy.backend=nvml needs a GPU: set gpu= to a GPU profile or energy.backend=auto")
+            self.reason = "no GPU: this run is on the CPU, where NVML has no energy counter"
+            return
+        try:
+            self.meter = open_gpu_meter(nvml or import_nvml(), self.device, local_rank, instant_power)
+        except (GpuError, ImportError, OSError) as exc:
+            message = f"NVML unavailable for {self.device} (local rank {local_rank}): {exc}"
+            if self.backend == "nvml":
+                raise EnergyError(message + " (energy.backend=nvml; use energy.backend=auto to run without)") from exc
+            self.reason = message
+
+    def _make_sampler(self, interval_s: float) -> Sampler:
+        return Sampler(self.meter.telemetry, interval_s, self._clock, on_tick=self._poll_rapl)
+
+    def _choose_source(self) -> str:
+        if self.meter is None:
+            return SOURCE_NONE
+        if self.meter.has_counter:
+            return SOURCE_COUNTER
+        if self.sampler is not None and self.meter.power_reading is not None:
+            return SOURCE_INTEGRATED
+        self.reason = "this GPU has no energy counter and energy.sampler=false: there is no power to integrate"
+        if self.backend == "nvml":
+            self.close()
+            raise EnergyError(self.reason + " (set energy.sampler=true)")
+        return SOURCE_NONE
+
+    @property
+    def available(self) -> bool:
+        return self.source != SOURCE_NONE
+
+    @property
+    def power_reading(self) -> str | None:
+        return self.meter.power_reading if self.meter is not None else None
+
+    def gpu_record(self) -> dict[str, Any]:
+        """Identity and power limits of this rank's GPU, read now (so a record shows the enforced cap)."""
+        if self.meter is None:
+            return {}
+        try:
+            return self.meter.info() | self.meter.power_limits()
+        except GpuError as exc:
+            return {"read_error": str(exc)}
+
+    # -- windows -------------------------------------------------------------------------
+
+    def _read_counter(self, errors: list[str]) -> int | None:
+        if self.source != SOURCE_COUNTER:
+            return None
+        try:
+            return self.meter.energy_mj()
+        except GpuError as exc:
+            errors.append(str(exc))
+            return None
+
+    def _poll_rapl(self) -> None:
+        if self.rapl is None:
+            return
+        try:
+            self.rapl.read_j()
+        except (OSError, ValueError) as exc:  # never let a bad read end the sampler thread
+            self.cpu_reason = f"RAPL read failed: {exc}"
+
+    def _read_cpu(self) -> dict[str, float] | None:
+        if self.rapl is None:
+            return None
+        try:
+            return self.rapl.read_j()
+        except (OSError, ValueError) as exc:
+            self.cpu_reason = f"RAPL read failed: {exc}"
+            return None
+
+    def begin_window(self, name: str) -> None:
+        if not self._open and self.sampler is not None:
+            self.sampler.start()
+        t0, unix = self._clock(), time.time()
+        errors: list[str] = []
+        counter = self._read_counter(errors)
+        if self.sampler is not None:
+            self.sampler.sample()  # a reading at the edge keeps short windows integrable
+        self._open[name] = _Open(t0, unix, counter, self._read_cpu(), errors)
+
+    def end_window(self, name: str) -> Window:
+        opened = self._open.pop(name)
+        t1 = self._clock()
+        errors = opened.errors
+        counter_end = self._read_counter(errors)
+        rows: tuple[Row, ...] = ()
+        telemetry_errors: list[str] = []
+        if self.sampler is not None:
+            self.sampler.sample()
+            rows = tuple(self.sampler.rows(opened.t0, self._clock()))
+            telemetry_errors = self.sampler.errors(opened.t0, self._clock())
+            if not self._open:
+                self.sampler.stop()
+        cpu_end = self._read_cpu()
+        duration = t1 - opened.t0
+        counter_j = None
+        if opened.counter_mj is not None and counter_end is not None:
+            counter_j = (counter_end - opened.counter_mj) / 1000.0
+            if counter_j < 0:
+                errors.append(f"NVML energy counter went backwards by {-counter_j:.3f} J (driver reloaded?)")
+                counter_j = None
+        integrated = integrate(rows, opened.t0, t1)
+        if self.source == SOURCE_INTEGRATED:
+            errors.extend(telemetry_errors)
+        gpu, error = self._figure(counter_j, integrated, errors)
+        short = gpu is not None and self.source == SOURCE_COUNTER and duration < MIN_TRUSTED_WINDOW_S
+        if short:
+            warnings.warn(
+                f"energy window '{name}' is shorter than NVML's energy counter update period "
+                f"({MIN_TRUSTED_WINDOW_S * 1000:.0f} ms): its energy is unreliable",
+                stacklevel=2,
+            )
+        return Window(
+            name=name,
+            start_unix_s=opened.start_unix_s,
+            duration_s=duration,
+            gpu_energy_j=gpu,
+            source=self.source,
+            counter_energy_j=counter_j,
+            integrated_energy_j=integrated,
+            cpu_energy_j=_cpu_total(opened.cpu_j, cpu_end),
+            cpu_zones_j=_cpu_zones(opened.cpu_j, cpu_end),
+            reason=error or self.reason,
+            error=error,
+            short=short,
+            samples=rows,
+            t0=opened.t0,
+            telemetry_errors=tuple(telemetry_errors),
+        )
+
+    def _figure(self, counter_j: float | None, integrated: float | None, errors: list[str]) -> tuple[float | None, str | None]:
+        """The window's energy from the chosen source, or None and the read error."""
+        if errors:
+            more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+            return None, f"NVML read error during the window: {errors[0]}{more}"
+        if self.source == SOURCE_COUNTER:
+            return counter_j, None
+        if self.source == SOURCE_INTEGRATED:
+            if integrated is None:
+                return None, "no power sample inside the window"
+            return integrated, None
+        return None, None
+
+    def measure_idle(self, seconds: float) -> IdleBaseline:
+        """Average power over `seconds` of rest (the model loaded, nothing running)."""
+        if seconds <= 0:
+            return IdleBaseline(None, 0.0, SOURCE_NONE, None, "energy.idle_seconds=0: no idle baseline")
+        if not self.available:  # nothing to read: do not make every CPU run wait
+            return IdleBaseline(None, 0.0, SOURCE_NONE, None, self.reason)
+        self.begin_window("idle")
+        self._sleep(seconds)
+        window = self.end_window("idle")
+        power = window.gpu_energy_j / window.duration_s if window.gpu_energy_j is not None else None
+        cpu = window.cpu_energy_j / window.duration_s if window.cpu_energy_j is not None else None
+        return IdleBaseline(power, window.duration_s, window.source, cpu, window.reason)
+
+    def abandon_windows(self) -> None:
+        """Drop windows left open by a failed cell, so the next window starts a fresh recording."""
+        self._open.clear()
+        if self.sampler is not None:
+            self.sampler.stop()
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
+        if self.meter is not None:
+            try:
+                call(self.meter.nvml, "nvmlShutdown")
+            except GpuError as exc:
+                log.warning("%s", exc)
+            self.meter = None
+
+
+def _cpu_zones(start: dict[str, float] | None, end: dict[str, float] | None) -> dict[str, float] | None:
+    if start is None or end is None:
+        return None
+    return {zone: end[zone] - start[zone] for zone in start}
+
+
+def _cpu_total(start: dict[str, float] | None, end: dict[str, float] | None) -> float | None:
+    zones = _cpu_zones(start, end)
+    return sum(zones.values()) if zones is not None else None

@@ -1,0 +1,223 @@
+"""One rank's GPU through NVML: device lookup, energy counter, power and telemetry reads, power limits."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from w2w.energy.errors import GpuError, GpuNotFoundError, GpuNotSupportedError, gpu_error
+
+# Sampler row after the time stamp: (power W, SM util %, memory util %, memory used MiB, temperature C, SM clock MHz).
+TELEMETRY_COLUMNS = ("power_w", "sm_util_pct", "mem_util_pct", "mem_used_mib", "temp_c", "sm_clock_mhz")
+MIB = 1024 * 1024
+# nvmlFieldValue_t.valueType -> the union member that holds the value.
+_FIELD_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal"}
+
+
+def import_nvml() -> ModuleType:
+    """The real binding (nvidia-ml-py); tests pass a fake module to the monitor instead."""
+    import pynvml
+
+    return pynvml
+
+
+def call(nvml: ModuleType, name: str, *args: Any) -> Any:
+    """nvml.<name>(*args) with NVML's exceptions mapped to typed GpuErrors."""
+    try:
+        return getattr(nvml, name)(*args)
+    except nvml.NVMLError as exc:
+        code = getattr(exc, "value", None)
+        kind = type(exc).__name__.removeprefix("NVMLError_") or "NVMLError"
+        raise gpu_error(code, f"{name}: {kind} (NVML error {code})") from exc
+
+
+def nvml_index(cuda_index: int) -> int | str:
+    """NVML enumerates all GPUs; CUDA_VISIBLE_DEVICES renumbers them (indices or UUIDs)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not visible:
+        return cuda_index
+    entries = [e.strip() for e in visible.split(",")]
+    if cuda_index >= len(entries):
+        raise GpuNotFoundError(f"CUDA device {cuda_index} is not in CUDA_VISIBLE_DEVICES={visible}")
+    entry = entries[cuda_index]
+    return int(entry) if entry.isdigit() else entry
+
+
+def _torch_uuid(device: torch.device) -> str | None:
+    """The CUDA runtime's UUID of this device, in NVML's spelling; None where torch does not say."""
+    try:
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+    except (AttributeError, RuntimeError, AssertionError):
+        return None
+    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+
+
+def find_handle(nvml: ModuleType, device: torch.device, local_rank: int) -> tuple[Any, int | str]:
+    """This rank's NVML handle and how it was found.
+
+    A CUDA device is matched by UUID first, which holds whatever CUDA_VISIBLE_DEVICES and
+    CUDA_DEVICE_ORDER say; otherwise the CUDA index goes through CUDA_VISIBLE_DEVICES. A CPU
+    device only reaches here with an injected meter (tests): it takes the SLURM/torchrun local rank.
+    """
+    if device.type == "cuda":
+        uuid = _torch_uuid(device)
+        if uuid is not None:
+            try:
+                return call(nvml, "nvmlDeviceGetHandleByUUID", uuid), uuid
+            except GpuError:
+                pass  # e.g. a MIG instance: fall back to CUDA_VISIBLE_DEVICES
+        cuda_index = device.index or 0
+    else:
+        cuda_index = local_rank
+    index = nvml_index(cuda_index)
+    if isinstance(index, int):
+        return call(nvml, "nvmlDeviceGetHandleByIndex", index), index
+    return call(nvml, "nvmlDeviceGetHandleByUUID", index), index
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _is_mig(nvml: ModuleType, handle: Any) -> bool:
+    """A MIG instance, or a GPU split into MIG instances: NVML gives no per-instance energy or power."""
+    try:
+        if call(nvml, "nvmlDeviceIsMigDeviceHandle", handle):
+            return True
+        current, _pending = call(nvml, "nvmlDeviceGetMigMode", handle)
+    except GpuNotSupportedError:
+        return False  # a GPU without MIG
+    return current == nvml.NVML_DEVICE_MIG_ENABLE
+
+
+class GpuMeter:
+    """Reads of one GPU; which readings the GPU offers is probed once, at open."""
+
+    def __init__(self, nvml: ModuleType, handle: Any, located_by: int | str, instant_power: bool):
+        self.nvml = nvml
+        self.handle = handle
+        self.located_by = located_by
+        self.has_counter = self._supported(self.energy_mj)
+        self._instant = instant_power and self._supported(self._instant_mw)
+        has_average = self._instant or self._supported(lambda: call(nvml, "nvmlDeviceGetPowerUsage", handle))
+        # instant: NVML_FI_DEV_POWER_INSTANT; average: nvmlDeviceGetPowerUsage, a 1 s average
+        # on Ampere and newer (except GA100), instantaneous on older GPUs.
+        self.power_reading: str | None = "instant" if self._instant else "average" if has_average else None
+        self._telemetry = {
+            "utilization": self._supported(lambda: call(nvml, "nvmlDeviceGetUtilizationRates", handle)),
+            "memory": self._supported(lambda: call(nvml, "nvmlDeviceGetMemoryInfo", handle)),
+            "temperature": self._supported(self._temperature),
+            "clock": self._supported(self._sm_clock),
+        }
+        self.memory_total_mib: float | None = None  # MiB
+        if self._telemetry["memory"]:
+            self.memory_total_mib = call(nvml, "nvmlDeviceGetMemoryInfo", handle).total / MIB
+
+    @staticmethod
+    def _supported(read) -> bool:
+        try:
+            read()
+        except GpuNotSupportedError:
+            return False
+        return True
+
+    def energy_mj(self) -> int:
+        """NVML's total-energy counter: mJ since the driver loaded."""
+        return call(self.nvml, "nvmlDeviceGetTotalEnergyConsumption", self.handle)
+
+    def _instant_mw(self) -> float:
+        value = call(self.nvml, "nvmlDeviceGetFieldValues", self.handle, [self.nvml.NVML_FI_DEV_POWER_INSTANT])[0]
+        if value.nvmlReturn != self.nvml.NVML_SUCCESS:
+            raise gpu_error(value.nvmlReturn, f"NVML_FI_DEV_POWER_INSTANT: NVML error {value.nvmlReturn}")
+        return float(getattr(value.value, _FIELD_MEMBERS.get(value.valueType, "uiVal")))
+
+    def power_w(self) -> float | None:
+        if self._instant:
+            return self._instant_mw() / 1000.0
+        if self.power_reading == "average":
+            return call(self.nvml, "nvmlDeviceGetPowerUsage", self.handle) / 1000.0
+        return None
+
+    def _temperature(self) -> float:
+        return float(call(self.nvml, "nvmlDeviceGetTemperature", self.handle, self.nvml.NVML_TEMPERATURE_GPU))
+
+    def _sm_clock(self) -> float:
+        return float(call(self.nvml, "nvmlDeviceGetClockInfo", self.handle, self.nvml.NVML_CLOCK_SM))
+
+    def telemetry(self) -> tuple[float | None, ...]:
+        """One sampler row in TELEMETRY_COLUMNS order; None for what this GPU does not offer."""
+        sm = mem = used = None
+        if self._telemetry["utilization"]:
+            rates = call(self.nvml, "nvmlDeviceGetUtilizationRates", self.handle)
+            sm, mem = float(rates.gpu), float(rates.memory)
+        if self._telemetry["memory"]:
+            used = call(self.nvml, "nvmlDeviceGetMemoryInfo", self.handle).used / MIB
+        temp = self._temperature() if self._telemetry["temperature"] else None
+        clock = self._sm_clock() if self._telemetry["clock"] else None
+        return (self.power_w(), sm, mem, used, temp, clock)
+
+    def _limit_w(self, name: str) -> float | None:
+        try:
+            return call(self.nvml, name, self.handle) / 1000.0
+        except GpuNotSupportedError:
+            return None
+
+    def enforced_limit_w(self) -> float | None:
+        return self._limit_w("nvmlDeviceGetEnforcedPowerLimit")
+
+    def power_limits(self) -> dict[str, float | None]:
+        """Power limits in W: the management limit, its default and range, and the one enforced."""
+        try:
+            low, high = call(self.nvml, "nvmlDeviceGetPowerManagementLimitConstraints", self.handle)
+            low_w, high_w = low / 1000.0, high / 1000.0
+        except GpuNotSupportedError:
+            low_w = high_w = None
+        return {
+            "power_limit_w": self._limit_w("nvmlDeviceGetPowerManagementLimit"),
+            "default_power_limit_w": self._limit_w("nvmlDeviceGetPowerManagementDefaultLimit"),
+            "min_power_limit_w": low_w,
+            "max_power_limit_w": high_w,
+            "enforced_power_limit_w": self.enforced_limit_w(),
+        }
+
+    def set_power_limit_w(self, watts: float) -> None:
+        call(self.nvml, "nvmlDeviceSetPowerManagementLimit", self.handle, round(watts * 1000))
+
+    def info(self) -> dict[str, Any]:
+        """What identifies the GPU in a record."""
+        index = None
+        with contextlib.suppress(GpuError):  # the index is for people; the UUID identifies
+            index = call(self.nvml, "nvmlDeviceGetIndex", self.handle)
+        return {
+            "gpu_name": _text(call(self.nvml, "nvmlDeviceGetName", self.handle)),
+            "gpu_uuid": _text(call(self.nvml, "nvmlDeviceGetUUID", self.handle)),
+            "driver": _text(call(self.nvml, "nvmlSystemGetDriverVersion")),
+            "nvml_index": index,
+            "located_by": self.located_by,
+            "energy_counter": self.has_counter,
+            "power_reading": self.power_reading,
+            "memory_total_mib": self.memory_total_mib,
+        }
+
+
+def open_gpu_meter(nvml: ModuleType, device: torch.device, local_rank: int, instant_power: bool) -> GpuMeter:
+    """Initialize NVML and open this rank's GPU; raises a typed GpuError where it cannot be metered."""
+    call(nvml, "nvmlInit")
+    try:
+        handle, located_by = find_handle(nvml, device, local_rank)
+        if _is_mig(nvml, handle):
+            raise GpuNotSupportedError(
+                f"GPU {located_by} is a MIG instance or runs in MIG mode: NVML reports no energy or "
+                f"power per MIG instance, so energy is unsupported here (run on a whole GPU to measure)"
+            )
+        meter = GpuMeter(nvml, handle, located_by, instant_power)
+        if not meter.has_counter and meter.power_reading is None:
+            raise GpuNotSupportedError(f"GPU {located_by} offers neither an energy counter nor a power reading")
+    except BaseException:
+        call(nvml, "nvmlShutdown")
+        raise
+    return meter

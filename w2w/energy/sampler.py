@@ -1,0 +1,146 @@
+"""A thread that reads GPU power and telemetry at a fixed interval, and what is derived from its rows."""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from w2w.energy.errors import EnergyError
+from w2w.energy.nvml import TELEMETRY_COLUMNS
+
+Row = tuple  # (t monotonic s, *TELEMETRY_COLUMNS)
+
+
+class Sampler:
+    """Rows (t, power W, ...) every interval_s while started; read errors are kept, never raised."""
+
+    def __init__(
+        self,
+        read: Callable[[], tuple[float | None, ...]],
+        interval_s: float,
+        clock: Callable[[], float] = time.perf_counter,
+        on_tick: Callable[[], None] | None = None,
+    ):
+        self._read = read
+        self.interval_s = interval_s
+        self._clock = clock
+        self._on_tick = on_tick
+        self._lock = threading.Lock()
+        self._times: list[float] = []
+        self._rows: list[Row] = []
+        self._errors: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def sample(self) -> None:
+        """One reading now (the thread, or a window boundary)."""
+        t = self._clock()
+        try:
+            row = (t, *self._read())
+        except EnergyError as exc:
+            with self._lock:
+                self._errors.append((t, str(exc)))
+            return
+        with self._lock:
+            # Boundary reads and thread reads may finish out of order: keep rows sorted by time.
+            at = bisect.bisect(self._times, t)
+            self._times.insert(at, t)
+            self._rows.insert(at, row)
+
+    def start(self) -> None:
+        """Start a fresh recording: earlier rows and errors are dropped."""
+        if self._thread is not None:
+            return
+        with self._lock:
+            self._times, self._rows, self._errors = [], [], []
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="w2w-energy-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+
+    def _run(self) -> None:
+        # Deadlines on a fixed grid: the period does not drift by the time a reading takes.
+        start = time.perf_counter()
+        ticks = 0
+        while True:
+            self.sample()
+            if self._on_tick is not None:
+                self._on_tick()
+            ticks += 1
+            if self._stop.wait(max(0.0, start + ticks * self.interval_s - time.perf_counter())):
+                return
+
+    def rows(self, t0: float, t1: float) -> list[Row]:
+        with self._lock:
+            return self._rows[bisect.bisect_left(self._times, t0) : bisect.bisect_right(self._times, t1)]
+
+    def errors(self, t0: float, t1: float) -> list[str]:
+        with self._lock:
+            return [message for t, message in self._errors if t0 <= t <= t1]
+
+
+def integrate(rows: Sequence[Row], t0: float, t1: float) -> float | None:
+    """Energy in J over [t0, t1]: power linear between rows, held flat before the first and after the last."""
+    points = [(row[0], row[1]) for row in rows if row[1] is not None]
+    if not points or t1 <= t0:
+        return None
+    times = np.array([t for t, _ in points])
+    power = np.array([p for _, p in points])
+    inside = (times > t0) & (times < t1)
+    grid = np.concatenate([[t0], times[inside], [t1]])
+    watts = np.interp(grid, times, power)
+    return float(np.sum((watts[1:] + watts[:-1]) / 2 * np.diff(grid)))
+
+
+def _column(rows: Sequence[Row], name: str) -> list[float]:
+    at = 1 + TELEMETRY_COLUMNS.index(name)
+    return [row[at] for row in rows if row[at] is not None]
+
+
+def _mean(values: list[float]) -> float | None:
+    return math.fsum(values) / len(values) if values else None
+
+
+def summarize(rows: Sequence[Row], memory_total_mib: float | None, errors: list[str]) -> dict:
+    """Per-window telemetry for the record (the paper's Tables IV/V: avg SM %, peak memory %)."""
+    power, used = _column(rows, "power_w"), _column(rows, "mem_used_mib")
+    mem_used_max = max(used, default=None)
+    return {
+        "samples": len(rows),
+        "power_avg_w": _mean(power),
+        "power_max_w": max(power, default=None),
+        "sm_util_avg_pct": _mean(_column(rows, "sm_util_pct")),
+        "mem_util_max_pct": max(_column(rows, "mem_util_pct"), default=None),
+        "mem_used_max_mib": mem_used_max,
+        "mem_used_max_pct": 100.0 * mem_used_max / memory_total_mib if mem_used_max is not None and memory_total_mib else None,
+        "temp_max_c": max(_column(rows, "temp_c"), default=None),
+        "sm_clock_avg_mhz": _mean(_column(rows, "sm_clock_mhz")),
+        "read_errors": len(errors),
+        "first_error": errors[0] if errors else None,
+    }
+
+
+def timeline_frame(rows: Sequence[Row], t0: float, start_unix_s: float, rank: int) -> pd.DataFrame:
+    """Rows as a table: t_s since the window opened, unix_s wall clock, then TELEMETRY_COLUMNS."""
+    frame = pd.DataFrame([row[1:] for row in rows], columns=list(TELEMETRY_COLUMNS), dtype="float64")
+    times = np.array([row[0] for row in rows], dtype="float64") - t0
+    frame.insert(0, "t_s", times)
+    frame.insert(1, "unix_s", start_unix_s + times)
+    frame.insert(0, "rank", np.full(len(rows), rank, dtype="int32"))
+    return frame

@@ -1,0 +1,110 @@
+"""w2w-generate: load the configured checkpoint at its shard count and print one prompt's completion."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+from omegaconf import DictConfig
+
+from w2w import checkpoint, distributed
+from w2w.config import ConfigError, compose_cell, expand_overrides
+from w2w.generation import SamplingParams, generate
+from w2w.runner import load_model, setup_logging
+
+log = logging.getLogger("w2w.generate")
+
+USAGE = """usage: w2w-generate [key=value ...] prompt="TEXT"
+
+Hydra overrides as for w2w-run (model=, model.checkpoint_dir=, shards=, precision=, gpu=,
+max_gen_len=, greedy=true, temperature=, top_p=, seed=). With shards=N > 1 start one
+process per shard: torchrun --nproc-per-node N -m w2w.generate_cli ... prompt="TEXT".
+The completion goes to stdout (rank 0); load time and speed go to the log (stderr)."""
+
+
+def split_prompt(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`prompt=...` is not a config key and may hold commas or '=': take it out before Hydra parses."""
+    prompt, rest = None, []
+    for arg in argv:
+        if arg.startswith("prompt="):
+            prompt = arg.removeprefix("prompt=")
+        else:
+            rest.append(arg)
+    return prompt, rest
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    points = expand_overrides(overrides)
+    if len(points) != 1:
+        raise ConfigError("w2w-generate runs one configuration: drop the comma lists (a,b) from the overrides")
+    return compose_cell(points[0])
+
+
+def complete(cfg: DictConfig, prompt: str) -> tuple[str, int]:
+    """Run on every rank; returns (completion text, rank)."""
+    info = distributed.init(cfg.gpu.device, cfg.dist_timeout_s)
+    with contextlib.redirect_stdout(sys.stderr):  # FairScale prints its set-up; stdout is the completion's
+        distributed.init_model_parallel(cfg.shards, info.world_size)
+    checkpoint.check_precision(cfg.precision, info.device)
+    start = time.perf_counter()
+    model, tokenizer = load_model(cfg, info)
+    log.info("model %s loaded at %d shard(s) in %.2f s", cfg.model.name, cfg.shards, time.perf_counter() - start)
+    ids = tokenizer.encode(prompt)
+    if len(ids) + cfg.max_gen_len > model.args.max_seq_len:
+        raise ConfigError(
+            f"prompt of {len(ids)} tokens + max_gen_len={cfg.max_gen_len} exceeds "
+            f"model.max_seq_len={model.args.max_seq_len}: lower max_gen_len"
+        )
+    params = SamplingParams(
+        max_gen_len=cfg.max_gen_len,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        greedy=cfg.greedy,
+        force_max_gen_len=cfg.force_max_gen_len,
+        seed=cfg.seed,
+    )
+    start = time.perf_counter()
+    gen = generate(model, [ids], params, tokenizer.eos_id, tokenizer.pad_id)
+    seconds = time.perf_counter() - start
+    tokens = len(gen.tokens[0])
+    log.info("%d prompt tokens, %d new tokens in %.2f s (%.1f tokens/s, %s)", len(ids), tokens, seconds,
+             tokens / seconds if seconds else 0.0, "greedy" if cfg.greedy else f"T={cfg.temperature} top_p={cfg.top_p}")
+    return tokenizer.decode(gen.tokens[0]), info.rank
+
+
+def _shutdown() -> None:
+    # Leaves the process clean for another main() call (tests) and avoids NCCL's exit warning.
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__.strip() + "\n\n" + USAGE)
+        return 0
+    prompt, overrides = split_prompt(args)
+    if prompt is None:
+        print(f"w2w-generate: error: no prompt given\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        text, rank = complete(compose(overrides), prompt)
+    except ConfigError as exc:
+        print(f"w2w-generate: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        _shutdown()
+    if rank == 0:
+        print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
