@@ -51,19 +51,20 @@ def _local_state(job_id: str, folder: str, tasks: int) -> JobState:
 
 
 def _job_error(folder: str, job_id: str) -> str:
-    """The exception a finished job's first task raised, from submitit's result pickle."""
+    """Why a finished job's first task failed: its exception (submitit's result pickle), else
+    the last line of its stderr (a failure before Python started, such as a setup line)."""
     from submitit.core.utils import pickle_load
 
-    path = Path(folder) / f"{job_id}_0_result.pkl"
-    if not path.is_file():
-        return ""
-    try:
-        outcome, value = pickle_load(path)
-    except Exception:
-        return ""
-    if outcome != "error":
-        return ""
-    lines = [line for line in str(value).strip().splitlines() if line.strip()]
+    result, log = Path(folder) / f"{job_id}_0_result.pkl", Path(folder) / f"{job_id}_0_log.err"
+    if result.is_file():
+        try:
+            outcome, value = pickle_load(result)
+        except Exception:
+            return ""
+        text = str(value) if outcome == "error" else ""
+    else:
+        text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 

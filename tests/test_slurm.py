@@ -1,0 +1,91 @@
+"""Sweeps against the real two-node local SLURM: multi-node ranks, resume after scancel, failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli
+from w2w.records import read_record
+from w2w.tokenizer import TINY_TOKENIZER
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("local_slurm")]
+
+BASE = ["cluster=local_slurm", "gpu=cpu", "precision=fp32", "dist_timeout_s=60"]
+
+
+def _records(sweep: Path) -> dict[str, list[dict]]:
+    cells: dict[str, list[dict]] = {}
+    for path in sorted(sweep.glob("cells/*/rank-*.json")):
+        cells.setdefault(path.parent.name, []).append(read_record(path))
+    return cells
+
+
+def test_sweep_crosses_both_nodes(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = cli("w2w.launch.sweep", "--wait", "--poll", "1", *BASE, "shards=1,2", "batch_size=2", "max_gen_len=4",
+              "dataset.num_prompts=4", f"sweep_dir={sweep}").stdout
+    assert "2 done, 0 failed" in out
+    by_shards = {recs[0]["params"]["shards"]: recs for recs in _records(sweep).values()}
+    assert sorted(by_shards) == [1, 2]
+    two = by_shards[2]
+    assert sorted(r["rank"] for r in two) == [0, 1]
+    assert {r["node"] for r in two} == {"n1", "n2"}
+    assert all(r["status"] == "ok" and r["job_id"] for r in two)
+    status = cli("w2w.launch.status", str(sweep)).stdout
+    print(status)
+    assert "2 cells: 2 done" in status and "COMPLETED" in status
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_resume_after_scancel_runs_only_missing_cells(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [*BASE, "shards=1", "batch_size=1,2,4", "max_gen_len=32", "dataset.num_prompts=24", f"sweep_dir={sweep}"]
+    cli("w2w.launch.sweep", *args)
+    manifest = json.loads((sweep / "manifest.json").read_text())
+    (job,) = manifest["jobs"].values()
+    job_id = job["submissions"][0]["job_id"]
+    _wait_for(lambda: len(list(sweep.glob("cells/*/rank-*.json"))) >= 1, 120, "the first cell")
+    subprocess.run(["scancel", job_id], check=True)
+    _wait_for(lambda: "CANCELLED" in cli("w2w.launch.status", str(sweep)).stdout, 60, "the cancellation")
+    done = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sweep.glob("cells/*/rank-*.json")}
+    assert 1 <= len(done) < 3
+    print(cli("w2w.launch.status", str(sweep)).stdout)
+
+    out = cli("w2w.launch.sweep", "--wait", "--poll", "1", *args).stdout
+    assert "submitted" in out and f"({3 - len(done)} cell(s) to run)" in out
+    assert "3 cells: 3 done" in out
+    for path, (data, mtime) in done.items():
+        assert path.read_bytes() == data and path.stat().st_mtime_ns == mtime
+    status = cli("w2w.launch.status", str(sweep)).stdout
+    print(status)
+    assert "3 done" in status
+    again = cli("w2w.launch.sweep", *args).stdout
+    assert "all cells done" in again and "submitted" not in again.replace("w2w-status", "")
+
+
+def test_failed_job_shows_its_reason_and_others_complete(tmp_path):
+    """A node-side failure the login node cannot see: the site's setup line fails on the node."""
+    sweep = tmp_path / "sweep"
+    common = [*BASE, "batch_size=2", "max_gen_len=4", "dataset.num_prompts=2", f"sweep_dir={sweep}"]
+    cli("w2w.launch.sweep", *common, "shards=2",
+        'cluster.setup=["echo module llama-env not found >&2","exit 3"]')
+    result = cli("w2w.launch.sweep", "--wait", "--poll", "1", *common, "shards=1", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    status = cli("w2w.launch.status", str(sweep)).stdout
+    print(status)
+    assert "2 cells: 1 done, 1 failed" in status
+    (failed,) = [line for line in status.splitlines() if " failed " in line and "cell" in line]
+    assert "FAILED" in failed and "exit 3" in failed and "module llama-env not found" in failed
