@@ -50,30 +50,68 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _submit(sweep: Path, args: list[str]) -> str:
+    cli("w2w.launch.sweep", *args)
+    (job,) = json.loads((sweep / "manifest.json").read_text())["jobs"].values()
+    return job["submissions"][-1]["job_id"]
+
+
+def _records_now(sweep: Path) -> dict[Path, tuple[bytes, int]]:
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sweep.glob("cells/*/rank-*.json")}
+
+
+def _unchanged(before: dict[Path, tuple[bytes, int]]) -> bool:
+    return all(p.read_bytes() == data and p.stat().st_mtime_ns == mtime for p, (data, mtime) in before.items())
+
+
+def _sacct_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+# A quick first cell, then cells of several seconds: a signal lands while they are still to run.
+SLOW_CELLS = [*BASE, "shards=1", "batch_size=16,2,1", "max_gen_len=64", "dataset.num_prompts=320"]
+
+
 def test_resume_after_scancel_runs_only_missing_cells(tmp_path):
     sweep = tmp_path / "sweep"
-    args = [*BASE, "shards=1", "batch_size=1,2,4", "max_gen_len=32", "dataset.num_prompts=24", f"sweep_dir={sweep}"]
-    cli("w2w.launch.sweep", *args)
-    manifest = json.loads((sweep / "manifest.json").read_text())
-    (job,) = manifest["jobs"].values()
-    job_id = job["submissions"][0]["job_id"]
-    _wait_for(lambda: len(list(sweep.glob("cells/*/rank-*.json"))) >= 1, 120, "the first cell")
+    args = [*SLOW_CELLS, f"sweep_dir={sweep}"]
+    job_id = _submit(sweep, args)
+    _wait_for(lambda: len(list(sweep.glob("cells/*/rank-*.json"))) >= 1, 180, "the first cell")
     subprocess.run(["scancel", job_id], check=True)
-    _wait_for(lambda: "CANCELLED" in cli("w2w.launch.status", str(sweep)).stdout, 60, "the cancellation")
-    done = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sweep.glob("cells/*/rank-*.json")}
+    _wait_for(lambda: _sacct_state(job_id).startswith("CANCELLED"), 60, "the cancellation")
+    time.sleep(4)  # KillWait: the job's processes may still be ending
+    done = _records_now(sweep)
     assert 1 <= len(done) < 3
     print(cli("w2w.launch.status", str(sweep)).stdout)
 
     out = cli("w2w.launch.sweep", "--wait", "--poll", "1", *args).stdout
-    assert "submitted" in out and f"({3 - len(done)} cell(s) to run)" in out
+    assert f"({3 - len(done)} cell(s) to run)" in out
     assert "3 cells: 3 done" in out
-    for path, (data, mtime) in done.items():
-        assert path.read_bytes() == data and path.stat().st_mtime_ns == mtime
+    assert _unchanged(done)
     status = cli("w2w.launch.status", str(sweep)).stdout
     print(status)
     assert "3 done" in status
     again = cli("w2w.launch.sweep", *args).stdout
-    assert "all cells done" in again and "submitted" not in again.replace("w2w-status", "")
+    assert "all cells done" in again and "submitted " not in again
+
+
+def test_preempted_job_requeues_and_continues_at_the_first_unfinished_cell(tmp_path):
+    sweep = tmp_path / "sweep"
+    job_id = _submit(sweep, [*SLOW_CELLS, f"sweep_dir={sweep}"])
+    _wait_for(lambda: len(list(sweep.glob("cells/*/rank-*.json"))) >= 1, 180, "the first cell")
+    # What SLURM sends before preemption or the time limit: submitit checkpoints and requeues.
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # the steps, as SLURM does
+    _wait_for(lambda: _sacct_state(job_id) == "PENDING", 60, "the requeue")
+    done = _records_now(sweep)
+    # SLURM holds a requeued job for two minutes; an admin may release it at once.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    _wait_for(lambda: _sacct_state(job_id) == "COMPLETED", 180, "the requeued job")
+    assert len(list(sweep.glob("cells/*/rank-*.json"))) == 3
+    assert _unchanged(done)
+    log = next(sweep.glob(f"submitit/{job_id}/{job_id}_0_log.err")).read_text()
+    assert "Requeued job" in log and "done already, skipped" in log
+    assert "3 cells: 3 done" in cli("w2w.launch.status", str(sweep)).stdout
 
 
 def test_failed_job_shows_its_reason_and_others_complete(tmp_path):

@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import MISSING, DictConfig, OmegaConf
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -59,7 +59,7 @@ class DatasetConfig:
     num_prompts: int = 4096
     seed: int = 0
     # Longer prompts keep their last tokens; also the prompt length the memory-fit check assumes.
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = 128
 
 
 @dataclass
@@ -116,6 +116,8 @@ class RunConfig:
     sweep_dir: str = "runs/default"
     dist_timeout_s: int = 600
     skip_unfit: bool = False  # cells that do not fit the GPUs' memory: skipped (true) or an error
+    # An experiment's grid: {key: "a,b"} or a list of such sub-grids, unioned; the command line wins.
+    grid: Any = None
 
 
 def register_configs() -> None:
@@ -130,7 +132,7 @@ def register_configs() -> None:
 # The keys that decide which job (and model load) a cell belongs to.
 PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
 # Result-neutral keys left out of the cell id, so moving a sweep does not redo its cells.
-_ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit")
+_ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid")
 
 
 def group_options(group: str) -> list[str]:
@@ -153,7 +155,7 @@ def expand_overrides(overrides: list[str]) -> list[list[str]]:
     parser = OverridesParser.create()
     try:
         parsed = parser.parse_overrides(overrides)
-    except Exception as exc:  # hydra raises OverrideParseException with a clear text
+    except OverrideParseException as exc:
         raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
     axes = []
     for override in parsed:
@@ -166,21 +168,44 @@ def expand_overrides(overrides: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)]
 
 
-def compose_cell(overrides: list[str]) -> DictConfig:
-    """Compose and validate one cell's config; errors name the option and the fix."""
+def _compose(overrides: list[str]) -> DictConfig:
     register_configs()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
+            return compose(config_name="config", overrides=overrides)
     except MissingConfigException as exc:
         raise ConfigError(_missing_option_message(exc, overrides)) from exc
     except ConfigCompositionException as exc:
         raise ConfigError(_composition_message(exc)) from exc
     finally:
         GlobalHydra.instance().clear()
+
+
+def compose_cell(overrides: list[str]) -> DictConfig:
+    """Compose and validate one cell's config; errors name the option and the fix."""
+    cfg = _compose(overrides)
     validate(cfg)
     return cfg
+
+
+def _grid_value(value: Any) -> str:
+    if isinstance(value, (list, ListConfig)):
+        return ",".join(str(v) for v in value)
+    return "null" if value is None else str(value)
+
+
+def subgrids(overrides: list[str]) -> list[list[str]]:
+    """The command line, or one override list per sub-grid of the selected experiment."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    grid = _compose(fixed).get("grid")
+    if not grid:
+        return [overrides]
+    given = {o.get_key_element().lstrip("+~") for o in parsed}
+    parts = grid if isinstance(grid, ListConfig) else [grid]
+    return [[f"{k}={_grid_value(v)}" for k, v in part.items() if k not in given] + list(overrides)
+            for part in parts]
 
 
 def _missing_option_message(exc: MissingConfigException, overrides: list[str]) -> str:
@@ -200,12 +225,7 @@ def _missing_option_message(exc: MissingConfigException, overrides: list[str]) -
 def _composition_message(exc: ConfigCompositionException) -> str:
     text = str(exc.__cause__ or exc)
     if "not in struct" in text or "Could not override" in text or "Key '" in text:
-        register_configs()
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            keys = _valid_keys(compose(config_name="config"))
-        GlobalHydra.instance().clear()
-        return f"{exc}\nvalid keys: {', '.join(keys)}"
+        return f"{exc}\nvalid keys: {', '.join(_valid_keys(_compose([])))}"
     return str(exc)
 
 
@@ -304,12 +324,17 @@ def placement_key(cfg: DictConfig) -> str:
 
 
 def compose_grid(overrides: list[str]) -> list[DictConfig]:
-    """All cells of a grid, in command-line order, duplicates removed."""
+    """All cells of a grid (or of an experiment's sub-grids), in order, duplicates removed."""
+    try:
+        parts = subgrids(overrides)
+    except OverrideParseException as exc:
+        raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
     cells, seen = [], set()
-    for point in expand_overrides(overrides):
-        cfg = compose_cell(point)
-        cid = cell_id(cfg)
-        if cid not in seen:
-            seen.add(cid)
-            cells.append(cfg)
+    for part in parts:
+        for point in expand_overrides(part):
+            cfg = compose_cell(point)
+            cid = cell_id(cfg)
+            if cid not in seen:
+                seen.add(cid)
+                cells.append(cfg)
     return cells

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 STATUS_OK = "ok"
 
 
@@ -33,6 +35,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are shared with the group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
