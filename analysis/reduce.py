@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from w2w.analysis.metrics import METRIC_NAMES, CellTotals, compute
 
 from w2w.records import STATUS_OK, RecordError, read_record, write_atomic
@@ -31,23 +33,74 @@ class CellRecords:
     cell_id: str
     records: dict[int, dict] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    timeline_samples: int = 0  # rows read from the ranks' timeline files
+
+
+# What reduce_cell reads from an ok record: a hand-edited record lacking one is reported by file.
+_OK_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("node", str), ("params", dict), ("energy", dict), ("counts.responses", int),
+    ("counts.output_tokens", int), ("counts.output_words", int), ("times.total_s", (int, float)),
+)
+# The timeline columns the reducer decodes: a file that does not yield them does not parse.
+TIMELINE_CHECK_COLUMNS = ("t_s", "power_w")
+
+
+def _field(record: dict, dotted: str) -> object:
+    value: object = record
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _record_problem(path: Path, record: dict) -> str | None:
+    """Why a parsed record cannot be used (a hand edit, a copy into the wrong folder), or None."""
+    rank, world = record["rank"], record["world_size"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rank, world)) or not 0 <= rank < world:
+        return f"{path}: rank {rank!r} of world_size {world!r} is not a rank"
+    if path.name != f"rank-{rank:05d}.json" or record["cell_id"] != path.parent.name:
+        return f"{path}: holds cell {record['cell_id']!r} rank {rank}, not what its path says"
+    if record["status"] != STATUS_OK:
+        return None
+    for dotted, kind in _OK_FIELDS:
+        value = _field(record, dotted)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f"{path}: field '{dotted}' is {value!r}"
+    return None
+
+
+def read_timeline_rows(path: Path) -> tuple[int, str | None]:
+    """Decode one rank's timeline: its row count, or why it does not parse (torn, hand-edited)."""
+    try:
+        return pq.read_table(path, columns=list(TIMELINE_CHECK_COLUMNS)).num_rows, None
+    except (OSError, pa.ArrowException, ValueError, KeyError) as exc:
+        return 0, f"{path}: unreadable timeline ({type(exc).__name__}: {exc})"
+
+
+def _load_cell(folder: Path) -> CellRecords:
+    cell = CellRecords(folder.name)
+    for path in sorted(folder.glob("rank-*.json")):
+        try:
+            record = read_record(path)
+        except RecordError as exc:
+            cell.problems.append(str(exc))
+            continue
+        problem = _record_problem(path, record)
+        if problem:
+            cell.problems.append(problem)
+            continue
+        cell.records[record["rank"]] = record
+        if isinstance(record.get("timeline"), str):  # the file name the runner wrote beside the record
+            rows, problem = read_timeline_rows(folder / record["timeline"])
+            cell.timeline_samples += rows
+            if problem:
+                cell.problems.append(problem)
+    return cell
 
 
 def load_cells(sweep_dir: Path) -> dict[str, CellRecords]:
     """Every cell folder's rank records; unreadable files become problems of their cell."""
-    cells: dict[str, CellRecords] = {}
-    for folder in sorted((sweep_dir / "cells").glob("*")):
-        if not folder.is_dir():
-            continue
-        cell = cells.setdefault(folder.name, CellRecords(folder.name))
-        for path in sorted(folder.glob("rank-*.json")):
-            try:
-                record = read_record(path)
-            except RecordError as exc:
-                cell.problems.append(str(exc))
-                continue
-            cell.records[int(record["rank"])] = record
-    return cells
+    folders = [f for f in sorted((sweep_dir / "cells").glob("*")) if f.is_dir()]
+    return {folder.name: _load_cell(folder) for folder in folders}
 
 
 def _energy(records: list[dict]) -> tuple[float | None, str | None]:
@@ -167,8 +220,17 @@ def reduce_cell(cell: CellRecords) -> dict:
     return row
 
 
+def _reduce_or_report(cell: CellRecords) -> dict:
+    """reduce_cell, or an incomplete row naming what broke: one odd cell never sinks the table."""
+    try:
+        return reduce_cell(cell)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        note = "; ".join([*cell.problems, f"cannot reduce: {type(exc).__name__}: {exc}"])
+        return {"cell_id": cell.cell_id, "status": "incomplete", "note": note}
+
+
 def reduce_sweep(sweep_dir: Path) -> pd.DataFrame:
-    rows = [reduce_cell(cell) for cell in load_cells(sweep_dir).values()]
+    rows = [_reduce_or_report(cell) for cell in load_cells(sweep_dir).values()]
     table = pd.DataFrame(rows)
     for column in ("cell_id", *PARAM_COLUMNS, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus", "nodes", "note"):
         if column not in table:

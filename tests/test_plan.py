@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 from submitit.slurm.slurm import _make_sbatch_string
+from w2w.launch.plan import make_plan
+from w2w.launch.submit import slurm_parameters
 
 from tests.conftest import cli
 from w2w.config import ConfigError
-from w2w.launch.plan import make_plan
-from w2w.launch.submit import slurm_parameters
 
 GOLDEN = Path(__file__).parent / "golden"
 PAPER_65B = ["model=llama_65b", "gpu=v100", "cluster=supercloud", "shards=8,16,32", "batch_size=16,64",
@@ -32,7 +32,7 @@ def test_65b_on_v100_plans_nodes_and_tasks_without_slurm(monkeypatch):
 
 
 def test_unfit_cell_is_an_error_without_skip_unfit():
-    with pytest.raises(ConfigError, match="needs ~.* GiB per GPU .* has 32 GiB: raise shards"):
+    with pytest.raises(ConfigError, match=r"needs ~.* GiB per GPU .* has 32 GiB: raise shards"):
         make_plan(["model=llama_65b", "gpu=v100", "cluster=supercloud", "shards=8", "batch_size=256"])
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from w2w.analysis.reduce import reduce_sweep
+
 from w2w.records import record_path, write_json
 
 

@@ -11,7 +11,6 @@ import pytest
 
 from tests.conftest import cli
 from w2w.records import read_record
-from w2w.tokenizer import TINY_TOKENIZER
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("local_slurm")]
 
@@ -41,11 +40,16 @@ def test_sweep_crosses_both_nodes(tmp_path):
     assert "2 cells: 2 done" in status and "COMPLETED" in status
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
+def _wait_for(predicate, timeout: float, what: str, job_id: str | None = None) -> None:
+    """Poll until predicate(); fail at once, with the job's log, if the job has ended."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
+        if job_id and _sacct_state(job_id) in ("FAILED", "COMPLETED", "TIMEOUT", "NODE_FAIL"):
+            if predicate():
+                return
+            raise AssertionError(f"job {job_id} ended {_sacct_state(job_id)} before {what}")
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -77,7 +81,7 @@ def test_resume_after_scancel_runs_only_missing_cells(tmp_path):
     sweep = tmp_path / "sweep"
     args = [*SLOW_CELLS, f"sweep_dir={sweep}"]
     job_id = _submit(sweep, args)
-    _wait_for(lambda: len(list(sweep.glob("cells/*/rank-*.json"))) >= 1, 180, "the first cell")
+    _wait_for(lambda: len(list(sweep.glob("cells/*/rank-*.json"))) >= 1, 180, "the first cell", job_id)
     subprocess.run(["scancel", job_id], check=True)
     _wait_for(lambda: _sacct_state(job_id).startswith("CANCELLED"), 60, "the cancellation")
     time.sleep(4)  # KillWait: the job's processes may still be ending
@@ -99,7 +103,7 @@ def test_resume_after_scancel_runs_only_missing_cells(tmp_path):
 def test_preempted_job_requeues_and_continues_at_the_first_unfinished_cell(tmp_path):
     sweep = tmp_path / "sweep"
     job_id = _submit(sweep, [*SLOW_CELLS, f"sweep_dir={sweep}"])
-    _wait_for(lambda: len(list(sweep.glob("cells/*/rank-*.json"))) >= 1, 180, "the first cell")
+    _wait_for(lambda: len(list(sweep.glob("cells/*/rank-*.json"))) >= 1, 180, "the first cell", job_id)
     # What SLURM sends before preemption or the time limit: submitit checkpoints and requeues.
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # the steps, as SLURM does
     _wait_for(lambda: _sacct_state(job_id) == "PENDING", 60, "the requeue")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import cli
 from w2w.analysis.metrics import METRIC_NAMES
+
+from tests.conftest import cli
 
 GRID = ["shards=2", "precision=fp32", "batch_size=2,4", "max_gen_len=4,8", "dataset.num_prompts=6"]
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -20,6 +22,20 @@ class DistInfo:
     host: str
     node: str
     device: torch.device
+    # A gloo group for the runner's own agreements, apart from the model's collectives, so
+    # that a rank which failed alone cannot be matched with a peer stuck mid-forward.
+    control: Any = None
+
+
+CONTROL_TIMEOUT_S = 120
+# Outcomes of a cell on one rank, ordered: the job goes on unless some rank broke the group.
+CELL_OK, CELL_FAILED, GROUP_BROKEN = 0, 1, 2
+
+
+def _job_port(job_id: str) -> int:
+    """A rendezvous port every task of the job derives alike, below Linux's ephemeral range
+    (32768-60999) so that no outgoing connection on the first node can already hold it."""
+    return 20000 + int(hashlib.sha256(job_id.encode()).hexdigest(), 16) % 12000
 
 
 def _export_from_launcher() -> None:
@@ -30,8 +46,14 @@ def _export_from_launcher() -> None:
         if "SLURM_PROCID" not in os.environ:
             return
         os.environ["SUBMITIT_EXECUTOR"] = "slurm"  # a plain srun: submitit reads the same variables
+    from submitit import JobEnvironment
     from submitit.helpers import TorchDistributedEnvironment
 
+    job = JobEnvironment()
+    if job.num_tasks == 1:
+        os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    else:
+        os.environ.setdefault("MASTER_PORT", str(_job_port(str(job.job_id))))
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
@@ -52,7 +74,11 @@ def init(device_type: str, timeout_s: int) -> DistInfo:
             device_id=device if device.type == "cuda" else None,
         )
     node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
-    return DistInfo(rank, local_rank, world, socket.gethostname(), node, device)
+    control = None
+    if world > 1:
+        wait = datetime.timedelta(seconds=min(timeout_s, CONTROL_TIMEOUT_S))
+        control = dist.new_group(backend="gloo", timeout=wait)
+    return DistInfo(rank, local_rank, world, socket.gethostname(), node, device, control)
 
 
 def _device(device_type: str, local_rank: int) -> torch.device:
@@ -108,3 +134,31 @@ def all_ok(flag: bool) -> bool:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def is_collective_error(exc: BaseException) -> bool:
+    """A failed or timed-out collective: the model-parallel group is out of step."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return any(word in text for word in ("gloo", "NCCL", "Connection closed", "Timed out"))
+
+
+def worst_outcome(outcome: int, info: DistInfo) -> int:
+    """The worst cell outcome over all ranks, agreed on the control group.
+
+    A rank that failed alone leaves its peers blocked in a model collective: they never reach
+    this call, it times out, and the job must stop rather than hold the allocation.
+    """
+    if info.control is None:
+        return outcome
+    t = torch.tensor([outcome])
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control)
+    except Exception as exc:
+        raise RuntimeError(
+            f"rank {info.rank}: the other ranks did not finish the cell (no answer within "
+            f"the control timeout): a rank failed alone or died; "
+            f"see the cell's records and the other ranks' logs"
+        ) from exc
+    return int(t.item())

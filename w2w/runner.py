@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -119,6 +120,20 @@ def _encode(prompts: list[str], tokenizer: Tokenizer, max_prompt_len: int, count
     return encoded
 
 
+def _dataset_key(cfg: DictConfig) -> str:
+    return json.dumps(OmegaConf.to_container(cfg.dataset, resolve=True), sort_keys=True)
+
+
+def load_prompt_sets(cells: list[DictConfig]) -> dict[str, list[str]]:
+    """Each distinct dataset of the job's cells, loaded once."""
+    sets: dict[str, list[str]] = {}
+    for cfg in cells:
+        key = _dataset_key(cfg)
+        if key not in sets:
+            sets[key] = load_prompts(cfg.dataset)
+    return sets
+
+
 def _write_timeline(path: Path | None, window: Window, rank: int) -> str | None:
     """The cell's sampler rows as Parquet (atomically); returns the file name for the record."""
     if path is None or not window.samples:
@@ -150,6 +165,7 @@ def _cell_energy(cell: Window, phases: PhaseEnergy, warmup: Window | None, monit
 
 def run_cell(
     cfg: DictConfig,
+    texts: list[str],
     model: Transformer,
     tokenizer: Tokenizer,
     monitor: EnergyMonitor,
@@ -157,13 +173,13 @@ def run_cell(
     timeline: Path | None = None,
     rank: int = 0,
 ) -> dict:
-    """Run every prompt of the cell; returns the measured part of the record.
+    """Run the cell's prompts (texts); returns the measured part of the record.
 
     An NVML read error during the cell makes it status error (the rest is still recorded).
     """
     counts = Counts()
     max_prompt_len = min(cfg.dataset.max_prompt_tokens, model.args.max_seq_len - cfg.max_gen_len)
-    prompts = _encode(load_prompts(cfg.dataset), tokenizer, max_prompt_len, counts)
+    prompts = _encode(texts, tokenizer, max_prompt_len, counts)
     cache_len = max(len(p) for p in prompts) + cfg.max_gen_len
     batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     warmup: Window | None = None
@@ -299,6 +315,7 @@ def run_cells(cells: list[DictConfig]) -> list[str]:
             "use w2w-sweep for grids over those"
         )
     first = cells[0]
+    prompt_sets = load_prompt_sets(cells)  # bad prompt files stop the job before the model loads
     info = distributed.init(first.gpu.device, first.dist_timeout_s)
     distributed.init_model_parallel(first.shards, info.world_size)
     monitor = _open_monitor(first, info)
@@ -313,12 +330,17 @@ def run_cells(cells: list[DictConfig]) -> list[str]:
                 statuses.append("skipped")
                 continue
             record = _identity(cfg, cid, info)
+            outcome = distributed.CELL_OK
             try:
                 _apply_power_cap(capper, cfg)
                 timeline = timeline_path(cfg.sweep_dir, cid, info.rank)
-                record |= {"status": STATUS_OK} | run_cell(cfg, model, tokenizer, monitor, timeline=timeline, rank=info.rank)
+                texts = prompt_sets[_dataset_key(cfg)]
+                record |= {"status": STATUS_OK} | run_cell(
+                    cfg, texts, model, tokenizer, monitor, timeline=timeline, rank=info.rank
+                )
             except Exception as exc:  # the sweep goes on; the record says what happened
                 record |= _failure(exc)
+                outcome = distributed.GROUP_BROKEN if distributed.is_collective_error(exc) else distributed.CELL_FAILED
                 monitor.abandon_windows()  # a cell that raised left its windows open
             if record["status"] != STATUS_OK:
                 log.error("cell %s failed: %s", cid, record["error"])
@@ -329,6 +351,11 @@ def run_cells(cells: list[DictConfig]) -> list[str]:
             write_json(record_path(cfg.sweep_dir, cid, info.rank), record)
             statuses.append(record["status"])
             log.info("cell %d/%d %s: %s", index + 1, len(cells), cid, record["status"])
+            if distributed.worst_outcome(outcome, info) == distributed.GROUP_BROKEN:
+                raise RuntimeError(
+                    f"cell {cid}: a model collective failed ({record.get('error')}); the model-parallel "
+                    f"group cannot go on, so the job stops: re-run the sweep to retry the remaining cells"
+                )
     finally:  # also when a cell or the load fails: no GPU is left capped, NVML is shut down
         _restore_power_cap(capper)
         monitor.close()

@@ -1,0 +1,238 @@
+"""The paper's figures (Figs 2-9) and per-cell power timelines as PNGs, drawn with matplotlib's Agg backend."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from w2w.analysis import paper
+from w2w.analysis.metrics import METRICS
+from w2w.analysis.tables import (
+    Choice,
+    choose,
+    gpu_order,
+    mean_of,
+    model_order,
+    ok,
+    repeats_note,
+    show,
+)
+
+from w2w.records import write_atomic
+
+UNITS = {m.name: m.unit for m in METRICS}
+NAMES = {
+    "words_per_s": "words per second", "tokens_per_s": "tokens per second",
+    "responses_per_s": "responses per second", "energy_per_s_w": "energy per second",
+    "energy_per_token_j": "energy per output token", "energy_per_response_j": "energy per response",
+}
+FIG2_METRICS = ("words_per_s", "tokens_per_s", "responses_per_s")
+FIG3_METRICS = ("energy_per_s_w",)
+# Figs 4-9: (metric, max length); the paper's batch list is not recoverable, ours is the sweep's.
+FIGS_4_9 = {
+    "fig4": ("energy_per_s_w", 512), "fig5": ("energy_per_s_w", 1024),
+    "fig6": ("energy_per_token_j", 512), "fig7": ("energy_per_token_j", 1024),
+    "fig8": ("energy_per_response_j", 512), "fig9": ("energy_per_response_j", 1024),
+}
+FIGS_4_9_LENGTHS = (512, 1024)
+FIG2_PREFER = {"batch_size": 64, "max_gen_len": 256, "power_cap_w": paper.DEFAULT_CAP_W, "precision": "fp16"}
+FIGS_4_9_PREFER = {"model": "llama_65b", "gpu": "v100", "power_cap_w": paper.DEFAULT_CAP_W, "precision": "fp16"}
+
+
+@dataclass
+class Rendered:
+    name: str
+    title: str
+    figure: Figure
+    notes: list[str] = field(default_factory=list)
+
+
+def axis_label(metric: str) -> str:
+    return f"{NAMES[metric]} ({UNITS[metric]})"
+
+
+def _new(rows: int, cols: int, width: float = 4.2, height: float = 3.0) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(width * cols + 1.4, height * rows + 0.9), layout="constrained")
+    FigureCanvasAgg(fig)  # explicit Agg: no pyplot, no display, the same output anywhere
+    return fig, np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
+
+
+def _title(fig: Figure, text: str) -> None:
+    width = int(fig.get_figwidth() * 13)  # characters that fit at 9 pt
+    fig.suptitle("\n".join(textwrap.wrap(text, width)), fontsize=9)
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
+    ax.set_xticks([])
+
+
+def _bars(ax, groups: list[str], series: list[str], values: dict[tuple[str, str], float | None],
+          labels: dict[tuple[str, str], str] | None = None) -> bool:
+    """Grouped bars; a missing value is no bar (and 'n/a' where it would stand). True if any bar."""
+    width = 0.8 / max(len(series), 1)
+    drawn = False
+    for i, name in enumerate(series):
+        for j, group in enumerate(groups):
+            x = j - 0.4 + width * (i + 0.5)
+            value = values.get((group, name))
+            if value is None:
+                ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=6, rotation=90)
+                continue
+            ax.bar(x, value, width, color=f"C{i}", label=name if not drawn or j == 0 else None)
+            if labels and (group, name) in labels:
+                ax.text(x, value, labels[(group, name)], ha="center", va="bottom", fontsize=6)
+            drawn = True
+    ax.set_xticks(range(len(groups)), groups)
+    ax.grid(axis="y", alpha=0.3)
+    return drawn
+
+
+def _legend(fig: Figure, ax_grid: np.ndarray, title: str) -> None:
+    handles, names = [], []
+    for ax in ax_grid.flat:
+        for h, n in zip(*ax.get_legend_handles_labels(), strict=True):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    if handles:
+        fig.legend(handles, names, title=title, loc="outside right upper", fontsize=7, title_fontsize=7)
+
+
+def _setup(choice: Choice) -> str:
+    return ", ".join(f"{k}={show(k, v)}" for k, v in choice.values.items())
+
+
+def _no_data_reason(cells: pd.DataFrame, metric: str) -> str:
+    """Why a panel is empty: the reducer's note where energy is missing."""
+    if cells.empty:
+        return "no cell of this sweep matches"
+    notes = {n for n in cells.get("note", pd.Series(dtype=object)).dropna() if n}
+    return f"no {NAMES[metric]}: " + ("; ".join(sorted(notes))[:160] if notes else "not measured")
+
+
+def min_gpus(cells: pd.DataFrame) -> pd.DataFrame:
+    """Figs 2-3 use Table II's hardware: the fewest GPUs each model x GPU kind ran on."""
+    if cells.empty:
+        return cells
+    fewest = cells.groupby(["model", "gpu"])["shards"].transform("min")
+    return cells[cells["shards"] == fewest]
+
+
+def throughput_figure(cells: pd.DataFrame, name: str, metrics: tuple[str, ...], what: str) -> Rendered:
+    """Figs 2-3: a metric per model, one bar per GPU kind; a row per dataset, a column per metric."""
+    choice = choose(ok(cells), FIG2_PREFER)
+    chosen = min_gpus(choice.cells)
+    datasets = sorted(set(chosen["dataset"])) or ["(none)"]
+    models = model_order(chosen["model"]) if not chosen.empty else []
+    gpus = gpu_order(chosen["gpu"]) if not chosen.empty else []
+    panels = [(d, m) for d in datasets for m in metrics]
+    shape = (len(datasets), len(metrics)) if len(metrics) > 1 else (1, len(datasets))
+    fig, axes = _new(*shape)
+    for ax, (dataset, metric) in zip(axes.flat, panels, strict=True):
+        here = chosen[chosen["dataset"] == dataset]
+        values, labels = {}, {}
+        for (model, gpu), group in here.groupby(["model", "gpu"]):
+            key = (show("model", model), gpu.upper())
+            values[key] = mean_of(group, metric)
+            labels[key] = f"{int(group['shards'].iloc[0])} GPU"
+        if not _bars(ax, [show("model", m) for m in models], [g.upper() for g in gpus], values, labels):
+            _empty(ax, _no_data_reason(here, metric))
+        ax.set_ylabel(axis_label(metric), fontsize=8)
+        ax.set_xlabel("model (bar label: GPUs used)", fontsize=8)
+        ax.set_title(dataset, fontsize=9)
+    title = f"{name.replace('fig', 'Fig. ')}: {what} ({_setup(choice)})"
+    _title(fig, title)
+    _legend(fig, axes, "GPU")
+    notes = choice.notes + repeats_note(chosen, ["model", "gpu", "dataset"], name)
+    return Rendered(name, title, fig, notes)
+
+
+def shards_figure(cells: pd.DataFrame, name: str) -> Rendered:
+    """Figs 4-9: 65B on V100s, a metric by shard count, one bar per batch size, one column per dataset."""
+    metric, length = FIGS_4_9[name]
+    choice = choose(ok(cells), FIGS_4_9_PREFER | {"max_gen_len": length}, {"max_gen_len": FIGS_4_9_LENGTHS})
+    chosen = choice.cells
+    datasets = sorted(set(chosen["dataset"])) or ["(none)"]
+    shards = sorted({int(s) for s in chosen["shards"]})
+    batches = sorted({int(b) for b in chosen["batch_size"]})
+    fig, axes = _new(1, len(datasets))
+    for c, dataset in enumerate(datasets):
+        ax = axes[0, c]
+        here = chosen[chosen["dataset"] == dataset]
+        values = {(str(int(s)), str(int(b))): mean_of(g, metric) for (s, b), g in here.groupby(["shards", "batch_size"])}
+        if not _bars(ax, [str(s) for s in shards], [str(b) for b in batches], values):
+            _empty(ax, _no_data_reason(here, metric))
+        ax.set_ylabel(axis_label(metric), fontsize=8)
+        ax.set_xlabel("GPUs (shards)", fontsize=8)
+        ax.set_title(dataset, fontsize=9)
+    title = f"{name.replace('fig', 'Fig. ')}: {NAMES[metric]} by shard count and batch size ({_setup(choice)})"
+    _title(fig, title)
+    _legend(fig, axes, "batch size")
+    notes = choice.notes + repeats_note(chosen, ["shards", "batch_size", "dataset"], name)
+    return Rendered(name, title, fig, notes)
+
+
+def all_figures(cells: pd.DataFrame) -> list[Rendered]:
+    return [
+        throughput_figure(cells, "fig2", FIG2_METRICS, "throughput"),
+        throughput_figure(cells, "fig3", FIG3_METRICS, "energy per second, all GPUs"),
+        *(shards_figure(cells, name) for name in FIGS_4_9),
+    ]
+
+
+def timeline_frames(paths: list[Path]) -> list[pd.DataFrame]:
+    return [pd.read_parquet(p, columns=["rank", "unix_s", "power_w"]) for p in paths]
+
+
+def timeline_figure(cell_id: str, frames: list[pd.DataFrame], caption: str) -> Rendered:
+    """GPU power of every rank over the cell, and their sum (what the cell's energy integrates)."""
+    fig, axes = _new(2, 1, width=8.0, height=2.6)
+    start = min(float(f["unix_s"].iloc[0]) for f in frames if len(f))
+    for frame in frames:
+        if len(frame):
+            axes[0, 0].plot(frame["unix_s"] - start, frame["power_w"], linewidth=0.8,
+                            label=f"rank {int(frame['rank'].iloc[0])}" if len(frames) <= 8 else None)
+    axes[0, 0].set_ylabel("GPU power (W)", fontsize=8)
+    axes[0, 0].set_title(f"{len(frames)} rank(s)", fontsize=8)
+    if len(frames) <= 8:
+        axes[0, 0].legend(fontsize=6, loc="lower right")
+    grid, total = _summed(frames, start)
+    if grid is not None:
+        axes[1, 0].plot(grid, total, linewidth=0.9, color="k")
+    else:
+        _empty(axes[1, 0], "the ranks' timelines do not overlap")
+    axes[1, 0].set_ylabel("all GPUs (W)", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xlabel("time since the cell started (s)", fontsize=8)
+        ax.grid(alpha=0.3)
+    title = f"cell {cell_id}: GPU power ({caption})"
+    _title(fig, title)
+    return Rendered(f"timeline_{cell_id}", title, fig)
+
+
+def _summed(frames: list[pd.DataFrame], start: float) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Every rank's power interpolated onto one grid where all ranks have samples, then summed."""
+    series = [(f["unix_s"].to_numpy() - start, f["power_w"].to_numpy()) for f in frames if f["power_w"].notna().any()]
+    if not series:
+        return None, None
+    lo, hi = max(t[0] for t, _ in series), min(t[-1] for t, _ in series)
+    if hi <= lo:
+        return None, None
+    step = min(float(np.median(np.diff(t))) if len(t) > 1 else hi - lo for t, _ in series) or hi - lo
+    grid = np.arange(lo, hi + step / 2, step)
+    return grid, sum(np.interp(grid, t, np.where(np.isnan(p), np.nanmean(p), p)) for t, p in series)
+
+
+def save(rendered: Rendered, out: Path) -> Path:
+    buffer = io.BytesIO()
+    rendered.figure.savefig(buffer, format="png", dpi=110)
+    path = out / f"{rendered.name}.png"
+    write_atomic(path, buffer.getvalue())
+    return path
