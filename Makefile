@@ -7,7 +7,7 @@ SWEEP ?= runs/demo
 DEMO_GRID ?= shards=2 precision=fp32 batch_size=4,8 max_gen_len=16,32 dataset.num_prompts=16
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench gpu-check slurm-up slurm-down slurm-status tiny-tokenizer clean
+.PHONY: install demo test lint bench bench-decode bench-reduce gpu-check slurm-up slurm-down slurm-status tiny-tokenizer clean
 
 install: $(STAMP)
 
@@ -31,8 +31,14 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check w2w launch analysis tests benchmarks
 
-bench: install
+bench: bench-decode bench-reduce
+
+bench-decode: install
 	$(PY) -m benchmarks.decode_vs_transformers
+
+# The reducer on 200 cells x 32 ranks with 10-minute 100 ms timelines: records/s, samples/s, < 60 s.
+bench-reduce: install
+	$(PY) -m benchmarks.reduce_scale
 
 gpu-check: install
 	$(PY) -m w2w.gpu_check
@@ -51,3 +57,57 @@ tiny-tokenizer: install
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
+
+# ---------------------------------------------------------------------------------------------
+# Reproducing the paper (PAPER.md): each paper-* target submits one preset's sweep from the login
+# node and returns (PAPER_ARGS=--wait follows it; PAPER_ARGS=--plan only prints the jobs); re-running
+# submits only unfinished cells. When the sweep has finished, anywhere:  make paper-report SWEEP=DIR
+#   CLUSTER=supercloud   profile (conf/cluster/) for the V100 cells
+#   CLUSTER_A100=...     profile for the A100 cells; default <CLUSTER>_a100 where it exists, else CLUSTER
+#   CKPT_ROOT=DIR        Meta-format LLaMA checkpoints in DIR/7B, DIR/13B, DIR/65B (or CKPT_7B=... each)
+#   PAPER_RUNS=runs      sweep directories go to PAPER_RUNS/<preset>
+#   PAPER_ARGS=...       more w2w-sweep arguments, e.g. --wait, --plan, power_cap_w=null (no right to cap)
+CLUSTER ?= supercloud
+CLUSTER_A100 ?= $(if $(wildcard conf/cluster/$(CLUSTER)_a100.yaml),$(CLUSTER)_a100,$(CLUSTER))
+CKPT_ROOT ?=
+CKPT_7B ?= $(if $(CKPT_ROOT),$(CKPT_ROOT)/7B)
+CKPT_13B ?= $(if $(CKPT_ROOT),$(CKPT_ROOT)/13B)
+CKPT_65B ?= $(if $(CKPT_ROOT),$(CKPT_ROOT)/65B)
+PAPER_RUNS ?= runs
+PAPER_ARGS ?=
+# The presets read these (oc.env) for each sub-grid's cluster profile and checkpoint folder.
+PAPER_ENV = W2W_CLUSTER_V100=$(CLUSTER) W2W_CLUSTER_A100=$(CLUSTER_A100) \
+	$(if $(CKPT_7B),W2W_CKPT_7B=$(CKPT_7B)) $(if $(CKPT_13B),W2W_CKPT_13B=$(CKPT_13B)) \
+	$(if $(CKPT_65B),W2W_CKPT_65B=$(CKPT_65B))
+# Random weights would make every response max length: refuse to submit without checkpoints.
+paper_need = $(if $(findstring --plan,$(PAPER_ARGS)),,$(foreach m,$(1),$(if $(CKPT_$(m)),,$(error \
+	$@ needs the LLaMA $(m) checkpoint: set CKPT_ROOT=DIR (holding $(m)/) or CKPT_$(m)=DIR; PAPER_ARGS=--plan plans without))))
+paper_sweep = $(PAPER_ENV) $(VENV)/bin/w2w-sweep +experiment=$(1) sweep_dir=$(PAPER_RUNS)/$(1) $(PAPER_ARGS)
+
+.PHONY: paper paper-fig2 paper-fig3 paper-fig4-9 paper-table3 paper-table4-5 paper-report
+
+# Figs 2 and 3 (and Table II) come from one sweep: either target submits it.
+paper-fig2 paper-fig3: install
+	$(call paper_need,7B 13B 65B)
+	$(call paper_sweep,paper_fig2_3)
+
+paper-fig4-9: install
+	$(call paper_need,65B)
+	$(call paper_sweep,paper_fig4_9)
+
+paper-table3: install
+	$(call paper_need,65B)
+	$(call paper_sweep,paper_table3)
+
+paper-table4-5: install
+	$(call paper_need,65B)
+	$(call paper_sweep,paper_table4_5)
+
+# Every artifact in one sweep (shared cells run once); report it with SWEEP=$(PAPER_RUNS)/paper_all.
+paper: install
+	$(call paper_need,7B 13B 65B)
+	$(call paper_sweep,paper_all)
+
+# Tables (Markdown, CSV, LaTeX), figures, the comparison with the published numbers: SWEEP/results/paper/.
+paper-report: install
+	$(PY) -m w2w.analysis.report $(SWEEP)

@@ -64,13 +64,17 @@ def _new(rows: int, cols: int, width: float = 4.2, height: float = 3.0) -> tuple
 
 
 def _title(fig: Figure, text: str) -> None:
-    width = int(fig.get_figwidth() * 13)  # characters that fit at 9 pt
+    width = int(fig.get_figwidth() * 11)  # characters that fit at 9 pt beside a legend
     fig.suptitle("\n".join(textwrap.wrap(text, width)), fontsize=9)
 
 
 def _empty(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
+    """A panel with nothing measured says why, and shows no scale that could be read as a value."""
+    for artist in list(ax.texts):
+        artist.remove()
+    ax.text(0.5, 0.5, "\n".join(textwrap.wrap(text, 48)), ha="center", va="center", fontsize=8, transform=ax.transAxes)
     ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def _bars(ax, groups: list[str], series: list[str], values: dict[tuple[str, str], float | None],
@@ -79,16 +83,17 @@ def _bars(ax, groups: list[str], series: list[str], values: dict[tuple[str, str]
     width = 0.8 / max(len(series), 1)
     drawn = False
     for i, name in enumerate(series):
+        labelled = False
         for j, group in enumerate(groups):
             x = j - 0.4 + width * (i + 0.5)
             value = values.get((group, name))
             if value is None:
                 ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=6, rotation=90)
                 continue
-            ax.bar(x, value, width, color=f"C{i}", label=name if not drawn or j == 0 else None)
+            ax.bar(x, value, width, color=f"C{i}", label=None if labelled else name)
             if labels and (group, name) in labels:
                 ax.text(x, value, labels[(group, name)], ha="center", va="bottom", fontsize=6)
-            drawn = True
+            drawn = labelled = True
     ax.set_xticks(range(len(groups)), groups)
     ax.grid(axis="y", alpha=0.3)
     return drawn
@@ -166,7 +171,8 @@ def shards_figure(cells: pd.DataFrame, name: str) -> Rendered:
     for c, dataset in enumerate(datasets):
         ax = axes[0, c]
         here = chosen[chosen["dataset"] == dataset]
-        values = {(str(int(s)), str(int(b))): mean_of(g, metric) for (s, b), g in here.groupby(["shards", "batch_size"])}
+        by_bar = here.groupby(["shards", "batch_size"])
+        values = {(str(int(s)), str(int(b))): mean_of(g, metric) for (s, b), g in by_bar}
         if not _bars(ax, [str(s) for s in shards], [str(b) for b in batches], values):
             _empty(ax, _no_data_reason(here, metric))
         ax.set_ylabel(axis_label(metric), fontsize=8)
@@ -194,7 +200,8 @@ def timeline_frames(paths: list[Path]) -> list[pd.DataFrame]:
 def timeline_figure(cell_id: str, frames: list[pd.DataFrame], caption: str) -> Rendered:
     """GPU power of every rank over the cell, and their sum (what the cell's energy integrates)."""
     fig, axes = _new(2, 1, width=8.0, height=2.6)
-    start = min(float(f["unix_s"].iloc[0]) for f in frames if len(f))
+    frames = [f.dropna(subset=["unix_s", "power_w"]) for f in frames]  # a failed read is a gap, not a value
+    start = min((float(f["unix_s"].iloc[0]) for f in frames if len(f)), default=0.0)
     for frame in frames:
         if len(frame):
             axes[0, 0].plot(frame["unix_s"] - start, frame["power_w"], linewidth=0.8,
@@ -219,7 +226,7 @@ def timeline_figure(cell_id: str, frames: list[pd.DataFrame], caption: str) -> R
 
 def _summed(frames: list[pd.DataFrame], start: float) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Every rank's power interpolated onto one grid where all ranks have samples, then summed."""
-    series = [(f["unix_s"].to_numpy() - start, f["power_w"].to_numpy()) for f in frames if f["power_w"].notna().any()]
+    series = [(f["unix_s"].to_numpy() - start, f["power_w"].to_numpy()) for f in frames if len(f)]
     if not series:
         return None, None
     lo, hi = max(t[0] for t, _ in series), min(t[-1] for t, _ in series)
@@ -227,7 +234,7 @@ def _summed(frames: list[pd.DataFrame], start: float) -> tuple[np.ndarray | None
         return None, None
     step = min(float(np.median(np.diff(t))) if len(t) > 1 else hi - lo for t, _ in series) or hi - lo
     grid = np.arange(lo, hi + step / 2, step)
-    return grid, sum(np.interp(grid, t, np.where(np.isnan(p), np.nanmean(p), p)) for t, p in series)
+    return grid, sum(np.interp(grid, t, p) for t, p in series)
 
 
 def save(rendered: Rendered, out: Path) -> Path:

@@ -103,20 +103,34 @@ def compare(artifact: str, quantity: str, setting: str, published: Span, paper_h
     elif ours is not None and published[0] != published[1]:
         inside = published[0] <= ours[0] and ours[1] <= published[1]
         overlaps = ours[0] <= published[1] and published[0] <= ours[1]
-        check = "inside the paper's range" if inside else "overlaps the paper's range" if overlaps else "outside the paper's range"
-    if ours is None and not note:
-        note = "not measured in this sweep"
+        where = "inside" if inside else "overlaps" if overlaps else "outside"
+        check = f"{where} the paper's range"
+    if ours is None:
+        note = "; ".join(n for n in ("not measured in this sweep", note) if n)
     return Comparison(artifact, quantity, setting, _span_text(published), paper_hw, _span_text(ours), our_hw, ratio,
                       "; ".join(n for n in (check, note) if n))
+
+
+# Settings a comparison may differ in, with a note: a site that forbids setting power limits runs
+# at the GPU's own limit, and its numbers are still the closest to the paper's there are.
+SOFT_KEYS = ("power_cap_w",)
 
 
 def _hardware(cells: pd.DataFrame, facts: SweepFacts) -> str:
     return "; ".join(sorted({facts.hardware.get(c, "") for c in cells["cell_id"]} - {""}))
 
 
+def _cap_note(cells: pd.DataFrame) -> str:
+    caps = sorted({tables.show("power_cap_w", c) for c in cells.get("power_cap_w", pd.Series(dtype=float))})
+    paper_cap = tables.show("power_cap_w", paper.DEFAULT_CAP_W)
+    return f"ours at power cap {', '.join(caps)} (the paper's: {paper_cap})" if caps and caps != [paper_cap] else ""
+
+
 def _exact(choice: tables.Choice) -> pd.DataFrame:
-    """Only the paper's own configuration is compared: a stand-in is shown in the figures, never here."""
-    return choice.cells if not choice.notes else choice.cells.iloc[0:0]
+    """Only the paper's own configuration is compared (but for SOFT_KEYS, which _cap_note reports):
+    a stand-in model, GPU, batch or length is shown in the figures, never here."""
+    hard = [k for k in choice.substituted if k not in SOFT_KEYS]
+    return choice.cells if not hard else choice.cells.iloc[0:0]
 
 
 def _setting(values: dict[str, Any]) -> str:
@@ -139,7 +153,8 @@ def table2_rows(cells: pd.DataFrame, skipped: pd.DataFrame, facts: SweepFacts) -
     rows = []
     for ref in paper.TABLE2:
         hit = next((f for f in found if f.model == ref.model and f.gpu == ref.gpu), None) if exact else None
-        mine = cells[(cells["model"] == ref.model) & (cells["gpu"] == ref.gpu) & (cells["shards"] == (hit.gpus if hit else -1))]
+        at = (cells["model"] == ref.model) & (cells["gpu"] == ref.gpu) & (cells["shards"] == (hit.gpus if hit else -1))
+        mine = cells[at]
         hw = _hardware(tables.ok(mine), facts)
         setting = f"{tables.show('model', ref.model)}, max length {paper.TABLE2_MAX_GEN_LEN}"
         for quantity, published, ours in (("minimum GPUs", ref.gpus, hit.gpus if hit else None),
@@ -178,7 +193,7 @@ def utilization_rows(cells: pd.DataFrame, facts: SweepFacts) -> list[Comparison]
                                             ("avg SM util (%)", "sm_util_avg_pct", sm)):
                 ours = tables.mean_of(at, column) if not at.empty else None
                 rows.append(compare(artifact, quantity, f"65B, batch 64, {where}", (value, value),
-                                    paper.HARDWARE[gpu], _span([ours]), _hardware(at, facts)))
+                                    paper.HARDWARE[gpu], _span([ours]), _hardware(at, facts), _cap_note(at)))
     return rows
 
 
@@ -236,12 +251,13 @@ def finding_rows(cells: pd.DataFrame, facts: SweepFacts) -> list[Comparison]:
     rows = []
     for f in paper.FINDINGS:
         span, used = ours[f.key]
+        note = "" if f.key.startswith("cap") else _cap_note(used)  # the cap findings are about caps
         rows.append(compare("Finding", f"{f.claim} ({f.unit})", "as the paper states it", (f.low, f.high),
-                            f.hardware, span, _hardware(used, facts)))
+                            f.hardware, span, _hardware(used, facts), note))
     for cap, changes in paper.RELATED_CAPS.items():
         for quantity, value in changes.items():
             mine = _mean_cap(t3, quantity, cap) if t3_exact and cap in t3.caps else None
-            note = "" if mine is not None else f"no {cap:g} W cells in our Table III sweep"
+            note = "" if mine is not None else f"no {cap:g} W cells in our Table III"
             rows.append(compare(paper.RELATED_SOURCE, f"{quantity} change @{cap:g} W vs 250 W (%)",
                                 "their setup; ours: Table III mean over lengths", (value, value),
                                 paper.RELATED_HARDWARE, _span([mine]), _hardware(t3_cells, facts), note))
@@ -262,7 +278,8 @@ def energy_conventions(cells: pd.DataFrame) -> pd.DataFrame:
     frame["model"] = frame["model"].map(lambda m: tables.show("model", m))
     frame["paper / all GPUs"] = [b / a if not (tables.is_missing(a) or tables.is_missing(b)) and a else None
                                  for a, b in zip(frame["energy_j"], frame["energy_j_paper"], strict=True)]
-    return frame.rename(columns={"energy_j": "energy, all GPUs (J)", "energy_j_paper": "energy, rank-0 node x nodes (J)"})
+    names = {"energy_j": "energy, all GPUs (J)", "energy_j_paper": "energy, rank-0 node x nodes (J)"}
+    return frame.rename(columns=names)
 
 
 # -- the page -------------------------------------------------------------------------------------
@@ -333,9 +350,9 @@ def render(sweep: Path, out: Path, max_timelines: int | None = None) -> Report:
     return report
 
 
-def _page(sweep: Path, cells: pd.DataFrame, rendered_tables: list[tables.Table], rendered_figures: list[figures.Rendered],
-          figure_files: list[Path], timelines: list[Path], compared: pd.DataFrame, energy: pd.DataFrame,
-          report: Report) -> str:
+def _page(sweep: Path, cells: pd.DataFrame, rendered_tables: list[tables.Table],
+          rendered_figures: list[figures.Rendered], figure_files: list[Path], timelines: list[Path],
+          compared: pd.DataFrame, energy: pd.DataFrame, report: Report) -> str:
     counts = cells["status"].value_counts()
     status = ", ".join(f"{int(n)} {s}" for s, n in counts.items()) or "none"
     lines = [f"# The paper's tables and figures from `{sweep}`", "",
@@ -350,6 +367,8 @@ def _page(sweep: Path, cells: pd.DataFrame, rendered_tables: list[tables.Table],
               "The paper measured the rank-0 node (DCGM) and multiplied by the number of nodes; we measure every "
               "GPU. Figures and tables use every GPU summed.", ""]
     lines += [frame_markdown(energy) if not energy.empty else "No ok cells.\n"]
+    if not energy.empty and energy["energy, all GPUs (J)"].isna().all():
+        lines += ["No cell has an energy reading: the Notes above say why.", ""]
     lines += ["## Tables", ""]
     for table in rendered_tables:
         lines += [tables.to_markdown(table), f"Files: `tables/{table.name}.md`, `.csv`, `.tex`", ""]
@@ -369,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-timelines", type=int, default=None, help="draw at most this many cell timelines")
     args = parser.parse_args(argv)
     if not (args.sweep_dir / "cells").is_dir():
-        print(f"w2w-report: error: {args.sweep_dir} has no cells/ folder: give the sweep_dir of a run", file=sys.stderr)
+        print(f"w2w-report: error: {args.sweep_dir} has no cells/ folder: give the sweep_dir of a run",
+              file=sys.stderr)
         return 2
     out = args.out or args.sweep_dir / "results" / "paper"
     report = render(args.sweep_dir, out, args.max_timelines)

@@ -13,6 +13,8 @@ from w2w.analysis import paper
 
 from w2w.records import STATUS_OK, write_atomic
 
+STATUS_OOM = "oom"  # the runner's status for torch.OutOfMemoryError
+
 # The cells-table column behind each of Table III's quantities.
 TABLE3_COLUMNS = {"time": "total_s", "energy": "energy_j", "token_rate": "tokens_per_s"}
 TABLE3_LABELS = {"time": "time", "energy": "energy", "token_rate": "token rate"}
@@ -43,6 +45,7 @@ class Choice:
     cells: pd.DataFrame
     values: dict[str, Any]
     notes: list[str]
+    substituted: tuple[str, ...] = ()  # the keys whose paper value this sweep lacks
 
 
 def is_missing(value: Any) -> bool:
@@ -64,6 +67,7 @@ def _order(value: Any) -> tuple:
 
 def show(key: str, value: Any) -> str:
     """A setting as a reader reads it."""
+    value = _norm(value)
     if key == "power_cap_w":
         return "the GPU's own limit" if value is None else f"{value:g} W"
     if key == "model":
@@ -77,6 +81,7 @@ def choose(cells: pd.DataFrame, prefer: dict[str, Any], ranks: dict[str, tuple] 
     ranks = ranks or {}
     values: dict[str, Any] = {}
     notes: list[str] = []
+    substituted: list[str] = []
     for key, wanted in prefer.items():
         if cells.empty:
             break
@@ -86,9 +91,10 @@ def choose(cells: pd.DataFrame, prefer: dict[str, Any], ranks: dict[str, tuple] 
         if value not in available:
             value = _stand_in(present, available, value, ranks.get(key))
             notes.append(f"{key} = {show(key, value)}: the paper's {show(key, _norm(wanted))} is not in this sweep")
+            substituted.append(key)
         values[key] = value
         cells = cells[present == value] if value is not None else cells[present.isna()]
-    return Choice(cells, values, notes)
+    return Choice(cells, values, notes, tuple(substituted))
 
 
 def _stand_in(present: pd.Series, available: list, wanted: Any, siblings: tuple | None) -> Any:
@@ -105,12 +111,16 @@ def repeats_note(cells: pd.DataFrame, keys: list[str], what: str) -> list[str]:
     if cells.empty:
         return []
     sizes = cells.groupby(keys, dropna=False).size()
-    many = sizes[sizes > 1]
-    return [f"{what}: {int(n)} cells with the same settings ({', '.join(f'{k}={show(k, v)}' for k, v in zip(keys, idx if isinstance(idx, tuple) else (idx,), strict=True))}) averaged"
-            for idx, n in many.items()]
+    notes = []
+    for index, n in sizes[sizes > 1].items():
+        values = index if isinstance(index, tuple) else (index,)
+        setting = ", ".join(f"{k}={show(k, v)}" for k, v in zip(keys, values, strict=True))
+        notes.append(f"{what}: {int(n)} cells with the same settings ({setting}) averaged")
+    return notes
 
 
 def mean_of(cells: pd.DataFrame, column: str) -> float | None:
+    """The mean over cells, or None unless every cell has the value: never a mean of a subset."""
     values = [v for v in cells[column] if not is_missing(v)] if column in cells else []
     return math.fsum(values) / len(values) if values and len(values) == len(cells) else None
 
@@ -143,19 +153,22 @@ class Found:
 
 
 def table2_found(cells: pd.DataFrame, skipped: pd.DataFrame | None = None) -> tuple[list[Found], list[str]]:
-    """A batch ran on a shard count when every cell of it (each dataset, cap) has status ok."""
+    """A batch ran on a shard count when a cell of it is ok and none ran out of memory (a cell failing
+    for another reason, such as a refused power cap, says nothing about fit)."""
     tried = pd.concat([cells, skipped], ignore_index=True) if skipped is not None and not skipped.empty else cells
     if tried.empty:
         return [], ["no cells in this sweep"]
     choice = choose(tried, {"max_gen_len": paper.TABLE2_MAX_GEN_LEN, "precision": "fp16"})
-    found = [_found(choice.cells, model, gpu)
-             for model in model_order(choice.cells["model"]) for gpu in gpu_order(choice.cells.loc[choice.cells["model"] == model, "gpu"])]
+    chosen = choice.cells
+    pairs = [(m, g) for m in model_order(chosen["model"]) for g in gpu_order(chosen.loc[chosen["model"] == m, "gpu"])]
+    found = [_found(chosen, model, gpu) for model, gpu in pairs]
     return found, choice.notes
 
 
 def _found(cells: pd.DataFrame, model: str, gpu: str) -> Found:
     mine = cells[(cells["model"] == model) & (cells["gpu"] == gpu)]
-    ran = mine.groupby(["shards", "batch_size"])["status"].agg(lambda s: bool((s == STATUS_OK).all()))
+    ran = mine.groupby(["shards", "batch_size"])["status"].agg(
+        lambda s: bool((s == STATUS_OK).any() and not (s == STATUS_OOM).any()))
     ran_shards = sorted({int(s) for (s, _), good in ran.items() if good})
     label = f"{show('model', model)} on {gpu}"
     if not ran_shards:
@@ -197,8 +210,8 @@ def table2(cells: pd.DataFrame, skipped: pd.DataFrame | None = None) -> Table:
     title = (f"Table II: minimum GPUs and the largest batch that ran, max length {paper.TABLE2_MAX_GEN_LEN} "
              "(skipped: rejected by the planner's memory-fit estimate, never run)")
     notes = notes + [n for f in found for n in f.notes]
-    return Table("table2", title, pd.DataFrame(rows, columns=["model"] + [f"{g.upper()} {c}" for g in gpus for c in ("GPUs", "max batch")]),
-                 notes, fmt="{:g}")
+    columns = ["model"] + [f"{g.upper()} {c}" for g in gpus for c in ("GPUs", "max batch")]
+    return Table("table2", title, pd.DataFrame(rows, columns=columns), notes, fmt="{:g}")
 
 
 # -- Table III ------------------------------------------------------------------------------------
@@ -226,7 +239,8 @@ def table3_values(cells: pd.DataFrame) -> Table3:
     choice = choose(capped, paper.TABLE3_SETUP | {"precision": "fp16"})
     found = {_norm(c) for c in choice.cells["power_cap_w"]}
     base = _norm(paper.TABLE3_BASE_W)
-    caps = tuple(float(c) for c in sorted(found - {base}, reverse=True))
+    # The paper's caps lay the table out where the sweep has none.
+    caps = tuple(float(c) for c in sorted(found - {base}, reverse=True)) or paper.TABLE3_CAPS_W
     notes = list(choice.notes)
     if choice.cells.empty:
         notes.append("no power-capped cell ran in this sweep (run the paper_table3 preset)")
@@ -240,7 +254,8 @@ def table3_values(cells: pd.DataFrame) -> Table3:
         for quantity, column in TABLE3_COLUMNS.items():
             reference = mean_of(at[base], column) if base in at else None
             for cap in caps:
-                row[(quantity, cap)] = percent_change(mean_of(at[_norm(cap)], column), reference) if _norm(cap) in at else None
+                capped_value = mean_of(at[_norm(cap)], column) if _norm(cap) in at else None
+                row[(quantity, cap)] = percent_change(capped_value, reference)
         values[int(length)] = row
         if base in at and any(v is None for v in row.values()):
             notes.append(f"max length {int(length)}: some caps lack a cell or an energy reading: left empty")
@@ -249,8 +264,9 @@ def table3_values(cells: pd.DataFrame) -> Table3:
 
 def table3(cells: pd.DataFrame) -> Table:
     t3 = table3_values(cells)
-    columns = [f"{TABLE3_LABELS[q]} @{cap:g}W" for q in paper.TABLE3_QUANTITIES for cap in t3.caps]
-    rows = [{"max len": length} | {f"{TABLE3_LABELS[q]} @{cap:g}W": row[(q, cap)] for q in paper.TABLE3_QUANTITIES for cap in t3.caps}
+    keys = [(q, cap) for q in paper.TABLE3_QUANTITIES for cap in t3.caps]
+    columns = [f"{TABLE3_LABELS[q]} @{cap:g}W" for q, cap in keys]
+    rows = [{"max len": length} | {c: row[k] for c, k in zip(columns, keys, strict=True)}
             for length, row in sorted(t3.values.items())]
     setup = ", ".join(f"{k}={show(k, v)}" for k, v in t3.choice.values.items()) or "no capped cells"
     title = f"Table III: % change relative to the {paper.TABLE3_BASE_W:g} W cap ({setup}; energy: all GPUs summed)"
@@ -266,7 +282,8 @@ def utilization(cells: pd.DataFrame, prefer: dict[str, Any], axis: str) -> tuple
     notes = list(choice.notes) + repeats_note(choice.cells, [axis], "utilization")
     rows = []
     for value, group in choice.cells.groupby(axis):
-        rows.append({axis: int(value)} | {label: mean_of(group, column) for column, label in UTILIZATION_COLUMNS.items()})
+        measured = {label: mean_of(group, column) for column, label in UTILIZATION_COLUMNS.items()}
+        rows.append({axis: int(value)} | measured)
     frame = pd.DataFrame(rows, columns=[axis, *UTILIZATION_COLUMNS.values()])
     if choice.cells.empty:
         notes.append("no cell of this sweep matches")

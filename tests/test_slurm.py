@@ -74,7 +74,7 @@ def _sacct_state(job_id: str) -> str:
 
 
 # A quick first cell, then cells of several seconds: a signal lands while they are still to run.
-SLOW_CELLS = [*BASE, "shards=1", "batch_size=16,2,1", "max_gen_len=64", "dataset.num_prompts=320"]
+SLOW_CELLS = [*BASE, "shards=1", "batch_size=16,2,1", "max_gen_len=48", "dataset.num_prompts=96"]
 
 
 def test_resume_after_scancel_runs_only_missing_cells(tmp_path):

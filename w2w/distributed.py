@@ -49,12 +49,12 @@ def _export_from_launcher() -> None:
     from submitit import JobEnvironment
     from submitit.helpers import TorchDistributedEnvironment
 
-    job = JobEnvironment()
-    if job.num_tasks == 1:
-        os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    else:
-        os.environ.setdefault("MASTER_PORT", str(_job_port(str(job.job_id))))
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    env = TorchDistributedEnvironment()
+    if env.world_size == 1:
+        env.master_addr, env.master_port = "127.0.0.1", _free_port()
+    elif "MASTER_PORT" not in os.environ:
+        env.master_port = _job_port(str(JobEnvironment().job_id))
+    env.export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def init(device_type: str, timeout_s: int) -> DistInfo:
@@ -63,13 +63,17 @@ def init(device_type: str, timeout_s: int) -> DistInfo:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if world == 1 and "MASTER_ADDR" not in os.environ:
-        os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
+    # Alone, without a launcher: a private rendezvous (the environment stays untouched, so
+    # processes started from here do not inherit a port that this one holds).
+    alone = world == 1 and "MASTER_ADDR" not in os.environ
     device = _device(device_type, local_rank)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend,
+            init_method=f"tcp://127.0.0.1:{_free_port()}" if alone else "env://",
+            rank=rank,
+            world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if device.type == "cuda" else None,
         )
