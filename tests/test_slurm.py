@@ -73,6 +73,10 @@ def _sacct_state(job_id: str) -> str:
     return out.stdout.strip()
 
 
+def _scontrol_job(job_id: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+
+
 # A quick first cell, then cells of several seconds: a signal lands while they are still to run.
 SLOW_CELLS = [*BASE, "shards=1", "batch_size=16,2,1", "max_gen_len=48", "dataset.num_prompts=96"]
 
@@ -106,7 +110,7 @@ def test_preempted_job_requeues_and_continues_at_the_first_unfinished_cell(tmp_p
     _wait_for(lambda: len(list(sweep.glob("cells/*/rank-*.json"))) >= 1, 180, "the first cell", job_id)
     # What SLURM sends before preemption or the time limit: submitit checkpoints and requeues.
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # the steps, as SLURM does
-    _wait_for(lambda: _sacct_state(job_id) == "PENDING", 60, "the requeue")
+    _wait_for(lambda: "Reason=BeginTime" in _scontrol_job(job_id), 60, "the requeue")
     done = _records_now(sweep)
     # SLURM holds a requeued job for two minutes; an admin may release it at once.
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
