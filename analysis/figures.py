@@ -185,6 +185,34 @@ def shards_figure(cells: pd.DataFrame, name: str) -> Rendered:
     return Rendered(name, title, fig, notes)
 
 
+def overview_figure(cells: pd.DataFrame) -> Rendered:
+    """Any sweep at a glance: each of the six metrics against batch size, a line per other setting."""
+    done = ok(cells)
+    fig, axes = _new(2, 3, width=3.6, height=2.6)
+    keys = [k for k in ("model", "gpu", "dataset", "shards", "max_gen_len", "power_cap_w") if done[k].nunique() > 1]
+    for ax, metric in zip(axes.flat, NAMES, strict=True):
+        drawn = False
+        for label, group in (done.groupby(keys, dropna=False) if keys else [("all cells", done)]):
+            points = group.dropna(subset=[metric]).sort_values("batch_size")
+            if points.empty:
+                continue
+            name = ", ".join(f"{k}={v}" for k, v in zip(keys, np.atleast_1d(label), strict=True)) or "all cells"
+            ax.plot(points["batch_size"], points[metric], marker="o", label=name)
+            drawn = True
+        if drawn:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size", fontsize=8)
+            ax.set_ylabel(axis_label(metric), fontsize=8)
+            ax.grid(alpha=0.3)
+        else:
+            _empty(ax, _no_data_reason(done, metric))
+        ax.set_title(NAMES[metric], fontsize=9)
+    title = f"{len(done)} ok cell(s): the six metrics by batch size"
+    _title(fig, title)
+    _legend(fig, axes, "cells")
+    return Rendered("metrics", title, fig)
+
+
 def all_figures(cells: pd.DataFrame) -> list[Rendered]:
     return [
         throughput_figure(cells, "fig2", FIG2_METRICS, "throughput"),

@@ -323,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(table, TABLE_COLUMNS), end="")
     for note in summary_notes(table):
         print(note)
+    if (table["status"] == STATUS_OK).any():
+        from w2w.analysis.figures import overview_figure, save
+
+        print(f"figure: {save(overview_figure(table), out)}")
     print(f"{len(table)} cells ({(table['status'] == STATUS_OK).sum()} ok); results in {out}/")
     for cell in args.plot_timeline:
         try:

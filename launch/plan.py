@@ -76,7 +76,8 @@ class Job:
         return (
             f"job {self.key}: model={c.model.name} gpu={c.gpu.name} shards={c.shards} "
             f"precision={c.precision} -> {self.nodes} node(s) x {self.tasks_per_node} task(s), "
-            f"{len(self.cells)} cell(s), peak est. {max(x.memory.total_gib for x in self.cells):.1f} GiB/GPU"
+            f"{len(self.cells)} cell(s)"
+            + (f", peak est. {max(x.memory.total_gib for x in self.cells):.1f} GiB/GPU" if c.gpu.device == "cuda" else "")
         )
 
 

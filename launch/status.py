@@ -100,7 +100,7 @@ def cell_state(sweep_dir: Path, cid: str, cell: dict, job: JobState | None) -> t
     if failed:
         return "failed", "; ".join(f"rank {r['rank']}: {r['status']}: {r.get('error', '')}" for r in failed)
     if len(records) == cell["world_size"]:
-        return "done", ""
+        return "done", "on " + ",".join(sorted({str(r.get("node")) for r in records}))
     if job is None or job.state == "NOT_SUBMITTED":
         return "pending", "not submitted"
     if job.active:

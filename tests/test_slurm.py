@@ -37,7 +37,17 @@ def test_sweep_crosses_both_nodes(tmp_path):
     assert all(r["status"] == "ok" and r["job_id"] for r in two)
     status = cli("w2w.launch.status", str(sweep)).stdout
     print(status)
-    assert "2 cells: 2 done" in status and "COMPLETED" in status
+    assert "2 cells: 2 done" in status and "COMPLETED" in status and "on n1,n2" in status
+
+
+def test_placements_with_the_same_sbatch_parameters_form_one_job_array(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = cli("w2w.launch.sweep", "--wait", "--poll", "1", *BASE, "shards=1", "precision=fp32,bf16", "batch_size=2",
+              "max_gen_len=4", "dataset.num_prompts=2", f"sweep_dir={sweep}").stdout
+    ids = [s["job_id"] for j in json.loads((sweep / "manifest.json").read_text())["jobs"].values()
+           for s in j["submissions"]]
+    assert len(ids) == 2 and {i.split("_")[0] for i in ids} == {ids[0].split("_")[0]}  # ARRAYID_0, ARRAYID_1
+    assert "2 cells: 2 done" in out
 
 
 def _wait_for(predicate, timeout: float, what: str, job_id: str | None = None) -> None:

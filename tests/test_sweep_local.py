@@ -35,6 +35,7 @@ def test_local_sweep_then_reduce(tmp_path):
             assert values[name] == ""  # no meter on a CPU: empty, never a number
     assert "energy columns empty: no GPU" in table
     assert (sweep / "results" / "cells.csv").is_file()
+    assert (sweep / "results" / "metrics.png").stat().st_size > 10_000
 
     again = cli("w2w.launch.sweep", *GRID, f"sweep_dir={sweep}").stdout
     assert "all cells done" in again and "submitted " not in again
