@@ -192,11 +192,12 @@ def overview_figure(cells: pd.DataFrame) -> Rendered:
     keys = [k for k in ("model", "gpu", "dataset", "shards", "max_gen_len", "power_cap_w") if done[k].nunique() > 1]
     for ax, metric in zip(axes.flat, NAMES, strict=True):
         drawn = False
-        for label, group in (done.groupby(keys, dropna=False) if keys else [("all cells", done)]):
+        for label, group in (done.groupby(keys, dropna=False) if keys else [((), done)]):
             points = group.dropna(subset=[metric]).sort_values("batch_size")
             if points.empty:
                 continue
-            name = ", ".join(f"{k}={v}" for k, v in zip(keys, np.atleast_1d(label), strict=True)) or "all cells"
+            values = label if isinstance(label, tuple) else (label,)
+            name = ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True)) or "all cells"
             ax.plot(points["batch_size"], points[metric], marker="o", label=name)
             drawn = True
         if drawn:

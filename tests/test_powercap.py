@@ -101,3 +101,44 @@ def test_site_command_failure_is_reported():
     missing = mock.create_autospec(subprocess.run, side_effect=FileNotFoundError(2, "No such file", "gpu-cap"))
     with pytest.raises(PowerCapError, match="No such file"):
         capper_for(FakeGpu(), missing).apply(175.0, "gpu-cap {watts}")
+
+
+class _Capper:
+    def __init__(self, capped: bool):
+        self.capped = capped
+        self.restored = 0
+        self.original_w = 250.0
+
+    def restore(self) -> None:
+        self.restored += 1
+
+
+def test_sigterm_while_capped_restores_the_limit_and_stops():
+    import os
+    import signal
+
+    from w2w.runner import restore_cap_on_sigterm
+
+    capper = _Capper(capped=True)
+    with pytest.raises(SystemExit, match="power limit was restored"), restore_cap_on_sigterm(capper):
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.sigtimedwait([], 0)  # let the handler run before leaving the block
+    assert capper.restored == 1
+
+
+def test_sigterm_without_a_cap_goes_to_the_previous_handler():
+    import os
+    import signal
+
+    from w2w.runner import restore_cap_on_sigterm
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        capper = _Capper(capped=False)
+        with restore_cap_on_sigterm(capper):
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0)
+        assert seen == [signal.SIGTERM] and capper.restored == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -48,6 +48,7 @@ class GpuConfig:
     name: str = MISSING
     device: str = "cuda"  # torch device type: cuda or cpu
     memory_gib: float = 0.0  # per GPU, for the fit check; 0 = unknown, no check
+    bf16: bool = True  # native bf16 arithmetic (Ampere and newer)
     tdp_w: float | None = None
 
 
@@ -252,6 +253,10 @@ def validate(cfg: DictConfig) -> None:
         f"model.max_seq_len={m.max_seq_len}: lower max_gen_len or raise model.max_seq_len",
     )
     _check(cfg.precision in PRECISIONS, f"precision={cfg.precision}: valid are {', '.join(PRECISIONS)}")
+    _check(
+        cfg.precision != "bf16" or cfg.gpu.bf16,
+        f"precision=bf16 but gpu={cfg.gpu.name} has no bf16 arithmetic: use precision=fp16",
+    )
     _check(
         cfg.energy.backend in ENERGY_BACKENDS,
         f"energy.backend={cfg.energy.backend}: valid are {', '.join(ENERGY_BACKENDS)}",

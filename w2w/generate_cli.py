@@ -11,7 +11,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 from omegaconf import DictConfig
 
-from w2w import checkpoint, distributed
+from w2w import distributed
 from w2w.config import ConfigError, compose_cell, expand_overrides
 from w2w.generation import SamplingParams, generate
 from w2w.runner import load_model, setup_logging
@@ -49,7 +49,6 @@ def complete(cfg: DictConfig, prompt: str) -> tuple[str, int]:
     info = distributed.init(cfg.gpu.device, cfg.dist_timeout_s)
     with contextlib.redirect_stdout(sys.stderr):  # FairScale prints its set-up; stdout is the completion's
         distributed.init_model_parallel(cfg.shards, info.world_size)
-    checkpoint.check_precision(cfg.precision, info.device)
     start = time.perf_counter()
     model, tokenizer = load_model(cfg, info)
     log.info("model %s loaded at %d shard(s) in %.2f s", cfg.model.name, cfg.shards, time.perf_counter() - start)

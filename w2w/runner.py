@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -86,6 +89,7 @@ class PhaseEnergy:
 
 def load_model(cfg: DictConfig, info: distributed.DistInfo) -> tuple[Transformer, Tokenizer]:
     """Tokenizer and this rank's model shard; checks they agree before any device memory is used."""
+    checkpoint.check_precision(cfg.precision, info.device)
     tokenizer = Tokenizer(checkpoint.tokenizer_path(cfg.model))
     args = checkpoint.model_args(cfg.model)
     if tokenizer.vocab_size != args.vocab_size:
@@ -306,6 +310,30 @@ def _restore_power_cap(capper: PowerCapper) -> None:
                   capper.original_w, exc)
 
 
+@contextlib.contextmanager
+def restore_cap_on_sigterm(capper: PowerCapper):
+    """scancel sends SIGTERM, then SIGKILL; submitit ignores SIGTERM, so a capped GPU would
+    outlive the job. While a cap is in force: restore it and stop at once. Otherwise the
+    previous handler (submitit's) decides, as before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        if capper.capped:
+            _restore_power_cap(capper)
+            raise SystemExit("SIGTERM: the job was cancelled; the GPU's original power limit was restored")
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_cells(cells: list[DictConfig]) -> list[str]:
     """Run the cells of one placement on this rank; returns the status of each cell."""
     keys = {placement_key(c) for c in cells}
@@ -320,34 +348,49 @@ def run_cells(cells: list[DictConfig]) -> list[str]:
     distributed.init_model_parallel(first.shards, info.world_size)
     monitor = _open_monitor(first, info)
     capper = PowerCapper(monitor.meter, monitor.reason)
+    with restore_cap_on_sigterm(capper):
+        return _run_loaded(cells, info, monitor, capper, prompt_sets)
+
+
+def _measure_cell(
+    cfg: DictConfig, cid: str, texts: list[str], loaded: tuple[Transformer, Tokenizer, dict],
+    info: distributed.DistInfo, monitor: EnergyMonitor, capper: PowerCapper,
+) -> tuple[dict, int]:
+    """One cell on this rank: its full record, and its outcome for the agreement between ranks."""
+    model, tokenizer, job_energy = loaded
+    record = _identity(cfg, cid, info)
+    outcome = distributed.CELL_OK
     try:
-        model, tokenizer, job_energy = _load_measured(first, info, monitor)
-        statuses = []
+        _apply_power_cap(capper, cfg)
+        timeline = timeline_path(cfg.sweep_dir, cid, info.rank)
+        record |= {"status": STATUS_OK} | run_cell(cfg, texts, model, tokenizer, monitor, timeline=timeline, rank=info.rank)
+    except Exception as exc:  # the sweep goes on; the record says what happened
+        record |= _failure(exc)
+        outcome = distributed.GROUP_BROKEN if distributed.is_collective_error(exc) else distributed.CELL_FAILED
+        monitor.abandon_windows()  # a cell that raised left its windows open
+    record["energy"] = job_energy | record.get("energy", {})
+    record["gpu"] = monitor.gpu_record()
+    record["power_cap"] = capper.state(cfg.power_cap_w)
+    record["end_unix_s"] = time.time()
+    return record, outcome
+
+
+def _run_loaded(
+    cells: list[DictConfig], info: distributed.DistInfo, monitor: EnergyMonitor, capper: PowerCapper,
+    prompt_sets: dict[str, list[str]],
+) -> list[str]:
+    statuses = []
+    try:
+        loaded = _load_measured(cells[0], info, monitor)
         for index, cfg in enumerate(cells):
             cid = cell_id(cfg)
             if distributed.broadcast_flag(cell_done(cfg.sweep_dir, cid, info.world_size)):
                 log.info("cell %d/%d %s: done already, skipped", index + 1, len(cells), cid)
                 statuses.append("skipped")
                 continue
-            record = _identity(cfg, cid, info)
-            outcome = distributed.CELL_OK
-            try:
-                _apply_power_cap(capper, cfg)
-                timeline = timeline_path(cfg.sweep_dir, cid, info.rank)
-                texts = prompt_sets[_dataset_key(cfg)]
-                record |= {"status": STATUS_OK} | run_cell(
-                    cfg, texts, model, tokenizer, monitor, timeline=timeline, rank=info.rank
-                )
-            except Exception as exc:  # the sweep goes on; the record says what happened
-                record |= _failure(exc)
-                outcome = distributed.GROUP_BROKEN if distributed.is_collective_error(exc) else distributed.CELL_FAILED
-                monitor.abandon_windows()  # a cell that raised left its windows open
+            record, outcome = _measure_cell(cfg, cid, prompt_sets[_dataset_key(cfg)], loaded, info, monitor, capper)
             if record["status"] != STATUS_OK:
                 log.error("cell %s failed: %s", cid, record["error"])
-            record["energy"] = job_energy | record.get("energy", {})
-            record["gpu"] = monitor.gpu_record()
-            record["power_cap"] = capper.state(cfg.power_cap_w)
-            record["end_unix_s"] = time.time()
             write_json(record_path(cfg.sweep_dir, cid, info.rank), record)
             statuses.append(record["status"])
             log.info("cell %d/%d %s: %s", index + 1, len(cells), cid, record["status"])

@@ -59,6 +59,11 @@ class PowerCapper:
         self._changed = True
         self._verify(watts)
 
+    @property
+    def capped(self) -> bool:
+        """A cap of ours is (or may be) in force."""
+        return self._changed
+
     def restore(self) -> None:
         """Back to the limit found before the first cap (raises PowerCapError where that fails)."""
         if not self._changed or self.original_w is None:
