@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig
 
 from w2w.config import ConfigError, cell_id, compose_grid, placement_key
+from w2w.data import check_local_path
 from w2w.model import DTYPES
 from w2w.records import cell_done
 
@@ -126,6 +127,7 @@ def make_plan(overrides: list[str]) -> Plan:
     skipped: list[Cell] = []
     for cfg in compose_grid(overrides):
         placement(cfg)
+        check_local_path(cfg.dataset)  # a missing prompt file is known before anything is submitted
         memory = estimate_memory(cfg)
         cell = Cell(cfg, cell_id(cfg), memory, _fit_reason(cfg, memory))
         if cell.skip_reason:

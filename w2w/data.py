@@ -42,6 +42,20 @@ def synthetic_prompts(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 30))) for _ in range(n)]
 
 
+def check_local_path(cfg: DictConfig) -> Path | None:
+    """The local prompt file named by dataset.path (None for a hub name); checked on the login node too."""
+    if cfg.path is None:
+        return None
+    local = Path(cfg.path)
+    if local.suffix not in (".json", ".jsonl") and not local.exists():
+        return None
+    if not local.is_file():
+        raise ConfigError(f"dataset.path={cfg.path}: no such file; give a local .json/.jsonl or a hub name")
+    if local.stat().st_size == 0:
+        raise ConfigError(f"dataset.path={cfg.path}: the file is empty")
+    return local
+
+
 def _load_rows(cfg: DictConfig):
     import datasets
 
@@ -49,12 +63,8 @@ def _load_rows(cfg: DictConfig):
     path = cfg.path
     if path is None:
         raise ConfigError(f"dataset.path is empty for dataset {cfg.name}: give a hub name or a local .json/.jsonl")
-    local = Path(path)
-    if local.suffix in (".json", ".jsonl") or local.exists():
-        if not local.is_file():
-            raise ConfigError(f"dataset.path={path}: no such file; give a local .json/.jsonl or a hub name")
-        if local.stat().st_size == 0:
-            raise ConfigError(f"dataset.path={path}: the file is empty")
+    local = check_local_path(cfg)
+    if local is not None:
         return datasets.load_dataset("json", data_files=str(local), split="train")
     return datasets.load_dataset(path, HUB_SUBSETS.get(cfg.name), split=cfg.split)
 
