@@ -50,9 +50,10 @@ def _local_state(job_id: str, folder: str, tasks: int) -> JobState:
     return JobState("FINISHED" if stat.rsplit(")", 1)[1].split()[0] == "Z" else "RUNNING")
 
 
-def _job_error(folder: str, job_id: str) -> str:
-    """Why a finished job's first task failed: its exception (submitit's result pickle), else
-    the last line of its stderr (a failure before Python started, such as a setup line)."""
+def _job_error(folder: str, job_id: str, state: str) -> str:
+    """Why a finished job's first task failed: its exception (submitit's result pickle), else, for
+    a job that failed by itself, the last line of its stderr (a failure before Python started,
+    such as a setup line). A cancelled or timed-out job needs no more than its state."""
     from submitit.core.utils import pickle_load
 
     result, log = Path(folder) / f"{job_id}_0_result.pkl", Path(folder) / f"{job_id}_0_log.err"
@@ -62,8 +63,10 @@ def _job_error(folder: str, job_id: str) -> str:
         except Exception:
             return ""
         text = str(value) if outcome == "error" else ""
-    else:
+    elif state in ("FAILED", "NODE_FAIL", "FINISHED"):
         text = log.read_text(errors="replace") if log.is_file() else ""
+    else:
+        text = ""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
@@ -77,7 +80,7 @@ def job_state(entry: dict) -> JobState:
     else:
         state = _local_state(last["job_id"], last["folder"], entry["nodes"] * entry["tasks_per_node"])
     if not state.active:
-        error = _job_error(last["folder"], last["job_id"])
+        error = _job_error(last["folder"], last["job_id"], state.state)
         if error:
             state = JobState("FAILED" if state.state in ("COMPLETED", "FINISHED") else state.state,
                              ", ".join(x for x in (state.reason, error) if x))
