@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 SWEEP ?= runs/demo
 DEMO_GRID ?= shards=2 precision=fp32 batch_size=4,8 max_gen_len=16,32 dataset.num_prompts=16
 PYTEST_ARGS ?=
+CONSTRAINTS ?= constraints-cpu.txt
+VENV_FLAGS ?=
+GPU_VENV ?= .venv-gpu
 
 .PHONY: install demo test lint bench bench-decode bench-reduce gpu-check slurm-up slurm-down slurm-status tiny-tokenizer clean
 
@@ -14,8 +17,8 @@ install: $(STAMP)
 # The CPU build of torch that lies on disk (constraints-cpu.txt); a plain `pip install -e .`
 # on a cluster keeps the site's CUDA torch instead.
 $(STAMP): pyproject.toml constraints-cpu.txt
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e '.[dev]'
+	test -x $(PY) || python3 -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[dev]'
 	touch $(STAMP)
 
 demo: install
@@ -40,8 +43,10 @@ bench-decode: install
 bench-reduce: install
 	$(PY) -m benchmarks.reduce_scale
 
-gpu-check: install
-	$(PY) -m w2w.gpu_check
+# A venv of its own that sees the machine's CUDA torch (the CPU pin would hide the GPU).
+gpu-check:
+	$(MAKE) install VENV=$(GPU_VENV) CONSTRAINTS= VENV_FLAGS=--system-site-packages
+	$(GPU_VENV)/bin/python -m w2w.gpu_check
 
 slurm-up:
 	bash launch/slurm_local.sh up
