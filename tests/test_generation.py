@@ -32,16 +32,15 @@ def test_padding_does_not_change_greedy_output(model):
 
 
 def test_eos_ends_each_sequence_and_the_batch_stops_early(model):
-    params = SamplingParams(max_gen_len=40, greedy=True, force_max_gen_len=True)
-    forced = generate(model, PROMPTS, params, eos_id=2, pad_id=0).tokens
-    # Pick as EOS the token each row emits at some step, then run without forcing.
-    eos = forced[0][3]
+    forced = generate(model, PROMPTS, SamplingParams(max_gen_len=40, greedy=True, force_max_gen_len=True), 2, 0).tokens
+    eos = forced[0][1]  # the second token of the first row, absent from the second row
+    assert eos not in forced[1]
     result = generate(model, PROMPTS, SamplingParams(max_gen_len=40, greedy=True), eos_id=eos, pad_id=0)
     for row, full in zip(result.tokens, forced, strict=True):
-        expected = full[: full.index(eos)] if eos in full else full
-        assert row == expected
-    if all(eos in row for row in forced):
-        assert result.decode_steps < 39
+        assert row == (full[: full.index(eos)] if eos in full else full)
+    assert result.decode_steps == 39  # one row never ends: the batch runs to max_gen_len
+    alone = generate(model, [PROMPTS[0]], SamplingParams(max_gen_len=40, greedy=True), eos_id=eos, pad_id=0)
+    assert alone.tokens == [forced[0][:1]] and alone.decode_steps == 1  # every row ended: stop at once
 
 
 def test_sampling_is_seeded(model):
