@@ -31,7 +31,7 @@ def test_cell_id_is_stable_and_ignores_where_results_go():
         (["model=llama_3b"], ["unknown model 'llama_3b'", "llama_65b", "tiny"]),
         (["dataset=pile"], ["unknown dataset 'pile'", "alpaca", "gsm8k", "synthetic"]),
         (["cluster=summit"], ["unknown cluster 'summit'", "local_slurm", "supercloud"]),
-        (["batchsize=4"], ["batchsize", "valid keys", "batch_size", "max_gen_len"]),
+        (["batchsize=4"], ["unknown key 'batchsize'", "valid keys are", "batch_size", "cluster.additional_parameters"]),
         (["shards=3"], ["shards=3", "4 heads", "choose shards from [1, 2, 4]"]),
         (["batch_size=0"], ["batch_size=0", ">= 1"]),
         (["precision=int8"], ["precision=int8", "fp32, fp16, bf16"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,7 @@ def _valid_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     keys = []
     for key, value in cfg.items():
         name = f"{prefix}{key}"
-        if isinstance(value, DictConfig):
+        if isinstance(value, DictConfig) and len(value):
             keys.extend(_valid_keys(value, name + "."))
         else:
             keys.append(name)
@@ -225,8 +226,9 @@ def _missing_option_message(exc: MissingConfigException, overrides: list[str]) -
 
 def _composition_message(exc: ConfigCompositionException) -> str:
     text = str(exc.__cause__ or exc)
-    if "not in struct" in text or "Could not override" in text or "Key '" in text:
-        return f"{exc}\nvalid keys: {', '.join(_valid_keys(_compose([])))}"
+    match = re.search(r"Could not override '([^']+)'", str(exc))
+    if match and ("not in struct" in text or "Key '" in text):
+        return f"unknown key '{match.group(1)}': valid keys are {', '.join(_valid_keys(_compose([])))}"
     return str(exc)
 
 
