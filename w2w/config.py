@@ -134,7 +134,7 @@ def register_configs() -> None:
 # The keys that decide which job (and model load) a cell belongs to.
 PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
 # Result-neutral keys left out of the cell id, so moving a sweep does not redo its cells.
-_ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid")
+_ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command")
 
 
 def group_options(group: str) -> list[str]:
