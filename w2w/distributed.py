@@ -87,6 +87,9 @@ def init(device_type: str, timeout_s: int) -> DistInfo:
 
 def _device(device_type: str, local_rank: int) -> torch.device:
     if device_type == "cpu":
+        # Ranks on one node share its cores: oversubscribed threads spin against each other.
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks_here))
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("gpu profile asks for CUDA but no GPU is visible: set gpu=cpu or run on a GPU node")
