@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from w2w.checkpoint import model_args
 from w2w.config import ConfigError, cell_id, compose_grid, placement_key
 from w2w.data import check_local_path
-from w2w.model import DTYPES
+from w2w.model import DTYPES, ModelArgs
 from w2w.records import cell_done
 
 GIB = 1024**3
@@ -29,11 +31,8 @@ class MemoryEstimate:
         return (self.weights_gib + self.kv_cache_gib) * MEMORY_OVERHEAD + CONTEXT_GIB
 
 
-def estimate_memory(cfg: DictConfig) -> MemoryEstimate:
-    """From the shapes alone: the login node has no checkpoint to look at."""
-    from w2w.checkpoint import model_args
-
-    args = model_args(cfg.model)
+def estimate_memory(cfg: DictConfig, args: ModelArgs) -> MemoryEstimate:
+    """From the shapes alone; nothing is loaded on the login node."""
     width = DTYPES[cfg.precision].itemsize
     weights = args.num_params() * width / cfg.shards
     tokens = cfg.batch_size * (cfg.dataset.max_prompt_tokens + cfg.max_gen_len)
@@ -125,10 +124,14 @@ def make_plan(overrides: list[str]) -> Plan:
     """Every cell of the grid, validated; cells of one placement share a job."""
     groups: dict[str, list[Cell]] = {}
     skipped: list[Cell] = []
+    shapes: dict[str, ModelArgs] = {}  # a checkpoint's header is read once per model, not per cell
     for cfg in compose_grid(overrides):
         placement(cfg)
         check_local_path(cfg.dataset)  # a missing prompt file is known before anything is submitted
-        memory = estimate_memory(cfg)
+        key = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True)
+        if key not in shapes:
+            shapes[key] = model_args(cfg.model)
+        memory = estimate_memory(cfg, shapes[key])
         cell = Cell(cfg, cell_id(cfg), memory, _fit_reason(cfg, memory))
         if cell.skip_reason:
             if not cfg.skip_unfit:

@@ -114,6 +114,7 @@ def cell_state(sweep_dir: Path, cid: str, cell: dict, job: JobState | None) -> t
 
 @dataclass
 class SweepStatus:
+    manifest: dict
     jobs: dict[str, JobState]
     cells: dict[str, tuple[str, str]]
 
@@ -130,7 +131,7 @@ def sweep_status(sweep_dir: Path) -> SweepStatus:
     manifest = load_manifest(sweep_dir)
     jobs = {key: job_state(entry) for key, entry in manifest["jobs"].items()}
     cells = {cid: cell_state(sweep_dir, cid, cell, jobs.get(cell["job"])) for cid, cell in manifest["cells"].items()}
-    return SweepStatus(jobs, cells)
+    return SweepStatus(manifest, jobs, cells)
 
 
 def _params(cell: dict) -> str:
@@ -140,7 +141,7 @@ def _params(cell: dict) -> str:
 
 
 def render(sweep_dir: Path, status: SweepStatus) -> str:
-    manifest = load_manifest(sweep_dir)
+    manifest = status.manifest
     lines = [f"sweep {sweep_dir}: {status.summary()}"]
     for key, entry in manifest["jobs"].items():
         state = status.jobs[key]

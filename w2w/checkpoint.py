@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import json
 import logging
+import math
 import mmap
 import os
 import pickle
@@ -20,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from w2w import hf
-from w2w.config import ConfigError, divisors, math_gcd
+from w2w.config import ConfigError, divisors
 from w2w.model import DTYPES, ModelArgs, parameter_shapes, random_state_dict, shard_dim
 from w2w.tokenizer import TINY_TOKENIZER
 
@@ -138,7 +139,7 @@ def check_world(args: ModelArgs, world: int, where: Path, option: str = "shards"
     if bad:
         gcd = 0
         for value in sizes.values():
-            gcd = math_gcd(gcd, value)
+            gcd = math.gcd(gcd, value)
         raise ConfigError(
             f"{option}={world} does not divide {', '.join(bad)} of {where}: choose {option} from {divisors(gcd)}"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,7 +246,7 @@ def validate(cfg: DictConfig) -> None:
     _check(
         m.n_heads % cfg.shards == 0 and n_kv % cfg.shards == 0,
         f"shards={cfg.shards} does not divide model {m.name}'s {m.n_heads} heads / {n_kv} KV heads: "
-        f"choose shards from {divisors(math_gcd(m.n_heads, n_kv))}",
+        f"choose shards from {divisors(math.gcd(m.n_heads, n_kv))}",
     )
     _check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1")
     _check(cfg.max_gen_len >= 1, f"max_gen_len={cfg.max_gen_len}: must be >= 1")
@@ -302,12 +303,6 @@ def validate(cfg: DictConfig) -> None:
         cfg.power_cap_w is None or cfg.gpu.device == "cuda",
         f"power_cap_w={cfg.power_cap_w} needs a GPU: set gpu= to a GPU profile or drop power_cap_w",
     )
-
-
-def math_gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def divisors(n: int) -> list[int]:
