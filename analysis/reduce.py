@@ -16,7 +16,8 @@ from w2w.analysis.metrics import METRIC_NAMES, CellTotals, compute
 
 from w2w.records import STATUS_OK, RecordError, read_record, write_atomic
 
-PARAM_COLUMNS = ("model", "gpu", "dataset", "shards", "precision", "batch_size", "max_gen_len", "power_cap_w")
+PARAM_COLUMNS = ("model", "gpu", "dataset", "shards", "precision", "engine", "batch_size", "max_gen_len",
+                 "power_cap_w")
 # Measured beside the metrics: GPU energy summed over the cell's GPUs, CPU energy over its nodes.
 ENERGY_COLUMNS = (
     "energy_source", "idle_power_w", "prefill_energy_j", "decode_energy_j", "cpu_energy_j",
@@ -235,7 +236,8 @@ def reduce_sweep(sweep_dir: Path) -> pd.DataFrame:
     for column in ("cell_id", *PARAM_COLUMNS, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus", "nodes", "note"):
         if column not in table:
             table[column] = None
-    sort_keys = [c for c in ("model", "gpu", "dataset", "shards", "batch_size", "max_gen_len") if table[c].notna().any()]
+    sort_keys = [c for c in ("model", "gpu", "dataset", "shards", "batch_size", "max_gen_len", "engine")
+                 if table[c].notna().any()]
     return table.sort_values(sort_keys, kind="stable").reset_index(drop=True) if sort_keys else table
 
 
@@ -254,7 +256,8 @@ def markdown(table: pd.DataFrame, columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLE_COLUMNS = ["model", "gpu", "dataset", "shards", "batch_size", "max_gen_len", "status", *METRIC_NAMES, "energy_j", "gpus"]
+TABLE_COLUMNS = ["model", "gpu", "dataset", "shards", "engine", "batch_size", "max_gen_len", "status", *METRIC_NAMES,
+                 "energy_j", "gpus"]
 
 
 def write_results(table: pd.DataFrame, sweep_dir: Path) -> Path:

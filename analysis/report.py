@@ -282,6 +282,34 @@ def energy_conventions(cells: pd.DataFrame) -> pd.DataFrame:
     return frame.rename(columns=names)
 
 
+# Every setting of a cell but its engine; cells that differ only in engine measure what it costs.
+ENGINE_SETTING = ("model", "gpu", "dataset", "shards", "precision", "batch_size", "max_gen_len", "power_cap_w")
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return None if tables.is_missing(a) or tables.is_missing(b) or not b else a / b
+
+
+def implementation_costs(cells: pd.DataFrame) -> pd.DataFrame:
+    """tokens/s and J/token of reference vs fast for each setting measured (ok) under both engines."""
+    done = tables.ok(cells)
+    if done.empty or "engine" not in done:
+        return pd.DataFrame()
+    rows = []
+    for setting, group in done.groupby(list(ENGINE_SETTING), dropna=False, sort=True):
+        by_engine = {e: g for e, g in group.groupby("engine")}
+        if not {"reference", "fast"} <= set(by_engine):
+            continue
+        row = {k: tables.show(k, v) for k, v in zip(ENGINE_SETTING, setting, strict=True)}
+        for quantity, column in (("tokens/s", "tokens_per_s"), ("J/token", "energy_per_token_j")):
+            ref, fast = (by_engine[e][column].astype(float).mean() for e in ("reference", "fast"))
+            row |= {f"reference {quantity}": None if pd.isna(ref) else ref,
+                    f"fast {quantity}": None if pd.isna(fast) else fast,
+                    f"fast / reference {quantity}": _ratio(fast, ref)}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 # -- the page -------------------------------------------------------------------------------------
 
 
@@ -345,7 +373,11 @@ def render(sweep: Path, out: Path, max_timelines: int | None = None) -> Report:
     energy = energy_conventions(cells)
     _write(report, out / "energy_conventions.csv", energy.to_csv(index=False))
     _write(report, out / "energy_conventions.md", frame_markdown(energy))
+    costs = implementation_costs(cells)
+    _write(report, out / "implementation_costs.csv", costs.to_csv(index=False))
+    _write(report, out / "implementation_costs.md", frame_markdown(costs) if not costs.empty else "")
     page = _page(sweep, cells, rendered_tables, rendered_figures, figure_files, timelines, compared, energy, report)
+    page += _costs_section(costs)
     _write(report, out / "report.md", page)
     return report
 
@@ -379,6 +411,17 @@ def _page(sweep: Path, cells: pd.DataFrame, rendered_tables: list[tables.Table],
     lines += ["## Power timelines (one per cell)", ""]
     lines += [f"- [{p.stem}]({p.relative_to(report.out).as_posix()})" for p in timelines] or ["None."]
     return "\n".join(lines) + "\n"
+
+
+def _costs_section(costs: pd.DataFrame) -> str:
+    lines = ["", "## What the implementation costs", "",
+             "The same cell setting under Meta's reference generation schedule (`engine=reference`, the "
+             "paper's) and under `engine=fast`: the difference is the implementation's, not the model's.", ""]
+    if costs.empty:
+        lines += ["No setting was measured under both engines: sweep with `engine=reference,fast`.", ""]
+    else:
+        lines += [frame_markdown(costs)]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,7 +136,8 @@ def sweep_status(sweep_dir: Path) -> SweepStatus:
 
 def _params(cell: dict) -> str:
     p = cell["params"]
-    return " ".join(f"{k.split('.')[0]}={p[k]}" for k in ("dataset.name", "batch_size", "max_gen_len", "power_cap_w")
+    return " ".join(f"{k.split('.')[0]}={p[k]}" for k in ("engine", "dataset.name", "batch_size", "max_gen_len",
+                                                                "power_cap_w")
                     if p.get(k) is not None)
 
 

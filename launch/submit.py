@@ -41,11 +41,18 @@ def slurm_parameters(job: Job) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v not in (None, [], {})}
 
 
+def local_parameters(job: Job) -> dict[str, Any]:
+    """submitit LocalExecutor parameters: it hides every GPU it is not given (CUDA_VISIBLE_DEVICES)."""
+    gpus = job.tasks_per_node if job.cfg.gpu.device == "cuda" else 0
+    return {"tasks_per_node": job.tasks_per_node, "nodes": 1, "timeout_min": job.cfg.cluster.timeout_min,
+            "gpus_per_node": gpus}
+
+
 def make_executor(job: Job, folder: Path) -> submitit.Executor:
     c = job.cfg.cluster
     if c.backend == "local":
         executor = submitit.LocalExecutor(folder=folder, python=c.python)
-        executor.update_parameters(tasks_per_node=job.tasks_per_node, nodes=1, timeout_min=c.timeout_min)
+        executor.update_parameters(**local_parameters(job))
         return executor
     executor = submitit.SlurmExecutor(folder=folder, python=c.python, max_num_timeout=3)
     executor.update_parameters(**slurm_parameters(job))
@@ -79,7 +86,8 @@ def load_manifest(sweep_dir: Path) -> dict:
 
 def _cell_entry(cell: Cell, job: Job | None) -> dict:
     params = {k: OmegaConf.select(cell.cfg, k) for k in ("model.name", "gpu.name", "dataset.name", "shards",
-                                                         "precision", "batch_size", "max_gen_len", "power_cap_w")}
+                                                         "precision", "engine", "batch_size", "max_gen_len",
+                                                         "power_cap_w")}
     return {"job": None if job is None else job.key, "params": params, "skip_reason": cell.skip_reason,
             "world_size": cell.cfg.shards}
 

@@ -29,7 +29,7 @@ def print_plan(plan: Plan) -> None:
         for cell in job.cells:
             c = cell.cfg
             print(f"  cell {cell.id} dataset={c.dataset.name} batch_size={c.batch_size} "
-                  f"max_gen_len={c.max_gen_len} power_cap_w={c.power_cap_w}"
+                  f"max_gen_len={c.max_gen_len} power_cap_w={c.power_cap_w} engine={c.engine}"
                   + (f" est. {cell.memory.total_gib:.1f} GiB/GPU" if c.gpu.device == "cuda" else ""))
     for cell in plan.skipped:
         print(f"  skipped {cell.id} dataset={cell.cfg.dataset.name}: {cell.skip_reason}")

@@ -23,7 +23,7 @@ def _checks_on_cpu() -> list[gpu_check.Check]:
 
 def test_checks_run_through_on_a_fake_gpu():
     checks = {c.name: c for c in run_parallel(1, _checks_on_cpu)[0]}
-    assert list(checks) == ["GPU", "model", "idle power", "counter vs integrated", "sampler cost"]
+    assert list(checks) == ["GPU", "model", "idle power", "counter vs integrated", "sampler cost", "fast vs reference"]
     assert checks["idle power"].ok and "plausible: 5 W to 240 W" in checks["idle power"].detail
     # A constant draw: counter and integrated samples agree, but the load draws no more than idle: a FAIL.
     long = checks["counter vs integrated"]
@@ -46,3 +46,32 @@ def test_no_gpu_exits_non_zero_with_a_clear_message(capsys):
         return
     assert gpu_check.main([]) == 2
     assert "no NVIDIA GPU" in capsys.readouterr().err
+
+
+def _checks_with_a_raising_idle_check() -> tuple[list[gpu_check.Check], list[gpu_check.Check]]:
+    from unittest import mock
+
+    distributed.init("cpu", timeout_s=60)
+    distributed.init_model_parallel(1, 1)
+    nvml = fake_nvml([FakeGpu(power_w=150.0)])
+    settings = gpu_check.Settings(idle_s=0.1, long_window_s=0.3, rounds=2, interval_s=0.01)
+    emitted: list[gpu_check.Check] = []
+    with mock.patch.object(gpu_check, "check_idle", autospec=True, side_effect=RuntimeError("meter gone")):
+        checks = gpu_check.run_checks(torch.device("cpu"), TINY, settings, nvml=nvml, runner=False,
+                                      emit=emitted.append)
+    return checks, emitted
+
+
+def test_a_raising_check_fails_and_the_later_checks_still_report():
+    checks, emitted = run_parallel(1, _checks_with_a_raising_idle_check)[0]
+    assert emitted == checks  # each one handed out as it finished, in order
+    by_name = {c.name: c for c in checks}
+    assert list(by_name) == ["GPU", "model", "idle power", "counter vs integrated", "sampler cost",
+                             "fast vs reference"]
+    assert by_name["idle power"].ok is False
+    assert by_name["idle power"].detail == "raised RuntimeError: meter gone"
+    assert "tokens/s" in by_name["sampler cost"].detail
+    engines = by_name["fast vs reference"].detail
+    for part in ("batch 1 reference", "batch 1 fast", "batch 2 reference", "batch 2 fast", "J/token", " W, "):
+        assert part in engines
+    assert "FAIL  idle power: raised RuntimeError" in gpu_check.report(checks, 1.0)

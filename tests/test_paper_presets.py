@@ -31,6 +31,7 @@ def parse_plan(text: str) -> dict:
         "shapes": {(m, g, int(s)): (int(n), int(t), int(c)) for m, g, s, n, t, c in jobs},
         "cell_rows": [m.groups() for m in map(CELL.match, text.splitlines()) if m],
         "skipped": {m[1] for m in map(SKIPPED.match, text.splitlines()) if m},
+        "engines": set(re.findall(r"^  cell \w+ .* engine=(\w+)", text, re.M)),
     }
 
 
@@ -117,6 +118,12 @@ def test_paper_all_is_the_union_of_the_other_presets(plans):
     assert p["skipped"] == set().union(*(o["skipped"] for o in others))
     assert (p["jobs"], p["cells"]) == (9, 47)
     assert p["shapes"][("llama_65b", "v100", 8)] == (4, 2, 4)  # Figs 2-3, Figs 4-9 and Table V cells
+
+
+def test_every_preset_runs_the_papers_generation_schedule(plans):
+    for name, plan in plans.items():
+        assert plan["engines"] == {"reference"}, name
+    assert plan_output("+experiment=paper_table3", "engine=fast")["engines"] == {"fast"}  # the command line wins
 
 
 def test_cluster_profiles_come_from_the_environment_or_the_command_line():

@@ -21,6 +21,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PRECISIONS = ("fp32", "fp16", "bf16")
 ENERGY_BACKENDS = ("auto", "nvml", "none")
+ENGINES = ("fast", "reference")  # w2w/generation.py and w2w/reference.py
 
 
 class ConfigError(ValueError):
@@ -111,6 +112,8 @@ class RunConfig:
     greedy: bool = False
     force_max_gen_len: bool = False  # ignore EOS: every response is exactly max_gen_len tokens
     seed: int = 1
+    engine: str = "fast"  # fast: static cache + CUDA graphs; reference: Meta's generation schedule
+    eos_check_every: int = 8  # fast engine: decode steps between checks that every row has ended
     warmup: bool = True
     power_cap_w: float | None = None
     # Where users may not call NVML's setter: a site wrapper run as
@@ -255,6 +258,8 @@ def validate(cfg: DictConfig) -> None:
         f"max_gen_len={cfg.max_gen_len} leaves no room for the prompt in "
         f"model.max_seq_len={m.max_seq_len}: lower max_gen_len or raise model.max_seq_len",
     )
+    _check(cfg.engine in ENGINES, f"engine={cfg.engine}: valid are {', '.join(ENGINES)}")
+    _check(cfg.eos_check_every >= 1, f"eos_check_every={cfg.eos_check_every}: must be >= 1")
     _check(cfg.precision in PRECISIONS, f"precision={cfg.precision}: valid are {', '.join(PRECISIONS)}")
     _check(
         cfg.precision != "bf16" or cfg.gpu.bf16,

@@ -1,4 +1,4 @@
-"""make gpu-check: the real NVML path on this machine's GPU: counter vs integrated energy, idle power, sampler cost."""
+"""make gpu-check: the real NVML path on this GPU: counter vs integrated energy, idle power, sampler cost, engines."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -175,44 +176,120 @@ def check_runner(device: torch.device, sweep: Path) -> Check:
     return Check("w2w-run cell", ok, detail)
 
 
+def engine_run(model: Transformer, workload: Workload, monitor: EnergyMonitor, engine: str,
+               gen_len: int | None = None) -> tuple[int, float, float | None]:
+    """One greedy batch with `engine` in an energy window: (new tokens, seconds, GPU joules or None)."""
+    params = SamplingParams(max_gen_len=gen_len or workload.gen_len, greedy=True, force_max_gen_len=True)
+    synchronize(model.device)
+    monitor.begin_window("engine")
+    gen = generate(model, _prompts(workload), params, eos_id=-1, pad_id=0,
+                   cache_len=workload.prompt_len + workload.gen_len, engine=engine)
+    synchronize(model.device)
+    window = monitor.end_window("engine")
+    return sum(len(row) for row in gen.tokens), window.duration_s, window.gpu_energy_j
+
+
+def check_engines(model: Transformer, workload: Workload, monitor: EnergyMonitor) -> Check:
+    """fast vs reference decode at batch 1 and the workload's batch: tokens/s, mean W, J/token."""
+    parts, speedups = [], []
+    for batch in sorted({1, workload.batch}):
+        sized = replace(workload, batch=batch)
+        rates = {}
+        for engine in ("reference", "fast"):
+            engine_run(model, sized, monitor, engine, gen_len=4)  # warm-up; fast captures its graph here
+            tokens, seconds, joules = engine_run(model, sized, monitor, engine)
+            rates[engine] = tokens / seconds
+            energy = (f"{joules / seconds:.0f} W, {joules / tokens:.3g} J/token" if joules is not None
+                      else "no energy figure")
+            parts.append(f"batch {batch} {engine} {rates[engine]:.0f} tokens/s, {energy}")
+        speedups.append(rates["fast"] / rates["reference"])
+    detail = "; ".join(parts) + "; fast/reference " + ", ".join(f"{x:.2f}x" for x in speedups)
+    return Check("fast vs reference", None, detail)
+
+
+def _failed(name: str, exc: BaseException) -> Check:
+    return Check(name, False, f"raised {type(exc).__name__}: {exc}")
+
+
 def run_checks(device: torch.device, workload: Workload, settings: Settings, nvml: ModuleType | None = None,
-               runner: bool = True) -> list[Check]:
-    """Every check, in order; nvml: a fake module in tests, None for the real one."""
+               runner: bool = True, emit: Callable[[Check], None] | None = None) -> list[Check]:
+    """Every check, in order, each passed to emit as soon as it finishes; nvml: a fake module in tests,
+    None for the real one. A check that raises is a FAIL with its error, and the next checks still run."""
     on = EnergyMonitor("nvml", device, sample_interval_s=settings.interval_s, sampler=True, nvml=nvml)
     off = EnergyMonitor("auto", device, sampler=False, nvml=nvml)  # the same windows, no thread
-    try:
+    checks: list[Check] = []
+    state: dict = {}
+
+    def need(key: str):
+        if key not in state:
+            raise RuntimeError(f"no {key}: an earlier check failed")
+        return state[key]
+
+    def gpu() -> Check:
         info = on.gpu_record()
-        checks = [Check("GPU", None, (
+        return Check("GPU", None, (
             f"{info['gpu_name']} ({info['gpu_uuid']}), driver {info['driver']}, energy counter "
             f"{'yes' if info['energy_counter'] else 'NO'}, power reading {info['power_reading']}, "
-            f"limit {info['power_limit_w']} W (enforced {info['enforced_power_limit_w']} W)"))]
-        model = build_random_model(workload, device)
+            f"limit {info['power_limit_w']} W (enforced {info['enforced_power_limit_w']} W)"))
+
+    def model() -> Check:
+        state["model"] = build_random_model(workload, device)
         args = workload.args
-        checks.append(Check("model", None, (
-            f"{args.n_layers} layers of dim {args.dim} ({args.num_params() / 1e9:.2f} B params, {workload.dtype}), "
-            f"batch {workload.batch}, prompt {workload.prompt_len}, {workload.gen_len} new tokens")))
         synchronize(device)
-        idle_check, idle_w = check_idle(on, settings)
-        checks.append(idle_check)
-        decode_run(model, replace(workload, gen_len=4), off)  # warm-up: allocation and kernel selection
-        checks.append(check_long_window(model, workload, on, settings, idle_w))
-        checks.append(check_sampler_cost(model, workload, on, off, settings))
-        del model
+        return Check("model", None, (
+            f"{args.n_layers} layers of dim {args.dim} ({args.num_params() / 1e9:.2f} B params, {workload.dtype}), "
+            f"batch {workload.batch}, prompt {workload.prompt_len}, {workload.gen_len} new tokens"))
+
+    def idle() -> Check:
+        check, state["idle_w"] = check_idle(on, settings)
+        return check
+
+    def long_window() -> Check:
+        decode_run(need("model"), replace(workload, gen_len=4), off)  # warm-up: allocation and kernel selection
+        return check_long_window(need("model"), workload, on, settings, state.get("idle_w"))
+
+    def run(name: str, step: Callable[[], Check]) -> None:
+        try:
+            check = step()
+        except Exception as exc:  # a check that raises is a FAIL, and the next checks still run
+            check = _failed(name, exc)
+        checks.append(check)
+        if emit is not None:
+            emit(check)
+
+    try:
+        run("GPU", gpu)
+        run("model", model)
+        run("idle power", idle)
+        run("counter vs integrated", long_window)
+        run("sampler cost", lambda: check_sampler_cost(need("model"), workload, on, off, settings))
+        run("fast vs reference", lambda: check_engines(need("model"), workload, on))
     finally:
+        state.clear()
         on.close()
         off.close()
     if runner:
-        with tempfile.TemporaryDirectory(prefix="w2w-gpu-check-") as sweep:
-            checks.append(check_runner(device, Path(sweep)))
+        run("w2w-run cell", lambda: _runner_check(device))
     return checks
 
 
-def report(checks: list[Check], seconds: float) -> str:
+def _runner_check(device: torch.device) -> Check:
+    with tempfile.TemporaryDirectory(prefix="w2w-gpu-check-") as sweep:
+        return check_runner(device, Path(sweep))
+
+
+def line(check: Check) -> str:
     marks = {True: "PASS", False: "FAIL", None: "INFO"}
-    lines = [f"{marks[c.ok]}  {c.name}: {c.detail}" for c in checks]
+    return f"{marks[check.ok]}  {check.name}: {check.detail}"
+
+
+def summary(checks: list[Check], seconds: float) -> str:
     failed = sum(c.ok is False for c in checks)
-    lines.append(f"gpu-check: {'all checks passed' if not failed else f'{failed} check(s) failed'} in {seconds:.0f} s")
-    return "\n".join(lines)
+    return f"gpu-check: {'all checks passed' if not failed else f'{failed} check(s) failed'} in {seconds:.0f} s"
+
+
+def report(checks: list[Check], seconds: float) -> str:
+    return "\n".join([*(line(c) for c in checks), summary(checks, seconds)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,11 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         info = distributed.init("cuda", timeout_s=600)
         distributed.init_model_parallel(1, info.world_size)
         workload = size_workload(torch.cuda.get_device_properties(info.device).total_memory)
-        checks = run_checks(info.device, workload, settings)
+        checks = run_checks(info.device, workload, settings, emit=lambda c: print(line(c), flush=True))
     except EnergyError as exc:
         print(f"gpu-check: error: {exc}", file=sys.stderr)
         return 2
-    print(report(checks, time.perf_counter() - start))
+    print(summary(checks, time.perf_counter() - start))
     return 1 if any(c.ok is False for c in checks) else 0
 
 

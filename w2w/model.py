@@ -88,6 +88,8 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
+    """Preallocated (batch, heads, max_len, head_dim); a smaller batch uses its first rows."""
+
     def __init__(self, batch: int, max_len: int, heads: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, heads, max_len, head_dim)
@@ -95,10 +97,45 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        """Write at slots start.. (a Python int) and return the filled prefix: shapes grow per step."""
+        bsz, end = k.shape[0], start + k.shape[2]
+        self.k[:bsz, :, start:end] = k
+        self.v[:bsz, :, start:end] = v
+        return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
+
+    def write(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write one step at slot (a (1,) device tensor) and return the whole cache: static shapes."""
+        keys, values = self.k[: k.shape[0]], self.v[: k.shape[0]]
+        keys.index_copy_(2, slot, k)
+        values.index_copy_(2, slot, v)
+        return keys, values
+
+
+# enable_gqa exists from torch 2.5; older torch repeats K/V instead (same numbers, more memory).
+SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, kv_heads, S, D) -> (B, kv_heads * n_rep, S, D), each head repeated in place as Meta does."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, meta: bool) -> torch.Tensor:
+    """Attention over (B, H, S, D); mask is boolean, True where a query may see a key.
+
+    meta: Meta's reference arithmetic (K/V repeated for GQA, explicit matmul, fp32 softmax);
+    otherwise one fused scaled_dot_product_attention call.
+    """
+    n_rep = q.shape[1] // keys.shape[1]
+    if meta:
+        keys, values = repeat_kv(keys, n_rep), repeat_kv(values, n_rep)
+        scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(F.softmax(scores.float(), dim=-1).type_as(q), values)
+    if n_rep > 1 and SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    keys, values = repeat_kv(keys, n_rep), repeat_kv(values, n_rep)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 class Attention(nn.Module):
@@ -115,7 +152,11 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * hd, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, start: int, rope: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, start: int, rope: torch.Tensor, mask: torch.Tensor,
+        slot: torch.Tensor | None = None, meta: bool = False,
+    ) -> torch.Tensor:
+        """slot: write at this device position and attend the whole cache (static decode step)."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.local_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.local_kv_heads, self.head_dim)
@@ -123,10 +164,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         # (B, H, S, D) for attention; the cache holds every position written so far.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        keys, values = self.cache.update(start, k, v)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=self.local_heads != self.local_kv_heads
-        )
+        if slot is None:
+            keys, values = self.cache.update(start, k, v)
+        else:
+            keys, values = self.cache.write(slot, k, v)
+        out = attend(q, keys, values, mask, meta)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -150,8 +192,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, start, rope, mask):
-        h = x + self.attention(self.attention_norm(x), start, rope, mask)
+    def forward(self, x, start, rope, mask, slot=None, meta=False):
+        h = x + self.attention(self.attention_norm(x), start, rope, mask, slot, meta)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -166,21 +208,26 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep)
         self.rope: torch.Tensor | None = None
+        # CUDA graphs and device state of the static decode step (w2w.generation), keyed by
+        # shape: they point into the KV cache, so a new cache drops them.
+        self.decoders: dict = {}
 
     @property
     def device(self) -> torch.device:
         return self.norm.weight.device
 
     def setup_caches(self, batch: int, max_len: int) -> None:
-        """Allocate the KV cache for a batch shape; a no-op if that shape is already allocated."""
+        """Allocate the KV cache for a batch shape; a no-op if a cache of that length and at least
+        that batch is allocated (a smaller last batch uses its first rows)."""
         first = self.layers[0].attention.cache
-        if first is not None and first.k.shape[0] == batch and first.k.shape[2] == max_len:
+        if first is not None and first.k.shape[0] >= batch and first.k.shape[2] == max_len:
             return
         if max_len > self.args.max_seq_len:
             raise ValueError(
                 f"prompt + max_gen_len = {max_len} tokens exceeds model.max_seq_len={self.args.max_seq_len}"
             )
         dtype, device = self.norm.weight.dtype, self.device
+        self.decoders.clear()
         for layer in self.layers:
             attn = layer.attention
             attn.cache = None  # free the old cache before allocating the new one
@@ -190,7 +237,8 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, tokens: torch.Tensor, start: int, positions: torch.Tensor, key_valid: torch.Tensor, last_only: bool = False
+        self, tokens: torch.Tensor, start: int, positions: torch.Tensor, key_valid: torch.Tensor,
+        last_only: bool = False, meta: bool = False,
     ) -> torch.Tensor:
         """Logits of shape (B, S, vocab) for tokens (B, S) written at cache slots start..start+S.
 
@@ -198,6 +246,7 @@ class Transformer(nn.Module):
         the vocabulary projection of a whole prompt batch is a large share of the prefill.
         positions (B, S): rotary position of each token (left padding shifts them per row).
         key_valid (B, start+S): False for padding slots, which no query may attend to.
+        meta: Meta's reference attention arithmetic (see attend).
         """
         seqlen = tokens.shape[1]
         h = self.tok_embeddings(tokens)
@@ -210,10 +259,27 @@ class Transformer(nn.Module):
         itself = slots[None, :] == query_slots[:, None]
         mask = ((causal[None] & key_valid[:, None, :]) | itself[None]).unsqueeze(1)  # (B, 1, S, start+S)
         for layer in self.layers:
-            h = layer(h, start, rope, mask)
+            h = layer(h, start, rope, mask, meta=meta)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
+
+    @torch.inference_mode()
+    def decode_step(
+        self, token: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (B, vocab) of one token per row written at cache slot `slot`, a (1,) tensor.
+
+        Every tensor keeps its shape from step to step and no position is a Python int, so the
+        step can be captured once as a CUDA graph. key_valid (B, cache_len) must already be True
+        at `slot`; it is the whole mask, since slots after it are still False.
+        """
+        h = self.tok_embeddings(token[:, None])
+        rope = self.rope[positions[:, None]]
+        mask = key_valid[:, None, None, :]
+        for layer in self.layers:
+            h = layer(h, 0, rope, mask, slot=slot)
+        return self.output(self.norm(h))[:, -1].float()
 
 
 def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> Transformer:

@@ -110,6 +110,7 @@ def _sampling(cfg: DictConfig, max_gen_len: int | None = None) -> SamplingParams
         greedy=cfg.greedy,
         force_max_gen_len=cfg.force_max_gen_len,
         seed=cfg.seed,
+        eos_check_every=cfg.eos_check_every,
     )
 
 
@@ -190,14 +191,15 @@ def run_cell(
     if cfg.warmup:
         # First calls pay for allocation and kernel selection; keep them out of the cell.
         monitor.begin_window("warmup")
-        generate(model, batches[0], _sampling(cfg, WARMUP_TOKENS), tokenizer.eos_id, tokenizer.pad_id, cache_len)
+        generate(model, batches[0], _sampling(cfg, WARMUP_TOKENS), tokenizer.eos_id, tokenizer.pad_id, cache_len,
+                 engine=cfg.engine)
         warmup = monitor.end_window("warmup")
     phases = PhaseEnergy(monitor)
     clock = PhaseClock(model.device, phases.on_boundary)
     clock.enter(None)  # synchronize before the cell's window opens
     monitor.begin_window("cell")
     for index, batch in enumerate(batches):
-        gen = generate(model, batch, _sampling(cfg), tokenizer.eos_id, tokenizer.pad_id, cache_len, clock)
+        gen = generate(model, batch, _sampling(cfg), tokenizer.eos_id, tokenizer.pad_id, cache_len, clock, cfg.engine)
         counts.add(gen, [tokenizer.decode(t) for t in gen.tokens])
         log.info("cell batch %d/%d: %d output tokens", index + 1, len(batches), counts.output_tokens)
     cell: Window = monitor.end_window("cell")
@@ -239,6 +241,8 @@ def _identity(cfg: DictConfig, cid: str, info: distributed.DistInfo) -> dict:
             "dataset": cfg.dataset.name,
             "shards": cfg.shards,
             "precision": cfg.precision,
+            "engine": cfg.engine,
+            "eos_check_every": cfg.eos_check_every,
             "batch_size": cfg.batch_size,
             "max_gen_len": cfg.max_gen_len,
             "num_prompts": cfg.dataset.num_prompts,

@@ -1,0 +1,128 @@
+"""The fast and reference engines: same greedy tokens as each other and as the dynamic-cache path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.parallel import run_parallel
+from w2w import distributed
+from w2w.generation import SamplingParams, generate, left_pad, prefill
+from w2w.model import ModelArgs, Transformer, build_model, random_state_dict
+
+MHA = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=128)
+GQA = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=128)
+PROMPTS = [[1, 5, 9, 12, 7, 30], [1, 44], [1, 3, 3, 8]]  # ragged: 6, 2 and 4 tokens
+GREEDY = SamplingParams(max_gen_len=12, greedy=True, force_max_gen_len=True)
+
+
+def _model(args: ModelArgs, world: int) -> Transformer:
+    rank = torch.distributed.get_rank()
+    return build_model(args, random_state_dict(args, 5, rank, world), torch.device("cpu"), torch.float32)
+
+
+@torch.inference_mode()
+def _dynamic(model: Transformer, prompts: list[list[int]], steps: int, static: bool):
+    """The pre-engine decode loop (cache prefix sliced at a Python-int slot), or the same loop
+    through the static step: (greedy tokens, per-step logits)."""
+    width = max(len(p) for p in prompts)
+    cache_len = width + steps
+    model.setup_caches(len(prompts), cache_len)
+    batch = left_pad(prompts, 0, cache_len, model.device)
+    token = prefill(model, batch).argmax(-1)
+    tokens, logits = [token], []
+    for slot in range(width, width + steps - 1):
+        batch.key_valid[:, slot] = True
+        if static:
+            step = model.decode_step(token, torch.tensor([slot]), batch.next_pos, batch.key_valid)
+        else:
+            step = model(token[:, None], slot, batch.next_pos[:, None], batch.key_valid[:, : slot + 1])[:, -1]
+        batch.next_pos += 1
+        token = step.argmax(-1)
+        tokens.append(token)
+        logits.append(step)
+    return torch.stack(tokens, 1).tolist(), torch.stack(logits)
+
+
+def _all_paths(world: int) -> dict:
+    distributed.init("cpu", timeout_s=60)
+    distributed.init_model_parallel(world, world)
+    out = {}
+    for name, args in (("mha", MHA), ("gqa", GQA)):
+        model = _model(args, world)
+        dynamic, dynamic_logits = _dynamic(model, PROMPTS, GREEDY.max_gen_len, static=False)
+        static, static_logits = _dynamic(model, PROMPTS, GREEDY.max_gen_len, static=True)
+        out[name] = {
+            "dynamic": dynamic,
+            "static": static,
+            "logit_gap": (static_logits - dynamic_logits).abs().max().item(),
+            **{engine: generate(model, PROMPTS, GREEDY, 2, 0, engine=engine).tokens
+               for engine in ("fast", "reference")},
+        }
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_engines_give_the_dynamic_paths_greedy_tokens(world):
+    for rank_result in run_parallel(world, _all_paths, world):
+        for name, paths in rank_result.items():
+            assert all(len(row) == GREEDY.max_gen_len for row in paths["dynamic"]), name
+            assert paths["fast"] == paths["reference"] == paths["dynamic"] == paths["static"], name
+            assert paths["logit_gap"] <= 1e-5, name
+
+
+@pytest.fixture(scope="module")
+def model():
+    distributed.init("cpu", timeout_s=60)
+    distributed.init_model_parallel(1, 1)
+    return _model(GQA, 1)
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_same_seed_same_top_p_tokens(model, engine):
+    def run(seed: int) -> list[list[int]]:
+        params = SamplingParams(max_gen_len=10, temperature=0.8, top_p=0.95, seed=seed, force_max_gen_len=True)
+        return generate(model, PROMPTS, params, 2, 0, engine=engine).tokens
+
+    assert run(3) == run(3) != run(4)
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_a_cache_serves_a_smaller_last_batch_without_reallocating(model, engine):
+    cache_len = 6 + GREEDY.max_gen_len
+    generate(model, PROMPTS, GREEDY, 2, 0, cache_len, engine=engine)
+    cache = model.layers[0].attention.cache
+    address = cache.k.data_ptr()
+    last = generate(model, PROMPTS[:2], GREEDY, 2, 0, cache_len, engine=engine).tokens
+    assert model.layers[0].attention.cache is cache and cache.k.data_ptr() == address
+    assert cache.k.shape[0] == len(PROMPTS)
+    alone = generate(model, PROMPTS[:2], GREEDY, 2, 0, cache_len + 1, engine=engine).tokens  # a fresh cache
+    assert model.layers[0].attention.cache.k.shape[0] == 2
+    assert last == alone
+
+
+def test_eos_checked_every_n_steps_counts_the_steps_run_past_it(model):
+    forced = generate(model, PROMPTS[:1], SamplingParams(max_gen_len=20, greedy=True, force_max_gen_len=True), 2, 0)
+    row = forced.tokens[0]
+    k = next(i for i in range(1, len(row)) if row[i] not in row[:i])  # a token first made at step k
+    eos = row[k]
+    every = [generate(model, PROMPTS[:1], SamplingParams(max_gen_len=20, greedy=True, eos_check_every=n), eos, 0)
+             for n in (1, k + 2)]
+    assert [g.tokens for g in every] == [[row[:k]]] * 2  # tokens after EOS dropped
+    assert [g.decode_steps for g in every] == [k, k + 2]  # the second ran 2 steps past EOS: counted
+    reference = generate(model, PROMPTS[:1], SamplingParams(max_gen_len=20, greedy=True), eos, 0, engine="reference")
+    assert reference.tokens == every[0].tokens and reference.decode_steps == k
+
+
+def test_reference_forces_the_longer_prompts_in_step_by_step(model):
+    """Meta's schedule: decoding starts at the shortest prompt, so a ragged batch takes more passes."""
+    ragged = generate(model, PROMPTS, GREEDY, 2, 0, engine="reference")
+    fast = generate(model, PROMPTS, GREEDY, 2, 0)
+    assert fast.decode_steps == GREEDY.max_gen_len - 1
+    longest, shortest = max(map(len, PROMPTS)), min(map(len, PROMPTS))
+    assert ragged.decode_steps == longest - shortest + GREEDY.max_gen_len - 1
+
+
+def test_an_unknown_engine_is_refused(model):
+    with pytest.raises(ValueError, match="engine=turbo: valid are fast, reference"):
+        generate(model, PROMPTS, GREEDY, 2, 0, engine="turbo")
