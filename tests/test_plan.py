@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from submitit.slurm.slurm import _make_sbatch_string
 from w2w.launch.plan import make_plan
-from w2w.launch.submit import slurm_parameters
+from w2w.launch.submit import make_executor, slurm_parameters
 
 from tests.conftest import cli
 from w2w.config import ConfigError
@@ -57,3 +57,12 @@ def test_sbatch_for_one_placement_matches_golden():
     if os.environ.get("W2W_UPDATE_GOLDEN"):
         golden.write_text(script)
     assert script == golden.read_text()
+
+
+@pytest.mark.parametrize(("gpu", "gpus"), [("h100", 2), ("cpu", 0)])
+def test_local_executor_is_given_a_gpu_per_shard(tmp_path, gpu, gpus):
+    """submitit's LocalExecutor hides every GPU it is not given: a GPU cell gets `shards` of them."""
+    job = make_plan([f"gpu={gpu}", "shards=2", "cluster=local"]).jobs[0]
+    executor = make_executor(job, tmp_path)
+    assert executor.parameters["gpus_per_node"] == gpus
+    assert executor.parameters["tasks_per_node"] == 2

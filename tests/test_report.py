@@ -53,6 +53,8 @@ def test_every_table_and_figure_renders(report):
         assert f"](figures/{name}.png)" in page
     for name in ("Table II", "Table III", "Table IV", "Table V"):
         assert f"**{name}:" in page
+    # Every cell ran engine=fast alone: the section says how to get the comparison.
+    assert "## What the implementation costs" in page and "sweep with `engine=reference,fast`" in page
 
 
 def test_tables_hold_the_measured_values_and_say_what_stands_in(report):
@@ -119,3 +121,32 @@ def test_corrupt_and_partial_input_is_reported_by_file_and_cell(sweep, tmp_path)
     out = cli("w2w.analysis.report", str(copy)).stdout
     assert f"cell {garbled.name}: incomplete:" in out and "unreadable timeline" in out
     assert len(list((copy / "results" / "paper" / "figures" / "timelines").glob("*.png"))) == CELLS - 4
+
+
+def _cell(engine: str, batch: int, tokens_per_s: float, j_per_token: float | None, status: str = "ok") -> dict:
+    return {"cell_id": f"{engine}{batch}{status}", "model": "llama_7b", "gpu": "h100", "dataset": "gsm8k",
+            "shards": 1, "precision": "fp16", "engine": engine, "batch_size": batch, "max_gen_len": 128,
+            "power_cap_w": None, "status": status, "tokens_per_s": tokens_per_s, "energy_per_token_j": j_per_token}
+
+
+def test_implementation_costs_pair_the_engines_of_each_setting():
+    from w2w.analysis.report import _costs_section, implementation_costs
+
+    cells = pd.DataFrame([
+        _cell("reference", 1, 20.0, 30.0), _cell("fast", 1, 80.0, 6.0),  # both engines: a row
+        _cell("reference", 64, 1000.0, None), _cell("fast", 64, 4000.0, None),  # no meter: no J/token
+        _cell("fast", 16, 900.0, 1.0),  # fast only: nothing to compare
+        _cell("reference", 32, 10.0, 1.0, status="oom"), _cell("fast", 32, 900.0, 1.0),  # reference failed
+    ])
+    costs = implementation_costs(cells).set_index("batch_size")
+    assert list(costs.index) == ["1", "64"]
+    one = costs.loc["1"]
+    assert (one["reference tokens/s"], one["fast tokens/s"], one["fast / reference tokens/s"]) == (20.0, 80.0, 4.0)
+    assert (one["reference J/token"], one["fast J/token"], one["fast / reference J/token"]) == (30.0, 6.0, 0.2)
+    assert one["power_cap_w"] == "the GPU's own limit"
+    wide = costs.loc["64"]
+    assert wide["fast / reference tokens/s"] == 4.0
+    assert all(pd.isna(wide[c]) for c in ("reference J/token", "fast J/token", "fast / reference J/token"))
+    section = _costs_section(implementation_costs(cells))
+    assert "## What the implementation costs" in section and "| 4 |" in section
+    assert "sweep with `engine=reference,fast`" in _costs_section(implementation_costs(cells[cells["engine"] == "fast"]))
