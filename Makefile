@@ -10,7 +10,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 VENV_FLAGS ?=
 GPU_VENV ?= .venv-gpu
 
-.PHONY: install demo test lint bench bench-decode bench-reduce gpu-check slurm-up slurm-down slurm-status tiny-tokenizer clean
+.PHONY: install demo test lint bench bench-decode bench-reduce bench-gpu gpu-check slurm-up slurm-down slurm-status tiny-tokenizer clean
 
 install: $(STAMP)
 
@@ -42,6 +42,14 @@ bench-decode: install
 # The reducer on 200 cells x 32 ranks with 10-minute 100 ms timelines: records/s, samples/s, < 60 s.
 bench-reduce: install
 	$(PY) -m benchmarks.reduce_scale
+
+# Both engines vs transformers eager, 7B-shaped fp16 weights drawn on the GPU, batch 1/16/64: tok/s,
+# ratio, decode step vs the HBM roof, W and J/token. No venv and no network: the python that has
+# the project installed (see ../shared/GPU.md). Dry run of the logic: BENCH_GPU_ARGS="--device cpu --tiny".
+BENCH_PY ?= python3
+BENCH_GPU_ARGS ?=
+bench-gpu:
+	$(BENCH_PY) -m benchmarks.gpu_engines $(BENCH_GPU_ARGS)
 
 # A venv of its own that sees the machine's CUDA torch (the CPU pin would hide the GPU).
 gpu-check:
