@@ -50,3 +50,30 @@ def _full_forward(args: ModelArgs) -> torch.Tensor:
     tokens = torch.randint(0, args.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
     model.setup_caches(2, 16)
     return model(tokens, 0, torch.arange(10).expand(2, 10), torch.ones(2, 10, dtype=torch.bool))
+
+
+def _gqa_logits_with(has_gqa: bool) -> torch.Tensor:
+    from unittest import mock
+
+    from w2w import model as model_module
+
+    with mock.patch.object(model_module, "SDPA_HAS_GQA", has_gqa):
+        return _prompt_logits(GQA, 1)
+
+
+def test_gqa_without_enable_gqa_repeats_kv_to_the_same_logits():
+    """torch < 2.5 has no enable_gqa (pyproject's floor is 2.1): the repeated-K/V path is that torch's."""
+    fused, repeated = run_parallel(1, _gqa_logits_with, True)[0], run_parallel(1, _gqa_logits_with, False)[0]
+    assert (fused - repeated).abs().max().item() <= 1e-5
+
+
+def test_sdpa_is_asked_for_enable_gqa_only_for_grouped_heads():
+    from unittest import mock
+
+    from w2w import model as model_module
+
+    q, kv = torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8)
+    mask = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    with mock.patch.object(model_module.F, "scaled_dot_product_attention", autospec=True) as sdpa:
+        model_module.attend(q, kv, kv, mask, meta=False)
+    assert "enable_gqa" not in sdpa.call_args.kwargs  # multi-head: a call torch 2.1 accepts

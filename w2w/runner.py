@@ -258,7 +258,8 @@ def _identity(cfg: DictConfig, cid: str, info: distributed.DistInfo) -> dict:
 
 
 def _failure(exc: BaseException) -> dict:
-    status = "oom" if isinstance(exc, torch.OutOfMemoryError) else "error"
+    # torch.cuda.OutOfMemoryError: torch.OutOfMemoryError's name before torch 2.5 (the floor is 2.1).
+    status = "oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error"
     return {"status": status, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
 
 
