@@ -65,9 +65,10 @@ def complete(cfg: DictConfig, prompt: str) -> tuple[str, int]:
         greedy=cfg.greedy,
         force_max_gen_len=cfg.force_max_gen_len,
         seed=cfg.seed,
+        eos_check_every=cfg.eos_check_every,
     )
     start = time.perf_counter()
-    gen = generate(model, [ids], params, tokenizer.eos_id, tokenizer.pad_id)
+    gen = generate(model, [ids], params, tokenizer.eos_id, tokenizer.pad_id, engine=cfg.engine)
     seconds = time.perf_counter() - start
     tokens = len(gen.tokens[0])
     log.info("%d prompt tokens, %d new tokens in %.2f s (%.1f tokens/s, %s)", len(ids), tokens, seconds,
