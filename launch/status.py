@@ -195,6 +195,10 @@ def sweep_status(sweep_dir: Path, manifest: dict | None = None) -> SweepStatus:
                     status.submissions[submission["job_id"]] = submission_state(entry, submission)
                 job = status.submissions[submission["job_id"]]
         status.cells[cid] = cell_state(sweep_dir, cid, cell, job)
+    for entry in manifest["jobs"].values():  # each placement's latest job, for the listing
+        last = entry["submissions"][-1] if entry.get("submissions") else None
+        if last is not None and last["job_id"] not in status.submissions:
+            status.submissions[last["job_id"]] = submission_state(entry, last)
     return status
 
 
@@ -260,6 +264,9 @@ def render(sweep_dir: Path, status: SweepStatus) -> str:
     by_job: dict[str | None, list[str]] = {}
     for cid, cell in manifest["cells"].items():
         by_job.setdefault(cell.get("job") if cell.get("job") in manifest["jobs"] else None, []).append(cid)
+    for key, cids in by_job.items():  # in the order they were planned
+        order = {cid: i for i, cid in enumerate(manifest["jobs"][key].get("cells", []))} if key else {}
+        cids.sort(key=lambda cid: order.get(cid, len(order)))
     for key, entry in manifest["jobs"].items():
         cids = by_job.get(key, [])
         if not cids:

@@ -48,10 +48,13 @@ def print_plan(plan: Plan) -> None:
 def _writable_problem(path: Path) -> str | None:
     """Why sweep_dir cannot hold the sweep, judged from it or its nearest existing parent."""
     probe = path
-    while not probe.exists():
-        if probe.is_symlink():
-            return f"{probe} is a broken symbolic link"
-        probe = probe.parent
+    try:
+        while not probe.exists():
+            if probe.is_symlink():
+                return f"{probe} is a broken symbolic link"
+            probe = probe.parent
+    except OSError as exc:  # a parent this user may not enter
+        return f"{probe} cannot be reached ({exc.strerror})"
     if not probe.is_dir():
         return f"{probe} is a file, not a folder"
     if not os.access(probe, os.W_OK | os.X_OK):

@@ -111,7 +111,7 @@ def init_model_parallel(shards: int, world_size: int) -> None:
     if world_size != shards:
         raise ConfigError(
             f"shards={shards} but {world_size} process(es) started: launch one process per shard "
-            f"(w2w-sweep does; with torchrun use --nproc-per-node {shards})"
+            f"(w2w-sweep does; or start it with torchrun --nproc-per-node {shards})"
         )
     if not fs_init.model_parallel_is_initialized():
         fs_init.initialize_model_parallel(shards)
