@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -135,15 +138,37 @@ def wait(sweep_dir: Path, poll_s: float, cells: list[str]) -> int:
     return 0 if counts.get("failed", 0) == 0 and counts.get("pending", 0) == 0 else 1
 
 
+def _stop_local_jobs(sweep_dir: Path) -> list[str]:
+    """Stop the sweep's running local jobs (as Ctrl-C in the terminal does), whoever got the signal."""
+    try:
+        status = sweep_status(sweep_dir)
+    except (ManifestError, StatusError):
+        return []
+    local = {s["job_id"] for entry in status.manifest["jobs"].values() if entry["backend"] == "local"
+             for s in entry["submissions"]}
+    stopped = []
+    for job_id in sorted(local & set(status.active)):
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(job_id), signal.SIGINT)  # submitit's local controller stops its tasks, then exits
+            stopped.append(job_id)
+    return stopped
+
+
 def _interrupted(plan: Plan, sweep_dir: Path, argv: list[str]) -> int:
     """Ctrl-C while following: say what became of the jobs, and how to go on."""
-    again = " ".join(["w2w-sweep", "--wait", *argv])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the message short
+    again = shlex.join(["w2w-sweep", "--wait", *argv])
     if any(job.cfg.cluster.backend == "local" for job in plan.jobs):
-        print(f"\nw2w-sweep: interrupted: local jobs run under this process and stop with it; finished cells "
-              f"are kept: resume the rest with: {again}", file=sys.stderr)
+        stopped = _stop_local_jobs(sweep_dir)
+        print("\nw2w-sweep: interrupted: local jobs run under this process and stop with it"
+              + (f" (stopped {', '.join(stopped)})" if stopped else "")
+              + f"; finished cells are kept: resume the rest with: {again}", file=sys.stderr)
     else:
+        ids = "<job ids>"
+        with contextlib.suppress(ManifestError, StatusError):
+            ids = " ".join(sweep_status(sweep_dir).active) or ids
         print(f"\nw2w-sweep: interrupted: the SLURM jobs keep running; follow them with: w2w-status {sweep_dir} "
-              f"(or {again}); stop them with scancel", file=sys.stderr)
+              f"(or {again}); stop them with: scancel {ids}", file=sys.stderr)
     return 130
 
 
@@ -171,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"w2w-sweep: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nw2w-sweep: interrupted while planning: nothing was submitted", file=sys.stderr)
+        return 130
     print_plan(plan)
     if args.plan:
         return 0
