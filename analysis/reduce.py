@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from w2w.analysis.metrics import METRIC_NAMES, CellTotals, compute
 from w2w.launch.axes import cell_parameters, label, varying_axes
 from w2w.launch.status import completeness
-from w2w.launch.submit import ManifestError
+from w2w.launch.submit import MANIFEST, ManifestError
 
 from w2w.records import STATUS_OK, RecordError, read_record, write_atomic
 
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-complete", action="store_true",
                         help="exit 1 if a planned cell (manifest.json) is missing, failed or still running")
     args = parser.parse_args(argv)
-    if not (args.sweep_dir / "cells").is_dir():
+    if not (args.sweep_dir / "cells").is_dir() and not (args.sweep_dir / MANIFEST).is_file():
         print(f"w2w-reduce: error: {args.sweep_dir} has no cells/ folder: give the sweep_dir of a run", file=sys.stderr)
         return 2
     try:

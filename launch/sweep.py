@@ -148,10 +148,23 @@ def _stop_local_jobs(sweep_dir: Path) -> list[str]:
              for s in entry["submissions"]}
     stopped = []
     for job_id in sorted(local & set(status.active)):
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(job_id), signal.SIGINT)  # submitit's local controller stops its tasks, then exits
-            stopped.append(job_id)
+        # The tasks, not submitit's controller: each stops its cell and logs why in its own log; the
+        # controller then ends quietly (interrupted itself, it prints a traceback onto this terminal).
+        for pid in _children(int(job_id)) or [int(job_id)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+        stopped.append(job_id)
     return stopped
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 def _interrupted(plan: Plan, sweep_dir: Path, argv: list[str]) -> int:
