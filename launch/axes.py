@@ -7,10 +7,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from w2w.config import PLACEMENT_KEYS
+
 # Not parameters of a cell's result: where it is written, and the grid that made it.
 NOT_PARAMETERS = ("sweep_dir", "grid")
 # Config groups: a key inside one that only follows the group's choice is shown as the choice.
 GROUPS = ("model", "gpu", "dataset", "cluster")
+# Shown for every cell, whether they vary or not.
+CELL_AXES = ("dataset.name", "batch_size", "max_gen_len", "power_cap_w")
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -76,6 +80,13 @@ def label(key: str) -> str:
     return key.removesuffix(".name") if _group(key) and key.endswith(".name") else key
 
 
-def describe(params: Mapping[str, Any], axes: Iterable[str]) -> str:
+def cell_axes(cells: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The columns of a cell's line under its job: the usual ones, then every other axis that varies
+    (the placement's keys are in the job's own line)."""
+    extra = [a for a in varying_axes(cells) if a not in CELL_AXES and a.split(".")[0] not in PLACEMENT_KEYS]
+    return [*CELL_AXES, *extra]
+
+
+def describe(params: Mapping[str, Any], axes: Iterable[str], skip_none: bool = False) -> str:
     """'batch_size=2 seed=1' for the axes of one cell."""
-    return " ".join(f"{label(k)}={params.get(k)}" for k in axes)
+    return " ".join(f"{label(k)}={params.get(k)}" for k in axes if not (skip_none and params.get(k) is None))

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from w2w.launch.axes import describe, varying_axes
+from w2w.launch.axes import cell_axes, describe
 from w2w.launch.submit import MANIFEST, ManifestError, load_manifest
 
 from w2w.records import RecordError, read_record, record_path
@@ -248,12 +248,12 @@ def completeness(sweep_dir: Path) -> Completeness | None:
 
 
 def _axes(manifest: dict) -> list[str]:
-    return varying_axes(c.get("params") or {} for c in manifest["cells"].values()) or ["dataset.name"]
+    return cell_axes(c.get("params") or {} for c in manifest["cells"].values())
 
 
 def _cell_line(cid: str, cell: dict, state: tuple[str, str], axes: list[str]) -> str:
     cell_st, reason = state
-    return f"  cell {cid} {cell_st:<8} {describe(cell.get('params') or {}, axes)}" + (f"  {reason}" if reason else "")
+    return f"  cell {cid} {cell_st:<8} {describe(cell.get('params') or {}, axes, skip_none=True)}" + (f"  {reason}" if reason else "")
 
 
 def render(sweep_dir: Path, status: SweepStatus) -> str:

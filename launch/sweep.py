@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from w2w.launch.axes import cell_parameters, describe, varying_axes
+from w2w.launch.axes import cell_axes, cell_parameters, describe
 from w2w.launch.plan import Cell, Job, Plan, make_plan, pending_cells
 from w2w.launch.status import StatusError, render, sweep_status
 from w2w.launch.submit import (
@@ -38,7 +38,7 @@ def print_plan(plan: Plan) -> None:
     gpus = sum(job.gpus for job in plan.jobs)
     print(f"{len(plan.jobs)} job(s), {len(plan.cells)} cell(s), {gpus} GPU(s) across jobs")
     params = {cell.id: cell_parameters(cell.cfg) for cell in plan.cells + plan.skipped}
-    axes = varying_axes(params.values()) or ["dataset.name"]
+    axes = cell_axes(params.values())
     for job in plan.jobs:
         print(job.describe())
         for cell in job.cells:
