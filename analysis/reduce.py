@@ -13,6 +13,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from w2w.analysis.metrics import METRIC_NAMES, CellTotals, compute
+from w2w.launch.axes import cell_parameters, label, varying_axes
+from w2w.launch.status import completeness
+from w2w.launch.submit import MANIFEST, ManifestError
 
 from w2w.records import STATUS_OK, RecordError, read_record, write_atomic
 
@@ -230,15 +233,46 @@ def _reduce_or_report(cell: CellRecords) -> dict:
         return {"cell_id": cell.cell_id, "status": "incomplete", "note": note}
 
 
+# The dotted config key behind each of PARAM_COLUMNS.
+_PARAM_KEYS = {"model": "model.name", "gpu": "gpu.name", "dataset": "dataset.name"}
+
+
+def _cell_parameters(cell: CellRecords) -> dict | None:
+    """Every leaf of the cell's config, from the first of its records that has one."""
+    for rank in sorted(cell.records):
+        config = cell.records[rank].get("config")
+        if isinstance(config, dict):
+            return cell_parameters(config)
+    return None
+
+
+def axis_columns(cells: dict[str, CellRecords]) -> dict[str, str]:
+    """Column -> dotted key, for each axis that varies across the sweep's cells and that
+    PARAM_COLUMNS lacks (num_prompts, seed, temperature, engine, ...): rows never differ in metrics only."""
+    params = {cid: p for cid, cell in cells.items() if (p := _cell_parameters(cell)) is not None}
+    known = {_PARAM_KEYS.get(c, c) for c in PARAM_COLUMNS}
+    return {label(key): key for key in varying_axes(params.values()) if key not in known}
+
+
 def reduce_sweep(sweep_dir: Path) -> pd.DataFrame:
-    rows = [_reduce_or_report(cell) for cell in load_cells(sweep_dir).values()]
+    """The cells table; table.attrs["axes"] names the extra columns of the axes that vary."""
+    cells = load_cells(sweep_dir)
+    extra = axis_columns(cells)
+    rows = []
+    for cell in cells.values():
+        row = _reduce_or_report(cell)
+        params = _cell_parameters(cell) or {}
+        rows.append(row | {column: params.get(key) for column, key in extra.items()})
     table = pd.DataFrame(rows)
-    for column in ("cell_id", *PARAM_COLUMNS, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus", "nodes", "note"):
+    for column in ("cell_id", *PARAM_COLUMNS, *extra, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus",
+                   "nodes", "note"):
         if column not in table:
             table[column] = None
-    sort_keys = [c for c in ("model", "gpu", "dataset", "shards", "batch_size", "max_gen_len", "engine")
+    sort_keys = [c for c in ("model", "gpu", "dataset", "shards", "batch_size", "max_gen_len", *extra)
                  if table[c].notna().any()]
-    return table.sort_values(sort_keys, kind="stable").reset_index(drop=True) if sort_keys else table
+    table = table.sort_values(sort_keys, kind="stable").reset_index(drop=True) if sort_keys else table
+    table.attrs["axes"] = list(extra)
+    return table
 
 
 def _fmt(value) -> str:
@@ -260,10 +294,16 @@ TABLE_COLUMNS = ["model", "gpu", "dataset", "shards", "engine", "batch_size", "m
                  "energy_j", "gpus"]
 
 
+def table_columns(table: pd.DataFrame) -> list[str]:
+    """TABLE_COLUMNS with the sweep's other varying axes before the status."""
+    at = TABLE_COLUMNS.index("status")
+    return [*TABLE_COLUMNS[:at], *table.attrs.get("axes", []), *TABLE_COLUMNS[at:]]
+
+
 def write_results(table: pd.DataFrame, sweep_dir: Path) -> Path:
     out = sweep_dir / "results"
     write_atomic(out / "cells.csv", table.to_csv(index=False).encode())
-    write_atomic(out / "cells.md", markdown(table, TABLE_COLUMNS).encode())
+    write_atomic(out / "cells.md", markdown(table, table_columns(table)).encode())
     text = {c: "string" for c in ("note", "energy_source", "cpu_note")}
     write_atomic(out / "cells.parquet", table.astype(text).to_parquet(index=False))
     return out
@@ -317,13 +357,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory (holds cells/)")
     parser.add_argument("--plot-timeline", metavar="CELL_ID", action="append", default=[],
                         help="also write results/timeline_<cell>.png: GPU power of every rank over the cell")
+    parser.add_argument("--require-complete", action="store_true",
+                        help="exit 1 if a planned cell (manifest.json) is missing, failed or still running")
     args = parser.parse_args(argv)
-    if not (args.sweep_dir / "cells").is_dir():
+    if not (args.sweep_dir / "cells").is_dir() and not (args.sweep_dir / MANIFEST).is_file():
         print(f"w2w-reduce: error: {args.sweep_dir} has no cells/ folder: give the sweep_dir of a run", file=sys.stderr)
+        return 2
+    try:
+        complete = completeness(args.sweep_dir)
+    except ManifestError as exc:
+        print(f"w2w-reduce: error: {exc}", file=sys.stderr)
         return 2
     table = reduce_sweep(args.sweep_dir)
     out = write_results(table, args.sweep_dir)
-    print(markdown(table, TABLE_COLUMNS), end="")
+    print(markdown(table, table_columns(table)), end="")
     for note in summary_notes(table):
         print(note)
     if (table["status"] == STATUS_OK).any():
@@ -337,7 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         except ReduceError as exc:
             print(f"w2w-reduce: error: {exc}", file=sys.stderr)
             return 2
-    return 0
+    if complete is not None and not complete.complete:
+        print(f"w2w-reduce: warning: {complete.warning()}", file=sys.stderr)
+    unfinished = not (table["status"] == STATUS_OK).all() if complete is None else not complete.complete
+    return 1 if args.require_complete and unfinished else 0
 
 
 if __name__ == "__main__":

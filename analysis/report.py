@@ -13,6 +13,8 @@ from typing import Any
 import pandas as pd
 from w2w.analysis import figures, paper, tables
 from w2w.analysis.reduce import reduce_sweep, summary_notes
+from w2w.launch.status import completeness
+from w2w.launch.submit import ManifestError
 
 from w2w.records import RecordError, read_record, write_atomic
 
@@ -326,6 +328,7 @@ class Report:
     out: Path
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    incomplete: str | None = None  # how many planned cells have no result, from the manifest
 
 
 def _write(report: Report, path: Path, text: str) -> None:
@@ -355,6 +358,8 @@ def _timelines(sweep: Path, cells: pd.DataFrame, out: Path, limit: int | None, r
 def render(sweep: Path, out: Path, max_timelines: int | None = None) -> Report:
     """Every table, figure and comparison of the paper from the sweep's records, under `out`."""
     report = Report(out)
+    complete = completeness(sweep)
+    report.incomplete = None if complete is None or complete.complete else complete.warning()
     cells = reduce_sweep(sweep)
     skipped = read_skipped(sweep)
     facts = read_facts(sweep)
@@ -390,6 +395,9 @@ def _page(sweep: Path, cells: pd.DataFrame, rendered_tables: list[tables.Table],
     lines = [f"# The paper's tables and figures from `{sweep}`", "",
              f"Reproducing {paper.CITATION}. Cells: {len(cells)} ({status}). Empty entries were not measured "
              "in this sweep: nothing here is estimated or copied from the paper except in the 'paper' columns.", ""]
+    if report.incomplete:
+        lines[1:1] = ["", f"**Warning: {report.incomplete}.** The tables and figures below hold only the cells "
+                      "that finished."]
     if report.notes:
         lines += ["## Notes", "", *[f"- {n}" for n in report.notes], ""]
     lines += ["## Comparison with the published numbers", "",
@@ -435,7 +443,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = args.out or args.sweep_dir / "results" / "paper"
-    report = render(args.sweep_dir, out, args.max_timelines)
+    try:
+        report = render(args.sweep_dir, out, args.max_timelines)
+    except ManifestError as exc:
+        print(f"w2w-report: error: {exc}", file=sys.stderr)
+        return 2
+    if report.incomplete:
+        print(f"w2w-report: warning: {report.incomplete}", file=sys.stderr)
     for note in report.notes:
         print(note)
     print(f"{len(report.files)} files under {out}/; start with {out / 'report.md'}")

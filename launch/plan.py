@@ -71,12 +71,16 @@ class Job:
     def gpus(self) -> int:
         return self.nodes * self.tasks_per_node
 
+    def shape(self) -> str:
+        """The placement, without its cell count (which grows as grids are added to a sweep)."""
+        c = self.cfg
+        return (f"model={c.model.name} gpu={c.gpu.name} shards={c.shards} precision={c.precision} "
+                f"-> {self.nodes} node(s) x {self.tasks_per_node} task(s)")
+
     def describe(self) -> str:
         c = self.cfg
         return (
-            f"job {self.key}: model={c.model.name} gpu={c.gpu.name} shards={c.shards} "
-            f"precision={c.precision} -> {self.nodes} node(s) x {self.tasks_per_node} task(s), "
-            f"{len(self.cells)} cell(s)"
+            f"job {self.key}: {self.shape()}, {len(self.cells)} cell(s)"
             + (f", peak est. {max(x.memory.total_gib for x in self.cells):.1f} GiB/GPU" if c.gpu.device == "cuda" else "")
         )
 
@@ -93,6 +97,9 @@ class Plan:
 
 def placement(cfg: DictConfig) -> tuple[int, int]:
     """(nodes, tasks per node), one GPU per task; errors name the option to change."""
+    if cfg.gpu.device == "cuda" and not cfg.cluster.gres_gpu:
+        raise ConfigError(f"gpu={cfg.gpu.name} needs GPUs but cluster={cfg.cluster.name} schedules none "
+                          "(cluster.gres_gpu=false): use gpu=cpu or a cluster with GPUs")
     per_node = cfg.cluster.gpus_per_node
     nodes = math.ceil(cfg.shards / per_node)
     if cfg.shards % nodes:

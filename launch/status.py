@@ -6,10 +6,12 @@ import argparse
 import subprocess
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from w2w.launch.submit import MANIFEST, load_manifest
+from w2w.launch.axes import cell_axes, describe
+from w2w.launch.submit import MANIFEST, ManifestError, load_manifest
 
 from w2w.records import RecordError, read_record, record_path
 
@@ -26,16 +28,28 @@ class JobState:
         return self.state in ACTIVE
 
 
+class StatusError(RuntimeError):
+    """The job states cannot be read here (no sacct): one line, not a traceback."""
+
+
+def _run(command: list[str]) -> str:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, check=False).stdout.strip()
+    except FileNotFoundError as exc:
+        raise StatusError(
+            f"{command[0]} not found: the SLURM jobs' states need SLURM's client commands; run this on the "
+            "cluster's login node (the cells' records alone are in cells/: w2w-reduce reads them anywhere)"
+        ) from exc
+
+
 def _slurm_state(job_id: str) -> JobState:
-    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode,Reason"],
-                         capture_output=True, text=True, check=False).stdout.strip().splitlines()
+    out = _run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode,Reason"]).splitlines()
     if out:
         state, exit_code, reason = [*out[-1].split("|"), "", ""][:3]
         state = state.split()[0]  # "CANCELLED by 0" -> CANCELLED
         detail = f"exit {exit_code}" if exit_code not in ("", "0:0") else ""
         return JobState(state, ", ".join(x for x in (detail, reason if reason != "None" else "") if x))
-    queued = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                            check=False).stdout.strip()
+    queued = _run(["squeue", "-h", "-j", job_id, "-o", "%T"])
     return JobState(queued or "UNKNOWN")
 
 
@@ -71,28 +85,31 @@ def _job_error(folder: str, job_id: str, state: str) -> str:
     return lines[-1] if lines else ""
 
 
-def job_state(entry: dict) -> JobState:
-    if not entry.get("submissions"):
-        return JobState("NOT_SUBMITTED")
-    last = entry["submissions"][-1]
+def submission_state(entry: dict, submission: dict) -> JobState:
+    """The state of one submission of a placement (entry), with the reason a finished one failed."""
     if entry["backend"] == "slurm":
-        state = _slurm_state(last["job_id"])
+        state = _slurm_state(submission["job_id"])
     else:
-        state = _local_state(last["job_id"], last["folder"], entry["nodes"] * entry["tasks_per_node"])
+        state = _local_state(submission["job_id"], submission["folder"], entry["nodes"] * entry["tasks_per_node"])
     if not state.active:
-        error = _job_error(last["folder"], last["job_id"], state.state)
+        error = _job_error(submission["folder"], submission["job_id"], state.state)
         if error:
             state = JobState("FAILED" if state.state in ("COMPLETED", "FINISHED") else state.state,
                              ", ".join(x for x in (state.reason, error) if x))
     return state
 
 
-def cell_state(sweep_dir: Path, cid: str, cell: dict, job: JobState | None) -> tuple[str, str]:
-    """(state, reason) of one cell, from its records first, then from its job."""
-    if cell.get("skip_reason"):
-        return "skipped", cell["skip_reason"]
+def job_state(entry: dict) -> JobState:
+    """The state of a placement's latest submission."""
+    if not entry.get("submissions"):
+        return JobState("NOT_SUBMITTED")
+    return submission_state(entry, entry["submissions"][-1])
+
+
+def cell_records(sweep_dir: Path, cid: str, world_size: int) -> tuple[str | None, str]:
+    """(state, reason) that the cell's records alone decide (done or failed), else (None, progress)."""
     records, problems = [], []
-    for rank in range(cell["world_size"]):
+    for rank in range(world_size):
         path = record_path(sweep_dir, cid, rank)
         if path.is_file():
             try:
@@ -102,59 +119,167 @@ def cell_state(sweep_dir: Path, cid: str, cell: dict, job: JobState | None) -> t
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
         return "failed", "; ".join(f"rank {r['rank']}: {r['status']}: {r.get('error', '')}" for r in failed)
-    if len(records) == cell["world_size"]:
+    if len(records) == world_size:
         return "done", "on " + ",".join(sorted({str(r.get("node")) for r in records}))
+    return None, "; ".join([f"{len(records)}/{world_size} ranks written", *problems])
+
+
+def cell_state(sweep_dir: Path, cid: str, cell: dict, job: JobState | None) -> tuple[str, str]:
+    """(state, reason) of one cell, from its records first, then from the job that last held it."""
+    if cell.get("skip_reason"):
+        return "skipped", cell["skip_reason"]
+    state, progress = cell_records(sweep_dir, cid, cell["world_size"])
+    if state:
+        return state, progress
     if job is None or job.state == "NOT_SUBMITTED":
         return "pending", "not submitted"
     if job.active:
-        return ("running" if job.state == "RUNNING" else "pending"), f"{len(records)}/{cell['world_size']} ranks written"
+        return ("running" if job.state == "RUNNING" else "pending"), progress
     reason = f"job ended {job.state}" + (f": {job.reason}" if job.reason else "")
+    problems = progress.split("; ")[1:]
     return "failed", "; ".join([reason, *problems])
+
+
+def holder(entry: dict, cid: str) -> dict | None:
+    """The latest submission of the placement that holds the cell."""
+    return next((s for s in reversed(entry.get("submissions", [])) if cid in s.get("cells", ())), None)
 
 
 @dataclass
 class SweepStatus:
     manifest: dict
-    jobs: dict[str, JobState]
+    submissions: dict[str, JobState]  # job id -> state, for the submissions that were asked
     cells: dict[str, tuple[str, str]]
+    holders: dict[str, str] = field(default_factory=dict)  # cell id -> job id of its latest submission
 
-    def counts(self) -> Counter:
-        return Counter(state for state, _ in self.cells.values())
+    def counts(self, cells: Iterable[str] | None = None) -> Counter:
+        ids = self.cells if cells is None else cells
+        return Counter(self.cells[cid][0] for cid in ids if cid in self.cells)
 
-    def summary(self) -> str:
-        counts = self.counts()
+    def summary(self, cells: Iterable[str] | None = None) -> str:
+        ids = list(self.cells if cells is None else cells)
+        counts = self.counts(ids)
         order = ("done", "failed", "running", "pending", "skipped")
-        return f"{len(self.cells)} cells: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in order)
+        return f"{len(ids)} cells: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in order)
+
+    @property
+    def active(self) -> list[str]:
+        """Job ids still queued or running."""
+        return [job_id for job_id, state in self.submissions.items() if state.active]
+
+    def in_flight(self) -> dict[str, str]:
+        """Cell id -> job id, for cells that an active job is still to run."""
+        return {cid: self.holders[cid] for cid, (state, _) in self.cells.items()
+                if state in ("running", "pending") and self.submissions.get(self.holders.get(cid, ""), _NONE).active}
 
 
-def sweep_status(sweep_dir: Path) -> SweepStatus:
+_NONE = JobState("NOT_SUBMITTED")
+
+
+def sweep_status(sweep_dir: Path, manifest: dict | None = None) -> SweepStatus:
+    """Each cell's state from its records, else from the job that last held it (asked once per job)."""
+    manifest = load_manifest(sweep_dir) if manifest is None else manifest
+    status = SweepStatus(manifest, {}, {})
+    for cid, cell in manifest["cells"].items():
+        entry = manifest["jobs"].get(cell["job"]) if cell.get("job") else None
+        job = None
+        if entry is not None and not cell.get("skip_reason"):
+            state, reason = cell_records(sweep_dir, cid, cell["world_size"])
+            if state:
+                status.cells[cid] = (state, reason)
+                continue
+            submission = holder(entry, cid)
+            if submission is not None:
+                status.holders[cid] = submission["job_id"]
+                if submission["job_id"] not in status.submissions:
+                    status.submissions[submission["job_id"]] = submission_state(entry, submission)
+                job = status.submissions[submission["job_id"]]
+        status.cells[cid] = cell_state(sweep_dir, cid, cell, job)
+    for entry in manifest["jobs"].values():  # each placement's latest job, for the listing
+        last = entry["submissions"][-1] if entry.get("submissions") else None
+        if last is not None and last["job_id"] not in status.submissions:
+            status.submissions[last["job_id"]] = submission_state(entry, last)
+    return status
+
+
+@dataclass(frozen=True)
+class Completeness:
+    """How much of the planned sweep has results: what w2w-reduce and w2w-report warn about."""
+
+    sweep_dir: Path
+    planned: int  # cells planned to run (the planner's skipped cells excluded)
+    missing: int  # not submitted (or, without job states, no records yet)
+    failed: int  # a rank's record says so, or the job ended without the records
+    running: int  # queued or running
+    note: str = ""  # why job states could not be asked
+
+    @property
+    def complete(self) -> bool:
+        return self.missing == self.failed == self.running == 0
+
+    def warning(self) -> str:
+        short = self.missing + self.failed + self.running
+        return (f"incomplete sweep: {short} of {self.planned} planned cell(s) have no result: "
+                f"{self.missing} missing, {self.failed} failed, {self.running} running or queued"
+                + (f" ({self.note})" if self.note else "") + f"; see w2w-status {self.sweep_dir}")
+
+
+def completeness(sweep_dir: Path) -> Completeness | None:
+    """From the manifest (None without one, e.g. after a bare w2w-run); where job states cannot be
+    asked (no sacct here), a cell without records counts as missing."""
+    if not (sweep_dir / MANIFEST).is_file():
+        return None
     manifest = load_manifest(sweep_dir)
-    jobs = {key: job_state(entry) for key, entry in manifest["jobs"].items()}
-    cells = {cid: cell_state(sweep_dir, cid, cell, jobs.get(cell["job"])) for cid, cell in manifest["cells"].items()}
-    return SweepStatus(manifest, jobs, cells)
+    note = ""
+    try:
+        cells = sweep_status(sweep_dir, manifest).cells
+    except StatusError as exc:
+        note = f"job states unknown: {str(exc).split(':')[0]}"
+        cells = {}
+        for cid, cell in manifest["cells"].items():
+            state = "skipped" if cell.get("skip_reason") else cell_records(sweep_dir, cid, cell["world_size"])[0]
+            cells[cid] = (state or "pending", "not submitted")
+    counts = Counter(state for state, _ in cells.values())
+    queued = sum(1 for state, reason in cells.values() if state == "pending" and reason != "not submitted")
+    return Completeness(
+        sweep_dir, planned=sum(n for state, n in counts.items() if state != "skipped"),
+        missing=counts["pending"] - queued, failed=counts["failed"], running=counts["running"] + queued, note=note,
+    )
 
 
-def _params(cell: dict) -> str:
-    p = cell["params"]
-    return " ".join(f"{k.split('.')[0]}={p[k]}" for k in ("engine", "dataset.name", "batch_size", "max_gen_len",
-                                                                "power_cap_w")
-                    if p.get(k) is not None)
+def _axes(manifest: dict) -> list[str]:
+    return cell_axes(c.get("params") or {} for c in manifest["cells"].values())
+
+
+def _cell_line(cid: str, cell: dict, state: tuple[str, str], axes: list[str]) -> str:
+    cell_st, reason = state
+    return f"  cell {cid} {cell_st:<8} {describe(cell.get('params') or {}, axes, skip_none=True)}" + (f"  {reason}" if reason else "")
 
 
 def render(sweep_dir: Path, status: SweepStatus) -> str:
+    """Every cell of the manifest, under the placement that runs it: the summary counts what is listed."""
     manifest = status.manifest
+    axes = _axes(manifest)
     lines = [f"sweep {sweep_dir}: {status.summary()}"]
+    by_job: dict[str | None, list[str]] = {}
+    for cid, cell in manifest["cells"].items():
+        by_job.setdefault(cell.get("job") if cell.get("job") in manifest["jobs"] else None, []).append(cid)
+    for key, cids in by_job.items():  # in the order they were planned
+        order = {cid: i for i, cid in enumerate(manifest["jobs"][key].get("cells", []))} if key else {}
+        cids.sort(key=lambda cid: order.get(cid, len(order)))
     for key, entry in manifest["jobs"].items():
-        state = status.jobs[key]
-        ids = ",".join(s["job_id"] for s in entry["submissions"]) or "-"
-        lines.append(f"{entry['describe']}  [{entry['backend']} {ids}: {state.state}"
-                     + (f" ({state.reason})" if state.reason else "") + "]")
-        for cid in entry["cells"]:
-            cell_st, reason = status.cells[cid]
-            lines.append(f"  cell {cid} {cell_st:<8} {_params(manifest['cells'][cid])}" + (f"  {reason}" if reason else ""))
-    skipped = [cid for cid, c in manifest["cells"].items() if c["job"] is None]
-    for cid in skipped:
-        lines.append(f"  cell {cid} skipped  {_params(manifest['cells'][cid])}  {status.cells[cid][1]}")
+        cids = by_job.get(key, [])
+        if not cids:
+            continue
+        shape = entry.get("shape") or entry.get("describe", "").split(": ", 1)[-1].split(", ")[0]
+        subs = ", ".join(f"{s['job_id']}: {status.submissions[s['job_id']].state}"
+                         + (f" ({status.submissions[s['job_id']].reason})" if status.submissions[s['job_id']].reason else "")
+                         if s["job_id"] in status.submissions else s["job_id"]
+                         for s in entry.get("submissions", [])) or "not submitted"
+        lines.append(f"job {key}: {shape}, {len(cids)} cell(s)  [{entry['backend']} {subs}]")
+        lines += [_cell_line(cid, manifest["cells"][cid], status.cells[cid], axes) for cid in cids]
+    for cid in by_job.get(None, []):
+        lines.append(_cell_line(cid, manifest["cells"][cid], status.cells[cid], axes))
     return "\n".join(lines)
 
 
@@ -165,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.sweep_dir / MANIFEST).is_file():
         print(f"w2w-status: error: {args.sweep_dir} has no {MANIFEST}: give the sweep_dir of a w2w-sweep", file=sys.stderr)
         return 2
-    print(render(args.sweep_dir, sweep_status(args.sweep_dir)))
+    try:
+        print(render(args.sweep_dir, sweep_status(args.sweep_dir)))
+    except (ManifestError, StatusError) as exc:
+        print(f"w2w-status: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

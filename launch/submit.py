@@ -1,20 +1,43 @@
-"""Submit planned jobs with submitit (SLURM or local) and keep the sweep manifest."""
+"""Submit planned jobs with submitit (SLURM or local) and keep the sweep manifest.
+
+manifest.json (version 2), one per sweep_dir, only ever grows:
+  commands: every w2w-sweep command that submitted into the folder, {argv, unix_s}
+  jobs:     per placement key: its shape, every cell ever planned for it, and its submissions,
+            each {job_id, folder, submitted_unix_s, cells, command}: a cell's state comes from the
+            latest submission that holds it
+  cells:    per cell id: {job, params (every leaf of the cell's config, dotted), skip_reason, world_size}
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import io
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import submitit
-from omegaconf import OmegaConf
+from w2w.launch.axes import cell_parameters
 from w2w.launch.job import CellsJob
 from w2w.launch.plan import Cell, Job, Plan
 
+from w2w.config import ConfigError
 from w2w.records import write_json
 
 MANIFEST = "manifest.json"
+LOCK = ".manifest.lock"
+MANIFEST_VERSION = 2
+
+
+class ManifestError(ConfigError):
+    """A manifest.json that does not parse (torn by hand, truncated by a full disk)."""
+
+
+class SubmissionError(RuntimeError):
+    """sbatch (or the local executor) refused a job; the message names the placement."""
 
 
 def slurm_parameters(job: Job) -> dict[str, Any]:
@@ -64,50 +87,113 @@ def _executor_key(job: Job) -> str:
     return json.dumps([job.cfg.cluster.backend, params], sort_keys=True, default=str)
 
 
-def submit_jobs(jobs_and_cells: list[tuple[Job, list[Cell]]], sweep_dir: Path) -> list[tuple[Job, submitit.Job]]:
-    """Submit each job with its pending cells; jobs with identical SLURM parameters form one array."""
+def _submission_message(exc: Exception) -> str:
+    """sbatch's own words: the last line that says 'error', else the last line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [type(exc).__name__])[-1]
+
+
+def submit_jobs(jobs_and_cells: list[tuple[Job, list[Cell]]], sweep_dir: Path,
+                on_submitted: Callable[[list[tuple[Job, list[Cell], submitit.Job]]], None]) -> list[SubmissionError]:
+    """Submit each job with its pending cells; jobs with identical SLURM parameters form one array.
+    on_submitted sees each array as soon as it is queued (to record it before the next sbatch);
+    a refused array is returned as an error naming its placements, and the others still go."""
     folder = sweep_dir / "submitit" / "%j"
     groups: dict[str, list[tuple[Job, list[Cell]]]] = {}
     for item in jobs_and_cells:
         groups.setdefault(_executor_key(item[0]), []).append(item)
-    submitted = []
+    errors = []
     for group in groups.values():
         executor = make_executor(group[0][0], folder)
-        with executor.batch():
-            handles = [executor.submit(CellsJob([c.cfg for c in cells])) for _, cells in group]
-        submitted.extend((job, handle) for (job, _), handle in zip(group, handles, strict=True))
-    return submitted
+        chatter = io.StringIO()  # submitit echoes sbatch's stderr; the error line below says it once
+        try:
+            with contextlib.redirect_stderr(chatter), executor.batch():
+                handles = [executor.submit(CellsJob([c.cfg for c in cells])) for _, cells in group]
+        except Exception as exc:  # sbatch's refusal, whatever submitit wraps it in
+            names = "; ".join(job.describe() for job, _ in group)
+            errors.append(SubmissionError(f"submitting {names} failed: {_submission_message(exc)}"))
+            continue
+        on_submitted([(job, cells, handle) for (job, cells), handle in zip(group, handles, strict=True)])
+    return errors
+
+
+def empty_manifest() -> dict:
+    return {"version": MANIFEST_VERSION, "commands": [], "jobs": {}, "cells": {}}
+
+
+def _upgrade(manifest: dict) -> dict:
+    """Version 1 kept one command and submissions without their cells: each held all of its job's."""
+    if manifest.get("version", 1) >= MANIFEST_VERSION:
+        return manifest
+    command = manifest.pop("command", None)
+    manifest["commands"] = [{"argv": command, "unix_s": manifest.get("updated_unix_s")}] if command else []
+    for entry in manifest.get("jobs", {}).values():
+        for submission in entry.get("submissions", []):
+            submission.setdefault("cells", list(entry.get("cells", [])))
+            submission.setdefault("command", command)
+    manifest["version"] = MANIFEST_VERSION
+    return manifest
 
 
 def load_manifest(sweep_dir: Path) -> dict:
+    """The sweep's manifest (an empty one where none is yet); ManifestError if it does not parse."""
     path = sweep_dir / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {"version": 1, "jobs": {}, "cells": {}}
+    if not path.is_file():
+        return empty_manifest()
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(
+            f"{path} is unreadable ({exc}): restore it, or move it away to start the bookkeeping afresh "
+            "(finished cells are kept: their records are in cells/)"
+        ) from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("jobs"), dict) \
+            or not isinstance(manifest.get("cells"), dict):
+        raise ManifestError(f"{path} is not a w2w-sweep manifest (no jobs/cells): restore it or move it away")
+    return _upgrade(manifest)
+
+
+@contextlib.contextmanager
+def locked(sweep_dir: Path) -> Iterator[None]:
+    """One w2w-sweep at a time reads, submits into and writes a sweep's manifest (fcntl lock)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _cell_entry(cell: Cell, job: Job | None) -> dict:
-    params = {k: OmegaConf.select(cell.cfg, k) for k in ("model.name", "gpu.name", "dataset.name", "shards",
-                                                         "precision", "engine", "batch_size", "max_gen_len",
-                                                         "power_cap_w")}
-    return {"job": None if job is None else job.key, "params": params, "skip_reason": cell.skip_reason,
-            "world_size": cell.cfg.shards}
+    return {"job": None if job is None else job.key, "params": cell_parameters(cell.cfg),
+            "skip_reason": cell.skip_reason, "world_size": cell.cfg.shards}
 
 
-def update_manifest(manifest: dict, plan: Plan, submitted: list[tuple[Job, submitit.Job]], argv: list[str]) -> dict:
-    manifest["command"] = ["w2w-sweep", *argv]
-    manifest["updated_unix_s"] = time.time()
+def record_plan(manifest: dict, plan: Plan, argv: list[str]) -> dict:
+    """Add the plan's jobs and cells (and the command) to the manifest; nothing planned before is dropped."""
+    now = time.time()
+    manifest["commands"].append({"argv": ["w2w-sweep", *argv], "unix_s": now})
+    manifest["updated_unix_s"] = now
     for job in plan.jobs:
-        entry = manifest["jobs"].setdefault(job.key, {"submissions": []})
+        entry = manifest["jobs"].setdefault(job.key, {"submissions": [], "cells": []})
+        known = set(entry.get("cells", []))
         entry |= {"nodes": job.nodes, "tasks_per_node": job.tasks_per_node, "backend": job.cfg.cluster.backend,
-                  "describe": job.describe(), "cells": [c.id for c in job.cells]}
+                  "shape": job.shape(),
+                  "cells": entry.get("cells", []) + [c.id for c in job.cells if c.id not in known]}
         for cell in job.cells:
             manifest["cells"][cell.id] = _cell_entry(cell, job)
     for cell in plan.skipped:
-        manifest["cells"][cell.id] = _cell_entry(cell, None)
-    for job, handle in submitted:
-        manifest["jobs"][job.key]["submissions"].append(
-            {"job_id": str(handle.job_id), "folder": str(handle.paths.folder), "submitted_unix_s": time.time()}
-        )
+        manifest["cells"].setdefault(cell.id, _cell_entry(cell, None))
     return manifest
+
+
+def record_submission(manifest: dict, job: Job, cells: list[Cell], handle: submitit.Job, argv: list[str]) -> None:
+    manifest["jobs"][job.key]["submissions"].append({
+        "job_id": str(handle.job_id), "folder": str(handle.paths.folder), "submitted_unix_s": time.time(),
+        "cells": [c.id for c in cells], "command": ["w2w-sweep", *argv],
+    })
 
 
 def save_manifest(manifest: dict, sweep_dir: Path) -> None:

@@ -225,7 +225,34 @@ def test_reshard_refuses_bad_requests(ckpts, tmp_path, capsys):
     assert checkpoint.reshard_main([str(ckpts["meta2"]), str(tmp_path / "x"), "--shards", "3"]) == 2
     assert "--shards=3 does not divide" in capsys.readouterr().err
     assert checkpoint.reshard_main([str(ckpts["meta2"]), str(ckpts["meta2"]), "--shards", "2"]) == 2
-    assert "exists: pass --force" in capsys.readouterr().err
+    assert "is SRC" in capsys.readouterr().err
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_reshard_onto_its_own_source_touches_nothing(ckpts, tmp_path, capsys):
+    """Issue 10.1: SRC == DST with --force used to delete SRC's params.json (also through dir/ or a link)."""
+    src = _copy(ckpts["meta2"], tmp_path / "ck")
+    (tmp_path / "link").symlink_to(src)
+    before = _tree(src)
+    for dst in (str(src), f"{src}/", str(tmp_path / "link"), f"{tmp_path}/ck/../ck"):
+        for shards in ("2", "1"):
+            assert checkpoint.reshard_main([str(src), dst, "--shards", shards, "--force"]) == 2, dst
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "is SRC" in err and "nothing was changed" in err, err
+    assert _tree(src) == before
+    assert checkpoint.model_args(model_cfg(src)).n_layers == ARGS.n_layers
+
+
+def test_reshard_to_a_regular_file_is_one_line(ckpts, tmp_path, capsys):
+    dst = tmp_path / "file"
+    dst.write_text("keep me")
+    assert checkpoint.reshard_main([str(ckpts["meta2"]), str(dst), "--shards", "1", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"w2w-reshard: error: DST {dst} is a file, not a folder: give a directory to write the checkpoint into\n"
+    assert dst.read_text() == "keep me"
 
 
 # ---------------------------------------------------------------------------------------------

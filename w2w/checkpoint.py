@@ -404,6 +404,15 @@ def _stale_shards(dst: Path, shards: int) -> list[Path]:
     return [p for p in dst.iterdir() if _META_SHARD.fullmatch(p.name) and int(p.name.split(".")[1]) >= shards]
 
 
+def _check_destination(src: Path, dst: Path) -> None:
+    """DST must be a folder other than SRC (after `dir/`, `..` and symbolic links resolve)."""
+    if dst.exists() and not dst.is_dir():
+        raise ConfigError(f"DST {dst} is a file, not a folder: give a directory to write the checkpoint into")
+    if src.exists() and dst.resolve() == src.resolve():
+        raise ConfigError(f"DST {dst} is SRC {src}: write the resharded checkpoint to a new directory "
+                          "(nothing was changed)")
+
+
 def reshard_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="w2w-reshard",
@@ -419,6 +428,7 @@ def reshard_main(argv: list[str] | None = None) -> int:
     try:
         if opts.shards < 1:
             raise ConfigError(f"--shards={opts.shards}: must be >= 1")
+        _check_destination(opts.src, opts.dst)  # before anything in DST is removed
         if (opts.dst / PARAMS_JSON).exists() and not opts.force:
             raise ConfigError(f"{opts.dst / PARAMS_JSON} exists: pass --force to overwrite")
         stale = _stale_shards(opts.dst, opts.shards)

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, ValueType
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
@@ -77,6 +78,7 @@ class ClusterConfig:
     qos: str | None = None
     constraint: str | None = None
     gres: str | None = None  # e.g. gpu:volta:2; None: gpu:<gpus per node used>
+    gres_gpu: bool = True  # the scheduler hands out GPUs (gres/gpu); false: CPU-only nodes, gpu=cpu only
     timeout_min: int = 60
     cpus_per_task: int = 1
     mem_gb: float | None = None
@@ -166,12 +168,26 @@ def expand_overrides(overrides: list[str]) -> list[list[str]]:
     axes = []
     for override in parsed:
         key = override.get_key_element()
+        _check_sweep_kind(override)
         if override.is_sweep_override():
             values = [f"{key}={v}" for v in override.sweep_string_iterator()]
         else:
             values = [f"{key}={override.get_value_element_as_str()}"]
         axes.append(values)
     return [list(point) for point in itertools.product(*axes)]
+
+
+def _check_sweep_kind(override: Override) -> None:
+    """w2w expands comma lists and range(); glob() and interval() have no list of values to run."""
+    kind = override.value_type
+    if kind == ValueType.GLOB_CHOICE_SWEEP:
+        raise ConfigError(f"{override.input_line}: glob(...) sweeps are not supported by w2w: list the options, "
+                          f"e.g. {override.get_key_element()}=a,b (valid: "
+                          f"{', '.join(group_options(override.get_key_element())) or 'see conf/'})")
+    if kind == ValueType.INTERVAL_SWEEP:
+        raise ConfigError(f"{override.input_line}: interval(...) sweeps are not supported by w2w (it is a range "
+                          f"for optimizers, not a list of cells): list the values, e.g. "
+                          f"{override.get_key_element()}=0.5,0.8, or use range(start,stop,step)")
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -233,6 +249,11 @@ def _composition_message(exc: ConfigCompositionException) -> str:
     match = re.search(r"Could not override '([^']+)'", str(exc))
     if match and ("not in struct" in text or "Key '" in text):
         return f"unknown key '{match.group(1)}': valid keys are {', '.join(_valid_keys(_compose([])))}"
+    merging = re.search(r"Error merging override (\S+)", str(exc))
+    if merging and exc.__cause__ is not None:
+        # OmegaConf's reason, without its multi-line "full_key/object_type" trailer.
+        reason = str(exc.__cause__).strip().splitlines()[0]
+        return f"{merging.group(1)}: {reason}"
     return str(exc)
 
 

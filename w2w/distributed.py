@@ -13,6 +13,8 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 
+from w2w.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -92,7 +94,7 @@ def _device(device_type: str, local_rank: int) -> torch.device:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks_here))
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("gpu profile asks for CUDA but no GPU is visible: set gpu=cpu or run on a GPU node")
+        raise ConfigError("gpu profile asks for CUDA but no GPU is visible: set gpu=cpu or run on a GPU node")
     # SLURM binds one GPU per task (CUDA_VISIBLE_DEVICES has one entry) or shows the node's GPUs.
     index = local_rank if torch.cuda.device_count() > 1 else 0
     torch.cuda.set_device(index)
@@ -107,9 +109,9 @@ def _free_port() -> int:
 
 def init_model_parallel(shards: int, world_size: int) -> None:
     if world_size != shards:
-        raise RuntimeError(
+        raise ConfigError(
             f"shards={shards} but {world_size} process(es) started: launch one process per shard "
-            f"(w2w-sweep does; with torchrun use --nproc-per-node {shards})"
+            f"(w2w-sweep does; or start it with torchrun --nproc-per-node {shards})"
         )
     if not fs_init.model_parallel_is_initialized():
         fs_init.initialize_model_parallel(shards)

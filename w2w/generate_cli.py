@@ -44,6 +44,20 @@ def compose(overrides: list[str]) -> DictConfig:
     return compose_cell(points[0])
 
 
+def length_problem(prompt_tokens: int, max_gen_len: int, max_seq_len: int) -> str | None:
+    """Why prompt + max_gen_len does not fit the model's context, and what can fix it; None if it fits."""
+    if prompt_tokens + max_gen_len <= max_seq_len:
+        return None
+    head = (f"prompt of {prompt_tokens} tokens + max_gen_len={max_gen_len} exceeds "
+            f"model.max_seq_len={max_seq_len}")
+    if prompt_tokens >= max_seq_len:
+        # No max_gen_len can help: the prompt alone fills the context.
+        return (f"{head}: the prompt alone fills the context: shorten the prompt to under {max_seq_len} "
+                f"tokens, or raise model.max_seq_len if the model was trained for a longer context")
+    return (f"{head}: lower max_gen_len to at most {max_seq_len - prompt_tokens}, shorten the prompt, "
+            f"or raise model.max_seq_len if the model was trained for a longer context")
+
+
 def complete(cfg: DictConfig, prompt: str) -> tuple[str, int]:
     """Run on every rank; returns (completion text, rank)."""
     info = distributed.init(cfg.gpu.device, cfg.dist_timeout_s)
@@ -53,11 +67,9 @@ def complete(cfg: DictConfig, prompt: str) -> tuple[str, int]:
     model, tokenizer = load_model(cfg, info)
     log.info("model %s loaded at %d shard(s) in %.2f s", cfg.model.name, cfg.shards, time.perf_counter() - start)
     ids = tokenizer.encode(prompt)
-    if len(ids) + cfg.max_gen_len > model.args.max_seq_len:
-        raise ConfigError(
-            f"prompt of {len(ids)} tokens + max_gen_len={cfg.max_gen_len} exceeds "
-            f"model.max_seq_len={model.args.max_seq_len}: lower max_gen_len"
-        )
+    problem = length_problem(len(ids), cfg.max_gen_len, model.args.max_seq_len)
+    if problem:
+        raise ConfigError(problem)
     params = SamplingParams(
         max_gen_len=cfg.max_gen_len,
         temperature=cfg.temperature,
