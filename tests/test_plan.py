@@ -57,3 +57,42 @@ def test_sbatch_for_one_placement_matches_golden():
     if os.environ.get("W2W_UPDATE_GOLDEN"):
         golden.write_text(script)
     assert script == golden.read_text()
+
+
+def _gsm8k_file(path: Path, n: int) -> Path:
+    path.write_text("".join(f'{{"question": "q{i}?"}}\n' for i in range(n)))
+    return path
+
+
+def test_editing_the_prompt_file_changes_the_cell_ids_and_it_is_read_once(tmp_path, monkeypatch):
+    import w2w.data
+
+    data = _gsm8k_file(tmp_path / "g.jsonl", 8)
+    grid = ["dataset=gsm8k", f"dataset.path={data}", "dataset.num_prompts=4", "batch_size=1,2,4",
+            f"sweep_dir={tmp_path / 'sweep'}"]
+    reads: list[Path] = []
+    real = w2w.data.file_sha256
+    monkeypatch.setattr(w2w.data, "file_sha256", lambda path: reads.append(path) or real(path))
+    before = [cell.id for cell in make_plan(grid).cells]
+    assert len(before) == 3 and len(reads) == 1  # one dataset, three cells: hashed once
+    assert make_plan(grid).cells[0].cfg.dataset.content_sha256 == real(data)
+    assert [cell.id for cell in make_plan(grid).cells] == before  # same bytes, same ids
+    data.write_text(data.read_text().replace("q3?", "q3 edited?"))
+    after = [cell.id for cell in make_plan(grid).cells]
+    assert not set(after) & set(before)
+
+
+def test_a_job_refuses_a_prompt_file_edited_after_planning(tmp_path):
+    from w2w.data import check_unchanged
+
+    data = _gsm8k_file(tmp_path / "g.jsonl", 4)
+    (cell,) = make_plan(["dataset=gsm8k", f"dataset.path={data}", "dataset.num_prompts=2"]).cells
+    check_unchanged(cell.cfg.dataset)
+    data.write_text(data.read_text() + '{"question": "new?"}\n')
+    with pytest.raises(ConfigError, match=r"g.jsonl was edited after the sweep was planned: re-run w2w-sweep"):
+        check_unchanged(cell.cfg.dataset)
+
+
+def test_synthetic_cells_carry_no_content_hash():
+    (cell,) = make_plan(["dataset=synthetic"]).cells
+    assert cell.cfg.dataset.content_sha256 is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
@@ -54,6 +55,26 @@ def check_local_path(cfg: DictConfig) -> Path | None:
     if local.stat().st_size == 0:
         raise ConfigError(f"dataset.path={cfg.path}: the file is empty")
     return local
+
+
+def file_sha256(path: Path) -> str:
+    """The file's content hash (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_unchanged(cfg: DictConfig) -> None:
+    """The prompt file still holds what the cell id was computed from (a job may start hours later)."""
+    expected = cfg.get("content_sha256")
+    local = check_local_path(cfg)
+    if expected and local is not None and file_sha256(local) != expected:
+        raise ConfigError(
+            f"dataset.path={cfg.path} was edited after the sweep was planned: re-run w2w-sweep so that "
+            f"its cells get new ids (the results would otherwise be filed under the old data's cells)"
+        )
 
 
 def _load_rows(cfg: DictConfig):
