@@ -44,6 +44,7 @@ class CellProgress:
     batches: list[dict] = field(default_factory=list)  # index, segment, counts, times, energy
     segments: list[dict] = field(default_factory=list)  # segment, job_id, first_batch, idle, warm-up
     version: int = PROGRESS_VERSION
+    _saving: bool = field(default=True, repr=False)
 
     @classmethod
     def load(cls, path: Path, shape: CellShape) -> CellProgress:
@@ -81,16 +82,18 @@ class CellProgress:
         number = self.segments[-1]["segment"] + 1 if self.segments else 0
         self.segments.append({"segment": number, "first_batch": self.done} | segment)
 
-    def add_batch(self, batch: dict) -> None:
-        """Record one finished batch atomically: a kill at any point leaves the previous file whole."""
+    def add_batch(self, batch: dict, *, save: bool = True) -> None:
+        """Record one finished batch, and save the list atomically (a kill at any point leaves the
+        previous file whole); save=False: this batch and the later ones are not resumed from."""
         self.batches.append({"index": self.done, "segment": self.segments[-1]["segment"]} | batch)
-        if self.path is not None:
+        self._saving = self._saving and save
+        if self.path is not None and self._saving:
             write_json(self.path, {"version": self.version, "shape": asdict(self.shape),
                                    "batches": self.batches, "segments": self.segments})
 
 def _sum(values: list) -> float | None:
-    """None where any batch has no figure: never a partial sum."""
-    return None if any(v is None for v in values) else float(math.fsum(values))
+    """None where any batch has no figure (or there is no batch): never a partial sum."""
+    return None if not values or any(v is None for v in values) else float(math.fsum(values))
 
 
 def sum_batches(batches: list[dict], segments: list[dict]) -> dict:

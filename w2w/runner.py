@@ -247,8 +247,7 @@ def run_cell(
         entry, error = _run_batch(cfg, batches[index], model, tokenizer, cache_len, clock, phases)
         if error:
             errors.append(f"batch {index}: {error}")
-        if not errors:  # a batch after a meter error is not resumed from: its figures are void
-            progress.add_batch(entry)
+        progress.add_batch(entry, save=not errors)  # a re-run does not resume after void figures
         log.info("cell batch %d/%d: %d output tokens", index + 1, len(batches), entry["counts"]["output_tokens"])
     cell: Window = monitor.end_window("cell")
     totals = sum_batches(progress.batches, progress.segments)
