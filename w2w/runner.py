@@ -42,7 +42,7 @@ from w2w.records import (
     write_atomic,
     write_json,
 )
-from w2w.tokenizer import Tokenizer
+from w2w.tokenizer import Tokenizer, check_vocab
 
 log = logging.getLogger("w2w.run")
 WARMUP_TOKENS = 4
@@ -94,11 +94,7 @@ def load_model(cfg: DictConfig, info: distributed.DistInfo) -> tuple[Transformer
     checkpoint.check_precision(cfg.precision, info.device)
     tokenizer = Tokenizer(checkpoint.tokenizer_path(cfg.model))
     args = checkpoint.model_args(cfg.model)
-    if tokenizer.vocab_size != args.vocab_size:
-        raise ConfigError(
-            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but model {cfg.model.name} "
-            f"has vocab_size={args.vocab_size}: set model.tokenizer_path to the model's tokenizer"
-        )
+    check_vocab(tokenizer.path, tokenizer.vocab_size, cfg.model.name, args.vocab_size)
     state = checkpoint.load_rank_state(cfg.model, args, info.rank, info.world_size)
     model = build_model(args, state, info.device, DTYPES[cfg.precision])
     return model, tokenizer
