@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from w2w.analysis.reduce import reduce_sweep
 
 from tests.parallel import run_parallel
@@ -14,12 +15,12 @@ from w2w.records import read_record, record_path
 MAX_GEN_LEN = 6  # not the warm-up's length: the fake below tells the two apart
 
 
-def _cells(sweep):
+def _cells(sweep, *extra: str):
     return compose_grid(["shards=2", "precision=fp32", f"max_gen_len={MAX_GEN_LEN}", "greedy=true",
-                         "dataset.num_prompts=8", "batch_size=2", "dist_timeout_s=20", f"sweep_dir={sweep}"])
+                         "dataset.num_prompts=8", "batch_size=2", "dist_timeout_s=20", f"sweep_dir={sweep}", *extra])
 
 
-def _run(sweep, preempt_after: int | None) -> tuple[object, list[str]]:
+def _run(sweep, preempt_after: int | None, *extra: str) -> tuple[object, list[str]]:
     """run_cells, stopped by SystemExit (what submitit's USR2 handler raises) before a batch."""
     from w2w import runner
 
@@ -34,7 +35,7 @@ def _run(sweep, preempt_after: int | None) -> tuple[object, list[str]]:
 
     runner.generate = generate
     try:
-        return runner.run_cells(_cells(sweep)), calls
+        return runner.run_cells(_cells(sweep, *extra)), calls
     except SystemExit:
         return "preempted", calls
 
@@ -106,3 +107,61 @@ def test_ranks_agree_on_the_fewest_finished_batches_and_a_new_segment_follows(tm
     again = CellProgress.load(progress.path, _shape())
     assert [(b["index"], b["segment"]) for b in again.batches] == [(0, 0), (1, 1)]
     assert [(s["segment"], s["first_batch"]) for s in again.segments] == [(0, 0), (1, 1)]
+
+
+ACTIVE_W = 150.0  # each fake GPU's draw while the model runs
+IDLE_W = (40.0, 60.0)  # ... at rest, in the first and in the second segment
+
+
+def _run_metered(sweep, preempt_after: int | None, segment: int) -> tuple[object, list[str]]:
+    """_run with a fake NVML GPU behind the runner's meter; its idle draw differs per segment."""
+    import os
+    from unittest import mock
+
+    from tests.fake_nvml import FakeGpu, fake_nvml
+    from w2w import runner
+    from w2w.energy import EnergyMonitor
+
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    gpus = [FakeGpu(uuid=f"GPU-{i}", power_w=ACTIVE_W) for i in range(2)]
+    gpu, nvml = gpus[int(os.environ["RANK"])], fake_nvml(gpus)
+
+    class Metered(EnergyMonitor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, nvml=nvml, **kwargs)
+
+        def measure_idle(self, seconds):
+            gpu.set_power(IDLE_W[segment], self._clock())
+            try:
+                return super().measure_idle(seconds)
+            finally:
+                gpu.set_power(ACTIVE_W, self._clock())
+
+    with mock.patch.object(runner, "EnergyMonitor", Metered):
+        return _run(sweep, preempt_after, "energy.idle_seconds=0.3", "energy.rapl=false")
+
+
+def test_a_resumed_cell_sums_the_energy_windows_of_its_batches_at_each_segments_idle_power(tmp_path):
+    sweep = tmp_path / "sweep"
+    for outcome, _ in run_parallel(2, _run_metered, sweep, 1, 0):
+        assert outcome == "preempted"
+    for outcome, _ in run_parallel(2, _run_metered, sweep, None, 1):
+        assert outcome == ["ok"]
+    cid = cell_id(_cells(sweep, "energy.idle_seconds=0.3", "energy.rapl=false")[0])
+    for rank in (0, 1):
+        record = read_record(record_path(sweep, cid, rank))
+        batches, energy = record["batches"], record["energy"]
+        assert [b["segment"] for b in batches] == [0, 1, 1, 1]
+        assert [s["idle_power_w"] for s in record["segments"]] == [pytest.approx(w, rel=0.05) for w in IDLE_W]
+        assert energy["gpu_j"] == pytest.approx(sum(b["energy"]["gpu_j"] for b in batches), rel=1e-12)
+        assert energy["gpu_j"] == pytest.approx(ACTIVE_W * record["times"]["total_s"], rel=0.05)
+        for phase in ("prefill_gpu_j", "decode_gpu_j"):
+            assert energy[phase] == pytest.approx(sum(b["energy"][phase] for b in batches), rel=1e-12)
+        idle = sum(IDLE_W[b["segment"]] * b["times"]["total_s"] for b in batches)
+        assert energy["idle_gpu_j"] == pytest.approx(idle, rel=0.05)
+    row = reduce_sweep(sweep).iloc[0]
+    assert row["segments"] == 2
+    records = [read_record(record_path(sweep, cid, rank)) for rank in (0, 1)]
+    assert row["energy_j"] == pytest.approx(sum(r["energy"]["gpu_j"] for r in records), rel=1e-12)
+    above = sum(r["energy"]["gpu_j"] - r["energy"]["idle_gpu_j"] for r in records)
+    assert row["energy_j_above_idle"] == pytest.approx(above, rel=1e-9)
