@@ -17,6 +17,7 @@ from w2w.launch.axes import cell_parameters, label, varying_axes
 from w2w.launch.status import completeness
 from w2w.launch.submit import MANIFEST, ManifestError
 
+from w2w.progress import with_batch_totals
 from w2w.records import STATUS_OK, RecordError, read_record, write_atomic
 
 PARAM_COLUMNS = ("model", "gpu", "dataset", "shards", "precision", "engine", "batch_size", "max_gen_len",
@@ -132,8 +133,10 @@ def _energy_sum(records: list[dict], key: str) -> float | None:
 
 
 def _idle_energy(records: list[dict]) -> float:
-    """What each GPU would have drawn at rest over its own window of the cell."""
-    return float(math.fsum(r["energy"]["idle_power_w"] * r["times"]["total_s"] for r in records))
+    """What each GPU would have drawn at rest over its own window of the cell (of each segment's batches,
+    at that segment's baseline, where the cell ran in several)."""
+    return float(math.fsum(r["energy"]["idle_gpu_j"] if r["energy"].get("idle_gpu_j") is not None
+                           else r["energy"]["idle_power_w"] * r["times"]["total_s"] for r in records))
 
 
 def _energy_source(records: list[dict]) -> str:
@@ -182,7 +185,7 @@ def _energy_columns(records: list[dict], energy_j: float | None) -> dict:
 
 def reduce_cell(cell: CellRecords) -> dict:
     """One row of the cells table."""
-    records = [cell.records[r] for r in sorted(cell.records)]
+    records = [with_batch_totals(cell.records[r]) for r in sorted(cell.records)]
     row: dict = {"cell_id": cell.cell_id}
     if not records:
         return row | {"status": "incomplete", "note": "; ".join(cell.problems) or "no records"}
@@ -216,6 +219,7 @@ def reduce_cell(cell: CellRecords) -> dict:
         "energy_j_paper": _paper_energy(records) if energy_j is not None else None,
         "gpus": world,
         "nodes": len({r["node"] for r in records}),
+        "segments": max(len(r.get("segments") or [None]) for r in records),  # job attempts that ran it
         "total_s": totals.total_s,
         "output_tokens": totals.output_tokens,
         "responses": totals.responses,
@@ -265,7 +269,7 @@ def reduce_sweep(sweep_dir: Path) -> pd.DataFrame:
         rows.append(row | {column: params.get(key) for column, key in extra.items()})
     table = pd.DataFrame(rows)
     for column in ("cell_id", *PARAM_COLUMNS, *extra, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus",
-                   "nodes", "note"):
+                   "nodes", "segments", "note"):
         if column not in table:
             table[column] = None
     sort_keys = [c for c in ("model", "gpu", "dataset", "shards", "batch_size", "max_gen_len", *extra)

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
-from w2w.checkpoint import model_args
+from w2w.checkpoint import model_args, tokenizer_path
 from w2w.config import ConfigError, cell_id, compose_grid, placement_key
-from w2w.data import check_local_path
+from w2w.data import check_dataset
 from w2w.model import DTYPES, ModelArgs
 from w2w.records import cell_done
+from w2w.tokenizer import check_vocab, piece_count
 
 GIB = 1024**3
 # Activations, allocator slack and the CUDA context: a margin on top of weights + KV cache.
@@ -127,17 +128,30 @@ def _fit_reason(cfg: DictConfig, memory: MemoryEstimate) -> str | None:
     )
 
 
+def check_tokenizer(model: DictConfig, args: ModelArgs) -> None:
+    """A checkpoint's (or a named) tokenizer must match its embedding: known here, not after the load.
+    Random weights without a tokenizer_path use the bundled tiny tokenizer, as the runner does."""
+    if model.checkpoint_dir or model.tokenizer_path:
+        path = tokenizer_path(model)
+        check_vocab(path, piece_count(path), model.name, args.vocab_size)
+
+
 def make_plan(overrides: list[str]) -> Plan:
     """Every cell of the grid, validated; cells of one placement share a job."""
     groups: dict[str, list[Cell]] = {}
     skipped: list[Cell] = []
     shapes: dict[str, ModelArgs] = {}  # a checkpoint's header is read once per model, not per cell
+    datasets: set[str] = set()  # each prompt set is checked once, not per cell
     for cfg in compose_grid(overrides):
         placement(cfg)
-        check_local_path(cfg.dataset)  # a missing prompt file is known before anything is submitted
+        data_key = json.dumps(OmegaConf.to_container(cfg.dataset, resolve=True), sort_keys=True)
+        if data_key not in datasets:  # bad prompt files are known before anything is submitted
+            check_dataset(cfg.dataset)
+            datasets.add(data_key)
         key = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True)
         if key not in shapes:
             shapes[key] = model_args(cfg.model)
+            check_tokenizer(cfg.model, shapes[key])
         memory = estimate_memory(cfg, shapes[key])
         cell = Cell(cfg, cell_id(cfg), memory, _fit_reason(cfg, memory))
         if cell.skip_reason:

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# No network in tests: hub dataset names (the paper presets') plan from the datasets cache, as a
+# user without network would run them; tests of the unreachable-hub error unset this.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 IN_CI = os.environ.get("CI") == "true"
 
 

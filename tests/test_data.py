@@ -41,7 +41,7 @@ def test_gsm8k_samples_with_a_seed_from_a_json_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(None, "no such file"), ("", "empty"), ('{"text": "x"}\n', "needs rows with field"),
+    [(None, "no such file"), ("", "empty"), ('{"text": "x"}\n', "line 1 has no field 'question'"),
      ('{"question": "a"}\n', "num_prompts=5 but")],
 )
 def test_bad_prompt_files_are_clear(tmp_path, content, message):

@@ -19,7 +19,8 @@ from w2w.records import STATUS_OK, read_record, write_atomic
 
 ACTIVE_W = [120.0, 180.0]  # what each rank's fake GPU draws while the model runs
 IDLE_W = [40.0, 70.0]  # ... and at rest during the idle baseline
-CELL_CPU_UJ = {"intel-rapl:0": 7_000_000, "intel-rapl:1": 3_000_000}  # the node's CPUs during each cell
+# The node's CPUs during each batch (the cells below have two): a cell's CPU energy sums its batches.
+BATCH_CPU_UJ = {"intel-rapl:0": 3_500_000, "intel-rapl:1": 1_500_000}
 MAX_RANGE_UJ = 262_143_328_850
 
 
@@ -77,8 +78,8 @@ def _rank(cells: list[DictConfig], tree: Path, denied_rank: int | None, failing_
             super().begin_window(name)
 
         def end_window(self, name):
-            if name == "cell" and self.rapl is not None:
-                for zone, uj in CELL_CPU_UJ.items():
+            if name == "batch" and self.rapl is not None:
+                for zone, uj in BATCH_CPU_UJ.items():
                     path = tree / zone / "energy_uj"
                     write_atomic(path, f"{(int(path.read_text()) + uj) % MAX_RANGE_UJ}\n".encode())
             try:

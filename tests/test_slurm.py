@@ -145,3 +145,63 @@ def test_failed_job_shows_its_reason_and_others_complete(tmp_path):
     assert "2 cells: 1 done, 1 failed" in status
     (failed,) = [line for line in status.splitlines() if " failed " in line and "cell" in line]
     assert "FAILED" in failed and "exit 3" in failed and "module llama-env not found" in failed
+
+
+
+# One cell of twelve batches across both nodes; every response max_gen_len tokens long, so an
+# uninterrupted run's counts are known without running it.
+BATCHED_CELL = [*BASE, "shards=2", "batch_size=2", "max_gen_len=32", "force_max_gen_len=true",
+                "dataset.num_prompts=24"]
+
+
+def _uninterrupted_counts() -> dict[str, int]:
+    from w2w.config import compose_cell
+    from w2w.data import load_prompts
+    from w2w.tokenizer import TINY_TOKENIZER, Tokenizer
+
+    cfg = compose_cell(BATCHED_CELL)
+    prompts = load_prompts(cfg.dataset)
+    tokenizer, longest = Tokenizer(TINY_TOKENIZER), cfg.dataset.max_prompt_tokens
+    return {"prompts": len(prompts), "responses": len(prompts), "batches": 12,
+            "prompt_tokens": sum(min(len(tokenizer.encode(p)), longest) for p in prompts),
+            "output_tokens": len(prompts) * cfg.max_gen_len}
+
+
+def _progress(sweep: Path) -> dict[int, int]:
+    """Finished batches per rank, from the progress files of the sweep's only cell."""
+    return {int(p.stem[-5:]): len(json.loads(p.read_text())["batches"])
+            for p in sweep.glob("cells/*/progress-rank-*.json")}
+
+
+def test_preempted_mid_cell_resumes_at_its_first_unfinished_batch(tmp_path):
+    sweep = tmp_path / "sweep"
+    job_id = _submit(sweep, [*BATCHED_CELL, f"sweep_dir={sweep}"])
+    _wait_for(lambda: len(_progress(sweep)) == 2 and min(_progress(sweep).values()) >= 2, 180, "two batches", job_id)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    _wait_for(lambda: "Reason=BeginTime" in _scontrol_job(job_id), 60, "the requeue")
+    time.sleep(4)  # KillWait: the job's processes may still be ending
+    finished = min(_progress(sweep).values())
+    assert 2 <= finished < 12  # preempted mid-cell
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    _wait_for(lambda: _sacct_state(job_id) == "COMPLETED", 300, "the requeued job")
+
+    log = next(sweep.glob(f"submitit/{job_id}/{job_id}_0_log.err")).read_text()
+    assert f"resumed at batch {finished + 1}/12" in log
+    (records,) = _records(sweep).values()
+    for record in records:
+        assert record["status"] == "ok" and record["counts"]["batches"] == 12
+        # Only the unfinished batches ran again, in a second segment that warmed up again.
+        assert [b["segment"] for b in record["batches"]] == [0] * finished + [1] * (12 - finished)
+        first, second = record["segments"]
+        assert second["first_batch"] == finished and second["restart_count"] == first["restart_count"] + 1
+        assert second["warmup_s"] > 0 and second["start_unix_s"] > first["start_unix_s"]
+    assert not _progress(sweep)  # the records hold the batches now
+    assert "1 cells (1 ok)" in cli("w2w.analysis.reduce", str(sweep)).stdout
+    import pandas as pd
+
+    row = pd.read_csv(sweep / "results" / "cells.csv").iloc[0]
+    assert row["segments"] == 2 and row["responses"] == 24
+
+    expected = _uninterrupted_counts()
+    for record in records:
+        assert {k: record["counts"][k] for k in expected} == expected

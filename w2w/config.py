@@ -65,6 +65,8 @@ class DatasetConfig:
     seed: int = 0
     # Longer prompts keep their last tokens; also the prompt length the memory-fit check assumes.
     max_prompt_tokens: int = 128
+    # Set by w2w, not an option: sha256 of the local prompt file, so that editing it changes the cell id.
+    content_sha256: str | None = None
 
 
 @dataclass
@@ -340,8 +342,21 @@ def cell_id(cfg: DictConfig) -> str:
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in _ID_EXCLUDED:
         data.pop(key, None)
+    if data["dataset"].get("content_sha256") is None:  # hub and synthetic data keep their earlier ids
+        data["dataset"].pop("content_sha256", None)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def stamp_content_hash(cfg: DictConfig, hashes: dict[str, str | None]) -> None:
+    """Put the local prompt file's content hash into the cell's config (hence into its id)."""
+    from w2w.data import check_local_path, file_sha256
+
+    local = check_local_path(cfg.dataset) if cfg.dataset.name != "synthetic" else None
+    key = str(local.resolve()) if local is not None else ""
+    if key and key not in hashes:
+        hashes[key] = file_sha256(local)
+    cfg.dataset.content_sha256 = hashes.get(key)
 
 
 def placement_key(cfg: DictConfig) -> str:
@@ -358,9 +373,11 @@ def compose_grid(overrides: list[str]) -> list[DictConfig]:
     except OverrideParseException as exc:
         raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
     cells, seen = [], set()
+    hashes: dict[str, str | None] = {}  # each prompt file is read once, however many cells use it
     for part in parts:
         for point in expand_overrides(part):
             cfg = compose_cell(point)
+            stamp_content_hash(cfg, hashes)
             cid = cell_id(cfg)
             if cid not in seen:
                 seen.add(cid)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
+import os
 import random
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from omegaconf import DictConfig
 
@@ -21,6 +27,9 @@ ALPACA_NO_INPUT = (
 )
 REQUIRED_FIELDS = {"alpaca": ("instruction",), "gsm8k": ("question",)}
 HUB_SUBSETS = {"gsm8k": "main"}
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv")
+HUB_TIMEOUT_S = 3.0  # one connection attempt: long enough for a slow proxy, not the 25 s of retries
+_TRUE = ("1", "true", "yes", "on")
 
 WORDS = (
     "the energy of a model grows with its size and the number of tokens it writes while "
@@ -47,13 +56,146 @@ def check_local_path(cfg: DictConfig) -> Path | None:
     if cfg.path is None:
         return None
     local = Path(cfg.path)
-    if local.suffix not in (".json", ".jsonl") and not local.exists():
+    if local.suffix not in LOCAL_SUFFIXES and not local.exists():
         return None
     if not local.is_file():
-        raise ConfigError(f"dataset.path={cfg.path}: no such file; give a local .json/.jsonl or a hub name")
+        raise ConfigError(f"dataset.path={cfg.path}: no such file; give a local .json/.jsonl/.csv or a hub name")
     if local.stat().st_size == 0:
         raise ConfigError(f"dataset.path={cfg.path}: the file is empty")
     return local
+
+
+def file_sha256(path: Path) -> str:
+    """The file's content hash (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_unchanged(cfg: DictConfig) -> None:
+    """The prompt file still holds what the cell id was computed from (a job may start hours later)."""
+    expected = cfg.get("content_sha256")
+    local = check_local_path(cfg)
+    if expected and local is not None and file_sha256(local) != expected:
+        raise ConfigError(
+            f"dataset.path={cfg.path} was edited after the sweep was planned: re-run w2w-sweep so that "
+            f"its cells get new ids (the results would otherwise be filed under the old data's cells)"
+        )
+
+
+Rows = list[tuple[str, object]]  # (where in the file: "line 3" or "row 3", the row)
+
+
+def _json_rows(path: Path) -> Rows:
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"line {number}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"dataset.path={path}: line {number} is not JSON ({exc.msg}, column "
+                                      f"{exc.colno}): fix or remove that line") from None
+        return rows
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"dataset.path={path}: not valid JSON at line {exc.lineno} column {exc.colno} "
+                          f"({exc.msg}); a .json file holds a list of rows, a .jsonl one row per line") from None
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        width = {len(v) for v in data.values()}
+        if len(width) != 1:
+            raise ConfigError(f"dataset.path={path}: its columns have different lengths {sorted(width)}")
+        data = [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
+    if not isinstance(data, list):
+        raise ConfigError(f"dataset.path={path}: holds a JSON {type(data).__name__}; give a list of rows "
+                          f"(objects) or one object per line in a .jsonl file")
+    return [(f"row {number}", row) for number, row in enumerate(data, 1)]
+
+
+def _csv_rows(path: Path) -> Rows:
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        rows = []
+        for values in reader:
+            if not any(v.strip() for v in values):
+                continue
+            if header is None or len(values) != len(header):
+                raise ConfigError(f"dataset.path={path}: line {reader.line_num} has {len(values)} fields but the "
+                                  f"header has {len(header or [])}: quote fields that hold commas")
+            rows.append((f"line {reader.line_num}", dict(zip(header, values, strict=True))))
+    return rows
+
+
+def local_rows(path: Path) -> Rows:
+    """The rows of a local prompt file, parsed here: errors name the file and the row."""
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise ConfigError(f"dataset.path={path}: unknown file type '{path.suffix}': give .json, .jsonl or .csv")
+    try:
+        return _csv_rows(path) if path.suffix == ".csv" else _json_rows(path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"dataset.path={path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def check_rows(cfg: DictConfig, path: Path, rows: Rows) -> None:
+    """Every row holds the dataset's fields, not null; there are enough rows for num_prompts."""
+    if not rows:
+        raise ConfigError(f"dataset.path={path}: the file has no rows (only blank lines)")
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise ConfigError(f"dataset.path={path}: {where} is a JSON {type(row).__name__}, not an object")
+        for name in REQUIRED_FIELDS[cfg.name]:
+            if name not in row:
+                raise ConfigError(f"dataset.path={path}: {where} has no field '{name}' ({cfg.name} needs "
+                                  f"{', '.join(REQUIRED_FIELDS[cfg.name])}; it has {', '.join(row) or 'none'})")
+            value = row[name]
+            if value is None or not isinstance(value, str) or not value.strip():
+                what = "null" if value is None else "empty" if isinstance(value, str) else f"a {type(value).__name__}"
+                raise ConfigError(f"dataset.path={path}: {where} has field '{name}' {what}, not text: "
+                                  f"fill it in or remove the row")
+    if cfg.num_prompts > len(rows):
+        raise ConfigError(
+            f"dataset.num_prompts={cfg.num_prompts} but {path} has {len(rows)} rows: "
+            f"lower dataset.num_prompts or use a larger split"
+        )
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in _TRUE for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def check_hub_reachable(cfg: DictConfig) -> None:
+    """A hub name needs the hub (one quick connection), unless the user runs from the datasets cache."""
+    if hub_offline():
+        return
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"dataset.path={cfg.path} is a Hugging Face hub name but {host} cannot be reached from "
+            f"{socket.gethostname()} ({exc}): give a local copy, e.g. dataset.path=/data/{cfg.name}.jsonl "
+            f"(.json, .jsonl or .csv), or set HF_DATASETS_OFFLINE=1 to read it from your datasets cache"
+        ) from None
+
+
+def check_dataset(cfg: DictConfig) -> None:
+    """What would fail on the node, checked before anything is submitted (and again on the node)."""
+    if cfg.name == "synthetic":
+        return
+    if cfg.name not in REQUIRED_FIELDS:
+        raise ConfigError(f"dataset.name={cfg.name}: valid are synthetic, {', '.join(REQUIRED_FIELDS)}")
+    if cfg.path is None:
+        raise ConfigError(f"dataset.path is empty for dataset {cfg.name}: give a hub name or a local .json/.jsonl")
+    local = check_local_path(cfg)
+    if local is None:
+        check_hub_reachable(cfg)
+    else:
+        check_rows(cfg, local, local_rows(local))
 
 
 def _load_rows(cfg: DictConfig):
@@ -65,7 +207,7 @@ def _load_rows(cfg: DictConfig):
         raise ConfigError(f"dataset.path is empty for dataset {cfg.name}: give a hub name or a local .json/.jsonl")
     local = check_local_path(cfg)
     if local is not None:
-        return datasets.load_dataset("json", data_files=str(local), split="train")
+        return datasets.load_dataset("csv" if local.suffix == ".csv" else "json", data_files=str(local), split="train")
     return datasets.load_dataset(path, HUB_SUBSETS.get(cfg.name), split=cfg.split)
 
 
@@ -75,6 +217,7 @@ def load_prompts(cfg: DictConfig) -> list[str]:
         return synthetic_prompts(cfg.num_prompts, cfg.seed)
     if cfg.name not in REQUIRED_FIELDS:
         raise ConfigError(f"dataset.name={cfg.name}: valid are synthetic, {', '.join(REQUIRED_FIELDS)}")
+    check_dataset(cfg)
     rows = _load_rows(cfg)
     missing = [f for f in REQUIRED_FIELDS[cfg.name] if f not in rows.column_names]
     if missing or len(rows) == 0:

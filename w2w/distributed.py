@@ -140,6 +140,16 @@ def all_ok(flag: bool) -> bool:
     return bool(t.item())
 
 
+def agreed_min(value: int) -> int:
+    """The smallest value over all ranks."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = _flag(False)
+    t.fill_(value)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from w2w import checkpoint, distributed
 from w2w.config import ConfigError, cell_id, compose_grid, placement_key
-from w2w.data import load_prompts
+from w2w.data import check_unchanged, load_prompts
 from w2w.energy import (
     EnergyError,
     EnergyMonitor,
@@ -31,6 +32,7 @@ from w2w.energy import (
 )
 from w2w.generation import Generation, PhaseClock, SamplingParams, generate, synchronize
 from w2w.model import DTYPES, Transformer, build_model
+from w2w.progress import BATCH_COUNTS, CellProgress, CellShape, progress_path, sum_batches
 from w2w.records import (
     SCHEMA_VERSION,
     STATUS_OK,
@@ -40,7 +42,7 @@ from w2w.records import (
     write_atomic,
     write_json,
 )
-from w2w.tokenizer import Tokenizer
+from w2w.tokenizer import Tokenizer, check_vocab
 
 log = logging.getLogger("w2w.run")
 WARMUP_TOKENS = 4
@@ -92,11 +94,7 @@ def load_model(cfg: DictConfig, info: distributed.DistInfo) -> tuple[Transformer
     checkpoint.check_precision(cfg.precision, info.device)
     tokenizer = Tokenizer(checkpoint.tokenizer_path(cfg.model))
     args = checkpoint.model_args(cfg.model)
-    if tokenizer.vocab_size != args.vocab_size:
-        raise ConfigError(
-            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but model {cfg.model.name} "
-            f"has vocab_size={args.vocab_size}: set model.tokenizer_path to the model's tokenizer"
-        )
+    check_vocab(tokenizer.path, tokenizer.vocab_size, cfg.model.name, args.vocab_size)
     state = checkpoint.load_rank_state(cfg.model, args, info.rank, info.world_size)
     model = build_model(args, state, info.device, DTYPES[cfg.precision])
     return model, tokenizer
@@ -135,6 +133,7 @@ def load_prompt_sets(cells: list[DictConfig]) -> dict[str, list[str]]:
     for cfg in cells:
         key = _dataset_key(cfg)
         if key not in sets:
+            check_unchanged(cfg.dataset)
             sets[key] = load_prompts(cfg.dataset)
     return sets
 
@@ -168,6 +167,45 @@ def _cell_energy(cell: Window, phases: PhaseEnergy, warmup: Window | None, monit
     }
 
 
+def _warm_up(cfg: DictConfig, model: Transformer, batch: list[list[int]], tokenizer: Tokenizer, cache_len: int,
+             monitor: EnergyMonitor) -> Window | None:
+    """First calls pay for allocation and kernel selection; keep them out of the cell (every segment)."""
+    if not cfg.warmup:
+        return None
+    monitor.begin_window("warmup")
+    generate(model, batch, _sampling(cfg, WARMUP_TOKENS), tokenizer.eos_id, tokenizer.pad_id, cache_len,
+             engine=cfg.engine)
+    return monitor.end_window("warmup")
+
+
+def _run_batch(
+    cfg: DictConfig, batch: list[list[int]], model: Transformer, tokenizer: Tokenizer, cache_len: int,
+    clock: PhaseClock, phases: PhaseEnergy,
+) -> tuple[dict, str | None]:
+    """One batch in an energy window of its own: its entry for the progress file, and its window's error."""
+    seconds, joules = dict(clock.seconds), dict(phases.joules)
+    phases.monitor.begin_window("batch")
+    gen = generate(model, batch, _sampling(cfg), tokenizer.eos_id, tokenizer.pad_id, cache_len, clock, cfg.engine)
+    counts = Counts()
+    counts.add(gen, [tokenizer.decode(t) for t in gen.tokens])
+    window = phases.monitor.end_window("batch")
+
+    def joules_in(phase: str) -> float | None:
+        now, then = phases.joules.get(phase), joules.get(phase, 0.0)
+        return None if now is None or then is None else now - then
+
+    entry = {
+        "counts": {k: getattr(counts, k) for k in BATCH_COUNTS},
+        "times": {"start_unix_s": window.start_unix_s, "total_s": window.duration_s,
+                  "prefill_s": clock.seconds["prefill"] - seconds.get("prefill", 0.0),
+                  "decode_s": clock.seconds["decode"] - seconds.get("decode", 0.0)},
+        "energy": {"gpu_j": window.gpu_energy_j, "counter_gpu_j": window.counter_energy_j,
+                   "integrated_gpu_j": window.integrated_energy_j, "prefill_gpu_j": joules_in("prefill"),
+                   "decode_gpu_j": joules_in("decode"), "cpu_j": window.cpu_energy_j},
+    }
+    return entry, window.error
+
+
 def run_cell(
     cfg: DictConfig,
     texts: list[str],
@@ -177,8 +215,11 @@ def run_cell(
     *,
     timeline: Path | None = None,
     rank: int = 0,
+    progress: CellProgress | None = None,
+    segment: dict | None = None,
 ) -> dict:
-    """Run the cell's prompts (texts); returns the measured part of the record.
+    """Run the cell's prompts (texts) from progress's first unfinished batch; returns the measured
+    part of the record, summed over the batches of every segment (job attempt) that ran the cell.
 
     An NVML read error during the cell makes it status error (the rest is still recorded).
     """
@@ -187,36 +228,37 @@ def run_cell(
     prompts = _encode(texts, tokenizer, max_prompt_len, counts)
     cache_len = max(len(p) for p in prompts) + cfg.max_gen_len
     batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
-    warmup: Window | None = None
-    if cfg.warmup:
-        # First calls pay for allocation and kernel selection; keep them out of the cell.
-        monitor.begin_window("warmup")
-        generate(model, batches[0], _sampling(cfg, WARMUP_TOKENS), tokenizer.eos_id, tokenizer.pad_id, cache_len,
-                 engine=cfg.engine)
-        warmup = monitor.end_window("warmup")
+    if progress is None:  # nothing saved between batches
+        progress = CellProgress(CellShape("", rank, 1, cfg.batch_size, len(batches)), None)
+    start = progress.done
+    warmup = _warm_up(cfg, model, batches[start], tokenizer, cache_len, monitor) if start < len(batches) else None
+    progress.begin_segment((segment or {}) | {
+        "start_unix_s": time.time(), "warmup_s": warmup.duration_s if warmup else 0.0,
+        "warmup_gpu_j": warmup.gpu_energy_j if warmup else None,
+    })
     phases = PhaseEnergy(monitor)
     clock = PhaseClock(model.device, phases.on_boundary)
     clock.enter(None)  # synchronize before the cell's window opens
     monitor.begin_window("cell")
-    for index, batch in enumerate(batches):
-        gen = generate(model, batch, _sampling(cfg), tokenizer.eos_id, tokenizer.pad_id, cache_len, clock, cfg.engine)
-        counts.add(gen, [tokenizer.decode(t) for t in gen.tokens])
-        log.info("cell batch %d/%d: %d output tokens", index + 1, len(batches), counts.output_tokens)
+    errors: list[str] = []
+    for index in range(start, len(batches)):
+        entry, error = _run_batch(cfg, batches[index], model, tokenizer, cache_len, clock, phases)
+        if error:
+            errors.append(f"batch {index}: {error}")
+        progress.add_batch(entry, save=not errors)  # a re-run does not resume after void figures
+        log.info("cell batch %d/%d: %d output tokens", index + 1, len(batches), entry["counts"]["output_tokens"])
     cell: Window = monitor.end_window("cell")
+    totals = sum_batches(progress.batches, progress.segments)
     result = {
-        "counts": asdict(counts),
-        "times": {
-            "start_unix_s": cell.start_unix_s,
-            "total_s": cell.duration_s,
-            "prefill_s": clock.seconds["prefill"],
-            "decode_s": clock.seconds["decode"],
-            "warmup_s": warmup.duration_s if warmup else 0.0,
-        },
-        "energy": _cell_energy(cell, phases, warmup, monitor),
+        "counts": totals["counts"] | {"truncated_prompts": counts.truncated_prompts},
+        "times": totals["times"] | {"warmup_s": warmup.duration_s if warmup else 0.0},
+        "energy": _cell_energy(cell, phases, warmup, monitor) | totals["energy"],
         "telemetry": summarize(cell.samples, monitor.memory_total_mib, list(cell.telemetry_errors)),
         "timeline": _write_timeline(timeline, cell, rank),
+        "batches": progress.batches,
+        "segments": [s for s in progress.segments if s["segment"] in {b["segment"] for b in progress.batches}],
     }
-    errors = ([f"cell: {cell.error}"] if cell.error else []) + phases.errors
+    errors = ([f"cell: {cell.error}"] if cell.error else []) + phases.errors + errors
     if errors:  # the figures are void; later cells still try
         more = f" (and {len(errors) - 1} more window(s))" if len(errors) > 1 else ""
         result |= {"status": "error", "error": f"EnergyError: {errors[0]}{more}"}
@@ -357,6 +399,26 @@ def run_cells(cells: list[DictConfig]) -> list[str]:
         return _run_loaded(cells, info, monitor, capper, prompt_sets)
 
 
+def _resume(cfg: DictConfig, cid: str, info: distributed.DistInfo, num_prompts: int) -> CellProgress:
+    """The batches of the cell that earlier segments finished on every rank (a preempted job's)."""
+    shape = CellShape(cid, info.rank, info.world_size, cfg.batch_size, math.ceil(num_prompts / cfg.batch_size))
+    progress = CellProgress.load(progress_path(cfg.sweep_dir, cid, info.rank), shape)
+    start = distributed.agreed_min(progress.done)  # ranks run batches together: resume where all got to
+    progress.resume_at(start)
+    if start:
+        log.info("cell %s: resumed at batch %d/%d after %d segment(s)", cid, start + 1, shape.num_batches,
+                 len(progress.segments))
+    return progress
+
+
+def _segment(job_energy: dict) -> dict:
+    """This job attempt: the idle baseline it measured after its (re)start."""
+    env = os.environ
+    return {"job_id": env.get("SLURM_JOB_ID") or env.get("SUBMITIT_JOB_ID"),
+            "restart_count": int(env.get("SLURM_RESTART_COUNT", 0)),
+            "idle_power_w": job_energy.get("idle_power_w"), "idle_s": job_energy.get("idle_s")}
+
+
 def _measure_cell(
     cfg: DictConfig, cid: str, texts: list[str], loaded: tuple[Transformer, Tokenizer, dict],
     info: distributed.DistInfo, monitor: EnergyMonitor, capper: PowerCapper,
@@ -368,7 +430,9 @@ def _measure_cell(
     try:
         _apply_power_cap(capper, cfg)
         timeline = timeline_path(cfg.sweep_dir, cid, info.rank)
-        record |= {"status": STATUS_OK} | run_cell(cfg, texts, model, tokenizer, monitor, timeline=timeline, rank=info.rank)
+        progress = _resume(cfg, cid, info, len(texts))
+        record |= {"status": STATUS_OK} | run_cell(cfg, texts, model, tokenizer, monitor, timeline=timeline,
+                                                   rank=info.rank, progress=progress, segment=_segment(job_energy))
     except Exception as exc:  # the sweep goes on; the record says what happened
         record |= _failure(exc)
         outcome = distributed.GROUP_BROKEN if distributed.is_collective_error(exc) else distributed.CELL_FAILED
@@ -397,6 +461,8 @@ def _run_loaded(
             if record["status"] != STATUS_OK:
                 log.error("cell %s failed: %s", cid, record["error"])
             write_json(record_path(cfg.sweep_dir, cid, info.rank), record)
+            if record["status"] == STATUS_OK:  # the record holds the batches now; a failed cell resumes
+                progress_path(cfg.sweep_dir, cid, info.rank).unlink(missing_ok=True)
             statuses.append(record["status"])
             log.info("cell %d/%d %s: %s", index + 1, len(cells), cid, record["status"])
             if distributed.worst_outcome(outcome, info) == distributed.GROUP_BROKEN:

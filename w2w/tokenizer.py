@@ -8,7 +8,25 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from w2w.config import ConfigError
+
 TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer.model"
+
+
+def check_vocab(path: Path, pieces: int, model_name: str, vocab_size: int) -> None:
+    """The tokenizer's pieces are the model's vocabulary (checked when planning and when loading)."""
+    if pieces != vocab_size:
+        raise ConfigError(
+            f"tokenizer {path} has {pieces} pieces but model {model_name} has vocab_size={vocab_size}: "
+            f"set model.tokenizer_path to the model's tokenizer"
+        )
+
+
+def piece_count(path: Path) -> int:
+    """The tokenizer's vocabulary size, without building a Tokenizer."""
+    if not path.is_file():
+        raise ConfigError(f"tokenizer model {path} not found: set model.tokenizer_path")
+    return spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
 
 
 class Tokenizer:

@@ -1,0 +1,167 @@
+"""A cell preempted between batches resumes at its first unfinished batch (gloo ranks, no SLURM)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from w2w.analysis.reduce import reduce_sweep
+
+from tests.parallel import run_parallel
+from w2w.config import cell_id, compose_grid
+from w2w.progress import CellProgress, CellShape, progress_path
+from w2w.records import read_record, record_path
+
+MAX_GEN_LEN = 6  # not the warm-up's length: the fake below tells the two apart
+
+
+def _cells(sweep, *extra: str):
+    return compose_grid(["shards=2", "precision=fp32", f"max_gen_len={MAX_GEN_LEN}", "greedy=true",
+                         "dataset.num_prompts=8", "batch_size=2", "dist_timeout_s=20", f"sweep_dir={sweep}", *extra])
+
+
+def _run(sweep, preempt_after: int | None, *extra: str) -> tuple[object, list[str]]:
+    """run_cells, stopped by SystemExit (what submitit's USR2 handler raises) before a batch."""
+    from w2w import runner
+
+    real, calls = runner.generate, []
+
+    def generate(model, prompts, params, *args, **kwargs):
+        kind = "batch" if params.max_gen_len == MAX_GEN_LEN else "warmup"
+        if kind == "batch" and calls.count("batch") == preempt_after:
+            raise SystemExit("preempted")
+        calls.append(kind)
+        return real(model, prompts, params, *args, **kwargs)
+
+    runner.generate = generate
+    try:
+        return runner.run_cells(_cells(sweep, *extra)), calls
+    except SystemExit:
+        return "preempted", calls
+
+
+def test_a_preempted_cell_runs_only_its_unfinished_batches_and_matches_an_uninterrupted_run(tmp_path):
+    sweep, reference = tmp_path / "sweep", tmp_path / "reference"
+    cid = cell_id(_cells(sweep)[0])
+    for outcome, calls in run_parallel(2, _run, sweep, 2):
+        assert outcome == "preempted" and calls == ["warmup", "batch", "batch"]
+    for rank in (0, 1):
+        assert not record_path(sweep, cid, rank).exists()
+        saved = json.loads(progress_path(sweep, cid, rank).read_text())
+        assert [b["index"] for b in saved["batches"]] == [0, 1]
+
+    for outcome, calls in run_parallel(2, _run, sweep, None):
+        assert outcome == ["ok"] and calls == ["warmup", "batch", "batch"]  # warmed up again; 2 of 4 batches
+    for outcome, calls in run_parallel(2, _run, reference, None):
+        assert outcome == ["ok"] and calls == ["warmup", "batch", "batch", "batch", "batch"]
+
+    for rank in (0, 1):
+        resumed, whole = read_record(record_path(sweep, cid, rank)), read_record(record_path(reference, cid, rank))
+        assert not progress_path(sweep, cid, rank).exists()  # the record holds the batches now
+        assert [(b["index"], b["segment"]) for b in resumed["batches"]] == [(0, 0), (1, 0), (2, 1), (3, 1)]
+        assert [s["first_batch"] for s in resumed["segments"]] == [0, 2]
+        assert all(s["warmup_s"] > 0 and "idle_power_w" in s for s in resumed["segments"])
+        assert len(whole["segments"]) == 1
+        for key in ("prompts", "responses", "prompt_tokens", "output_tokens", "output_words", "batches"):
+            assert resumed["counts"][key] == whole["counts"][key], key
+        assert resumed["counts"]["batches"] == 4 and resumed["counts"]["output_tokens"] > 0
+        total = sum(b["times"]["total_s"] for b in resumed["batches"])
+        assert abs(resumed["times"]["total_s"] - total) < 1e-9
+
+    row = reduce_sweep(sweep).iloc[0]
+    ref_row = reduce_sweep(reference).iloc[0]
+    assert row["status"] == "ok" and row["segments"] == 2 and ref_row["segments"] == 1
+    assert row["output_tokens"] == ref_row["output_tokens"] and row["responses"] == ref_row["responses"] == 8
+
+
+def _shape(**changes) -> CellShape:
+    return CellShape(**({"cell_id": "c", "rank": 0, "world_size": 2, "batch_size": 2, "num_batches": 4} | changes))
+
+
+def _saved(tmp_path, batches: int) -> CellProgress:
+    progress = CellProgress(_shape(), tmp_path / "progress-rank-00000.json")
+    progress.begin_segment({"idle_power_w": 50.0})
+    for _ in range(batches):
+        progress.add_batch({"counts": {}, "times": {"start_unix_s": 0.0, "total_s": 1.0}, "energy": {}})
+    return progress
+
+
+def test_progress_resumes_only_what_matches_this_cell_and_batching(tmp_path):
+    saved = _saved(tmp_path, 3)
+    assert CellProgress.load(saved.path, _shape()).done == 3
+    assert CellProgress.load(saved.path, _shape(batch_size=4, num_batches=2)).done == 0  # other batching
+    assert CellProgress.load(saved.path, _shape(world_size=4)).done == 0
+    data = json.loads(saved.path.read_text())
+    data["batches"][1]["index"] = 7  # a gap: only the run of batches from the first counts
+    saved.path.write_text(json.dumps(data))
+    assert CellProgress.load(saved.path, _shape()).done == 1
+    saved.path.write_text('{"version": 1, "shape": {"cell_id"')  # not what write_json leaves, but a hand edit
+    assert CellProgress.load(saved.path, _shape()).done == 0
+
+
+def test_ranks_agree_on_the_fewest_finished_batches_and_a_new_segment_follows(tmp_path):
+    progress = CellProgress.load(_saved(tmp_path, 3).path, _shape())
+    progress.resume_at(1)  # another rank had finished only one batch
+    progress.begin_segment({"idle_power_w": 60.0})
+    progress.add_batch({"counts": {}, "times": {"start_unix_s": 1.0, "total_s": 2.0}, "energy": {}})
+    again = CellProgress.load(progress.path, _shape())
+    assert [(b["index"], b["segment"]) for b in again.batches] == [(0, 0), (1, 1)]
+    assert [(s["segment"], s["first_batch"]) for s in again.segments] == [(0, 0), (1, 1)]
+
+
+ACTIVE_W = 150.0  # each fake GPU's draw while the model runs
+IDLE_W = (40.0, 60.0)  # ... at rest, in the first and in the second segment
+
+
+def _run_metered(sweep, preempt_after: int | None, segment: int) -> tuple[object, list[str]]:
+    """_run with a fake NVML GPU behind the runner's meter; its idle draw differs per segment."""
+    import os
+    from unittest import mock
+
+    from tests.fake_nvml import FakeGpu, fake_nvml
+    from w2w import runner
+    from w2w.energy import EnergyMonitor
+
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    gpus = [FakeGpu(uuid=f"GPU-{i}", power_w=ACTIVE_W) for i in range(2)]
+    gpu, nvml = gpus[int(os.environ["RANK"])], fake_nvml(gpus)
+
+    class Metered(EnergyMonitor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, nvml=nvml, **kwargs)
+
+        def measure_idle(self, seconds):
+            gpu.set_power(IDLE_W[segment], self._clock())
+            try:
+                return super().measure_idle(seconds)
+            finally:
+                gpu.set_power(ACTIVE_W, self._clock())
+
+    with mock.patch.object(runner, "EnergyMonitor", Metered):
+        return _run(sweep, preempt_after, "energy.idle_seconds=0.3", "energy.rapl=false")
+
+
+def test_a_resumed_cell_sums_the_energy_windows_of_its_batches_at_each_segments_idle_power(tmp_path):
+    sweep = tmp_path / "sweep"
+    for outcome, _ in run_parallel(2, _run_metered, sweep, 1, 0):
+        assert outcome == "preempted"
+    for outcome, _ in run_parallel(2, _run_metered, sweep, None, 1):
+        assert outcome == ["ok"]
+    cid = cell_id(_cells(sweep, "energy.idle_seconds=0.3", "energy.rapl=false")[0])
+    for rank in (0, 1):
+        record = read_record(record_path(sweep, cid, rank))
+        batches, energy = record["batches"], record["energy"]
+        assert [b["segment"] for b in batches] == [0, 1, 1, 1]
+        assert [s["idle_power_w"] for s in record["segments"]] == [pytest.approx(w, rel=0.05) for w in IDLE_W]
+        assert energy["gpu_j"] == pytest.approx(sum(b["energy"]["gpu_j"] for b in batches), rel=1e-12)
+        assert energy["gpu_j"] == pytest.approx(ACTIVE_W * record["times"]["total_s"], rel=0.05)
+        for phase in ("prefill_gpu_j", "decode_gpu_j"):
+            assert energy[phase] == pytest.approx(sum(b["energy"][phase] for b in batches), rel=1e-12)
+        idle = sum(IDLE_W[b["segment"]] * b["times"]["total_s"] for b in batches)
+        assert energy["idle_gpu_j"] == pytest.approx(idle, rel=0.05)
+    row = reduce_sweep(sweep).iloc[0]
+    assert row["segments"] == 2
+    records = [read_record(record_path(sweep, cid, rank)) for rank in (0, 1)]
+    assert row["energy_j"] == pytest.approx(sum(r["energy"]["gpu_j"] for r in records), rel=1e-12)
+    above = sum(r["energy"]["gpu_j"] - r["energy"]["idle_gpu_j"] for r in records)
+    assert row["energy_j_above_idle"] == pytest.approx(above, rel=1e-9)
