@@ -5,15 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from w2w.checkpoint import model_args
 from w2w.config import ConfigError, cell_id, compose_grid, placement_key
 from w2w.data import check_local_path
-from w2w.model import DTYPES, ModelArgs
 from w2w.records import cell_done
+from w2w.shapes import PRECISION_BYTES, ModelArgs, preset_args
 
 GIB = 1024**3
 # Activations, allocator slack and the CUDA context: a margin on top of weights + KV cache.
@@ -33,7 +34,7 @@ class MemoryEstimate:
 
 def estimate_memory(cfg: DictConfig, args: ModelArgs) -> MemoryEstimate:
     """From the shapes alone; nothing is loaded on the login node."""
-    width = DTYPES[cfg.precision].itemsize
+    width = PRECISION_BYTES[cfg.precision]
     weights = args.num_params() * width / cfg.shards
     tokens = cfg.batch_size * (cfg.dataset.max_prompt_tokens + cfg.max_gen_len)
     kv = 2 * args.n_layers * tokens * args.kv_heads * args.head_dim * width / cfg.shards
@@ -120,17 +121,27 @@ def _fit_reason(cfg: DictConfig, memory: MemoryEstimate) -> str | None:
     )
 
 
-def make_plan(overrides: list[str]) -> Plan:
+def _shapes(model: DictConfig) -> ModelArgs:
+    """The model's real shapes: a checkpoint's (checked against its preset) or the preset's."""
+    if not model.checkpoint_dir:
+        return preset_args(model)
+    # Imported here: reading shard headers needs torch, planning without a checkpoint does not.
+    from w2w.checkpoint import model_args
+
+    return model_args(model)
+
+
+def make_plan(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> Plan:
     """Every cell of the grid, validated; cells of one placement share a job."""
     groups: dict[str, list[Cell]] = {}
     skipped: list[Cell] = []
     shapes: dict[str, ModelArgs] = {}  # a checkpoint's header is read once per model, not per cell
-    for cfg in compose_grid(overrides):
+    for cfg in compose_grid(overrides, config_dir):
         placement(cfg)
         check_local_path(cfg.dataset)  # a missing prompt file is known before anything is submitted
         key = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True)
         if key not in shapes:
-            shapes[key] = model_args(cfg.model)
+            shapes[key] = _shapes(cfg.model)
         memory = estimate_memory(cfg, shapes[key])
         cell = Cell(cfg, cell_id(cfg), memory, _fit_reason(cfg, memory))
         if cell.skip_reason:

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
 import math
+import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# Site cluster profiles and model presets: folders searched before the packaged configs.
+CONFIG_DIR_ENV = "W2W_CONFIG_DIR"
 PRECISIONS = ("fp32", "fp16", "bf16")
 ENERGY_BACKENDS = ("auto", "nvml", "none")
 
@@ -138,8 +145,29 @@ PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
 _ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command")
 
 
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def package_config_dir() -> Path:
+    """The configs installed with w2w: conf/ at the top of the repository, w2w.conf once installed."""
+    return Path(str(files("w2w.conf")))
+
+
+def config_dirs(extra: Sequence[str | Path] = ()) -> list[Path]:
+    """Where presets are looked up, first match wins: `extra` (--config-dir), W2W_CONFIG_DIR, the package."""
+    given = [("--config-dir", str(d)) for d in extra]
+    given += [(CONFIG_DIR_ENV, d) for d in os.environ.get(CONFIG_DIR_ENV, "").split(os.pathsep) if d]
+    dirs = []
+    for option, value in given:
+        path = Path(value).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(
+                f"{option}={value} is not a directory: point it at a folder of presets laid out like "
+                "w2w's own (cluster/NAME.yaml, model/NAME.yaml, ...)"
+            )
+        dirs.append(path)
+    return [*dirs, package_config_dir()]
+
+
+def group_options(group: str, dirs: Sequence[Path] | None = None) -> list[str]:
+    return sorted({p.stem for d in (dirs or config_dirs()) for p in (d / group).glob("*.yaml")})
 
 
 def _valid_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -171,66 +199,171 @@ def expand_overrides(overrides: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)]
 
 
-def _compose(overrides: list[str]) -> DictConfig:
-    register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    except MissingConfigException as exc:
-        raise ConfigError(_missing_option_message(exc, overrides)) from exc
-    except ConfigCompositionException as exc:
-        raise ConfigError(_composition_message(exc)) from exc
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def compose_cell(overrides: list[str]) -> DictConfig:
-    """Compose and validate one cell's config; errors name the option and the fix."""
-    cfg = _compose(overrides)
-    validate(cfg)
-    return cfg
-
-
 def _grid_value(value: Any) -> str:
     if isinstance(value, (list, ListConfig)):
         return ",".join(str(v) for v in value)
     return "null" if value is None else str(value)
 
 
-def subgrids(overrides: list[str]) -> list[list[str]]:
+def _search_entry(path: Path) -> str:
+    """A quoted `file://` entry of hydra.searchpath (a path may hold commas or spaces)."""
+    return "'file://" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class Composer:
+    """Hydra composition of many cells.
+
+    Hydra composes the defaults list (config-group choices: model=, gpu=, +experiment=, ...) and
+    then applies the plain `key=value` overrides to the result. The first step costs ~70 ms and
+    depends on the group choices alone, so it runs once per distinct set of choices; each cell
+    copies that base and applies its own values with Hydra's own override code.
+    """
+
+    def __init__(self, config_dir: Sequence[str | Path] = ()):
+        self.dirs = config_dirs(config_dir)
+        self.groups = {p.name for d in self.dirs for p in d.iterdir() if p.is_dir() and not p.name.startswith("_")}
+        self._parser = OverridesParser.create()
+        self._bases: dict[tuple[tuple[str, ...], bool], DictConfig] = {}
+        self._checkpoints: dict[str, dict[str, Any]] = {}
+
+    def _hydra(self, overrides: list[str]) -> DictConfig:
+        register_configs()
+        search = [f"hydra.searchpath=[{','.join(_search_entry(d) for d in self.dirs[1:])}]"]
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(self.dirs[0]), version_base="1.3"):
+                return compose(config_name="config", overrides=overrides + (search if len(self.dirs) > 1 else []))
+        except MissingConfigException as exc:
+            raise ConfigError(self._missing_option_message(exc, overrides)) from exc
+        except ConfigCompositionException as exc:
+            raise ConfigError(self._composition_message(exc)) from exc
+        finally:
+            GlobalHydra.instance().clear()
+
+    def _is_choice(self, override: Override) -> bool:
+        key = override.key_or_group
+        return override.package is not None or key.split("/")[0] in self.groups or key.startswith("hydra")
+
+    def base(self, choices: tuple[str, ...], grid: bool = True) -> DictConfig:
+        """Hydra's config for these group choices; grid=False: without the experiment's grid."""
+        if (choices, grid) not in self._bases:
+            if grid:
+                self._bases[choices, grid] = self._hydra(list(choices))
+            else:
+                # A cell is one point of the grid: the grid itself would only be copied and resolved again.
+                cfg = copy.deepcopy(self.base(choices))
+                cfg.grid = None
+                self._bases[choices, grid] = cfg
+        return self._bases[choices, grid]
+
+    def compose(self, overrides: list[str], grid: bool = True) -> DictConfig:
+        """What Hydra's compose returns for `overrides`, unvalidated; grid=False: grid set to null."""
+        try:
+            parsed = self._parser.parse_overrides(overrides)
+        except OverrideParseException as exc:
+            raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
+        cfg = copy.deepcopy(self.base(tuple(o.input_line for o in parsed if self._is_choice(o)), grid))
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if not self._is_choice(o)], cfg)
+        except ConfigCompositionException as exc:
+            raise ConfigError(self._composition_message(exc)) from exc
+        return cfg
+
+    def cell(self, overrides: list[str]) -> DictConfig:
+        """Compose and validate one cell's config; errors name the option and the fix."""
+        cfg = self.compose(overrides, grid=False)
+        self._fill_from_checkpoint(cfg.model)
+        validate(cfg)
+        return cfg
+
+    def _fill_from_checkpoint(self, model: DictConfig) -> None:
+        """Model fields left ??? (model=checkpoint) come from the checkpoint's params.json / config.json."""
+        unset = [k for k in model if OmegaConf.is_missing(model, k)]
+        if not unset:
+            return
+        if not model.checkpoint_dir:
+            raise ConfigError(
+                f"model.{unset[0]} is not set: pass model.checkpoint_dir=DIR to read the architecture "
+                "from the checkpoint's params.json (Meta) or config.json (Hugging Face)"
+            )
+        directory = str(model.checkpoint_dir)
+        if directory not in self._checkpoints:
+            from w2w.checkpoint import architecture  # torch: only when a checkpoint must be read
+
+            self._checkpoints[directory] = architecture(Path(directory))
+        found = self._checkpoints[directory]
+        for key in unset:
+            model[key] = found[key]
+
+    def subgrids(self, overrides: list[str]) -> list[list[str]]:
+        """The command line, or one override list per sub-grid of the selected experiment."""
+        try:
+            parsed = self._parser.parse_overrides(overrides)
+        except OverrideParseException as exc:
+            raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        grid = self.compose(fixed).get("grid")
+        if not grid:
+            return [overrides]
+        given = {o.get_key_element().lstrip("+~") for o in parsed}
+        parts = grid if isinstance(grid, ListConfig) else [grid]
+        return [[f"{k}={_grid_value(v)}" for k, v in part.items() if k not in given] + list(overrides)
+                for part in parts]
+
+    def grid(self, overrides: list[str]) -> list[DictConfig]:
+        """All cells of a grid (or of an experiment's sub-grids), in order, duplicates removed."""
+        cells, seen = [], set()
+        for part in self.subgrids(overrides):
+            for point in expand_overrides(part):
+                cfg = self.cell(point)
+                cid = cell_id(cfg)
+                if cid not in seen:
+                    seen.add(cid)
+                    cells.append(cfg)
+        return cells
+
+    def _missing_option_message(self, exc: MissingConfigException, overrides: list[str]) -> str:
+        for group in sorted(self.groups):
+            for ov in overrides:
+                key = ov.lstrip("+~").split("=", 1)[0]
+                if key == group:
+                    value = ov.split("=", 1)[1]
+                    options = group_options(group, self.dirs)
+                    if value not in options:
+                        return f"unknown {group} '{value}': valid options for {group}= are {', '.join(options)}"
+        return str(exc)
+
+    def _composition_message(self, exc: ConfigCompositionException) -> str:
+        text = str(exc.__cause__ or exc)
+        match = re.search(r"Could not override '([^']+)'", str(exc))
+        if match and ("not in struct" in text or "Key '" in text):
+            return f"unknown key '{match.group(1)}': valid keys are {', '.join(_valid_keys(self.base(())))}"
+        return str(exc)
+
+
+def compose_cell(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> DictConfig:
+    """Compose and validate one cell's config; errors name the option and the fix."""
+    return Composer(config_dir).cell(overrides)
+
+
+def subgrids(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> list[list[str]]:
     """The command line, or one override list per sub-grid of the selected experiment."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    grid = _compose(fixed).get("grid")
-    if not grid:
-        return [overrides]
-    given = {o.get_key_element().lstrip("+~") for o in parsed}
-    parts = grid if isinstance(grid, ListConfig) else [grid]
-    return [[f"{k}={_grid_value(v)}" for k, v in part.items() if k not in given] + list(overrides)
-            for part in parts]
+    return Composer(config_dir).subgrids(overrides)
 
 
-def _missing_option_message(exc: MissingConfigException, overrides: list[str]) -> str:
-    for group in ("model", "gpu", "dataset", "cluster", "experiment"):
-        for ov in overrides:
-            key = ov.lstrip("+~").split("=", 1)[0]
-            if key == group:
-                value = ov.split("=", 1)[1]
-                if value not in group_options(group):
-                    return (
-                        f"unknown {group} '{value}': valid options for {group}= are "
-                        f"{', '.join(group_options(group))}"
-                    )
-    return str(exc)
+# Sample values a power_cap_command template is tried with (w2w.energy.powercap fills the real ones).
+COMMAND_FIELDS = {"watts": 250, "gpu_index": 0, "gpu_uuid": "GPU-0"}
 
 
-def _composition_message(exc: ConfigCompositionException) -> str:
-    text = str(exc.__cause__ or exc)
-    match = re.search(r"Could not override '([^']+)'", str(exc))
-    if match and ("not in struct" in text or "Key '" in text):
-        return f"unknown key '{match.group(1)}': valid keys are {', '.join(_valid_keys(_compose([])))}"
-    return str(exc)
+def check_command(template: str) -> str | None:
+    """Why a power_cap_command template is unusable, or None: it must take {watts} and only known fields."""
+    try:
+        template.format(**COMMAND_FIELDS)
+    except (KeyError, IndexError, ValueError) as exc:
+        return f"unknown or malformed placeholder ({exc}); known: {{watts}}, {{gpu_index}}, {{gpu_uuid}}"
+    if "{watts}" not in template:
+        return "it must contain {watts}, the limit to set in W"
+    return None
 
 
 def _check(condition: bool, message: str) -> None:
@@ -285,8 +418,6 @@ def validate(cfg: DictConfig) -> None:
         f"power_cap_w={cfg.power_cap_w}: must be > 0 W, or null for the GPU's own limit",
     )
     if cfg.power_cap_command is not None:
-        from w2w.energy.powercap import check_command
-
         problem = check_command(cfg.power_cap_command)
         _check(problem is None, f"power_cap_command={cfg.power_cap_command!r}: {problem}")
     _check(cfg.dataset.num_prompts >= 1, f"dataset.num_prompts={cfg.dataset.num_prompts}: must be >= 1")
@@ -311,9 +442,9 @@ def divisors(n: int) -> list[int]:
 
 def cell_id(cfg: DictConfig) -> str:
     """Stable hash of the cell's resolved config (result-neutral keys excluded)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    for key in _ID_EXCLUDED:
-        data.pop(key, None)
+    # Excluded keys are left out before resolving: an experiment's grid is costly to resolve.
+    data = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+            for k, v in cfg.items() if k not in _ID_EXCLUDED}
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -325,18 +456,6 @@ def placement_key(cfg: DictConfig) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def compose_grid(overrides: list[str]) -> list[DictConfig]:
+def compose_grid(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> list[DictConfig]:
     """All cells of a grid (or of an experiment's sub-grids), in order, duplicates removed."""
-    try:
-        parts = subgrids(overrides)
-    except OverrideParseException as exc:
-        raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
-    cells, seen = [], set()
-    for part in parts:
-        for point in expand_overrides(part):
-            cfg = compose_cell(point)
-            cid = cell_id(cfg)
-            if cid not in seen:
-                seen.add(cid)
-                cells.append(cfg)
-    return cells
+    return Composer(config_dir).grid(overrides)
