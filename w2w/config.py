@@ -151,10 +151,10 @@ def package_config_dir() -> Path:
 
 
 def config_dirs(extra: Sequence[str | Path] = ()) -> list[Path]:
-    """Where presets are looked up, first match wins: `extra` (--config-dir), W2W_CONFIG_DIR, the package."""
+    """Where presets are looked up: the package's, then `extra` (--config-dir), then W2W_CONFIG_DIR."""
     given = [("--config-dir", str(d)) for d in extra]
     given += [(CONFIG_DIR_ENV, d) for d in os.environ.get(CONFIG_DIR_ENV, "").split(os.pathsep) if d]
-    dirs = []
+    dirs = [package_config_dir()]
     for option, value in given:
         path = Path(value).expanduser().resolve()
         if not path.is_dir():
@@ -162,8 +162,37 @@ def config_dirs(extra: Sequence[str | Path] = ()) -> list[Path]:
                 f"{option}={value} is not a directory: point it at a folder of presets laid out like "
                 "w2w's own (cluster/NAME.yaml, model/NAME.yaml, ...)"
             )
+        _check_no_shadowing(option, path, dirs)
         dirs.append(path)
-    return [*dirs, package_config_dir()]
+    return dirs
+
+
+def _check_no_shadowing(option: str, path: Path, earlier: list[Path]) -> None:
+    """Hydra takes a preset from the first folder holding it: a later one of the same name would be ignored."""
+    for preset in sorted([*path.glob("*.yaml"), *path.glob("*/*.yaml")]):
+        name = preset.relative_to(path)
+        for other in earlier:
+            if (other / name).is_file():
+                raise ConfigError(
+                    f"{option}={path}: {name} has the name of {other / name}, which is searched first and "
+                    f"would be used instead: give {name} another name"
+                )
+
+
+def split_config_dirs(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(--config-dir values, the other arguments), for commands that take Hydra overrides directly."""
+    dirs, rest, args = [], [], iter(argv)
+    for arg in args:
+        if arg == "--config-dir":
+            value = next(args, None)
+            if value is None:
+                raise ConfigError("--config-dir needs a directory: --config-dir DIR")
+            dirs.append(value)
+        elif arg.startswith("--config-dir="):
+            dirs.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return dirs, rest
 
 
 def group_options(group: str, dirs: Sequence[Path] | None = None) -> list[str]:
