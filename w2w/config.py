@@ -285,12 +285,17 @@ class Composer:
                 self._bases[choices, grid] = cfg
         return self._bases[choices, grid]
 
-    def compose(self, overrides: list[str], grid: bool = True) -> DictConfig:
-        """What Hydra's compose returns for `overrides`, unvalidated; grid=False: grid set to null."""
+    def _parse(self, overrides: list[str]) -> list[Override]:
         try:
-            parsed = self._parser.parse_overrides(overrides)
+            return self._parser.parse_overrides(overrides)
         except OverrideParseException as exc:
             raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
+
+    def compose(self, overrides: list[str], grid: bool = True) -> DictConfig:
+        """What Hydra's compose returns for `overrides`, unvalidated; grid=False: grid set to null."""
+        return self._compose(self._parse(overrides), grid)
+
+    def _compose(self, parsed: list[Override], grid: bool) -> DictConfig:
         cfg = copy.deepcopy(self.base(tuple(o.input_line for o in parsed if self._is_choice(o)), grid))
         try:
             ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if not self._is_choice(o)], cfg)
@@ -300,36 +305,35 @@ class Composer:
 
     def cell(self, overrides: list[str]) -> DictConfig:
         """Compose and validate one cell's config; errors name the option and the fix."""
-        cfg = self.compose(overrides, grid=False)
-        self._fill_from_checkpoint(cfg.model)
+        parsed = self._parse(overrides)
+        cfg = self._compose(parsed, grid=False)
+        given = {o.key_or_group.split(".")[1] for o in parsed if o.key_or_group.startswith("model.")}
+        self._fill_from_checkpoint(cfg.model, given)
         validate(cfg)
         return cfg
 
-    def _fill_from_checkpoint(self, model: DictConfig) -> None:
-        """Model fields left ??? (model=checkpoint) come from the checkpoint's params.json / config.json."""
-        unset = [k for k in model if OmegaConf.is_missing(model, k)]
-        if not unset:
+    def _fill_from_checkpoint(self, model: DictConfig, given: set[str]) -> None:
+        """model=checkpoint (a model config without dim): the architecture comes from the checkpoint's
+        params.json / config.json, except the fields in `given` (set by an override)."""
+        if not OmegaConf.is_missing(model, "dim"):
             return
-        if not model.checkpoint_dir:
+        if OmegaConf.is_missing(model, "checkpoint_dir") or not model.checkpoint_dir:
             raise ConfigError(
-                f"model.{unset[0]} is not set: pass model.checkpoint_dir=DIR to read the architecture "
-                "from the checkpoint's params.json (Meta) or config.json (Hugging Face)"
+                "model.checkpoint_dir is not set, and the model's architecture must be read from a checkpoint: "
+                "pass model.checkpoint_dir=DIR (Meta's params.json or Hugging Face's config.json)"
             )
         directory = str(model.checkpoint_dir)
         if directory not in self._checkpoints:
             from w2w.checkpoint import architecture  # torch: only when a checkpoint must be read
 
             self._checkpoints[directory] = architecture(Path(directory))
-        found = self._checkpoints[directory]
-        for key in unset:
-            model[key] = found[key]
+        for key, value in self._checkpoints[directory].items():
+            if key not in given:
+                model[key] = value
 
     def subgrids(self, overrides: list[str]) -> list[list[str]]:
         """The command line, or one override list per sub-grid of the selected experiment."""
-        try:
-            parsed = self._parser.parse_overrides(overrides)
-        except OverrideParseException as exc:
-            raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
+        parsed = self._parse(overrides)
         fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
         grid = self.compose(fixed).get("grid")
         if not grid:
