@@ -10,7 +10,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 VENV_FLAGS ?=
 GPU_VENV ?= .venv-gpu
 
-.PHONY: install demo test lint bench bench-decode bench-reduce gpu-check slurm-up slurm-down slurm-status tiny-tokenizer clean
+.PHONY: install demo test lint bench bench-decode bench-reduce bench-plan gpu-check slurm-up slurm-down slurm-status tiny-tokenizer clean
 
 install: $(STAMP)
 
@@ -34,7 +34,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check w2w launch analysis tests benchmarks
 
-bench: bench-decode bench-reduce
+bench: bench-decode bench-reduce bench-plan
 
 bench-decode: install
 	$(PY) -m benchmarks.decode_vs_transformers
@@ -42,6 +42,10 @@ bench-decode: install
 # The reducer on 200 cells x 32 ranks with 10-minute 100 ms timelines: records/s, samples/s, < 60 s.
 bench-reduce: install
 	$(PY) -m benchmarks.reduce_scale
+
+# Login-node speed: Hydra composition per cell vs cached, planning imports with vs without torch.
+bench-plan: install
+	$(PY) -m benchmarks.plan_speed
 
 # A venv of its own that sees the machine's CUDA torch (the CPU pin would hide the GPU).
 gpu-check:

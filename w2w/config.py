@@ -254,6 +254,7 @@ class Composer:
         self._parser = OverridesParser.create()
         self._bases: dict[tuple[tuple[str, ...], bool], DictConfig] = {}
         self._checkpoints: dict[str, dict[str, Any]] = {}
+        self._parsed: dict[str, Override] = {}
 
     def _hydra(self, overrides: list[str]) -> DictConfig:
         register_configs()
@@ -286,10 +287,14 @@ class Composer:
         return self._bases[choices, grid]
 
     def _parse(self, overrides: list[str]) -> list[Override]:
+        """Parsed once per distinct string: the cells of a grid repeat most of their overrides."""
         try:
-            return self._parser.parse_overrides(overrides)
+            for text in overrides:
+                if text not in self._parsed:
+                    (self._parsed[text],) = self._parser.parse_overrides([text])
         except OverrideParseException as exc:
             raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
+        return [self._parsed[text] for text in overrides]
 
     def compose(self, overrides: list[str], grid: bool = True) -> DictConfig:
         """What Hydra's compose returns for `overrides`, unvalidated; grid=False: grid set to null."""
