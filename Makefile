@@ -68,9 +68,11 @@ clean:
 	rm -rf runs .pytest_cache .ruff_cache
 
 # ---------------------------------------------------------------------------------------------
-# Reproducing the paper (PAPER.md): each paper-* target submits one preset's sweep from the login
-# node and returns (PAPER_ARGS=--wait follows it; PAPER_ARGS=--plan only prints the jobs); re-running
-# submits only unfinished cells. When the sweep has finished, anywhere:  make paper-report SWEEP=DIR
+# Reproducing the paper: Samsi et al., "From Words to Watts: Benchmarking the Energy Costs of Large
+# Language Model Inference", IEEE HPEC 2023, arXiv 2310.03003 (its published values: analysis/paper.py).
+# Each paper-* target submits one preset's sweep from the login node and returns (PAPER_ARGS=--wait
+# follows it; PAPER_ARGS=--plan only prints the jobs); re-running submits only unfinished cells. When
+# the sweep has finished, anywhere:  make paper-report SWEEP=DIR
 #   CLUSTER=supercloud   profile (conf/cluster/) for the V100 cells
 #   CLUSTER_A100=...     profile for the A100 cells; default <CLUSTER>_a100 where it exists, else CLUSTER
 #   CKPT_ROOT=DIR        Meta-format LLaMA checkpoints in DIR/7B, DIR/13B, DIR/65B (or CKPT_7B=... each)

@@ -8,7 +8,6 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from w2w.analysis import figures, paper, tables
@@ -131,10 +130,6 @@ def _exact(choice: tables.Choice) -> pd.DataFrame:
     a stand-in model, GPU, batch or length is shown in the figures, never here."""
     hard = [k for k in choice.substituted if k not in SOFT_KEYS]
     return choice.cells if not hard else choice.cells.iloc[0:0]
-
-
-def _setting(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={tables.show(k, v)}" for k, v in values.items())
 
 
 def settings_rows(facts: SweepFacts) -> list[Comparison]:
@@ -286,11 +281,7 @@ def energy_conventions(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def frame_markdown(frame: pd.DataFrame) -> str:
-    columns = list(frame.columns)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in frame.to_dict("records"):
-        lines.append("| " + " | ".join(tables.cell_text(row[c], "{:.4g}").replace("|", "/") for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    return tables.markdown(frame) + "\n"
 
 
 @dataclass
