@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
 from w2w.config import (
+    Composer,
     ConfigError,
     cell_id,
     compose_cell,
     compose_grid,
     expand_overrides,
+    package_config_dir,
+    register_configs,
     split_config_dirs,
 )
 
@@ -93,3 +97,29 @@ def test_config_dir_arguments_are_taken_out_of_the_overrides():
     assert split_config_dirs(["--config-dir", "a", "x=1", "--config-dir=b"]) == (["a", "b"], ["x=1"])
     with pytest.raises(ConfigError, match="--config-dir needs a directory"):
         split_config_dirs(["--config-dir"])
+
+
+def _hydra_compose(overrides: list[str]):
+    """Hydra's own compose of one override list: what the cached composition must equal."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(package_config_dir()), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def test_cached_composition_equals_hydra_per_cell():
+    composer = Composer()
+    points = [p for part in composer.subgrids(["+experiment=paper_all"]) for p in expand_overrides(part)]
+    points = [*points[::9], ["model=llama_7b", "model.dim=128", "++energy.idle_seconds=0", "gpu=h100"],
+              ["+cluster.additional_parameters.mail_type=END", "cluster=supercloud", "shards=2"]]
+    for point in points:
+        ours, hydra = composer.compose(point), _hydra_compose(point)
+        assert OmegaConf.to_container(ours) == OmegaConf.to_container(hydra), point
+        assert OmegaConf.is_struct(ours) and ours._metadata.object_type is hydra._metadata.object_type
+    assert len(composer._bases) < len(points)  # shared by cells with the same group choices
