@@ -70,3 +70,11 @@ def test_planning_imports_neither_torch_nor_fairscale():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
     assert "9 job(s)" in result.stdout and result.stdout.splitlines()[-1] == "[]", result.stdout[-2000:]
+
+
+def test_the_planners_bytes_per_value_are_torchs():
+    from w2w.config import PRECISIONS
+    from w2w.model import DTYPES
+    from w2w.shapes import PRECISION_BYTES
+
+    assert {name: DTYPES[name].itemsize for name in PRECISIONS} == PRECISION_BYTES
