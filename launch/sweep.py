@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", action="store_true", help="follow progress until every job has ended")
     parser.add_argument("--poll", type=float, default=5.0, help="seconds between progress checks with --wait")
     parser.add_argument("--config-dir", action="append", default=[], metavar="DIR",
-                        help="more presets (cluster/, model/, ...), searched before w2w's own; "
+                        help="a folder of more presets (cluster/, model/, ...) beside w2w's own; "
                         "repeatable; also W2W_CONFIG_DIR")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides; a,b lists make a grid")
     args = parser.parse_args(argv)

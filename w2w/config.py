@@ -24,7 +24,7 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-# Site cluster profiles and model presets: folders searched before the packaged configs.
+# Site cluster profiles and model presets: folders searched after the packaged configs (os.pathsep-separated).
 CONFIG_DIR_ENV = "W2W_CONFIG_DIR"
 PRECISIONS = ("fp32", "fp16", "bf16")
 ENERGY_BACKENDS = ("auto", "nvml", "none")
