@@ -10,7 +10,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 VENV_FLAGS ?=
 GPU_VENV ?= .venv-gpu
 
-.PHONY: install demo test lint bench bench-decode bench-reduce bench-gpu gpu-check slurm-up slurm-down slurm-status tiny-tokenizer clean
+.PHONY: install demo test lint bench bench-decode bench-reduce bench-plan bench-gpu gpu-check slurm-up slurm-down slurm-status tiny-tokenizer clean
 
 install: $(STAMP)
 
@@ -34,7 +34,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check w2w launch analysis tests benchmarks
 
-bench: bench-decode bench-reduce
+bench: bench-decode bench-reduce bench-plan
 
 bench-decode: install
 	$(PY) -m benchmarks.decode_vs_transformers
@@ -50,6 +50,10 @@ BENCH_PY ?= python3
 BENCH_GPU_ARGS ?=
 bench-gpu:
 	$(BENCH_PY) -m benchmarks.gpu_engines $(BENCH_GPU_ARGS)
+
+# Login-node speed: Hydra composition per cell vs cached, planning imports with vs without torch.
+bench-plan: install
+	$(PY) -m benchmarks.plan_speed
 
 # A venv of its own that sees the machine's CUDA torch (the CPU pin would hide the GPU).
 gpu-check:
@@ -72,9 +76,11 @@ clean:
 	rm -rf runs .pytest_cache .ruff_cache
 
 # ---------------------------------------------------------------------------------------------
-# Reproducing the paper (PAPER.md): each paper-* target submits one preset's sweep from the login
-# node and returns (PAPER_ARGS=--wait follows it; PAPER_ARGS=--plan only prints the jobs); re-running
-# submits only unfinished cells. When the sweep has finished, anywhere:  make paper-report SWEEP=DIR
+# Reproducing the paper: Samsi et al., "From Words to Watts: Benchmarking the Energy Costs of Large
+# Language Model Inference", IEEE HPEC 2023, arXiv 2310.03003 (its published values: analysis/paper.py).
+# Each paper-* target submits one preset's sweep from the login node and returns (PAPER_ARGS=--wait
+# follows it; PAPER_ARGS=--plan only prints the jobs); re-running submits only unfinished cells. When
+# the sweep has finished, anywhere:  make paper-report SWEEP=DIR
 #   CLUSTER=supercloud   profile (conf/cluster/) for the V100 cells
 #   CLUSTER_A100=...     profile for the A100 cells; default <CLUSTER>_a100 where it exists, else CLUSTER
 #   CKPT_ROOT=DIR        Meta-format LLaMA checkpoints in DIR/7B, DIR/13B, DIR/65B (or CKPT_7B=... each)

@@ -1,4 +1,4 @@
-"""The study's published values (PAPER.md) as data: the one place the report takes them from."""
+"""The published values of the study (CITATION below) as data: the one place the report takes them from."""
 
 from __future__ import annotations
 
@@ -68,7 +68,6 @@ TABLE3: dict[int, dict[tuple[str, float], float]] = {
 }
 
 # Tables IV/V, utilization at batch 64: (max GPU memory utilization %, average SM utilization %).
-UTILIZATION_BATCH = 64
 TABLE4_SETUP = {"model": "llama_65b", "gpu": "a100", "shards": 4, "batch_size": 64}
 TABLE4: dict[int, tuple[float, float]] = {  # by max length
     256: (23.36, 95.00), 512: (24.54, 98.81), 1024: (24.85, 98.85), 2048: (27.00, 98.00),
@@ -90,10 +89,6 @@ class Finding:
     unit: str
     source: str = "paper"  # or the related study it comes from
     hardware: str = ""  # where the paper's number came from; "" = HARDWARE of the cells
-
-    @property
-    def is_range(self) -> bool:
-        return self.low != self.high
 
 
 FINDINGS = (
@@ -121,4 +116,4 @@ RELATED_CAPS: dict[float, dict[str, float]] = {
     150.0: {"time": 22.7, "energy": -24.2},
     100.0: {"time": 114.0, "energy": -11.0},
 }
-RELATED_HARDWARE = "not stated in PAPER.md"
+RELATED_HARDWARE = "not stated in Samsi et al. 2023"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import sys
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from w2w.analysis.metrics import METRIC_NAMES, CellTotals, compute
+from w2w.analysis.tables import markdown
 from w2w.launch.axes import cell_parameters, label, varying_axes
 from w2w.launch.status import completeness
 from w2w.launch.submit import MANIFEST, ManifestError
@@ -279,21 +279,6 @@ def reduce_sweep(sweep_dir: Path) -> pd.DataFrame:
     return table
 
 
-def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def markdown(table: pd.DataFrame, columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
-
-
 TABLE_COLUMNS = ["model", "gpu", "dataset", "shards", "engine", "batch_size", "max_gen_len", "status", *METRIC_NAMES,
                  "energy_j", "gpus"]
 
@@ -307,7 +292,7 @@ def table_columns(table: pd.DataFrame) -> list[str]:
 def write_results(table: pd.DataFrame, sweep_dir: Path) -> Path:
     out = sweep_dir / "results"
     write_atomic(out / "cells.csv", table.to_csv(index=False).encode())
-    write_atomic(out / "cells.md", markdown(table, table_columns(table)).encode())
+    write_atomic(out / "cells.md", (markdown(table, table_columns(table)) + "\n").encode())
     text = {c: "string" for c in ("note", "energy_source", "cpu_note")}
     write_atomic(out / "cells.parquet", table.astype(text).to_parquet(index=False))
     return out
@@ -327,7 +312,7 @@ def summary_notes(table: pd.DataFrame) -> list[str]:
 
 def plot_timeline(sweep_dir: Path, cell: str) -> Path:
     """results/timeline_<cell>.png: the GPU power of every rank of one cell (a unique id prefix will do)."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, Agg by default for PNG
+    from w2w.analysis.figures import save, timeline_figure, timeline_frames
 
     folders = [d for d in (sweep_dir / "cells").glob(f"{cell}*") if d.is_dir()]
     if len(folders) != 1:
@@ -338,22 +323,8 @@ def plot_timeline(sweep_dir: Path, cell: str) -> Path:
         raise ReduceError(
             f"cell {folders[0].name} has no timeline files: its ranks had no GPU meter or ran with energy.sampler=false"
         )
-    fig = Figure(figsize=(9, 4.5))
-    ax = fig.subplots()
-    for path in files:
-        frame = pd.read_parquet(path, columns=["rank", "t_s", "power_w"])
-        ax.plot(frame["t_s"], frame["power_w"], linewidth=1, label=f"rank {int(frame['rank'].iloc[0])}")
-    ax.set_xlabel("time since the cell started (s)")
-    ax.set_ylabel("GPU power (W)")
-    ax.set_title(f"cell {folders[0].name}: GPU power per rank")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    out = sweep_dir / "results" / f"timeline_{folders[0].name}.png"
-    write_atomic(out, buffer.getvalue())
-    return out
+    rendered = timeline_figure(folders[0].name, timeline_frames(files), f"{len(files)} rank file(s)")
+    return save(rendered, sweep_dir / "results")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table = reduce_sweep(args.sweep_dir)
     out = write_results(table, args.sweep_dir)
-    print(markdown(table, table_columns(table)), end="")
+    print(markdown(table, table_columns(table)))
     for note in summary_notes(table):
         print(note)
     if (table["status"] == STATUS_OK).any():

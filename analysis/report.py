@@ -135,10 +135,6 @@ def _exact(choice: tables.Choice) -> pd.DataFrame:
     return choice.cells if not hard else choice.cells.iloc[0:0]
 
 
-def _setting(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={tables.show(k, v)}" for k, v in values.items())
-
-
 def settings_rows(facts: SweepFacts) -> list[Comparison]:
     rows = []
     for s in paper.SETTINGS:
@@ -316,11 +312,7 @@ def implementation_costs(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def frame_markdown(frame: pd.DataFrame) -> str:
-    columns = list(frame.columns)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in frame.to_dict("records"):
-        lines.append("| " + " | ".join(tables.cell_text(row[c], "{:.4g}").replace("|", "/") for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    return tables.markdown(frame) + "\n"
 
 
 @dataclass

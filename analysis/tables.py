@@ -323,10 +323,20 @@ def _texts(table: Table) -> list[list[str]]:
              for col, v in row.items()] for row in table.frame.to_dict("records")]
 
 
+def markdown(frame: pd.DataFrame, columns: list[str] | None = None, fmt: str = "{:.4g}",
+             texts: list[list[str]] | None = None) -> str:
+    """The one Markdown table writer: `columns` of `frame`, each value through cell_text (or `texts`)."""
+    columns = list(frame.columns) if columns is None else columns
+    if texts is None:
+        texts = [[cell_text(row[c], fmt) for c in columns] for row in frame.to_dict("records")]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(text.replace("|", "/") for text in row) + " |" for row in texts]
+    return "\n".join(lines)
+
+
 def to_markdown(table: Table) -> str:
     columns = list(table.frame.columns)
-    lines = [f"**{table.title}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in _texts(table)]
+    lines = [f"**{table.title}**", "", markdown(table.frame, texts=_texts(table))]
     if table.frame.empty:
         lines.append("| " + " | ".join([""] * len(columns)) + " |")
     if table.notes or table.frame.empty or _has_missing(table):

@@ -5,16 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from w2w.checkpoint import model_args, tokenizer_path
 from w2w.config import ConfigError, cell_id, compose_grid, placement_key
 from w2w.data import check_dataset
-from w2w.model import DTYPES, ModelArgs
 from w2w.records import cell_done
-from w2w.tokenizer import check_vocab, piece_count
+from w2w.shapes import PRECISION_BYTES, ModelArgs, preset_args
 
 GIB = 1024**3
 # Activations, allocator slack and the CUDA context: a margin on top of weights + KV cache.
@@ -34,7 +34,7 @@ class MemoryEstimate:
 
 def estimate_memory(cfg: DictConfig, args: ModelArgs) -> MemoryEstimate:
     """From the shapes alone; nothing is loaded on the login node."""
-    width = DTYPES[cfg.precision].itemsize
+    width = PRECISION_BYTES[cfg.precision]
     weights = args.num_params() * width / cfg.shards
     tokens = cfg.batch_size * (cfg.dataset.max_prompt_tokens + cfg.max_gen_len)
     kv = 2 * args.n_layers * tokens * args.kv_heads * args.head_dim * width / cfg.shards
@@ -132,17 +132,31 @@ def check_tokenizer(model: DictConfig, args: ModelArgs) -> None:
     """A checkpoint's (or a named) tokenizer must match its embedding: known here, not after the load.
     Random weights without a tokenizer_path use the bundled tiny tokenizer, as the runner does."""
     if model.checkpoint_dir or model.tokenizer_path:
+        # Imported here: planning without a checkpoint or tokenizer file needs no torch.
+        from w2w.checkpoint import tokenizer_path
+        from w2w.tokenizer import check_vocab, piece_count
+
         path = tokenizer_path(model)
         check_vocab(path, piece_count(path), model.name, args.vocab_size)
 
 
-def make_plan(overrides: list[str]) -> Plan:
+def _shapes(model: DictConfig) -> ModelArgs:
+    """The model's real shapes: a checkpoint's (checked against its preset) or the preset's."""
+    if not model.checkpoint_dir:
+        return preset_args(model)
+    # Imported here: reading shard headers needs torch, planning without a checkpoint does not.
+    from w2w.checkpoint import model_args
+
+    return model_args(model)
+
+
+def make_plan(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> Plan:
     """Every cell of the grid, validated; cells of one placement share a job."""
     groups: dict[str, list[Cell]] = {}
     skipped: list[Cell] = []
     shapes: dict[str, ModelArgs] = {}  # a checkpoint's header is read once per model, not per cell
     datasets: set[str] = set()  # each prompt set is checked once, not per cell
-    for cfg in compose_grid(overrides):
+    for cfg in compose_grid(overrides, config_dir):
         placement(cfg)
         data_key = json.dumps(OmegaConf.to_container(cfg.dataset, resolve=True), sort_keys=True)
         if data_key not in datasets:  # bad prompt files are known before anything is submitted
@@ -150,7 +164,7 @@ def make_plan(overrides: list[str]) -> Plan:
             datasets.add(data_key)
         key = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True)
         if key not in shapes:
-            shapes[key] = model_args(cfg.model)
+            shapes[key] = _shapes(cfg.model)
             check_tokenizer(cfg.model, shapes[key])
         memory = estimate_memory(cfg, shapes[key])
         cell = Cell(cfg, cell_id(cfg), memory, _fit_reason(cfg, memory))

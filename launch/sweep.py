@@ -201,10 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", action="store_true", help="follow progress until every job has ended")
     parser.add_argument("--poll", type=positive_float, default=5.0,
                         help="seconds between progress checks with --wait (> 0)")
+    parser.add_argument("--config-dir", action="append", default=[], metavar="DIR",
+                        help="a folder of more presets (cluster/, model/, ...) beside w2w's own; "
+                        "repeatable; also W2W_CONFIG_DIR")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides; a,b lists make a grid")
     args = parser.parse_args(argv)
     try:
-        plan = make_plan(args.overrides)
+        plan = make_plan(args.overrides, args.config_dir)
         sweep_dir = _sweep_dir(plan)
     except ConfigError as exc:
         print(f"w2w-sweep: error: {exc}", file=sys.stderr)

@@ -316,9 +316,9 @@ def test_shards_that_do_not_divide_the_heads(ckpts):
 
 
 def test_preset_that_does_not_match_the_checkpoint(ckpts):
-    with pytest.raises(ConfigError, match=r"params\.json: the checkpoint has dim=64 but model=test gives 128 \(model\.dim\)"):
+    with pytest.raises(ConfigError, match=r"params\.json does not match model=test: the checkpoint has dim=64 where model=test gives 128 \(model\.dim\)"):
         checkpoint.model_args(model_cfg(ckpts["meta2"], dim=128))
-    with pytest.raises(ConfigError, match=r"config\.json: the checkpoint has n_kv_heads=4 .*model\.n_kv_heads"):
+    with pytest.raises(ConfigError, match=r"config\.json does not match model=test: the checkpoint has n_kv_heads=4 .*model\.n_kv_heads"):
         checkpoint.model_args(model_cfg(ckpts["hf"], n_kv_heads=None))
 
 

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
-from w2w.config import ConfigError, cell_id, compose_cell, compose_grid, expand_overrides
+from w2w.config import (
+    Composer,
+    ConfigError,
+    cell_id,
+    compose_cell,
+    compose_grid,
+    expand_overrides,
+    package_config_dir,
+    register_configs,
+    split_config_dirs,
+)
 
 
 def test_grid_expands_in_command_line_order():
@@ -51,3 +62,64 @@ def test_bad_input_names_the_option(overrides, fragments):
 def test_malformed_override_is_a_config_error():
     with pytest.raises(ConfigError, match="cannot parse"):
         expand_overrides(["batch_size=[1,"])
+
+
+SITE_MODEL = "defaults:\n  - base_model\nname: site_13b\ndim: 5120\nn_layers: 40\nn_heads: 40\nvocab_size: 32000\n"
+
+
+@pytest.fixture
+def site_dir(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "site_13b.yaml").write_text(SITE_MODEL)
+    return tmp_path
+
+
+def test_a_config_dir_adds_presets_by_flag_or_environment(site_dir, monkeypatch):
+    assert compose_cell(["model=site_13b"], [site_dir]).model.n_layers == 40
+    with pytest.raises(ConfigError, match="unknown model 'site_13b'"):
+        compose_cell(["model=site_13b"])
+    monkeypatch.setenv("W2W_CONFIG_DIR", str(site_dir))
+    assert compose_grid(["model=site_13b,tiny"])[0].model.dim == 5120
+    with pytest.raises(ConfigError, match=r"valid options for model= are .*site_13b.*tiny"):
+        compose_cell(["model=site_7b"])
+
+
+def test_a_config_dir_that_is_missing_or_shadows_a_preset_is_refused(site_dir, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"--config-dir=/nonexistent is not a directory"):
+        compose_cell([], ["/nonexistent"])
+    (site_dir / "model" / "tiny.yaml").write_text(SITE_MODEL)
+    monkeypatch.setenv("W2W_CONFIG_DIR", str(site_dir))
+    with pytest.raises(ConfigError, match=r"W2W_CONFIG_DIR=.*model/tiny.yaml has the name of .*conf/model/tiny.yaml"):
+        compose_cell([])
+
+
+def test_config_dir_arguments_are_taken_out_of_the_overrides():
+    assert split_config_dirs(["--config-dir", "a", "x=1", "--config-dir=b"]) == (["a", "b"], ["x=1"])
+    with pytest.raises(ConfigError, match="--config-dir needs a directory"):
+        split_config_dirs(["--config-dir"])
+
+
+def _hydra_compose(overrides: list[str]):
+    """Hydra's own compose of one override list: what the cached composition must equal."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(package_config_dir()), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def test_cached_composition_equals_hydra_per_cell():
+    composer = Composer()
+    points = [p for part in composer.subgrids(["+experiment=paper_all"]) for p in expand_overrides(part)]
+    points = [*points[::9], ["model=llama_7b", "model.dim=128", "++energy.idle_seconds=0", "gpu=h100"],
+              ["+cluster.additional_parameters.mail_type=END", "cluster=supercloud", "shards=2"]]
+    for point in points:
+        ours, hydra = composer.compose(point), _hydra_compose(point)
+        assert OmegaConf.to_container(ours) == OmegaConf.to_container(hydra), point
+        assert OmegaConf.is_struct(ours) and ours._metadata.object_type is hydra._metadata.object_type
+    assert len(composer._bases) < len(points)  # shared by cells with the same group choices

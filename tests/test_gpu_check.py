@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.fake_nvml import FakeGpu, fake_nvml
@@ -41,9 +42,8 @@ def test_sizes_a_7b_shape_to_the_gpu_memory():
     assert 1 <= small.args.n_layers < 32 and small.batch >= 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the refusal without one cannot be shown")
 def test_no_gpu_exits_non_zero_with_a_clear_message(capsys):
-    if torch.cuda.is_available():
-        return
     assert gpu_check.main([]) == 2
     assert "no NVIDIA GPU" in capsys.readouterr().err
 

@@ -14,8 +14,9 @@ import re
 import shutil
 import sys
 from collections.abc import Iterator
-from dataclasses import fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -23,6 +24,7 @@ from omegaconf import DictConfig
 from w2w import hf
 from w2w.config import ConfigError, divisors
 from w2w.model import DTYPES, ModelArgs, parameter_shapes, random_state_dict, shard_dim
+from w2w.shapes import preset_args
 from w2w.tokenizer import TINY_TOKENIZER
 
 log = logging.getLogger("w2w.checkpoint")
@@ -32,7 +34,6 @@ TOKENIZER = "tokenizer.model"
 _META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 _IGNORED_META_KEYS = {"rope.freqs"}  # LLaMA 1 stores its rotary table; it is recomputed
 _FLOAT_DTYPES = set(DTYPES.values())
-_ARG_FIELDS = tuple(f.name for f in fields(ModelArgs))
 # What decides the tensors' shapes: a checkpoint must agree with its preset on all of these.
 _SHAPE_KEYS = {  # ModelArgs attribute -> (what the message calls it, the preset options behind it)
     "dim": ("dim", "model.dim"),
@@ -50,18 +51,21 @@ _SHAPE_KEYS = {  # ModelArgs attribute -> (what the message calls it, the preset
 
 def model_args(model: DictConfig) -> ModelArgs:
     """The preset's shapes; with checkpoint_dir set, the checkpoint's, which must match the preset."""
-    preset = ModelArgs(**{k: model[k] for k in _ARG_FIELDS})
+    preset = preset_args(model)
     if not model.checkpoint_dir:
         return preset
     ckpt = open_checkpoint(Path(model.checkpoint_dir), load=False)
     found = ckpt.args
-    for attr, (label, options) in _SHAPE_KEYS.items():
-        have, want = getattr(found, attr), getattr(preset, attr)
-        if have != want:
-            raise ConfigError(
-                f"{ckpt.config_file}: the checkpoint has {label}={have} but model={model.name} gives "
-                f"{want} ({options}): choose the preset of this checkpoint or override the option"
-            )
+    mismatches = [
+        f"{label}={getattr(found, attr)} where model={model.name} gives {getattr(preset, attr)} ({options})"
+        for attr, (label, options) in _SHAPE_KEYS.items() if getattr(found, attr) != getattr(preset, attr)
+    ]
+    if mismatches:
+        raise ConfigError(
+            f"{ckpt.config_file} does not match model={model.name}: the checkpoint has "
+            f"{'; '.join(mismatches)}. Use model=checkpoint to take the architecture from the checkpoint, "
+            "choose the preset of this checkpoint, or override the options"
+        )
     for attr in ("norm_eps", "rope_theta"):
         if getattr(found, attr) != getattr(preset, attr):
             log.info("%s: %s=%s from the checkpoint (preset: %s)", ckpt.config_file, attr,
@@ -71,6 +75,16 @@ def model_args(model: DictConfig) -> ModelArgs:
                     preset.max_seq_len, found.max_seq_len)
     # Trained-in constants come from the checkpoint; the cache length is the run's choice.
     return replace(preset, norm_eps=found.norm_eps, rope_theta=found.rope_theta)
+
+
+def architecture(ckpt_dir: Path) -> dict[str, Any]:
+    """model=checkpoint: the model config fields a checkpoint states (params.json or config.json).
+
+    The name is the checkpoint folder's; max_seq_len is Hugging Face's max_position_embeddings,
+    and for Meta's format (which does not state it) the default 2048 of the LLaMA presets.
+    """
+    ckpt = open_checkpoint(ckpt_dir, load=False)
+    return asdict(ckpt.args) | {"name": ckpt_dir.resolve().name}
 
 
 def tokenizer_path(model: DictConfig) -> Path:

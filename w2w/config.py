@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
 import math
+import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -19,7 +24,8 @@ from hydra.core.override_parser.types import Override, ValueType
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# Site cluster profiles and model presets: folders searched after the packaged configs (os.pathsep-separated).
+CONFIG_DIR_ENV = "W2W_CONFIG_DIR"
 PRECISIONS = ("fp32", "fp16", "bf16")
 ENERGY_BACKENDS = ("auto", "nvml", "none")
 ENGINES = ("fast", "reference")  # w2w/generation.py and w2w/reference.py
@@ -145,8 +151,58 @@ PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
 _ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command")
 
 
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def package_config_dir() -> Path:
+    """The configs installed with w2w: conf/ at the top of the repository, w2w.conf once installed."""
+    return Path(str(files("w2w.conf")))
+
+
+def config_dirs(extra: Sequence[str | Path] = ()) -> list[Path]:
+    """Where presets are looked up: the package's, then `extra` (--config-dir), then W2W_CONFIG_DIR."""
+    given = [("--config-dir", str(d)) for d in extra]
+    given += [(CONFIG_DIR_ENV, d) for d in os.environ.get(CONFIG_DIR_ENV, "").split(os.pathsep) if d]
+    dirs = [package_config_dir()]
+    for option, value in given:
+        path = Path(value).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(
+                f"{option}={value} is not a directory: point it at a folder of presets laid out like "
+                "w2w's own (cluster/NAME.yaml, model/NAME.yaml, ...)"
+            )
+        _check_no_shadowing(option, path, dirs)
+        dirs.append(path)
+    return dirs
+
+
+def _check_no_shadowing(option: str, path: Path, earlier: list[Path]) -> None:
+    """Hydra takes a preset from the first folder holding it: a later one of the same name would be ignored."""
+    for preset in sorted([*path.glob("*.yaml"), *path.glob("*/*.yaml")]):
+        name = preset.relative_to(path)
+        for other in earlier:
+            if (other / name).is_file():
+                raise ConfigError(
+                    f"{option}={path}: {name} has the name of {other / name}, which is searched first and "
+                    f"would be used instead: give {name} another name"
+                )
+
+
+def split_config_dirs(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(--config-dir values, the other arguments), for commands that take Hydra overrides directly."""
+    dirs, rest, args = [], [], iter(argv)
+    for arg in args:
+        if arg == "--config-dir":
+            value = next(args, None)
+            if value is None:
+                raise ConfigError("--config-dir needs a directory: --config-dir DIR")
+            dirs.append(value)
+        elif arg.startswith("--config-dir="):
+            dirs.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return dirs, rest
+
+
+def group_options(group: str, dirs: Sequence[Path] | None = None) -> list[str]:
+    return sorted({p.stem for d in (dirs or config_dirs()) for p in (d / group).glob("*.yaml")})
 
 
 def _valid_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -192,71 +248,187 @@ def _check_sweep_kind(override: Override) -> None:
                           f"{override.get_key_element()}=0.5,0.8, or use range(start,stop,step)")
 
 
-def _compose(overrides: list[str]) -> DictConfig:
-    register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    except MissingConfigException as exc:
-        raise ConfigError(_missing_option_message(exc, overrides)) from exc
-    except ConfigCompositionException as exc:
-        raise ConfigError(_composition_message(exc)) from exc
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def compose_cell(overrides: list[str]) -> DictConfig:
-    """Compose and validate one cell's config; errors name the option and the fix."""
-    cfg = _compose(overrides)
-    validate(cfg)
-    return cfg
-
-
 def _grid_value(value: Any) -> str:
     if isinstance(value, (list, ListConfig)):
         return ",".join(str(v) for v in value)
     return "null" if value is None else str(value)
 
 
-def subgrids(overrides: list[str]) -> list[list[str]]:
+def _search_entry(path: Path) -> str:
+    """A quoted `file://` entry of hydra.searchpath (a path may hold commas or spaces)."""
+    return "'file://" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class Composer:
+    """Hydra composition of many cells.
+
+    Hydra composes the defaults list (config-group choices: model=, gpu=, +experiment=, ...) and
+    then applies the plain `key=value` overrides to the result. The first step costs ~70 ms and
+    depends on the group choices alone, so it runs once per distinct set of choices; each cell
+    copies that base and applies its own values with Hydra's own override code.
+    """
+
+    def __init__(self, config_dir: Sequence[str | Path] = ()):
+        self.dirs = config_dirs(config_dir)
+        self.groups = {p.name for d in self.dirs for p in d.iterdir() if p.is_dir() and not p.name.startswith("_")}
+        self._parser = OverridesParser.create()
+        self._bases: dict[tuple[tuple[str, ...], bool], DictConfig] = {}
+        self._checkpoints: dict[str, dict[str, Any]] = {}
+        self._parsed: dict[str, Override] = {}
+
+    def _hydra(self, overrides: list[str]) -> DictConfig:
+        register_configs()
+        search = [f"hydra.searchpath=[{','.join(_search_entry(d) for d in self.dirs[1:])}]"]
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(self.dirs[0]), version_base="1.3"):
+                return compose(config_name="config", overrides=overrides + (search if len(self.dirs) > 1 else []))
+        except MissingConfigException as exc:
+            raise ConfigError(self._missing_option_message(exc, overrides)) from exc
+        except ConfigCompositionException as exc:
+            raise ConfigError(self._composition_message(exc)) from exc
+        finally:
+            GlobalHydra.instance().clear()
+
+    def _is_choice(self, override: Override) -> bool:
+        key = override.key_or_group
+        return override.package is not None or key.split("/")[0] in self.groups or key.startswith("hydra")
+
+    def base(self, choices: tuple[str, ...], grid: bool = True) -> DictConfig:
+        """Hydra's config for these group choices; grid=False: without the experiment's grid."""
+        if (choices, grid) not in self._bases:
+            if grid:
+                self._bases[choices, grid] = self._hydra(list(choices))
+            else:
+                # A cell is one point of the grid: the grid itself would only be copied and resolved again.
+                cfg = copy.deepcopy(self.base(choices))
+                cfg.grid = None
+                self._bases[choices, grid] = cfg
+        return self._bases[choices, grid]
+
+    def _parse(self, overrides: list[str]) -> list[Override]:
+        """Parsed once per distinct string: the cells of a grid repeat most of their overrides."""
+        try:
+            for text in overrides:
+                if text not in self._parsed:
+                    (self._parsed[text],) = self._parser.parse_overrides([text])
+        except OverrideParseException as exc:
+            raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
+        return [self._parsed[text] for text in overrides]
+
+    def compose(self, overrides: list[str], grid: bool = True) -> DictConfig:
+        """What Hydra's compose returns for `overrides`, unvalidated; grid=False: grid set to null."""
+        return self._compose(self._parse(overrides), grid)
+
+    def _compose(self, parsed: list[Override], grid: bool) -> DictConfig:
+        cfg = copy.deepcopy(self.base(tuple(o.input_line for o in parsed if self._is_choice(o)), grid))
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if not self._is_choice(o)], cfg)
+        except ConfigCompositionException as exc:
+            raise ConfigError(self._composition_message(exc)) from exc
+        return cfg
+
+    def cell(self, overrides: list[str]) -> DictConfig:
+        """Compose and validate one cell's config; errors name the option and the fix."""
+        parsed = self._parse(overrides)
+        cfg = self._compose(parsed, grid=False)
+        given = {o.key_or_group.split(".")[1] for o in parsed if o.key_or_group.startswith("model.")}
+        self._fill_from_checkpoint(cfg.model, given)
+        validate(cfg)
+        return cfg
+
+    def _fill_from_checkpoint(self, model: DictConfig, given: set[str]) -> None:
+        """model=checkpoint (a model config without dim): the architecture comes from the checkpoint's
+        params.json / config.json, except the fields in `given` (set by an override)."""
+        if not OmegaConf.is_missing(model, "dim"):
+            return
+        if OmegaConf.is_missing(model, "checkpoint_dir") or not model.checkpoint_dir:
+            raise ConfigError(
+                "model.checkpoint_dir is not set, and the model's architecture must be read from a checkpoint: "
+                "pass model.checkpoint_dir=DIR (Meta's params.json or Hugging Face's config.json)"
+            )
+        directory = str(model.checkpoint_dir)
+        if directory not in self._checkpoints:
+            from w2w.checkpoint import architecture  # torch: only when a checkpoint must be read
+
+            self._checkpoints[directory] = architecture(Path(directory))
+        for key, value in self._checkpoints[directory].items():
+            if key not in given:
+                model[key] = value
+
+    def subgrids(self, overrides: list[str]) -> list[list[str]]:
+        """The command line, or one override list per sub-grid of the selected experiment."""
+        parsed = self._parse(overrides)
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        grid = self.compose(fixed).get("grid")
+        if not grid:
+            return [overrides]
+        given = {o.get_key_element().lstrip("+~") for o in parsed}
+        parts = grid if isinstance(grid, ListConfig) else [grid]
+        return [[f"{k}={_grid_value(v)}" for k, v in part.items() if k not in given] + list(overrides)
+                for part in parts]
+
+    def grid(self, overrides: list[str]) -> list[DictConfig]:
+        """All cells of a grid (or of an experiment's sub-grids), in order, duplicates removed."""
+        cells, seen = [], set()
+        hashes: dict[str, str | None] = {}  # each prompt file is read once, however many cells use it
+        for part in self.subgrids(overrides):
+            for point in expand_overrides(part):
+                cfg = self.cell(point)
+                stamp_content_hash(cfg, hashes)
+                cid = cell_id(cfg)
+                if cid not in seen:
+                    seen.add(cid)
+                    cells.append(cfg)
+        return cells
+
+    def _missing_option_message(self, exc: MissingConfigException, overrides: list[str]) -> str:
+        for group in sorted(self.groups):
+            for ov in overrides:
+                key = ov.lstrip("+~").split("=", 1)[0]
+                if key == group:
+                    value = ov.split("=", 1)[1]
+                    options = group_options(group, self.dirs)
+                    if value not in options:
+                        return f"unknown {group} '{value}': valid options for {group}= are {', '.join(options)}"
+        return str(exc)
+
+    def _composition_message(self, exc: ConfigCompositionException) -> str:
+        text = str(exc.__cause__ or exc)
+        match = re.search(r"Could not override '([^']+)'", str(exc))
+        if match and ("not in struct" in text or "Key '" in text):
+            return f"unknown key '{match.group(1)}': valid keys are {', '.join(_valid_keys(self.base(())))}"
+        merging = re.search(r"Error merging override (\S+)", str(exc))
+        if merging and exc.__cause__ is not None:
+            # OmegaConf's reason, without its multi-line "full_key/object_type" trailer.
+            reason = str(exc.__cause__).strip().splitlines()[0]
+            return f"{merging.group(1)}: {reason}"
+        return str(exc)
+
+
+def compose_cell(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> DictConfig:
+    """Compose and validate one cell's config; errors name the option and the fix."""
+    return Composer(config_dir).cell(overrides)
+
+
+def subgrids(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> list[list[str]]:
     """The command line, or one override list per sub-grid of the selected experiment."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    grid = _compose(fixed).get("grid")
-    if not grid:
-        return [overrides]
-    given = {o.get_key_element().lstrip("+~") for o in parsed}
-    parts = grid if isinstance(grid, ListConfig) else [grid]
-    return [[f"{k}={_grid_value(v)}" for k, v in part.items() if k not in given] + list(overrides)
-            for part in parts]
+    return Composer(config_dir).subgrids(overrides)
 
 
-def _missing_option_message(exc: MissingConfigException, overrides: list[str]) -> str:
-    for group in ("model", "gpu", "dataset", "cluster", "experiment"):
-        for ov in overrides:
-            key = ov.lstrip("+~").split("=", 1)[0]
-            if key == group:
-                value = ov.split("=", 1)[1]
-                if value not in group_options(group):
-                    return (
-                        f"unknown {group} '{value}': valid options for {group}= are "
-                        f"{', '.join(group_options(group))}"
-                    )
-    return str(exc)
+# Sample values a power_cap_command template is tried with (w2w.energy.powercap fills the real ones).
+COMMAND_FIELDS = {"watts": 250, "gpu_index": 0, "gpu_uuid": "GPU-0"}
 
 
-def _composition_message(exc: ConfigCompositionException) -> str:
-    text = str(exc.__cause__ or exc)
-    match = re.search(r"Could not override '([^']+)'", str(exc))
-    if match and ("not in struct" in text or "Key '" in text):
-        return f"unknown key '{match.group(1)}': valid keys are {', '.join(_valid_keys(_compose([])))}"
-    merging = re.search(r"Error merging override (\S+)", str(exc))
-    if merging and exc.__cause__ is not None:
-        # OmegaConf's reason, without its multi-line "full_key/object_type" trailer.
-        reason = str(exc.__cause__).strip().splitlines()[0]
-        return f"{merging.group(1)}: {reason}"
-    return str(exc)
+def check_command(template: str) -> str | None:
+    """Why a power_cap_command template is unusable, or None: it must take {watts} and only known fields."""
+    try:
+        template.format(**COMMAND_FIELDS)
+    except (KeyError, IndexError, ValueError) as exc:
+        return f"unknown or malformed placeholder ({exc}); known: {{watts}}, {{gpu_index}}, {{gpu_uuid}}"
+    if "{watts}" not in template:
+        return "it must contain {watts}, the limit to set in W"
+    return None
 
 
 def _check(condition: bool, message: str) -> None:
@@ -313,8 +485,6 @@ def validate(cfg: DictConfig) -> None:
         f"power_cap_w={cfg.power_cap_w}: must be > 0 W, or null for the GPU's own limit",
     )
     if cfg.power_cap_command is not None:
-        from w2w.energy.powercap import check_command
-
         problem = check_command(cfg.power_cap_command)
         _check(problem is None, f"power_cap_command={cfg.power_cap_command!r}: {problem}")
     _check(cfg.dataset.num_prompts >= 1, f"dataset.num_prompts={cfg.dataset.num_prompts}: must be >= 1")
@@ -339,9 +509,9 @@ def divisors(n: int) -> list[int]:
 
 def cell_id(cfg: DictConfig) -> str:
     """Stable hash of the cell's resolved config (result-neutral keys excluded)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    for key in _ID_EXCLUDED:
-        data.pop(key, None)
+    # Excluded keys are left out before resolving: an experiment's grid is costly to resolve.
+    data = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+            for k, v in cfg.items() if k not in _ID_EXCLUDED}
     if data["dataset"].get("content_sha256") is None:  # hub and synthetic data keep their earlier ids
         data["dataset"].pop("content_sha256", None)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
@@ -366,20 +536,6 @@ def placement_key(cfg: DictConfig) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def compose_grid(overrides: list[str]) -> list[DictConfig]:
+def compose_grid(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> list[DictConfig]:
     """All cells of a grid (or of an experiment's sub-grids), in order, duplicates removed."""
-    try:
-        parts = subgrids(overrides)
-    except OverrideParseException as exc:
-        raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
-    cells, seen = [], set()
-    hashes: dict[str, str | None] = {}  # each prompt file is read once, however many cells use it
-    for part in parts:
-        for point in expand_overrides(part):
-            cfg = compose_cell(point)
-            stamp_content_hash(cfg, hashes)
-            cid = cell_id(cfg)
-            if cid not in seen:
-                seen.add(cid)
-                cells.append(cfg)
-    return cells
+    return Composer(config_dir).grid(overrides)

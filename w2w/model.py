@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -16,42 +15,9 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
+from w2w.shapes import ModelArgs
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class ModelArgs:
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int | None = None
-    vocab_size: int = 32000
-    multiple_of: int = 256
-    ffn_dim_multiplier: float | None = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_seq_len: int = 2048
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def ffn_hidden(self) -> int:
-        # Meta's rule: 2/3 of 4*dim, scaled, rounded up to a multiple of multiple_of.
-        hidden = int(2 * 4 * self.dim / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
-    def num_params(self) -> int:
-        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.kv_heads)
-        ffn = 3 * self.dim * self.ffn_hidden
-        return self.n_layers * (attn + ffn + 2 * self.dim) + 2 * self.vocab_size * self.dim + self.dim
 
 
 def _keep(weight: torch.Tensor) -> torch.Tensor:

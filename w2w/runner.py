@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from w2w import checkpoint, distributed
-from w2w.config import ConfigError, cell_id, compose_grid, placement_key
+from w2w.config import ConfigError, cell_id, compose_grid, placement_key, split_config_dirs
 from w2w.data import check_unchanged, load_prompts
 from w2w.energy import (
     EnergyError,
@@ -488,10 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-h", "--help"):
-        print(__doc__.strip() + "\n\nusage: w2w-run [key=value ...]  (Hydra overrides; a,b lists make a grid)")
+        print(__doc__.strip() + "\n\nusage: w2w-run [--config-dir DIR] [key=value ...]  (Hydra overrides; "
+              "a,b lists make a grid; DIR: more presets, also W2W_CONFIG_DIR)")
         return 0
     try:
-        cells = compose_grid(args)
+        config_dirs, args = split_config_dirs(args)
+        cells = compose_grid(args, config_dirs)
         statuses = run_cells(cells)
     except (ConfigError, EnergyError) as exc:
         print(f"w2w-run: error: {exc}", file=sys.stderr)

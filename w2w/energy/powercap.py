@@ -15,18 +15,6 @@ log = logging.getLogger("w2w.energy")
 # NVML keeps limits in mW; some GPUs round them to whole watts.
 TOLERANCE_W = 1.0
 COMMAND_TIMEOUT_S = 120
-COMMAND_FIELDS = {"watts": 250, "gpu_index": 0, "gpu_uuid": "GPU-0"}
-
-
-def check_command(template: str) -> str | None:
-    """Why a power_cap_command template is unusable, or None: it must take {watts} and only known fields."""
-    try:
-        template.format(**COMMAND_FIELDS)
-    except (KeyError, IndexError, ValueError) as exc:
-        return f"unknown or malformed placeholder ({exc}); known: {{watts}}, {{gpu_index}}, {{gpu_uuid}}"
-    if "{watts}" not in template:
-        return "it must contain {watts}, the limit to set in W"
-    return None
 
 
 class PowerCapper:
