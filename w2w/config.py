@@ -63,6 +63,10 @@ class DatasetConfig:
     seed: int = 0
     # Longer prompts keep their last tokens; also the prompt length the memory-fit check assumes.
     max_prompt_tokens: int = 128
+    # Each prompt as the model sees it: "{prompt}" is the dataset's prompt (zero-shot, as the paper).
+    prompt_template: str = "{prompt}"
+    fewshot_path: str | None = None  # GSM8K rows (question, answer) whose first fewshot_k prefix each prompt
+    fewshot_k: int = 0
 
 
 @dataclass
@@ -119,6 +123,7 @@ class RunConfig:
     sweep_dir: str = "runs/default"
     dist_timeout_s: int = 600
     skip_unfit: bool = False  # cells that do not fit the GPUs' memory: skipped (true) or an error
+    save_responses: bool = False  # rank 0 writes the cell's prompts and responses beside its records
     # An experiment's grid: {key: "a,b"} or a list of such sub-grids, unioned; the command line wins.
     grid: Any = None
 
@@ -136,6 +141,9 @@ def register_configs() -> None:
 PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
 # Result-neutral keys left out of the cell id, so moving a sweep does not redo its cells.
 _ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command")
+# Options added after sweeps were run: at their defaults they leave the cell id as it was.
+_ID_NEW_DEFAULTS = {"save_responses": False}
+_ID_NEW_DATASET_DEFAULTS = {"prompt_template": "{prompt}", "fewshot_path": None, "fewshot_k": 0}
 
 
 def group_options(group: str) -> list[str]:
@@ -289,6 +297,9 @@ def validate(cfg: DictConfig) -> None:
 
         problem = check_command(cfg.power_cap_command)
         _check(problem is None, f"power_cap_command={cfg.power_cap_command!r}: {problem}")
+    from w2w.data import check_template
+
+    check_template(cfg.dataset)
     _check(cfg.dataset.num_prompts >= 1, f"dataset.num_prompts={cfg.dataset.num_prompts}: must be >= 1")
     _check(0.0 < cfg.top_p <= 1.0, f"top_p={cfg.top_p}: must be in (0, 1]")
     _check(cfg.temperature > 0 or cfg.greedy, f"temperature={cfg.temperature}: must be > 0, or set greedy=true")
@@ -314,6 +325,10 @@ def cell_id(cfg: DictConfig) -> str:
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in _ID_EXCLUDED:
         data.pop(key, None)
+    for table, defaults in ((data, _ID_NEW_DEFAULTS), (data.get("dataset", {}), _ID_NEW_DATASET_DEFAULTS)):
+        for key, default in defaults.items():
+            if key in table and table[key] == default:
+                del table[key]
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from w2w import checkpoint, distributed
 from w2w.config import ConfigError, cell_id, compose_grid, placement_key
-from w2w.data import load_prompts
+from w2w.data import Prompt, load_prompt_rows
 from w2w.energy import (
     EnergyError,
     EnergyMonitor,
@@ -40,6 +40,7 @@ from w2w.records import (
     write_atomic,
     write_json,
 )
+from w2w.responses import Responses, no_score_reason, responses_path
 from w2w.tokenizer import Tokenizer
 
 log = logging.getLogger("w2w.run")
@@ -128,14 +129,29 @@ def _dataset_key(cfg: DictConfig) -> str:
     return json.dumps(OmegaConf.to_container(cfg.dataset, resolve=True), sort_keys=True)
 
 
-def load_prompt_sets(cells: list[DictConfig]) -> dict[str, list[str]]:
+def load_prompt_sets(cells: list[DictConfig]) -> dict[str, list[Prompt]]:
     """Each distinct dataset of the job's cells, loaded once."""
-    sets: dict[str, list[str]] = {}
+    sets: dict[str, list[Prompt]] = {}
     for cfg in cells:
         key = _dataset_key(cfg)
         if key not in sets:
-            sets[key] = load_prompts(cfg.dataset)
+            sets[key] = load_prompt_rows(cfg.dataset)
     return sets
+
+
+def _new_responses(cfg: DictConfig, rank: int) -> Responses:
+    """Every rank scores (the ranks' tokens are identical); only rank 0 keeps lines for the file."""
+    return Responses(cfg.dataset.name, cfg.max_gen_len, cfg.force_max_gen_len,
+                     keep=bool(cfg.get("save_responses")) and rank == 0)
+
+
+def _responses_block(cfg: DictConfig, responses: Responses) -> dict:
+    """The record's responses block; writes the responses file (rank 0, save_responses=true)."""
+    saved = responses.keep
+    file = responses.write(responses_path(cfg.sweep_dir, cell_id(cfg))) if saved else None
+    # saved: this rank wrote the file (rank 0 only); requested: save_responses was set.
+    return {"requested": bool(cfg.get("save_responses")), "saved": saved, "file": file,
+            "score_reason": no_score_reason(cfg.dataset.name)}
 
 
 def _write_timeline(path: Path | None, window: Window, rank: int) -> str | None:
@@ -169,7 +185,7 @@ def _cell_energy(cell: Window, phases: PhaseEnergy, warmup: Window | None, monit
 
 def run_cell(
     cfg: DictConfig,
-    texts: list[str],
+    rows: list[Prompt],
     model: Transformer,
     tokenizer: Tokenizer,
     monitor: EnergyMonitor,
@@ -183,7 +199,8 @@ def run_cell(
     """
     counts = Counts()
     max_prompt_len = min(cfg.dataset.max_prompt_tokens, model.args.max_seq_len - cfg.max_gen_len)
-    prompts = _encode(texts, tokenizer, max_prompt_len, counts)
+    prompts = _encode([r.text for r in rows], tokenizer, max_prompt_len, counts)
+    responses = _new_responses(cfg, rank)
     cache_len = max(len(p) for p in prompts) + cfg.max_gen_len
     batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     warmup: Window | None = None
@@ -198,7 +215,10 @@ def run_cell(
     monitor.begin_window("cell")
     for index, batch in enumerate(batches):
         gen = generate(model, batch, _sampling(cfg), tokenizer.eos_id, tokenizer.pad_id, cache_len, clock)
-        counts.add(gen, [tokenizer.decode(t) for t in gen.tokens])
+        decoded = [tokenizer.decode(t) for t in gen.tokens]
+        counts.add(gen, decoded)
+        first = index * cfg.batch_size
+        responses.add(rows[first : first + len(batch)], [len(p) for p in batch], gen.tokens, decoded)
         log.info("cell batch %d/%d: %d output tokens", index + 1, len(batches), counts.output_tokens)
     cell: Window = monitor.end_window("cell")
     result = {
@@ -213,7 +233,9 @@ def run_cell(
         "energy": _cell_energy(cell, phases, warmup, monitor),
         "telemetry": summarize(cell.samples, monitor.memory_total_mib, list(cell.telemetry_errors)),
         "timeline": _write_timeline(timeline, cell, rank),
+        "responses": _responses_block(cfg, responses),
     }
+    result["counts"] |= {"scored": responses.scored, "correct": responses.correct}
     errors = ([f"cell: {cell.error}"] if cell.error else []) + phases.errors
     if errors:  # the figures are void; later cells still try
         more = f" (and {len(errors) - 1} more window(s))" if len(errors) > 1 else ""
@@ -248,6 +270,7 @@ def _identity(cfg: DictConfig, cid: str, info: distributed.DistInfo) -> dict:
             "greedy": cfg.greedy,
             "force_max_gen_len": cfg.force_max_gen_len,
             "seed": cfg.seed,
+            "save_responses": bool(cfg.get("save_responses")),
         },
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -353,7 +376,7 @@ def run_cells(cells: list[DictConfig]) -> list[str]:
 
 
 def _measure_cell(
-    cfg: DictConfig, cid: str, texts: list[str], loaded: tuple[Transformer, Tokenizer, dict],
+    cfg: DictConfig, cid: str, rows: list[Prompt], loaded: tuple[Transformer, Tokenizer, dict],
     info: distributed.DistInfo, monitor: EnergyMonitor, capper: PowerCapper,
 ) -> tuple[dict, int]:
     """One cell on this rank: its full record, and its outcome for the agreement between ranks."""
@@ -363,7 +386,7 @@ def _measure_cell(
     try:
         _apply_power_cap(capper, cfg)
         timeline = timeline_path(cfg.sweep_dir, cid, info.rank)
-        record |= {"status": STATUS_OK} | run_cell(cfg, texts, model, tokenizer, monitor, timeline=timeline, rank=info.rank)
+        record |= {"status": STATUS_OK} | run_cell(cfg, rows, model, tokenizer, monitor, timeline=timeline, rank=info.rank)
     except Exception as exc:  # the sweep goes on; the record says what happened
         record |= _failure(exc)
         outcome = distributed.GROUP_BROKEN if distributed.is_collective_error(exc) else distributed.CELL_FAILED
@@ -377,7 +400,7 @@ def _measure_cell(
 
 def _run_loaded(
     cells: list[DictConfig], info: distributed.DistInfo, monitor: EnergyMonitor, capper: PowerCapper,
-    prompt_sets: dict[str, list[str]],
+    prompt_sets: dict[str, list[Prompt]],
 ) -> list[str]:
     statuses = []
     try:
