@@ -88,6 +88,11 @@ def fill_template(template: str, prompt: str) -> str:
     return template.replace(PROMPT_SLOT, prompt)
 
 
+def prompt_template(cfg: DictConfig) -> str:
+    """dataset.prompt_template; a typed '\\n' is a newline, which a command line cannot pass."""
+    return cfg.get("prompt_template", PROMPT_SLOT).replace("\\n", "\n")
+
+
 def check_template(cfg: DictConfig) -> None:
     """dataset.prompt_template and the k-shot options; no files are read."""
     template = cfg.get("prompt_template", PROMPT_SLOT)
@@ -122,7 +127,7 @@ def fewshot_prefix(cfg: DictConfig) -> str:
             f"dataset.fewshot_path={path} has {len(good)} rows with question and answer; "
             f"dataset.fewshot_k={k} needs {k}: lower fewshot_k or give a larger file"
         )
-    template = cfg.get("prompt_template", PROMPT_SLOT)
+    template = prompt_template(cfg)
     return "".join(f"{fill_template(template, r['question'])} {r['answer']}\n\n" for r in good[:k])
 
 
@@ -135,7 +140,7 @@ def load_prompt_rows(cfg: DictConfig) -> list[Prompt]:
     """cfg.num_prompts prompts sampled without replacement with cfg.seed, in sampled order, with
     the template and k-shot prefix applied (so prompt token counts include them)."""
     check_template(cfg)
-    prefix, template = fewshot_prefix(cfg), cfg.get("prompt_template", PROMPT_SLOT)
+    prefix, template = fewshot_prefix(cfg), prompt_template(cfg)
     return [Prompt(p.id, prefix + fill_template(template, p.text), p.reference) for p in _dataset_rows(cfg)]
 
 
