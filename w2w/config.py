@@ -40,8 +40,15 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
+    # Llama 3.1's rope scaling (rope_type llama3); null: none. A checkpoint's own values win.
+    rope_scaling_factor: float | None = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_pos: int = 8192
     checkpoint_dir: str | None = None  # None: random weights drawn from init_seed
-    tokenizer_path: str | None = None  # None: <checkpoint_dir>/tokenizer.model, or the bundled tiny one
+    # None: tokenizer.model or tokenizer.json in checkpoint_dir (or one level up), or the bundled tiny one
+    tokenizer_path: str | None = None
+    eos_token: str | None = None  # None: the family's (</s>, <|end_of_text|>); instruct Llama 3: <|eot_id|>
     init_seed: int = 0
 
 
@@ -141,9 +148,13 @@ def register_configs() -> None:
 PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
 # Result-neutral keys left out of the cell id, so moving a sweep does not redo its cells.
 _ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command")
-# Options added after sweeps were run: at their defaults they leave the cell id as it was.
-_ID_NEW_DEFAULTS = {"save_responses": False}
-_ID_NEW_DATASET_DEFAULTS = {"prompt_template": "{prompt}", "fewshot_path": None, "fewshot_k": 0}
+# Options added after sweeps were run, per config section: at their defaults they leave the cell id as it was.
+_ID_NEW_DEFAULTS = {
+    "": {"save_responses": False},
+    "dataset": {"prompt_template": "{prompt}", "fewshot_path": None, "fewshot_k": 0},
+    "model": {"eos_token": None, "rope_scaling_factor": None, "rope_low_freq_factor": 1.0,
+              "rope_high_freq_factor": 4.0, "rope_original_max_pos": 8192},
+}
 
 
 def group_options(group: str) -> list[str]:
@@ -325,7 +336,8 @@ def cell_id(cfg: DictConfig) -> str:
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in _ID_EXCLUDED:
         data.pop(key, None)
-    for table, defaults in ((data, _ID_NEW_DEFAULTS), (data.get("dataset", {}), _ID_NEW_DATASET_DEFAULTS)):
+    for section, defaults in _ID_NEW_DEFAULTS.items():
+        table = data.get(section, {}) if section else data
         for key, default in defaults.items():
             if key in table and table[key] == default:
                 del table[key]

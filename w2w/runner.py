@@ -41,7 +41,7 @@ from w2w.records import (
     write_json,
 )
 from w2w.responses import Responses, no_score_reason, responses_path
-from w2w.tokenizer import Tokenizer
+from w2w.tokenizer import TokenizerLike, open_tokenizer
 
 log = logging.getLogger("w2w.run")
 WARMUP_TOKENS = 4
@@ -88,10 +88,10 @@ class PhaseEnergy:
             self.monitor.begin_window(following)
 
 
-def load_model(cfg: DictConfig, info: distributed.DistInfo) -> tuple[Transformer, Tokenizer]:
+def load_model(cfg: DictConfig, info: distributed.DistInfo) -> tuple[Transformer, TokenizerLike]:
     """Tokenizer and this rank's model shard; checks they agree before any device memory is used."""
     checkpoint.check_precision(cfg.precision, info.device)
-    tokenizer = Tokenizer(checkpoint.tokenizer_path(cfg.model))
+    tokenizer = open_tokenizer(checkpoint.tokenizer_path(cfg.model), cfg.model.get("eos_token"))
     args = checkpoint.model_args(cfg.model)
     if tokenizer.vocab_size != args.vocab_size:
         raise ConfigError(
@@ -114,7 +114,7 @@ def _sampling(cfg: DictConfig, max_gen_len: int | None = None) -> SamplingParams
     )
 
 
-def _encode(prompts: list[str], tokenizer: Tokenizer, max_prompt_len: int, counts: Counts) -> list[list[int]]:
+def _encode(prompts: list[str], tokenizer: TokenizerLike, max_prompt_len: int, counts: Counts) -> list[list[int]]:
     encoded = []
     for text in prompts:
         ids = tokenizer.encode(text)
@@ -187,7 +187,7 @@ def run_cell(
     cfg: DictConfig,
     rows: list[Prompt],
     model: Transformer,
-    tokenizer: Tokenizer,
+    tokenizer: TokenizerLike,
     monitor: EnergyMonitor,
     *,
     timeline: Path | None = None,
@@ -299,7 +299,7 @@ def _open_monitor(cfg: DictConfig, info: distributed.DistInfo) -> EnergyMonitor:
     return monitor
 
 
-def _load_measured(cfg: DictConfig, info: distributed.DistInfo, monitor: EnergyMonitor) -> tuple[Transformer, Tokenizer, dict]:
+def _load_measured(cfg: DictConfig, info: distributed.DistInfo, monitor: EnergyMonitor) -> tuple[Transformer, TokenizerLike, dict]:
     """Model load and idle baseline in windows of their own: never counted in a cell."""
     monitor.begin_window("load")
     model, tokenizer = load_model(cfg, info)
@@ -376,7 +376,7 @@ def run_cells(cells: list[DictConfig]) -> list[str]:
 
 
 def _measure_cell(
-    cfg: DictConfig, cid: str, rows: list[Prompt], loaded: tuple[Transformer, Tokenizer, dict],
+    cfg: DictConfig, cid: str, rows: list[Prompt], loaded: tuple[Transformer, TokenizerLike, dict],
     info: distributed.DistInfo, monitor: EnergyMonitor, capper: PowerCapper,
 ) -> tuple[dict, int]:
     """One cell on this rank: its full record, and its outcome for the agreement between ranks."""
