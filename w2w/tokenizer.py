@@ -12,6 +12,8 @@ from typing import Protocol
 
 import sentencepiece as spm
 
+from w2w.config import ConfigError
+
 TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer.model"
 LLAMA3_BOS, LLAMA3_EOS, LLAMA3_EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 # Meta's Llama 3.1 tokenizer.py: the split pattern and the 256 special tokens after the BPE ranks.
@@ -62,7 +64,7 @@ class Tokenizer:
 
 def _special_id(ids: dict[str, int], token: str, path: Path, option: str) -> int:
     if token not in ids:
-        raise ValueError(f"{path} has no special token {token!r}: set {option} to one it has")
+        raise ConfigError(f"{path} has no special token {token!r}: set {option} to one it has")
     return ids[token]
 
 
@@ -73,7 +75,7 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
         if not line:
             continue
         if not _TIKTOKEN_LINE.fullmatch(line):
-            raise ValueError(f"{path}:{number}: not a tiktoken BPE line ('base64 rank')")
+            raise ConfigError(f"{path}:{number}: not a tiktoken BPE line ('base64 rank'): set model.tokenizer_path")
         token, rank = line.split()
         ranks[base64.b64decode(token)] = int(rank)
     return ranks
