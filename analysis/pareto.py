@@ -84,7 +84,7 @@ class Recommendation:
 
 
 def _numbers(row: dict) -> str:
-    shown = [f"{c}={row[c]:.4g} {UNITS[c]}" for c in
+    shown = [f"{c}={row[c]:.4g}" + (f" {UNITS[c]}" if UNITS[c] != "fraction" else "") for c in
              ("energy_per_token_j", "energy_per_correct_j", "accuracy", "tokens_per_s", "seconds_per_response")
              if c in row and not is_missing(row[c])]
     return ", ".join(shown)
@@ -107,7 +107,8 @@ def recommend(cells: pd.DataFrame, target: Target, cost: str = "energy_per_token
     done = ok(cells)
     priced = done[done[cost].notna()] if cost in done else done.iloc[0:0]
     if priced.empty:
-        rec.lines.append(f"No recommendation: no ok cell has {cost} (see the notes: no energy meter?).")
+        notes = sorted({n for n in done.get("note", pd.Series(dtype=object)).dropna() if n})
+        rec.lines.append(f"No recommendation: no ok cell has {cost} ({'; '.join(notes) or 'no energy reading'}).")
         return rec
     axes = varied_axes(done)
     meeting = priced[target.met(priced)].sort_values([cost, "tokens_per_s"], ascending=[True, False], kind="stable")
@@ -171,6 +172,9 @@ def pareto_figure(cells: pd.DataFrame) -> Rendered:
             usable = done[done[cost].notna() & done[speed].notna()]
             ax.scatter(usable[speed], usable[cost], s=22, color="0.6", label="cell", zorder=2)
             front = frontier(done, cost, speed, larger)
+            for row in usable[~usable["cell_id"].isin(front["cell_id"])].to_dict("records"):
+                ax.annotate(label(row, axes), (row[speed], row[cost]), textcoords="offset points",
+                            xytext=(4, -9), fontsize=6, color="0.45")
             ax.plot(front[speed], front[cost], "-o", color="tab:red", markersize=6, label="Pareto frontier", zorder=3)
             points: dict[tuple[float, float], list[str]] = {}  # cells tied on both share one label
             for row in front.to_dict("records"):
@@ -182,7 +186,8 @@ def pareto_figure(cells: pd.DataFrame) -> Rendered:
             ax.set_xlabel(f"{speed} ({UNITS[speed]}); better: {better}")
             ax.set_ylabel(f"{cost} ({UNITS[cost]}); better: lower")
             ax.grid(alpha=0.3)
-            ax.legend(loc="upper right", fontsize="x-small")
+            ax.margins(x=0.12, y=0.08)  # room for the labels of the outermost points
+            ax.legend(loc="best", fontsize="x-small")
     reason = missing_reason(cells)
     if reason:
         for ax in grid.flat:

@@ -49,7 +49,7 @@ def test_bad_template_options_name_the_option(extra, fragment):
     if fragment is None:
         assert len(load_prompt_rows(_dataset(**extra))) == 4
         return
-    with pytest.raises(ConfigError, match=None) as err:
+    with pytest.raises(ConfigError) as err:
         load_prompt_rows(_dataset(**extra))
     assert fragment in str(err.value)
 
