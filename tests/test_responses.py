@@ -97,3 +97,23 @@ def test_alpaca_cells_have_no_accuracy_and_say_why(tmp_path):
     (row,) = reduce_sweep(tmp_path).to_dict("records")
     assert pd.isna(row["accuracy"]) and pd.isna(row["energy_per_correct_j"]) and not row["responses_saved"]
     assert "dataset alpaca has no reference answers" in row["score_note"]
+
+
+def test_new_options_at_their_defaults_keep_the_cell_ids_of_older_sweeps():
+    import hashlib
+
+    from w2w.config import _ID_EXCLUDED, _ID_NEW_DEFAULTS, cell_id, compose_cell
+
+    cfg = compose_cell(["dataset.num_prompts=4"])
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in _ID_EXCLUDED:
+        data.pop(key, None)
+    for section, defaults in _ID_NEW_DEFAULTS.items():  # what a config from before these options held
+        for key in defaults:
+            (data[section] if section else data).pop(key)
+    older = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+    assert cell_id(cfg) == older
+    changed = [["save_responses=true"], ["dataset.prompt_template='Q: {prompt}'"], ["model.eos_token='</s>'"],
+               ["model.rope_scaling_factor=8"]]
+    ids = {cell_id(compose_cell(["dataset.num_prompts=4", *extra])) for extra in changed}
+    assert older not in ids and len(ids) == len(changed)
