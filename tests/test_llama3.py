@@ -58,8 +58,11 @@ def hf_llama3(directory: Path, scaling: dict | None) -> dict:
 @pytest.fixture(scope="module")
 def hf_ckpts(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("llama3")
-    return {name: (root / name, hf_llama3(root / name, scaling)) for name, scaling in
-            (("llama3", None), ("llama3_1", SCALING))}
+    out = {name: (root / name, hf_llama3(root / name, scaling)) for name, scaling in
+           (("llama3", None), ("llama3_1", SCALING))}
+    # Meta's format of the same 3.1 model, written by w2w-reshard (params.json: use_scaled_rope).
+    checkpoint.reshard(root / "llama3_1", root / "llama3_1_meta", 2, progress=False)
+    return out | {"llama3_1_meta": (root / "llama3_1_meta", out["llama3_1"][1])}
 
 
 def _w2w_outputs(ckpt_dirs: dict[str, Path], world: int) -> dict:
@@ -83,6 +86,7 @@ def _w2w_outputs(ckpt_dirs: dict[str, Path], world: int) -> dict:
 
 @pytest.mark.slow
 def test_llama3_and_3_1_match_transformers_at_1_and_2_shards(hf_ckpts):
+    assert json.loads((hf_ckpts["llama3_1_meta"][0] / "params.json").read_text())["use_scaled_rope"] is True
     dirs = {name: path for name, (path, _) in hf_ckpts.items()}
     # Same weights, rope scaling only: the references differ, so a w2w that ignored it would fail.
     assert (hf_ckpts["llama3"][1]["logits"] - hf_ckpts["llama3_1"][1]["logits"]).abs().max() > 1e-2
@@ -93,7 +97,7 @@ def test_llama3_and_3_1_match_transformers_at_1_and_2_shards(hf_ckpts):
                 assert (got["logits"] - expected["logits"]).abs().max().item() <= 1e-4, (name, world)
                 assert got["greedy"] == expected["greedy"], (name, world)
             assert rank_out["llama3"]["scaling"] is None
-            assert rank_out["llama3_1"]["scaling"] == RopeScaling(8.0, 1.0, 4.0, 48)
+            assert rank_out["llama3_1"]["scaling"] == rank_out["llama3_1_meta"]["scaling"] == RopeScaling(8.0, 1.0, 4.0, 48)
 
 
 def test_rope_scaling_changes_only_long_wavelengths():
