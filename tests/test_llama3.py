@@ -155,3 +155,19 @@ def test_planner_estimates_405b_across_nodes():
     on_a100 = make_plan([*common, "gpu=a100", "skip_unfit=true"])
     (skipped,) = on_a100.skipped
     assert "weights 94.5" in skipped.skip_reason and "gpu=a100 has 80 GiB" in skipped.skip_reason
+
+
+def test_llama3_h100_is_the_paper_grid_with_llama_3_1_on_h100_nodes():
+    from tests.test_paper_presets import plan_output
+
+    plan = plan_output("+experiment=llama3_h100")
+    shapes = plan["shapes"]
+    assert {m for m, _, _ in shapes} == {"llama3_1_8b", "llama3_1_70b"} and {g for _, g, _ in shapes} == {"h100"}
+    assert {(m, s) for m, _, s in shapes} == {("llama3_1_8b", 1), ("llama3_1_8b", 2), ("llama3_1_70b", 2),
+                                              ("llama3_1_70b", 4), ("llama3_1_70b", 8)}
+    assert all(nodes == 1 and tasks == s for (_, _, s), (nodes, tasks, _) in shapes.items())  # 8-GPU nodes
+    rows = plan["cell_rows"]
+    assert {r[2] for r in rows} == {"64", "128", "256", "512"} and {r[3] for r in rows} == {"256", "512", "1024"}
+    assert {r[1] for r in rows} == {"alpaca", "gsm8k"}
+    assert {r[4] for r in rows} == {"None", "700.0", "490.0", "420.0"}
+    assert plan["skipped"]  # 70B on 2 H100s holds only the smallest batches: listed, not failed
