@@ -16,6 +16,9 @@ class CellTotals:
     output_words: int
     energy_j: float | None  # every GPU of the cell summed; None where any rank had no meter
     idle_energy_j: float | None = None  # sum over GPUs of idle power x that GPU's window; None where any had none
+    scored: int = 0  # responses with a reference answer (GSM8K), scored by w2w.scoring
+    correct: int = 0  # of those, the ones whose answer matched
+    batches: int = 0  # generate() calls; a response waits for its whole batch
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("energy_per_response_j", "J/response", "energy of all GPUs / responses", _energy_per(lambda c: c.responses)),
     Metric("energy_j_above_idle", "J", "energy of all GPUs - each GPU's idle power x its run time",
            lambda c: c.energy_j - c.idle_energy_j if c.energy_j is not None and c.idle_energy_j is not None else None),
+    Metric("seconds_per_response", "s/response", "total run time / batches: how long a response waits for "
+           "its batch (prefill and decode)", lambda c: c.total_s / c.batches if c.batches > 0 else None),
+    Metric("accuracy", "fraction", "correct answers / scored responses (GSM8K: w2w.scoring)",
+           lambda c: c.correct / c.scored if c.scored > 0 else None),
+    Metric("energy_per_correct_j", "J/correct answer", "energy of all GPUs / correct answers",
+           lambda c: c.energy_j / c.correct if c.energy_j is not None and c.scored > 0 and c.correct > 0 else None),
 )
 METRIC_NAMES = tuple(m.name for m in METRICS)
 

@@ -183,6 +183,19 @@ def _energy_columns(records: list[dict], energy_j: float | None) -> dict:
     }
 
 
+def _answer_columns(first: dict, totals: CellTotals) -> dict:
+    """Scored/correct counts, whether responses were saved, and why accuracy is empty if it is."""
+    block = first.get("responses") or {}
+    if totals.scored == 0:
+        note = "accuracy, energy_per_correct_j empty: " + (block.get("score_reason") or "no scored responses")
+    elif totals.correct == 0:
+        note = "energy_per_correct_j empty: no correct answer in the cell"
+    else:
+        note = ""
+    return {"scored": totals.scored, "correct": totals.correct,
+            "responses_saved": bool(block.get("saved")), "score_note": note}
+
+
 def reduce_cell(cell: CellRecords) -> dict:
     """One row of the cells table."""
     records = [with_batch_totals(cell.records[r]) for r in sorted(cell.records)]
@@ -212,6 +225,9 @@ def reduce_cell(cell: CellRecords) -> dict:
         output_words=int(first["counts"]["output_words"]),
         energy_j=energy_j,
         idle_energy_j=_idle_energy(records) if idle_power_w is not None else None,
+        scored=int(first["counts"].get("scored", 0)),
+        correct=int(first["counts"].get("correct", 0)),
+        batches=int(first["counts"].get("batches", 0)),
     )
     row |= {"status": STATUS_OK, **compute(totals), "idle_power_w": idle_power_w, **_energy_columns(records, energy_j)}
     row |= {
@@ -224,6 +240,7 @@ def reduce_cell(cell: CellRecords) -> dict:
         "output_tokens": totals.output_tokens,
         "responses": totals.responses,
         "note": f"no energy: {reason}" if reason else "",
+        **_answer_columns(first, totals),
     }
     return row
 
@@ -269,7 +286,8 @@ def reduce_sweep(sweep_dir: Path) -> pd.DataFrame:
         rows.append(row | {column: params.get(key) for column, key in extra.items()})
     table = pd.DataFrame(rows)
     for column in ("cell_id", *PARAM_COLUMNS, *extra, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus",
-                   "nodes", "segments", "note"):
+                   "nodes", "segments", "note",
+                   "score_note"):
         if column not in table:
             table[column] = None
     sort_keys = [c for c in ("model", "gpu", "dataset", "shards", "batch_size", "max_gen_len", *extra)
@@ -293,7 +311,7 @@ def write_results(table: pd.DataFrame, sweep_dir: Path) -> Path:
     out = sweep_dir / "results"
     write_atomic(out / "cells.csv", table.to_csv(index=False).encode())
     write_atomic(out / "cells.md", (markdown(table, table_columns(table)) + "\n").encode())
-    text = {c: "string" for c in ("note", "energy_source", "cpu_note")}
+    text = {c: "string" for c in ("note", "energy_source", "cpu_note", "score_note")}
     write_atomic(out / "cells.parquet", table.astype(text).to_parquet(index=False))
     return out
 
@@ -307,6 +325,8 @@ def summary_notes(table: pd.DataFrame) -> list[str]:
     notes.extend(f"energy columns empty: {reason.removeprefix('no energy: ')}" for reason in sorted(energy_reasons))
     cpu_reasons = {row["cpu_note"] for _, row in table.iterrows() if row["status"] == STATUS_OK and row["cpu_note"]}
     notes.extend(f"cpu_energy_j empty: {reason.removeprefix('no CPU energy: ')}" for reason in sorted(cpu_reasons))
+    score_reasons = {row["score_note"] for _, row in table.iterrows() if row["status"] == STATUS_OK and row["score_note"]}
+    notes.extend(f"answers: {reason}" for reason in sorted(score_reasons))
     return notes
 
 

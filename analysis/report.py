@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from w2w.analysis import figures, paper, tables
+from w2w.analysis import figures, paper, pareto, tables
 from w2w.analysis.reduce import reduce_sweep, summary_notes
 from w2w.launch.status import completeness
 from w2w.launch.submit import ManifestError
@@ -321,6 +321,7 @@ class Report:
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     incomplete: str | None = None  # how many planned cells have no result, from the manifest
+    recommendation: list[str] = field(default_factory=list)
 
 
 def _write(report: Report, path: Path, text: str) -> None:
@@ -347,7 +348,28 @@ def _timelines(sweep: Path, cells: pd.DataFrame, out: Path, limit: int | None, r
     return written
 
 
-def render(sweep: Path, out: Path, max_timelines: int | None = None) -> Report:
+def pareto_section(cells: pd.DataFrame, out: Path, target: pareto.Target, report: Report) -> list[str]:
+    """The page's 'Which configuration to run' section; writes its figure and frontier table."""
+    lines = ["## Which configuration to run", "",
+             "Pareto frontier: the cells no other cell beats on both energy (lower) and speed. Energy per "
+             "correct answer is drawn where responses were scored (GSM8K).", ""]
+    reason = pareto.missing_reason(cells)
+    rendered = pareto.pareto_figure(cells)
+    path = figures.save(rendered, out / "figures")
+    report.files.append(path)
+    lines += [f"![{rendered.name}]({path.relative_to(out).as_posix()})", ""]
+    lines += [f"- {n}" for n in rendered.notes] + [""]
+    if reason is None:
+        front = pareto.frontier_table(cells)
+        _write(report, out / "pareto.csv", front.to_csv(index=False))
+        lines += [frame_markdown(front)]
+    rec = pareto.recommend(cells, target)
+    report.recommendation = rec.lines
+    lines += ["### Recommendation", "", *rec.lines, ""]
+    return lines
+
+
+def render(sweep: Path, out: Path, max_timelines: int | None = None, target: pareto.Target | None = None) -> Report:
     """Every table, figure and comparison of the paper from the sweep's records, under `out`."""
     report = Report(out)
     complete = completeness(sweep)
@@ -375,6 +397,7 @@ def render(sweep: Path, out: Path, max_timelines: int | None = None) -> Report:
     _write(report, out / "implementation_costs.md", frame_markdown(costs) if not costs.empty else "")
     page = _page(sweep, cells, rendered_tables, rendered_figures, figure_files, timelines, compared, energy, report)
     page += _costs_section(costs)
+    page += "\n" + "\n".join(pareto_section(cells, out, target or pareto.Target(), report)) + "\n"
     _write(report, out / "report.md", page)
     return report
 
@@ -429,14 +452,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="a finished sweep directory (holds cells/)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: SWEEP/results/paper)")
     parser.add_argument("--max-timelines", type=int, default=None, help="draw at most this many cell timelines")
+    parser.add_argument("--min-tokens-per-s", type=float, default=None, metavar="X",
+                        help="name the cheapest configuration (energy per token) with at least X tokens/s")
+    parser.add_argument("--max-seconds-per-response", type=float, default=None, metavar="Y",
+                        help="... and at most Y seconds per response (the wait for its batch)")
     args = parser.parse_args(argv)
+    for option, value in (("--min-tokens-per-s", args.min_tokens_per_s),
+                          ("--max-seconds-per-response", args.max_seconds_per_response)):
+        if value is not None and not value > 0:
+            print(f"w2w-report: error: {option}={value}: must be > 0", file=sys.stderr)
+            return 2
     if not (args.sweep_dir / "cells").is_dir():
         print(f"w2w-report: error: {args.sweep_dir} has no cells/ folder: give the sweep_dir of a run",
               file=sys.stderr)
         return 2
     out = args.out or args.sweep_dir / "results" / "paper"
+    target = pareto.Target(args.min_tokens_per_s, args.max_seconds_per_response)
     try:
-        report = render(args.sweep_dir, out, args.max_timelines)
+        report = render(args.sweep_dir, out, args.max_timelines, target)
     except ManifestError as exc:
         print(f"w2w-report: error: {exc}", file=sys.stderr)
         return 2
@@ -444,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"w2w-report: warning: {report.incomplete}", file=sys.stderr)
     for note in report.notes:
         print(note)
+    print("\n".join(report.recommendation))
     print(f"{len(report.files)} files under {out}/; start with {out / 'report.md'}")
     return 0
 

@@ -340,7 +340,7 @@ def test_tokenizer_vocabulary_must_match_the_embedding(ckpts, tmp_path):
 
 def test_tokenizer_location(ckpts, tmp_path):
     ckpt = _copy(ckpts["meta2"], tmp_path / "llama" / "7B")
-    with pytest.raises(ConfigError, match=r"no tokenizer\.model in .*: set model\.tokenizer_path"):
+    with pytest.raises(ConfigError, match=r"no tokenizer\.model or tokenizer\.json in .*: set model\.tokenizer_path"):
         checkpoint.tokenizer_path(model_cfg(ckpt))
     shutil.copyfile(TINY_TOKENIZER, tmp_path / "llama" / "tokenizer.model")  # Meta's download layout
     assert checkpoint.tokenizer_path(model_cfg(ckpt)) == tmp_path / "llama" / "tokenizer.model"

@@ -30,7 +30,8 @@ from w2w.tokenizer import TINY_TOKENIZER
 log = logging.getLogger("w2w.checkpoint")
 
 PARAMS_JSON = "params.json"
-TOKENIZER = "tokenizer.model"
+TOKENIZER = "tokenizer.model"  # SentencePiece (LLaMA 1, 2) or tiktoken BPE (Llama 3)
+HF_TOKENIZER = "tokenizer.json"
 _META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 _IGNORED_META_KEYS = {"rope.freqs"}  # LLaMA 1 stores its rotary table; it is recomputed
 _FLOAT_DTYPES = set(DTYPES.values())
@@ -74,7 +75,18 @@ def model_args(model: DictConfig) -> ModelArgs:
         log.warning("model.max_seq_len=%d exceeds the checkpoint's max_position_embeddings=%d",
                     preset.max_seq_len, found.max_seq_len)
     # Trained-in constants come from the checkpoint; the cache length is the run's choice.
-    return replace(preset, norm_eps=found.norm_eps, rope_theta=found.rope_theta)
+    return replace(preset, norm_eps=found.norm_eps, rope_theta=found.rope_theta, **rope_scaling_fields(found))
+
+
+_ROPE_SCALING_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_pos")
+# Meta's code hard-codes Llama 3.1's scaling; its params.json says only use_scaled_rope (and, from
+# Llama 3.2 on, rope_scaling_factor).
+META_ROPE_SCALING = {"rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0, "rope_original_max_pos": 8192}
+META_ROPE_FACTOR = 8.0
+
+
+def rope_scaling_fields(args: ModelArgs) -> dict:
+    return {name: getattr(args, name) for name in _ROPE_SCALING_FIELDS}
 
 
 def architecture(ckpt_dir: Path) -> dict[str, Any]:
@@ -96,15 +108,17 @@ def tokenizer_path(model: DictConfig) -> Path:
     if found is None:
         ckpt = Path(model.checkpoint_dir)
         raise ConfigError(
-            f"no {TOKENIZER} in {ckpt} or {ckpt.parent}: set model.tokenizer_path to the "
-            "checkpoint's SentencePiece model"
+            f"no {TOKENIZER} or {HF_TOKENIZER} in {ckpt} or {ckpt.parent}: set model.tokenizer_path to the "
+            "checkpoint's tokenizer"
         )
     return found
 
 
 def find_tokenizer(ckpt_dir: Path) -> Path | None:
     # Meta's downloads keep tokenizer.model beside the size folders (llama/65B/, llama/tokenizer.model).
-    for candidate in (ckpt_dir / TOKENIZER, ckpt_dir.parent / TOKENIZER):
+    # Hugging Face folders ship tokenizer.json (Llama 3: the only tokenizer there).
+    candidates = [d / name for d in (ckpt_dir, ckpt_dir.parent) for name in (TOKENIZER, HF_TOKENIZER)]
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     return None
@@ -251,8 +265,10 @@ def _mmap_load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _meta_args(params: dict, path: Path, vocab_size: int) -> ModelArgs:
+    scaling = {}
     if params.get("use_scaled_rope"):
-        raise ConfigError(f"{path}: use_scaled_rope (Llama 3.1 rotary scaling) is not supported")
+        scaling = META_ROPE_SCALING | {k: params[k] for k in META_ROPE_SCALING if k in params}
+        scaling["rope_scaling_factor"] = float(params.get("rope_scaling_factor") or META_ROPE_FACTOR)
     try:
         return ModelArgs(
             dim=int(params["dim"]),
@@ -264,6 +280,7 @@ def _meta_args(params: dict, path: Path, vocab_size: int) -> ModelArgs:
             ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
             norm_eps=float(params.get("norm_eps", 1e-5)),
             rope_theta=float(params.get("rope_theta", 10000.0)),
+            **scaling,
         )
     except KeyError as exc:
         raise ConfigError(f"{path}: missing key {exc}") from exc
@@ -374,6 +391,12 @@ def _params_json(args: ModelArgs) -> dict:
         params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
     if args.rope_theta != 10000.0:
         params["rope_theta"] = args.rope_theta
+    if args.rope_scaling_factor is not None:
+        params["use_scaled_rope"] = True
+        if args.rope_scaling_factor != META_ROPE_FACTOR:
+            params["rope_scaling_factor"] = args.rope_scaling_factor
+        # Meta's code has these fixed; written only where they differ, for w2w to read back.
+        params |= {k: getattr(args, k) for k, v in META_ROPE_SCALING.items() if getattr(args, k) != v}
     return params
 
 

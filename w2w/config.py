@@ -48,8 +48,15 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
+    # Llama 3.1's rope scaling (rope_type llama3); null: none. A checkpoint's own values win.
+    rope_scaling_factor: float | None = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_pos: int = 8192
     checkpoint_dir: str | None = None  # None: random weights drawn from init_seed
-    tokenizer_path: str | None = None  # None: <checkpoint_dir>/tokenizer.model, or the bundled tiny one
+    # None: tokenizer.model or tokenizer.json in checkpoint_dir (or one level up), or the bundled tiny one
+    tokenizer_path: str | None = None
+    eos_token: str | None = None  # None: the family's (</s>, <|end_of_text|>); instruct Llama 3: <|eot_id|>
     init_seed: int = 0
 
 
@@ -71,6 +78,10 @@ class DatasetConfig:
     seed: int = 0
     # Longer prompts keep their last tokens; also the prompt length the memory-fit check assumes.
     max_prompt_tokens: int = 128
+    # Each prompt as the model sees it: "{prompt}" is the dataset's prompt (zero-shot, as the paper).
+    prompt_template: str = "{prompt}"
+    fewshot_path: str | None = None  # GSM8K rows (question, answer) whose first fewshot_k prefix each prompt
+    fewshot_k: int = 0
     # Set by w2w, not an option: sha256 of the local prompt file, so that editing it changes the cell id.
     content_sha256: str | None = None
 
@@ -132,6 +143,7 @@ class RunConfig:
     sweep_dir: str = "runs/default"
     dist_timeout_s: int = 600
     skip_unfit: bool = False  # cells that do not fit the GPUs' memory: skipped (true) or an error
+    save_responses: bool = False  # rank 0 writes the cell's prompts and responses beside its records
     # An experiment's grid: {key: "a,b"} or a list of such sub-grids, unioned; the command line wins.
     grid: Any = None
 
@@ -149,6 +161,14 @@ def register_configs() -> None:
 PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
 # Result-neutral keys left out of the cell id, so moving a sweep does not redo its cells.
 _ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command")
+# Options added after sweeps were run, per config section: at their defaults they leave the cell id as it was.
+_ID_NEW_DEFAULTS = {
+    "": {"save_responses": False},
+    # content_sha256 is None for hub and synthetic data: they keep their earlier ids.
+    "dataset": {"prompt_template": "{prompt}", "fewshot_path": None, "fewshot_k": 0, "content_sha256": None},
+    "model": {"eos_token": None, "rope_scaling_factor": None, "rope_low_freq_factor": 1.0,
+              "rope_high_freq_factor": 4.0, "rope_original_max_pos": 8192},
+}
 
 
 def package_config_dir() -> Path:
@@ -487,6 +507,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.power_cap_command is not None:
         problem = check_command(cfg.power_cap_command)
         _check(problem is None, f"power_cap_command={cfg.power_cap_command!r}: {problem}")
+    from w2w.data import check_template
+
+    check_template(cfg.dataset)
     _check(cfg.dataset.num_prompts >= 1, f"dataset.num_prompts={cfg.dataset.num_prompts}: must be >= 1")
     _check(0.0 < cfg.top_p <= 1.0, f"top_p={cfg.top_p}: must be in (0, 1]")
     _check(cfg.temperature > 0 or cfg.greedy, f"temperature={cfg.temperature}: must be > 0, or set greedy=true")
@@ -512,8 +535,11 @@ def cell_id(cfg: DictConfig) -> str:
     # Excluded keys are left out before resolving: an experiment's grid is costly to resolve.
     data = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
             for k, v in cfg.items() if k not in _ID_EXCLUDED}
-    if data["dataset"].get("content_sha256") is None:  # hub and synthetic data keep their earlier ids
-        data["dataset"].pop("content_sha256", None)
+    for section, defaults in _ID_NEW_DEFAULTS.items():
+        table = data.get(section, {}) if section else data
+        for key, default in defaults.items():
+            if key in table and table[key] == default:
+                del table[key]
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

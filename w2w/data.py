@@ -8,6 +8,7 @@ import json
 import os
 import random
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -38,6 +39,18 @@ WORDS = (
     "explain why a smaller batch may waste power when the accelerator waits for memory "
     "describe how sharding across nodes adds network time and raises the wattage of a run"
 ).split()
+
+
+PROMPT_SLOT = "{prompt}"  # where dataset.prompt_template puts each dataset prompt
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a cell: its row in the source, the text the model sees, the reference answer."""
+
+    id: int  # row index in the file or split (synthetic: position)
+    text: str  # with dataset.prompt_template and any k-shot prefix applied
+    reference: str | None = None  # GSM8K's answer field; None where nothing can be scored
 
 
 def alpaca_prompt(row: dict) -> str:
@@ -211,10 +224,70 @@ def _load_rows(cfg: DictConfig):
     return datasets.load_dataset(path, HUB_SUBSETS.get(cfg.name), split=cfg.split)
 
 
+def fill_template(template: str, prompt: str) -> str:
+    # replace, not str.format: a template or prompt may hold other braces (code, JSON).
+    return template.replace(PROMPT_SLOT, prompt)
+
+
+def prompt_template(cfg: DictConfig) -> str:
+    """dataset.prompt_template; a typed '\\n' is a newline, which a command line cannot pass."""
+    return cfg.get("prompt_template", PROMPT_SLOT).replace("\\n", "\n")
+
+
+def check_template(cfg: DictConfig) -> None:
+    """dataset.prompt_template and the k-shot options; no files are read."""
+    template = cfg.get("prompt_template", PROMPT_SLOT)
+    if PROMPT_SLOT not in template:
+        raise ConfigError(
+            f"dataset.prompt_template={template!r} has no {PROMPT_SLOT} slot: add it where the "
+            "dataset's prompt goes (e.g. 'Question: {prompt}\\nAnswer:')"
+        )
+    k, path = cfg.get("fewshot_k", 0), cfg.get("fewshot_path")
+    if k < 0:
+        raise ConfigError(f"dataset.fewshot_k={k}: must be >= 0 (0: zero-shot, as the paper ran)")
+    if k and cfg.name != "gsm8k":
+        raise ConfigError(f"dataset.fewshot_k={k}: k-shot prefixes are for gsm8k only, not {cfg.name}")
+    if k and not path:
+        raise ConfigError(f"dataset.fewshot_k={k} needs dataset.fewshot_path: a .jsonl of GSM8K rows to draw shots from")
+
+
+def fewshot_prefix(cfg: DictConfig) -> str:
+    """The first dataset.fewshot_k rows of dataset.fewshot_path, each as the template filled with
+    its question followed by its worked answer (which ends in '#### N')."""
+    k = cfg.get("fewshot_k", 0)
+    if not k:
+        return ""
+    path = Path(cfg.fewshot_path)
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"dataset.fewshot_path={path}: cannot read it as JSONL: {exc}") from exc
+    good = [r for r in rows if isinstance(r, dict) and {"question", "answer"} <= r.keys()]
+    if len(good) < k:
+        raise ConfigError(
+            f"dataset.fewshot_path={path} has {len(good)} rows with question and answer; "
+            f"dataset.fewshot_k={k} needs {k}: lower fewshot_k or give a larger file"
+        )
+    template = prompt_template(cfg)
+    return "".join(f"{fill_template(template, r['question'])} {r['answer']}\n\n" for r in good[:k])
+
+
 def load_prompts(cfg: DictConfig) -> list[str]:
-    """cfg.num_prompts prompts sampled without replacement with cfg.seed, in sampled order."""
+    """The texts of load_prompt_rows."""
+    return [p.text for p in load_prompt_rows(cfg)]
+
+
+def load_prompt_rows(cfg: DictConfig) -> list[Prompt]:
+    """cfg.num_prompts prompts sampled without replacement with cfg.seed, in sampled order, with
+    the template and k-shot prefix applied (so prompt token counts include them)."""
+    check_template(cfg)
+    prefix, template = fewshot_prefix(cfg), prompt_template(cfg)
+    return [Prompt(p.id, prefix + fill_template(template, p.text), p.reference) for p in _dataset_rows(cfg)]
+
+
+def _dataset_rows(cfg: DictConfig) -> list[Prompt]:
     if cfg.name == "synthetic":
-        return synthetic_prompts(cfg.num_prompts, cfg.seed)
+        return [Prompt(i, text) for i, text in enumerate(synthetic_prompts(cfg.num_prompts, cfg.seed))]
     if cfg.name not in REQUIRED_FIELDS:
         raise ConfigError(f"dataset.name={cfg.name}: valid are synthetic, {', '.join(REQUIRED_FIELDS)}")
     check_dataset(cfg)
@@ -233,5 +306,6 @@ def load_prompts(cfg: DictConfig) -> list[str]:
     picked = random.Random(cfg.seed).sample(range(len(rows)), cfg.num_prompts)
     subset = rows.select(picked)
     if cfg.name == "alpaca":
-        return [alpaca_prompt(row) for row in subset]
-    return list(subset["question"])
+        return [Prompt(i, alpaca_prompt(row)) for i, row in zip(picked, subset, strict=True)]
+    answers = subset["answer"] if "answer" in subset.column_names else [None] * len(picked)
+    return [Prompt(i, q, a) for i, q, a in zip(picked, subset["question"], answers, strict=True)]

@@ -74,14 +74,27 @@ def _ffn_settings(dim: int, intermediate: int, path: Path) -> tuple[int, float |
     return intermediate, multiplier
 
 
-def _rope_theta(config: dict, path: Path) -> float:
+def _rope(config: dict, path: Path) -> dict:
+    """rope_theta and Llama 3.1's scaling as ModelArgs fields."""
     # transformers < 5 writes rope_theta + rope_scaling; 5.x writes rope_parameters.
     params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    kind = params.get("rope_type", "default") if params else scaling.get("rope_type", scaling.get("type", "default"))
-    if kind != "default":
-        raise ConfigError(f"{path}: rope scaling '{kind}' is not supported (only plain rotary embeddings)")
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    scaling = params or config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return {"rope_theta": theta}
+    if kind != "llama3":
+        raise ConfigError(f"{path}: rope scaling '{kind}' is not supported (plain rotary embeddings or llama3)")
+    try:
+        return {
+            "rope_theta": theta,
+            "rope_scaling_factor": float(scaling["factor"]),
+            "rope_low_freq_factor": float(scaling["low_freq_factor"]),
+            "rope_high_freq_factor": float(scaling["high_freq_factor"]),
+            "rope_original_max_pos": int(scaling["original_max_position_embeddings"]),
+        }
+    except KeyError as exc:
+        raise ConfigError(f"{path}: rope scaling llama3 lacks {exc}") from exc
 
 
 def read_args(ckpt_dir: Path) -> ModelArgs:
@@ -110,7 +123,7 @@ def read_args(ckpt_dir: Path) -> ModelArgs:
             multiple_of=multiple_of,
             ffn_dim_multiplier=multiplier,
             norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=_rope_theta(config, path),
+            **_rope(config, path),
             max_seq_len=int(config.get("max_position_embeddings", 2048)),
         )
     except KeyError as exc:

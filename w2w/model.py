@@ -15,7 +15,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from w2w.shapes import ModelArgs
+from w2w.shapes import ModelArgs, RopeScaling
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,9 +36,24 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_pos: int, theta: float, device: torch.device) -> torch.Tensor:
+def scale_rope(freqs: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Meta's apply_scaling (Llama 3.1): keep short wavelengths, divide long ones by the factor,
+    interpolate smoothly in between."""
+    low_wavelen = scaling.original_max_pos / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_pos / scaling.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (scaling.original_max_pos / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    medium = (1 - smooth) * freqs / scaling.factor + smooth * freqs
+    return torch.where(wavelen < high_wavelen, freqs, torch.where(wavelen > low_wavelen, freqs / scaling.factor, medium))
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float, device: torch.device,
+                scaling: RopeScaling | None = None) -> torch.Tensor:
     """(max_pos, head_dim // 2, 2) cos/sin table in fp32."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if scaling is not None:
+        freqs = scale_rope(freqs, scaling)
     angles = torch.outer(torch.arange(max_pos, device=device).float(), freqs)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
@@ -199,7 +214,8 @@ class Transformer(nn.Module):
             attn.cache = None  # free the old cache before allocating the new one
             attn.cache = KVCache(batch, max_len, attn.local_kv_heads, attn.head_dim, dtype, device)
         if self.rope is None or self.rope.device != device:
-            self.rope = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
+            self.rope = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device,
+                                    self.args.rope_scaling)
 
     @torch.inference_mode()
     def forward(

@@ -14,7 +14,8 @@ from w2w.records import cell_dir, write_json
 log = logging.getLogger("w2w.progress")
 PROGRESS_VERSION = 1
 # Summed over a cell's batches; the other count (truncated_prompts) belongs to the whole cell.
-BATCH_COUNTS = ("prompts", "responses", "prompt_tokens", "output_tokens", "output_words")
+GENERATION_COUNTS = ("prompts", "responses", "prompt_tokens", "output_tokens", "output_words")
+BATCH_COUNTS = (*GENERATION_COUNTS, "scored", "correct")  # scored and correct: responses.py
 BATCH_TIMES = ("total_s", "prefill_s", "decode_s")
 BATCH_ENERGY = ("gpu_j", "counter_gpu_j", "integrated_gpu_j", "prefill_gpu_j", "decode_gpu_j", "cpu_j")
 
@@ -101,7 +102,7 @@ def sum_batches(batches: list[dict], segments: list[dict]) -> dict:
     idle_w = {s["segment"]: s.get("idle_power_w") for s in segments}
     idle = [idle_w.get(b["segment"]) for b in batches]
     return {
-        "counts": {k: int(sum(b["counts"][k] for b in batches)) for k in BATCH_COUNTS} | {"batches": len(batches)},
+        "counts": {k: int(sum(b["counts"].get(k, 0) for b in batches)) for k in BATCH_COUNTS} | {"batches": len(batches)},
         "times": {k: float(math.fsum(b["times"][k] for b in batches)) for k in BATCH_TIMES}
         | {"start_unix_s": min((b["times"]["start_unix_s"] for b in batches), default=None)},
         "energy": {k: _sum([b["energy"].get(k) for b in batches]) for k in BATCH_ENERGY}

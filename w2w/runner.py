@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from w2w import checkpoint, distributed
 from w2w.config import ConfigError, cell_id, compose_grid, placement_key, split_config_dirs
-from w2w.data import check_unchanged, load_prompts
+from w2w.data import Prompt, check_unchanged, load_prompt_rows
 from w2w.energy import (
     EnergyError,
     EnergyMonitor,
@@ -32,7 +32,7 @@ from w2w.energy import (
 )
 from w2w.generation import Generation, PhaseClock, SamplingParams, generate, synchronize
 from w2w.model import DTYPES, Transformer, build_model
-from w2w.progress import BATCH_COUNTS, CellProgress, CellShape, progress_path, sum_batches
+from w2w.progress import GENERATION_COUNTS, CellProgress, CellShape, progress_path, sum_batches
 from w2w.records import (
     SCHEMA_VERSION,
     STATUS_OK,
@@ -42,7 +42,8 @@ from w2w.records import (
     write_atomic,
     write_json,
 )
-from w2w.tokenizer import Tokenizer, check_vocab
+from w2w.responses import Responses, join_response_parts, no_score_reason, response_part_path
+from w2w.tokenizer import TokenizerLike, check_vocab, open_tokenizer
 
 log = logging.getLogger("w2w.run")
 WARMUP_TOKENS = 4
@@ -89,10 +90,10 @@ class PhaseEnergy:
             self.monitor.begin_window(following)
 
 
-def load_model(cfg: DictConfig, info: distributed.DistInfo) -> tuple[Transformer, Tokenizer]:
+def load_model(cfg: DictConfig, info: distributed.DistInfo) -> tuple[Transformer, TokenizerLike]:
     """Tokenizer and this rank's model shard; checks they agree before any device memory is used."""
     checkpoint.check_precision(cfg.precision, info.device)
-    tokenizer = Tokenizer(checkpoint.tokenizer_path(cfg.model))
+    tokenizer = open_tokenizer(checkpoint.tokenizer_path(cfg.model), cfg.model.get("eos_token"))
     args = checkpoint.model_args(cfg.model)
     check_vocab(tokenizer.path, tokenizer.vocab_size, cfg.model.name, args.vocab_size)
     state = checkpoint.load_rank_state(cfg.model, args, info.rank, info.world_size)
@@ -112,7 +113,7 @@ def _sampling(cfg: DictConfig, max_gen_len: int | None = None) -> SamplingParams
     )
 
 
-def _encode(prompts: list[str], tokenizer: Tokenizer, max_prompt_len: int, counts: Counts) -> list[list[int]]:
+def _encode(prompts: list[str], tokenizer: TokenizerLike, max_prompt_len: int, counts: Counts) -> list[list[int]]:
     encoded = []
     for text in prompts:
         ids = tokenizer.encode(text)
@@ -127,15 +128,45 @@ def _dataset_key(cfg: DictConfig) -> str:
     return json.dumps(OmegaConf.to_container(cfg.dataset, resolve=True), sort_keys=True)
 
 
-def load_prompt_sets(cells: list[DictConfig]) -> dict[str, list[str]]:
+def load_prompt_sets(cells: list[DictConfig]) -> dict[str, list[Prompt]]:
     """Each distinct dataset of the job's cells, loaded once."""
-    sets: dict[str, list[str]] = {}
+    sets: dict[str, list[Prompt]] = {}
     for cfg in cells:
         key = _dataset_key(cfg)
         if key not in sets:
             check_unchanged(cfg.dataset)
-            sets[key] = load_prompts(cfg.dataset)
+            sets[key] = load_prompt_rows(cfg.dataset)
     return sets
+
+
+@dataclass
+class _BatchResponses:
+    """One batch's prompt rows, and where rank 0 keeps their responses until the cell ends."""
+
+    cell_id: str
+    index: int
+    rows: list[Prompt]
+    rank: int
+
+    def score(self, cfg: DictConfig, batch: list[list[int]], outputs: list[list[int]], texts: list[str]) -> dict:
+        """`scored` and `correct` for the batch's counts; with save_responses, rank 0 writes the batch's
+        lines (every rank scores: the ranks' tokens are identical)."""
+        responses = Responses(cfg.dataset.name, cfg.max_gen_len, cfg.force_max_gen_len,
+                              keep=bool(cfg.get("save_responses")) and self.rank == 0)
+        responses.add(self.rows, [len(p) for p in batch], outputs, texts)
+        if responses.keep:  # before the batch counts as done: a resumed cell finds every earlier batch's part
+            responses.write(response_part_path(cfg.sweep_dir, self.cell_id, self.index))
+        return {"scored": responses.scored, "correct": responses.correct}
+
+
+def _responses_block(cfg: DictConfig, cid: str, num_batches: int, rank: int) -> dict:
+    """The record's responses block; joins the batches' parts into the responses file (rank 0,
+    save_responses=true), also those of batches that an earlier segment of the cell ran."""
+    requested = bool(cfg.get("save_responses"))
+    saved = requested and rank == 0
+    file = join_response_parts(cfg.sweep_dir, cid, num_batches) if saved else None
+    # saved: this rank wrote the file (rank 0 only); requested: save_responses was set.
+    return {"requested": requested, "saved": saved, "file": file, "score_reason": no_score_reason(cfg.dataset.name)}
 
 
 def _write_timeline(path: Path | None, window: Window, rank: int) -> str | None:
@@ -167,7 +198,7 @@ def _cell_energy(cell: Window, phases: PhaseEnergy, warmup: Window | None, monit
     }
 
 
-def _warm_up(cfg: DictConfig, model: Transformer, batch: list[list[int]], tokenizer: Tokenizer, cache_len: int,
+def _warm_up(cfg: DictConfig, model: Transformer, batch: list[list[int]], tokenizer: TokenizerLike, cache_len: int,
              monitor: EnergyMonitor) -> Window | None:
     """First calls pay for allocation and kernel selection; keep them out of the cell (every segment)."""
     if not cfg.warmup:
@@ -179,23 +210,24 @@ def _warm_up(cfg: DictConfig, model: Transformer, batch: list[list[int]], tokeni
 
 
 def _run_batch(
-    cfg: DictConfig, batch: list[list[int]], model: Transformer, tokenizer: Tokenizer, cache_len: int,
-    clock: PhaseClock, phases: PhaseEnergy,
+    cfg: DictConfig, batch: list[list[int]], model: Transformer, tokenizer: TokenizerLike, cache_len: int,
+    clock: PhaseClock, phases: PhaseEnergy, responses: _BatchResponses,
 ) -> tuple[dict, str | None]:
     """One batch in an energy window of its own: its entry for the progress file, and its window's error."""
     seconds, joules = dict(clock.seconds), dict(phases.joules)
     phases.monitor.begin_window("batch")
     gen = generate(model, batch, _sampling(cfg), tokenizer.eos_id, tokenizer.pad_id, cache_len, clock, cfg.engine)
-    counts = Counts()
-    counts.add(gen, [tokenizer.decode(t) for t in gen.tokens])
     window = phases.monitor.end_window("batch")
+    texts = [tokenizer.decode(t) for t in gen.tokens]
+    counts = Counts()
+    counts.add(gen, texts)
 
     def joules_in(phase: str) -> float | None:
         now, then = phases.joules.get(phase), joules.get(phase, 0.0)
         return None if now is None or then is None else now - then
 
     entry = {
-        "counts": {k: getattr(counts, k) for k in BATCH_COUNTS},
+        "counts": {k: getattr(counts, k) for k in GENERATION_COUNTS} | responses.score(cfg, batch, gen.tokens, texts),
         "times": {"start_unix_s": window.start_unix_s, "total_s": window.duration_s,
                   "prefill_s": clock.seconds["prefill"] - seconds.get("prefill", 0.0),
                   "decode_s": clock.seconds["decode"] - seconds.get("decode", 0.0)},
@@ -208,9 +240,9 @@ def _run_batch(
 
 def run_cell(
     cfg: DictConfig,
-    texts: list[str],
+    rows: list[Prompt],
     model: Transformer,
-    tokenizer: Tokenizer,
+    tokenizer: TokenizerLike,
     monitor: EnergyMonitor,
     *,
     timeline: Path | None = None,
@@ -225,11 +257,12 @@ def run_cell(
     """
     counts = Counts()
     max_prompt_len = min(cfg.dataset.max_prompt_tokens, model.args.max_seq_len - cfg.max_gen_len)
-    prompts = _encode(texts, tokenizer, max_prompt_len, counts)
+    prompts = _encode([r.text for r in rows], tokenizer, max_prompt_len, counts)
     cache_len = max(len(p) for p in prompts) + cfg.max_gen_len
     batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+    cid = cell_id(cfg) if progress is None else progress.shape.cell_id
     if progress is None:  # nothing saved between batches
-        progress = CellProgress(CellShape("", rank, 1, cfg.batch_size, len(batches)), None)
+        progress = CellProgress(CellShape(cid, rank, 1, cfg.batch_size, len(batches)), None)
     start = progress.done
     warmup = _warm_up(cfg, model, batches[start], tokenizer, cache_len, monitor) if start < len(batches) else None
     progress.begin_segment((segment or {}) | {
@@ -242,7 +275,9 @@ def run_cell(
     monitor.begin_window("cell")
     errors: list[str] = []
     for index in range(start, len(batches)):
-        entry, error = _run_batch(cfg, batches[index], model, tokenizer, cache_len, clock, phases)
+        first = index * cfg.batch_size
+        entry, error = _run_batch(cfg, batches[index], model, tokenizer, cache_len, clock, phases,
+                                  _BatchResponses(cid, index, rows[first : first + len(batches[index])], rank))
         if error:
             errors.append(f"batch {index}: {error}")
         progress.add_batch(entry, save=not errors)  # a re-run does not resume after void figures
@@ -257,6 +292,7 @@ def run_cell(
         "timeline": _write_timeline(timeline, cell, rank),
         "batches": progress.batches,
         "segments": [s for s in progress.segments if s["segment"] in {b["segment"] for b in progress.batches}],
+        "responses": _responses_block(cfg, cid, len(batches), rank),
     }
     errors = ([f"cell: {cell.error}"] if cell.error else []) + phases.errors + errors
     if errors:  # the figures are void; later cells still try
@@ -294,6 +330,7 @@ def _identity(cfg: DictConfig, cid: str, info: distributed.DistInfo) -> dict:
             "greedy": cfg.greedy,
             "force_max_gen_len": cfg.force_max_gen_len,
             "seed": cfg.seed,
+            "save_responses": bool(cfg.get("save_responses")),
         },
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -323,7 +360,7 @@ def _open_monitor(cfg: DictConfig, info: distributed.DistInfo) -> EnergyMonitor:
     return monitor
 
 
-def _load_measured(cfg: DictConfig, info: distributed.DistInfo, monitor: EnergyMonitor) -> tuple[Transformer, Tokenizer, dict]:
+def _load_measured(cfg: DictConfig, info: distributed.DistInfo, monitor: EnergyMonitor) -> tuple[Transformer, TokenizerLike, dict]:
     """Model load and idle baseline in windows of their own: never counted in a cell."""
     monitor.begin_window("load")
     model, tokenizer = load_model(cfg, info)
@@ -420,7 +457,7 @@ def _segment(job_energy: dict) -> dict:
 
 
 def _measure_cell(
-    cfg: DictConfig, cid: str, texts: list[str], loaded: tuple[Transformer, Tokenizer, dict],
+    cfg: DictConfig, cid: str, rows: list[Prompt], loaded: tuple[Transformer, TokenizerLike, dict],
     info: distributed.DistInfo, monitor: EnergyMonitor, capper: PowerCapper,
 ) -> tuple[dict, int]:
     """One cell on this rank: its full record, and its outcome for the agreement between ranks."""
@@ -430,8 +467,8 @@ def _measure_cell(
     try:
         _apply_power_cap(capper, cfg)
         timeline = timeline_path(cfg.sweep_dir, cid, info.rank)
-        progress = _resume(cfg, cid, info, len(texts))
-        record |= {"status": STATUS_OK} | run_cell(cfg, texts, model, tokenizer, monitor, timeline=timeline,
+        progress = _resume(cfg, cid, info, len(rows))
+        record |= {"status": STATUS_OK} | run_cell(cfg, rows, model, tokenizer, monitor, timeline=timeline,
                                                    rank=info.rank, progress=progress, segment=_segment(job_energy))
     except Exception as exc:  # the sweep goes on; the record says what happened
         record |= _failure(exc)
@@ -446,7 +483,7 @@ def _measure_cell(
 
 def _run_loaded(
     cells: list[DictConfig], info: distributed.DistInfo, monitor: EnergyMonitor, capper: PowerCapper,
-    prompt_sets: dict[str, list[str]],
+    prompt_sets: dict[str, list[Prompt]],
 ) -> list[str]:
     statuses = []
     try:

@@ -9,6 +9,16 @@ from typing import Any
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's rotary scaling (rope_type llama3): long wavelengths slowed by `factor`."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_pos: int = 8192  # the context length the base frequencies were trained for
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -21,6 +31,18 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
+    # Llama 3.1 rope scaling; None: plain rotary embeddings (LLaMA 1, 2, 3).
+    rope_scaling_factor: float | None = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_pos: int = 8192
+
+    @property
+    def rope_scaling(self) -> RopeScaling | None:
+        if self.rope_scaling_factor is None:
+            return None
+        return RopeScaling(self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                           self.rope_original_max_pos)
 
     @property
     def kv_heads(self) -> int:

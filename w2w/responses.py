@@ -1,0 +1,85 @@
+"""A cell's responses: scored against reference answers, and kept for a JSONL file on request."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from w2w.data import Prompt
+from w2w.records import cell_dir, write_atomic
+from w2w.scoring import score_gsm8k
+
+RESPONSES_FILE = "responses.jsonl"
+# Datasets whose rows carry a reference answer, and the one function that scores against it.
+SCORERS = {"gsm8k": score_gsm8k}
+
+
+def responses_path(sweep_dir: str | Path, cid: str) -> Path:
+    return cell_dir(sweep_dir, cid) / RESPONSES_FILE
+
+
+def response_part_path(sweep_dir: str | Path, cid: str, batch: int) -> Path:
+    """One batch's lines, kept until the cell ends (a resumed cell joins earlier segments' parts)."""
+    return cell_dir(sweep_dir, cid) / f"responses-batch-{batch:05d}.part.jsonl"
+
+
+def join_response_parts(sweep_dir: str | Path, cid: str, num_batches: int) -> str:
+    """The cell's responses file from its batches' parts, in prompt order, atomically; the parts go
+    once it exists. Returns the file's name for the record."""
+    parts = [response_part_path(sweep_dir, cid, i) for i in range(num_batches)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"responses of batch(es) {', '.join(missing)} are missing: run the cell again "
+                           f"(delete {cell_dir(sweep_dir, cid)})")
+    path = responses_path(sweep_dir, cid)
+    write_atomic(path, b"".join(p.read_bytes() for p in parts))
+    for part in parts:
+        part.unlink()
+    return path.name
+
+
+def no_score_reason(dataset: str) -> str | None:
+    """Why a dataset's responses cannot be scored, or None where they can."""
+    if dataset in SCORERS:
+        return None
+    return f"dataset {dataset} has no reference answers to score against"
+
+
+@dataclass
+class Responses:
+    """Every response of a cell in prompt order: `correct` and `scored` for the record, and the
+    lines of the responses file when `keep` is set."""
+
+    dataset: str
+    max_gen_len: int
+    force_max_gen_len: bool
+    keep: bool = False
+    scored: int = 0
+    correct: int = 0
+    lines: list[dict] = field(default_factory=list)
+
+    def ended_by(self, output_tokens: int) -> str:
+        # Generation drops the EOS token: a response shorter than the limit stopped at EOS.
+        if self.force_max_gen_len or output_tokens >= self.max_gen_len:
+            return "length"
+        return "eos"
+
+    def add(self, rows: list[Prompt], prompt_tokens: list[int], outputs: list[list[int]], texts: list[str]) -> None:
+        scorer = SCORERS.get(self.dataset)
+        for row, n_prompt, out, text in zip(rows, prompt_tokens, outputs, texts, strict=True):
+            correct = None
+            if scorer is not None and row.reference is not None:
+                correct = scorer(text, row.reference)
+                self.scored += 1
+                self.correct += int(correct)
+            if self.keep:
+                self.lines.append({
+                    "prompt_id": row.id, "prompt": row.text, "response": text, "prompt_tokens": n_prompt,
+                    "output_tokens": len(out), "ended_by": self.ended_by(len(out)), "correct": correct,
+                })
+
+    def write(self, path: Path) -> str:
+        """The responses file, atomically; returns its name for the record."""
+        write_atomic(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in self.lines).encode())
+        return path.name
