@@ -42,17 +42,18 @@ def _run(sweep, preempt_after: int | None, *extra: str) -> tuple[object, list[st
 
 def test_a_preempted_cell_runs_only_its_unfinished_batches_and_matches_an_uninterrupted_run(tmp_path):
     sweep, reference = tmp_path / "sweep", tmp_path / "reference"
-    cid = cell_id(_cells(sweep)[0])
-    for outcome, calls in run_parallel(2, _run, sweep, 2):
+    save = "save_responses=true"  # the responses of batches run before the preemption are kept too
+    cid = cell_id(_cells(sweep, save)[0])
+    for outcome, calls in run_parallel(2, _run, sweep, 2, save):
         assert outcome == "preempted" and calls == ["warmup", "batch", "batch"]
     for rank in (0, 1):
         assert not record_path(sweep, cid, rank).exists()
         saved = json.loads(progress_path(sweep, cid, rank).read_text())
         assert [b["index"] for b in saved["batches"]] == [0, 1]
 
-    for outcome, calls in run_parallel(2, _run, sweep, None):
+    for outcome, calls in run_parallel(2, _run, sweep, None, save):
         assert outcome == ["ok"] and calls == ["warmup", "batch", "batch"]  # warmed up again; 2 of 4 batches
-    for outcome, calls in run_parallel(2, _run, reference, None):
+    for outcome, calls in run_parallel(2, _run, reference, None, save):
         assert outcome == ["ok"] and calls == ["warmup", "batch", "batch", "batch", "batch"]
 
     for rank in (0, 1):
@@ -67,6 +68,11 @@ def test_a_preempted_cell_runs_only_its_unfinished_batches_and_matches_an_uninte
         assert resumed["counts"]["batches"] == 4 and resumed["counts"]["output_tokens"] > 0
         total = sum(b["times"]["total_s"] for b in resumed["batches"])
         assert abs(resumed["times"]["total_s"] - total) < 1e-9
+
+    resumed_lines = (sweep / "cells" / cid / "responses.jsonl").read_text().splitlines()
+    assert resumed_lines == (reference / "cells" / cid / "responses.jsonl").read_text().splitlines()
+    assert [json.loads(line)["prompt_id"] for line in resumed_lines] == list(range(8))
+    assert not list((sweep / "cells" / cid).glob("*.part.jsonl"))
 
     row = reduce_sweep(sweep).iloc[0]
     ref_row = reduce_sweep(reference).iloc[0]
