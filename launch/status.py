@@ -99,13 +99,6 @@ def submission_state(entry: dict, submission: dict) -> JobState:
     return state
 
 
-def job_state(entry: dict) -> JobState:
-    """The state of a placement's latest submission."""
-    if not entry.get("submissions"):
-        return JobState("NOT_SUBMITTED")
-    return submission_state(entry, entry["submissions"][-1])
-
-
 def cell_records(sweep_dir: Path, cid: str, world_size: int) -> tuple[str | None, str]:
     """(state, reason) that the cell's records alone decide (done or failed), else (None, progress)."""
     records, problems = [], []
