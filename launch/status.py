@@ -99,13 +99,6 @@ def submission_state(entry: dict, submission: dict) -> JobState:
     return state
 
 
-def job_state(entry: dict) -> JobState:
-    """The state of a placement's latest submission."""
-    if not entry.get("submissions"):
-        return JobState("NOT_SUBMITTED")
-    return submission_state(entry, entry["submissions"][-1])
-
-
 def cell_records(sweep_dir: Path, cid: str, world_size: int) -> tuple[str | None, str]:
     """(state, reason) that the cell's records alone decide (done or failed), else (None, progress)."""
     records, problems = [], []
@@ -195,10 +188,13 @@ def sweep_status(sweep_dir: Path, manifest: dict | None = None) -> SweepStatus:
                     status.submissions[submission["job_id"]] = submission_state(entry, submission)
                 job = status.submissions[submission["job_id"]]
         status.cells[cid] = cell_state(sweep_dir, cid, cell, job)
-    for entry in manifest["jobs"].values():  # each placement's latest job, for the listing
-        last = entry["submissions"][-1] if entry.get("submissions") else None
-        if last is not None and last["job_id"] not in status.submissions:
-            status.submissions[last["job_id"]] = submission_state(entry, last)
+    for entry in manifest["jobs"].values():  # for the listing: each job that last held a cell, and the latest
+        latest = entry["submissions"][-1:] if entry.get("submissions") else []
+        holding = {holder(entry, cid)["job_id"] for cid in entry.get("cells", []) if holder(entry, cid)}
+        for submission in entry.get("submissions", []):
+            if submission["job_id"] not in status.submissions and (submission["job_id"] in holding
+                                                                    or submission in latest):
+                status.submissions[submission["job_id"]] = submission_state(entry, submission)
     return status
 
 

@@ -178,3 +178,26 @@ def test_plan_shows_every_axis_that_varies():
     for line in cell_lines:
         assert "dataset.num_prompts=" in line and " seed=" in line and " top_p=" in line
         assert "temperature" not in line  # one value: not an axis
+
+
+def test_a_version_1_manifest_lists_every_cell_it_counts(tmp_path):
+    """10.4: version 1 overwrote a placement's cell list with the last grid's: status counted 2, listed 1."""
+    sweep = tmp_path / "sweep"
+    cells = {cid: {"job": "j1", "params": {"dataset.name": "synthetic", "batch_size": b, "max_gen_len": 4,
+                                           "power_cap_w": None, "seed": s},
+                   "skip_reason": None, "world_size": 1} for cid, b, s in (("c1", 1, 1), ("c2", 1, 2))}
+    manifest = {"version": 1, "command": ["w2w-sweep", "seed=2"], "cells": cells,
+                "jobs": {"j1": {"backend": "local", "nodes": 1, "tasks_per_node": 1, "cells": ["c2"],
+                                "describe": "job j1: model=tiny gpu=cpu shards=1 precision=fp32 -> 1 node(s) x "
+                                            "1 task(s), 1 cell(s)",
+                                "submissions": [{"job_id": "999999999", "folder": str(tmp_path)}]}}}
+    _manifest_of(sweep, json.dumps(manifest))
+    for cid in cells:  # what the runner leaves for a finished cell
+        record = sweep / "cells" / cid / "rank-00000.json"
+        record.parent.mkdir(parents=True)
+        record.write_text(json.dumps({"cell_id": cid, "rank": 0, "world_size": 1, "status": "ok", "node": "n1"}))
+    status = cli("w2w.launch.status", str(sweep)).stdout
+    assert status.splitlines()[0] == f"sweep {sweep}: 2 cells: 2 done, 0 failed, 0 running, 0 pending, 0 skipped"
+    listed = [line for line in status.splitlines() if line.startswith("  cell ")]
+    assert len(listed) == 2 and "seed=1" in listed[1] + listed[0] and "seed=2" in listed[0] + listed[1]
+    assert "job j1: model=tiny gpu=cpu shards=1 precision=fp32 -> 1 node(s) x 1 task(s), 2 cell(s)" in status
