@@ -11,7 +11,7 @@ from pathlib import Path
 
 from w2w.launch.submit import MANIFEST, load_manifest
 
-from w2w.records import RecordError, read_record, record_path
+from w2w.records import Manifest, ManifestCell, ManifestJob, RecordError, read_record, record_path
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
 
@@ -71,50 +71,50 @@ def _job_error(folder: str, job_id: str, state: str) -> str:
     return lines[-1] if lines else ""
 
 
-def job_state(entry: dict) -> JobState:
-    if not entry.get("submissions"):
+def job_state(entry: ManifestJob) -> JobState:
+    if not entry.submissions:
         return JobState("NOT_SUBMITTED")
-    last = entry["submissions"][-1]
-    if entry["backend"] == "slurm":
-        state = _slurm_state(last["job_id"])
+    last = entry.submissions[-1]
+    if entry.backend == "slurm":
+        state = _slurm_state(last.job_id)
     else:
-        state = _local_state(last["job_id"], last["folder"], entry["nodes"] * entry["tasks_per_node"])
+        state = _local_state(last.job_id, last.folder, entry.nodes * entry.tasks_per_node)
     if not state.active:
-        error = _job_error(last["folder"], last["job_id"], state.state)
+        error = _job_error(last.folder, last.job_id, state.state)
         if error:
             state = JobState("FAILED" if state.state in ("COMPLETED", "FINISHED") else state.state,
                              ", ".join(x for x in (state.reason, error) if x))
     return state
 
 
-def cell_state(sweep_dir: Path, cid: str, cell: dict, job: JobState | None) -> tuple[str, str]:
+def cell_state(sweep_dir: Path, cid: str, cell: ManifestCell, job: JobState | None) -> tuple[str, str]:
     """(state, reason) of one cell, from its records first, then from its job."""
-    if cell.get("skip_reason"):
-        return "skipped", cell["skip_reason"]
+    if cell.skip_reason:
+        return "skipped", cell.skip_reason
     records, problems = [], []
-    for rank in range(cell["world_size"]):
+    for rank in range(cell.world_size):
         path = record_path(sweep_dir, cid, rank)
         if path.is_file():
             try:
                 records.append(read_record(path))
             except RecordError as exc:
                 problems.append(str(exc))
-    failed = [r for r in records if r["status"] != "ok"]
+    failed = [r for r in records if not r.ok]
     if failed:
-        return "failed", "; ".join(f"rank {r['rank']}: {r['status']}: {r.get('error', '')}" for r in failed)
-    if len(records) == cell["world_size"]:
-        return "done", "on " + ",".join(sorted({str(r.get("node")) for r in records}))
+        return "failed", "; ".join(f"rank {r.rank}: {r.status}: {r.error or ''}" for r in failed)
+    if len(records) == cell.world_size:
+        return "done", "on " + ",".join(sorted({str(r.node) for r in records}))
     if job is None or job.state == "NOT_SUBMITTED":
         return "pending", "not submitted"
     if job.active:
-        return ("running" if job.state == "RUNNING" else "pending"), f"{len(records)}/{cell['world_size']} ranks written"
+        return ("running" if job.state == "RUNNING" else "pending"), f"{len(records)}/{cell.world_size} ranks written"
     reason = f"job ended {job.state}" + (f": {job.reason}" if job.reason else "")
     return "failed", "; ".join([reason, *problems])
 
 
 @dataclass
 class SweepStatus:
-    manifest: dict
+    manifest: Manifest
     jobs: dict[str, JobState]
     cells: dict[str, tuple[str, str]]
 
@@ -129,13 +129,13 @@ class SweepStatus:
 
 def sweep_status(sweep_dir: Path) -> SweepStatus:
     manifest = load_manifest(sweep_dir)
-    jobs = {key: job_state(entry) for key, entry in manifest["jobs"].items()}
-    cells = {cid: cell_state(sweep_dir, cid, cell, jobs.get(cell["job"])) for cid, cell in manifest["cells"].items()}
+    jobs = {key: job_state(entry) for key, entry in manifest.jobs.items()}
+    cells = {cid: cell_state(sweep_dir, cid, cell, jobs.get(cell.job)) for cid, cell in manifest.cells.items()}
     return SweepStatus(manifest, jobs, cells)
 
 
-def _params(cell: dict) -> str:
-    p = cell["params"]
+def _params(cell: ManifestCell) -> str:
+    p = cell.params
     return " ".join(f"{k.split('.')[0]}={p[k]}" for k in ("dataset.name", "batch_size", "max_gen_len", "power_cap_w")
                     if p.get(k) is not None)
 
@@ -143,17 +143,17 @@ def _params(cell: dict) -> str:
 def render(sweep_dir: Path, status: SweepStatus) -> str:
     manifest = status.manifest
     lines = [f"sweep {sweep_dir}: {status.summary()}"]
-    for key, entry in manifest["jobs"].items():
+    for key, entry in manifest.jobs.items():
         state = status.jobs[key]
-        ids = ",".join(s["job_id"] for s in entry["submissions"]) or "-"
-        lines.append(f"{entry['describe']}  [{entry['backend']} {ids}: {state.state}"
+        ids = ",".join(s.job_id for s in entry.submissions) or "-"
+        lines.append(f"{entry.describe}  [{entry.backend} {ids}: {state.state}"
                      + (f" ({state.reason})" if state.reason else "") + "]")
-        for cid in entry["cells"]:
+        for cid in entry.cells:
             cell_st, reason = status.cells[cid]
-            lines.append(f"  cell {cid} {cell_st:<8} {_params(manifest['cells'][cid])}" + (f"  {reason}" if reason else ""))
-    skipped = [cid for cid, c in manifest["cells"].items() if c["job"] is None]
+            lines.append(f"  cell {cid} {cell_st:<8} {_params(manifest.cells[cid])}" + (f"  {reason}" if reason else ""))
+    skipped = [cid for cid, c in manifest.cells.items() if c.job is None]
     for cid in skipped:
-        lines.append(f"  cell {cid} skipped  {_params(manifest['cells'][cid])}  {status.cells[cid][1]}")
+        lines.append(f"  cell {cid} skipped  {_params(manifest.cells[cid])}  {status.cells[cid][1]}")
     return "\n".join(lines)
 
 
@@ -164,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.sweep_dir / MANIFEST).is_file():
         print(f"w2w-status: error: {args.sweep_dir} has no {MANIFEST}: give the sweep_dir of a w2w-sweep", file=sys.stderr)
         return 2
-    print(render(args.sweep_dir, sweep_status(args.sweep_dir)))
+    try:
+        status = sweep_status(args.sweep_dir)
+    except RecordError as exc:
+        print(f"w2w-status: error: {exc}", file=sys.stderr)
+        return 2
+    print(render(args.sweep_dir, status))
     return 0
 
 

@@ -12,9 +12,15 @@ from omegaconf import OmegaConf
 from w2w.launch.job import CellsJob
 from w2w.launch.plan import Cell, Job, Plan
 
-from w2w.records import write_json
-
-MANIFEST = "manifest.json"
+from w2w.records import (
+    MANIFEST,
+    Manifest,
+    ManifestCell,
+    ManifestJob,
+    Submission,
+    read_manifest,
+    write_json,
+)
 
 
 def slurm_parameters(job: Job) -> dict[str, Any]:
@@ -72,35 +78,36 @@ def submit_jobs(jobs_and_cells: list[tuple[Job, list[Cell]]], sweep_dir: Path) -
     return submitted
 
 
-def load_manifest(sweep_dir: Path) -> dict:
-    path = sweep_dir / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {"version": 1, "jobs": {}, "cells": {}}
+def load_manifest(sweep_dir: Path) -> Manifest:
+    return read_manifest(sweep_dir / MANIFEST)
 
 
-def _cell_entry(cell: Cell, job: Job | None) -> dict:
+def _cell_entry(cell: Cell, job: Job | None) -> ManifestCell:
     params = {k: OmegaConf.select(cell.cfg, k) for k in ("model.name", "gpu.name", "dataset.name", "shards",
                                                          "precision", "batch_size", "max_gen_len", "power_cap_w")}
-    return {"job": None if job is None else job.key, "params": params, "skip_reason": cell.skip_reason,
-            "world_size": cell.cfg.shards}
+    return ManifestCell(job=None if job is None else job.key, params=params, skip_reason=cell.skip_reason,
+                        world_size=cell.cfg.shards)
 
 
-def update_manifest(manifest: dict, plan: Plan, submitted: list[tuple[Job, submitit.Job]], argv: list[str]) -> dict:
-    manifest["command"] = ["w2w-sweep", *argv]
-    manifest["updated_unix_s"] = time.time()
+def update_manifest(manifest: Manifest, plan: Plan, submitted: list[tuple[Job, submitit.Job]],
+                    argv: list[str]) -> Manifest:
+    manifest.command = ["w2w-sweep", *argv]
+    manifest.updated_unix_s = time.time()
     for job in plan.jobs:
-        entry = manifest["jobs"].setdefault(job.key, {"submissions": []})
-        entry |= {"nodes": job.nodes, "tasks_per_node": job.tasks_per_node, "backend": job.cfg.cluster.backend,
-                  "describe": job.describe(), "cells": [c.id for c in job.cells]}
+        entry = manifest.jobs.get(job.key)
+        shape = {"nodes": job.nodes, "tasks_per_node": job.tasks_per_node, "backend": job.cfg.cluster.backend,
+                 "describe": job.describe(), "cells": [c.id for c in job.cells]}
+        manifest.jobs[job.key] = ManifestJob(**shape) if entry is None else entry.merged(shape)
         for cell in job.cells:
-            manifest["cells"][cell.id] = _cell_entry(cell, job)
+            manifest.cells[cell.id] = _cell_entry(cell, job)
     for cell in plan.skipped:
-        manifest["cells"][cell.id] = _cell_entry(cell, None)
+        manifest.cells[cell.id] = _cell_entry(cell, None)
     for job, handle in submitted:
-        manifest["jobs"][job.key]["submissions"].append(
-            {"job_id": str(handle.job_id), "folder": str(handle.paths.folder), "submitted_unix_s": time.time()}
+        manifest.jobs[job.key].submissions.append(
+            Submission(job_id=str(handle.job_id), folder=str(handle.paths.folder), submitted_unix_s=time.time())
         )
     return manifest
 
 
-def save_manifest(manifest: dict, sweep_dir: Path) -> None:
+def save_manifest(manifest: Manifest, sweep_dir: Path) -> None:
     write_json(sweep_dir / MANIFEST, manifest)

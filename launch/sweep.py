@@ -12,6 +12,7 @@ from w2w.launch.status import job_state, render, sweep_status
 from w2w.launch.submit import load_manifest, save_manifest, submit_jobs, update_manifest
 
 from w2w.config import ConfigError
+from w2w.records import RecordError
 
 USAGE = """w2w-sweep [--plan] [--wait] [key=value ...]
 
@@ -47,11 +48,11 @@ def submit(plan: Plan, sweep_dir: Path, argv: list[str]) -> int:
     todo = []
     for job in plan.jobs:
         pending = pending_cells(job)
-        entry = manifest["jobs"].get(job.key)
+        entry = manifest.jobs.get(job.key)
         if not pending:
             print(f"{job.describe()}: all cells done")
         elif entry and job_state(entry).active:
-            print(f"{job.describe()}: already queued or running ({entry['submissions'][-1]['job_id']})")
+            print(f"{job.describe()}: already queued or running ({entry.submissions[-1].job_id})")
         else:
             todo.append((job, pending))
     submitted = submit_jobs(todo, sweep_dir) if todo else []
@@ -95,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     print_plan(plan)
     if args.plan:
         return 0
-    submit(plan, sweep_dir, args.overrides)
+    try:
+        submit(plan, sweep_dir, args.overrides)
+    except RecordError as exc:  # a manifest this w2w cannot read: nothing was submitted
+        print(f"w2w-sweep: error: {exc}", file=sys.stderr)
+        return 2
     return wait(sweep_dir, args.poll) if args.wait else 0
 
 

@@ -260,7 +260,7 @@ def test_sampler_thread_samples_at_its_interval():
 def test_telemetry_summary_and_timeline_frame():
     rows = [(1.0, 100.0, 80.0, 30.0, 1000.0, 60.0, 1400.0), (1.1, 200.0, 100.0, 50.0, 2000.0, 62.0, 1500.0)]
     summary = summarize(rows, memory_total_mib=4000.0, errors=[])
-    assert summary["sm_util_avg_pct"] == 90.0 and summary["mem_util_max_pct"] == 50.0
+    assert summary["sm_util_avg_pct"] == pytest.approx(90.0) and summary["mem_util_max_pct"] == 50.0
     assert summary["mem_used_max_pct"] == 50.0 and summary["power_max_w"] == 200.0
     frame = timeline_frame(rows, t0=1.0, start_unix_s=1.7e9, rank=3)
     assert list(frame.columns[:3]) == ["rank", "t_s", "unix_s"]
@@ -283,3 +283,46 @@ def test_config_defaults():
     cfg = compose_cell([])
     assert cfg.energy.idle_seconds == 5.0 and cfg.energy.rapl and cfg.energy.sampler and cfg.energy.instant_power
     assert cfg.power_cap_command is None
+
+
+def test_telemetry_averages_are_weighted_by_time_not_by_row():
+    # 9 s at 10 % seen by two sampler rows, then a burst of phase-edge rows in the last second.
+    rows = [(t, 200.0, sm, 40.0, 1000.0, 60.0, 1400.0)
+            for t, sm in ((0.0, 10.0), (9.0, 10.0), (9.5, 100.0), (9.6, 100.0), (9.7, 100.0), (10.0, 100.0))]
+    summary = summarize(rows, None, [], 0.0, 10.0)
+    assert summary["sm_util_avg_pct"] == pytest.approx((9 * 10.0 + 0.5 * 55.0 + 0.5 * 100.0) / 10)  # 16.75
+    assert summary["samples"] == 6  # a plain mean over these rows would say 70 %
+    # Held flat outside the rows, as integrate() holds power: a window wider than its rows.
+    assert summarize(rows, None, [], -10.0, 10.0)["sm_util_avg_pct"] == pytest.approx((100.0 + 167.5) / 20)
+    assert summarize(rows[:1], None, [])["sm_util_avg_pct"] == 10.0  # one instant: its value
+
+
+def test_phase_edge_samples_do_not_bias_a_cells_averages():
+    """Four batches: a short prefill at low SM use, a long decode at high, two edge rows per boundary."""
+    clock = FakeClock(0.0)
+    gpu = FakeGpu(power_w=100.0)
+    monitor, _ = monitor_for([gpu], clock)
+    sampler = Sampler(monitor.meter.telemetry, 1.0, clock)
+    phases = [(0.05, 30, 100.0), (2.45, 90, 300.0)] * 4  # (s, SM %, W)
+    ticks = iter(float(t) for t in range(1, 11))
+    next_tick = next(ticks)
+    truth_sm = truth_j = 0.0
+    for seconds, sm, watts in phases:
+        sampler.sample()  # the previous phase's end edge
+        gpu.sm_util, gpu.power_w = sm, watts
+        sampler.sample()  # this phase's start edge
+        end = clock() + seconds
+        while next_tick is not None and next_tick < end - 1e-9:  # the sampler thread's grid
+            clock.now = next_tick
+            sampler.sample()
+            next_tick = next(ticks, None)
+        clock.now = end
+        truth_sm, truth_j = truth_sm + sm * seconds, truth_j + watts * seconds
+    sampler.sample()
+    rows = sampler.rows(0.0, 10.0)
+    summary = summarize(rows, None, [], 0.0, 10.0)
+    plain = sum(row[2] for row in rows) / len(rows)
+    assert abs(plain - truth_sm / 10) > 5.0  # the bias this guards against is real here
+    assert summary["sm_util_avg_pct"] == pytest.approx(truth_sm / 10)
+    assert summary["power_avg_w"] * 10.0 == pytest.approx(integrate(rows, 0.0, 10.0))  # one weighting
+    assert summary["power_avg_w"] * 10.0 == pytest.approx(truth_j)
