@@ -25,12 +25,10 @@ class Sampler:
         read: Callable[[], tuple[float | None, ...]],
         interval_s: float,
         clock: Callable[[], float] = time.perf_counter,
-        on_tick: Callable[[], None] | None = None,
     ):
         self._read = read
         self.interval_s = interval_s
         self._clock = clock
-        self._on_tick = on_tick
         self._lock = threading.Lock()
         self._times: list[float] = []
         self._rows: list[Row] = []
@@ -80,8 +78,6 @@ class Sampler:
         ticks = 0
         while True:
             self.sample()
-            if self._on_tick is not None:
-                self._on_tick()
             ticks += 1
             if self._stop.wait(max(0.0, start + ticks * self.interval_s - time.perf_counter())):
                 return
