@@ -1,28 +1,9 @@
-"""Sweep layout and the typed record and manifest schema: one JSON per (cell, rank), written atomically.
-
-JSON form of a rank record (``cells/<cell_id>/rank-NNNNN.json``), schema ``SCHEMA_VERSION``; every
-key is a field of the dataclass of the same name below, units are in the key names (``_s``
-seconds, ``_unix_s`` seconds since the epoch, ``_j`` joules, ``_w`` watts, ``_mib``, ``_pct``)::
-
-    {"schema": 2, "cell_id": "...", "rank": 0, "world_size": 2, "status": "ok" | "oom" | "error",
-     "local_rank": 0, "sweep_dir": "...", "job_id": "...", "host": "...", "node": "...",
-     "device": "cuda:0", "error": "...", "traceback": "...",          # the last two: failures only
-     "params": {...},            # the cell's parameters, free-form (model, gpu, batch_size, ...)
-     "config": {...},            # the cell's resolved config
-     "counts": Counts, "times": Times, "energy": Energy, "telemetry": Telemetry,  # ok cells
-     "timeline": "rank-00000.timeline.parquet" | null, "gpu": {...}, "power_cap": {...},
-     "end_unix_s": 1.7e9}
-
-A key this version does not know is kept (``extra``) and written back, so a record from a newer
-minor change survives a round trip; a record whose ``schema`` is newer than ``SCHEMA_VERSION`` is
-refused with a message saying to upgrade w2w. Adding a field is one line in its dataclass.
-History: 1 = the first layout; 2 = the same layout, telemetry averages weighted by time (schema-1
-records averaged per sampler row). The sweep manifest (``manifest.json``) is ``Manifest``.
-"""
+"""Sweep layout and the typed schema of its record and manifest files, written atomically."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -136,6 +117,13 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     raise RecordError(f"field '{where}' is {value!r}, not {_type_name(hint)}")
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """A Schema dataclass's JSON fields and their types (`extra` holds the rest)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "extra"}
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Schema):
         return value.to_dict()
@@ -147,23 +135,22 @@ def _plain(value: Any) -> Any:
 
 
 class Schema:
-    """A dataclass with a JSON form: known keys typed, unknown keys kept in `extra`, nothing lost."""
+    """A dataclass with a JSON form: known keys typed, unknown keys kept in `extra`, nothing lost.
+
+    Adding a field is one line in its dataclass (with a default, so older files still read).
+    """
 
     # Fields left out of the JSON while None (sections a failed cell never had).
     OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ()
     extra: dict[str, Any]
 
     @classmethod
-    def _hints(cls) -> dict[str, Any]:
-        return typing.get_type_hints(cls)
-
-    @classmethod
     def from_dict(cls: type[S], data: dict[str, Any], where: str = "") -> S:
-        hints = cls._hints()
+        types_ = _field_types(cls)
         known, extra = {}, {}
         for key, value in data.items():
-            if key in hints and key != "extra":
-                known[key] = _convert(value, hints[key], f"{where}.{key}" if where else key)
+            if key in types_:
+                known[key] = _convert(value, types_[key], f"{where}.{key}" if where else key)
             else:
                 extra[key] = value
         missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
@@ -179,7 +166,7 @@ class Schema:
 
     def __getitem__(self, key: str) -> Any:
         """The JSON form by key (fields, then keys this version does not know), as plain records read."""
-        if key != "extra" and key in self._hints():
+        if key in _field_types(type(self)):
             return getattr(self, key)
         return self.extra[key]
 
@@ -277,7 +264,25 @@ class Telemetry(Schema):
 
 @dataclass
 class RankRecord(Schema):
-    """One (cell, rank): identity, the cell's parameters, what it measured, and its status."""
+    """One (cell, rank): identity, the cell's parameters, what it measured, and its status.
+
+    JSON form (``cells/<cell_id>/rank-NNNNN.json``): each field below under its own name, the
+    sections as their dataclasses' fields; units in the names (``_s`` seconds, ``_unix_s`` s since
+    the epoch, ``_j`` joules, ``_w`` watts, ``_mib``, ``_pct``)::
+
+        {"schema": 2, "cell_id": "3a52dd4377ea", "rank": 0, "world_size": 2, "status": "ok",
+         "local_rank": 0, "sweep_dir": "runs/demo", "job_id": "4242", "host": "n1", "node": "n1",
+         "device": "cuda:0", "params": {"model": "llama_65b", "batch_size": 64, ...},
+         "config": {...}, "counts": {"responses": 64, "output_tokens": 16384, ...},
+         "times": {"total_s": 95.2, ...}, "energy": {"gpu_j": 25100.0, "source": "nvml_counter",
+         ...}, "telemetry": {"sm_util_avg_pct": 71.5, ...}, "timeline": "rank-00000.timeline.parquet",
+         "gpu": {"gpu_name": ..., "counter_period_s": 0.1, ...}, "power_cap": {"enforced_w": 250.0,
+         ...}, "end_unix_s": 1.7e9}
+
+    A failed cell (status oom or error) has "error" and "traceback" and no counts, times or
+    telemetry. params, config, gpu and power_cap are free-form mappings. Schema history: 1 the
+    first layout; 2 the same layout with telemetry averages weighted by time (1: per sampler row).
+    """
 
     OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("error", "traceback", "counts", "times", "telemetry")
     # Present and typed in every ok record: the reducer relies on them.
