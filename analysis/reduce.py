@@ -18,7 +18,7 @@ from w2w.launch.status import completeness
 from w2w.launch.submit import MANIFEST, ManifestError
 
 from w2w.progress import with_batch_totals
-from w2w.records import STATUS_OK, RecordError, read_record, write_atomic
+from w2w.records import STATUS_OK, Energy, RankRecord, RecordError, read_record, write_atomic
 
 PARAM_COLUMNS = ("model", "gpu", "dataset", "shards", "precision", "engine", "batch_size", "max_gen_len",
                  "power_cap_w")
@@ -36,40 +36,22 @@ class ReduceError(ValueError):
 @dataclass
 class CellRecords:
     cell_id: str
-    records: dict[int, dict] = field(default_factory=dict)
+    records: dict[int, RankRecord] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     timeline_samples: int = 0  # rows read from the ranks' timeline files
 
 
-# What reduce_cell reads from an ok record: a hand-edited record lacking one is reported by file.
-_OK_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
-    ("node", str), ("params", dict), ("energy", dict), ("counts.responses", int),
-    ("counts.output_tokens", int), ("counts.output_words", int), ("times.total_s", (int, float)),
-)
 # The timeline columns the reducer decodes: a file that does not yield them does not parse.
 TIMELINE_CHECK_COLUMNS = ("t_s", "power_w")
 
 
-def _field(record: dict, dotted: str) -> object:
-    value: object = record
-    for key in dotted.split("."):
-        value = value.get(key) if isinstance(value, dict) else None
-    return value
-
-
-def _record_problem(path: Path, record: dict) -> str | None:
+def _record_problem(path: Path, record: RankRecord) -> str | None:
     """Why a parsed record cannot be used (a hand edit, a copy into the wrong folder), or None."""
-    rank, world = record["rank"], record["world_size"]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rank, world)) or not 0 <= rank < world:
+    rank, world = record.rank, record.world_size
+    if not 0 <= rank < world:
         return f"{path}: rank {rank!r} of world_size {world!r} is not a rank"
-    if path.name != f"rank-{rank:05d}.json" or record["cell_id"] != path.parent.name:
-        return f"{path}: holds cell {record['cell_id']!r} rank {rank}, not what its path says"
-    if record["status"] != STATUS_OK:
-        return None
-    for dotted, kind in _OK_FIELDS:
-        value = _field(record, dotted)
-        if isinstance(value, bool) or not isinstance(value, kind):
-            return f"{path}: field '{dotted}' is {value!r}"
+    if path.name != f"rank-{rank:05d}.json" or record.cell_id != path.parent.name:
+        return f"{path}: holds cell {record.cell_id!r} rank {rank}, not what its path says"
     return None
 
 
@@ -93,9 +75,9 @@ def _load_cell(folder: Path) -> CellRecords:
         if problem:
             cell.problems.append(problem)
             continue
-        cell.records[record["rank"]] = record
-        if isinstance(record.get("timeline"), str):  # the file name the runner wrote beside the record
-            rows, problem = read_timeline_rows(folder / record["timeline"])
+        cell.records[record.rank] = record
+        if record.timeline is not None:  # the file name the runner wrote beside the record
+            rows, problem = read_timeline_rows(folder / record.timeline)
             cell.timeline_samples += rows
             if problem:
                 cell.problems.append(problem)
@@ -108,61 +90,62 @@ def load_cells(sweep_dir: Path) -> dict[str, CellRecords]:
     return {folder.name: _load_cell(folder) for folder in folders}
 
 
-def _energy(records: list[dict]) -> tuple[float | None, str | None]:
-    values = [r.get("energy", {}).get("gpu_j") for r in records]
+def _energy(records: list[RankRecord]) -> tuple[float | None, str | None]:
+    values = [r.energy.gpu_j for r in records]
     if any(v is None for v in values):
-        reasons = {r.get("energy", {}).get("reason") or "no energy reading" for r in records}
+        reasons = {r.energy.reason or "no energy reading" for r in records}
         return None, "; ".join(sorted(reasons))
     return float(sum(values)), None
 
 
-def _paper_energy(records: list[dict]) -> float | None:
+def _paper_energy(records: list[RankRecord]) -> float | None:
     """The paper's convention: the rank-0 node's energy times the number of nodes."""
-    first_node = next(r["node"] for r in records if r["rank"] == 0)
-    nodes = {r["node"] for r in records}
-    on_first = [r["energy"]["gpu_j"] for r in records if r["node"] == first_node]
+    first_node = next(r.node for r in records if r.rank == 0)
+    nodes = {r.node for r in records}
+    on_first = [r.energy.gpu_j for r in records if r.node == first_node]
     if any(v is None for v in on_first):
         return None
     return float(sum(on_first)) * len(nodes)
 
 
-def _energy_sum(records: list[dict], key: str) -> float | None:
+def _energy_sum(records: list[RankRecord], key: str) -> float | None:
     """An energy field summed over ranks; None where any rank has none (no partial sums)."""
-    values = [r.get("energy", {}).get(key) for r in records]
+    values = [getattr(r.energy, key) for r in records]
     return None if any(v is None for v in values) else float(math.fsum(values))
 
 
-def _idle_energy(records: list[dict]) -> float:
+def _idle_energy(records: list[RankRecord]) -> float:
     """What each GPU would have drawn at rest over its own window of the cell (of each segment's batches,
     at that segment's baseline, where the cell ran in several)."""
-    return float(math.fsum(r["energy"]["idle_gpu_j"] if r["energy"].get("idle_gpu_j") is not None
-                           else r["energy"]["idle_power_w"] * r["times"]["total_s"] for r in records))
+    return float(math.fsum(r.energy.idle_gpu_j if r.energy.idle_gpu_j is not None
+                           else r.energy.idle_power_w * r.times.total_s for r in records))
 
 
-def _energy_source(records: list[dict]) -> str:
-    sources = sorted({r.get("energy", {}).get("source") or "none" for r in records})
+def _energy_source(records: list[RankRecord]) -> str:
+    sources = sorted({r.energy.source or "none" for r in records})
     return sources[0] if len(sources) == 1 else "mixed: " + ", ".join(sources)
 
 
-def _cpu_energy(records: list[dict]) -> tuple[float | None, str | None]:
+def _cpu_energy(records: list[RankRecord]) -> tuple[float | None, str | None]:
     """RAPL energy over every node of the cell: each node's local rank 0 read it once."""
-    readers = {r["node"]: r for r in records if r.get("local_rank") == 0}
-    nodes = sorted({r["node"] for r in records})
-    values = [readers[n].get("energy", {}).get("cpu_j") if n in readers else None for n in nodes]
+    readers = {r.node: r for r in records if r.local_rank == 0}
+    nodes = sorted({r.node for r in records})
+    energy = {n: readers[n].energy if n in readers else Energy() for n in nodes}
+    values = [energy[n].cpu_j for n in nodes]
     if all(v is not None for v in values):
         return float(math.fsum(values)), None
-    reasons = {readers[n].get("energy", {}).get("cpu_reason") if n in readers else None for n in nodes}
+    reasons = {energy[n].cpu_reason if n in readers else None for n in nodes}
     return None, "; ".join(sorted(r or "no local rank 0 record" for r in reasons))
 
 
-def _telemetry(records: list[dict]) -> dict:
+def _telemetry(records: list[RankRecord]) -> dict:
     """Tables IV/V: SM utilization averaged over the cell's GPUs, memory peaks over them."""
     def values(key: str) -> list | None:
-        found = [(r.get("telemetry") or {}).get(key) for r in records]
+        found = [getattr(r.telemetry, key) if r.telemetry is not None else None for r in records]
         return None if any(v is None for v in found) else found
 
     sm, mem, used = values("sm_util_avg_pct"), values("mem_util_max_pct"), values("mem_used_max_pct")
-    caps = [(r.get("power_cap") or {}).get("enforced_w") for r in records]
+    caps = [r.power_cap.get("enforced_w") for r in records]
     return {
         "sm_util_avg_pct": math.fsum(sm) / len(sm) if sm else None,
         "mem_util_max_pct": max(mem) if mem else None,
@@ -171,7 +154,7 @@ def _telemetry(records: list[dict]) -> dict:
     }
 
 
-def _energy_columns(records: list[dict], energy_j: float | None) -> dict:
+def _energy_columns(records: list[RankRecord], energy_j: float | None) -> dict:
     cpu_j, cpu_reason = _cpu_energy(records)
     return {
         "energy_source": _energy_source(records),
@@ -203,26 +186,26 @@ def reduce_cell(cell: CellRecords) -> dict:
     if not records:
         return row | {"status": "incomplete", "note": "; ".join(cell.problems) or "no records"}
     first = records[0]
-    row |= {k: first.get("params", {}).get(k) for k in PARAM_COLUMNS}
-    world = int(first["world_size"])
+    row |= {k: first.params.get(k) for k in PARAM_COLUMNS}
+    world = first.world_size
     problems = list(cell.problems)
     missing = sorted(set(range(world)) - set(cell.records))
     if missing:
         problems.append(f"missing rank(s) {missing} of {world}")
-    failed = [r for r in records if r["status"] != STATUS_OK]
+    failed = [r for r in records if not r.ok]
     if failed:
-        row["status"] = failed[0]["status"]
-        row["note"] = "; ".join(f"rank {r['rank']}: {r.get('error', r['status'])}" for r in failed)
+        row["status"] = failed[0].status
+        row["note"] = "; ".join(f"rank {r.rank}: {r.error or r.status}" for r in failed)
         return row
     if problems:
         return row | {"status": "incomplete", "note": "; ".join(problems)}
     energy_j, reason = _energy(records)
     idle_power_w = _energy_sum(records, "idle_power_w")
     totals = CellTotals(
-        total_s=max(r["times"]["total_s"] for r in records),
-        responses=int(first["counts"]["responses"]),
-        output_tokens=int(first["counts"]["output_tokens"]),
-        output_words=int(first["counts"]["output_words"]),
+        total_s=max(r.times.total_s for r in records),
+        responses=first.counts.responses,
+        output_tokens=first.counts.output_tokens,
+        output_words=first.counts.output_words,
         energy_j=energy_j,
         idle_energy_j=_idle_energy(records) if idle_power_w is not None else None,
         scored=int(first["counts"].get("scored", 0)),
@@ -234,8 +217,8 @@ def reduce_cell(cell: CellRecords) -> dict:
         "energy_j": energy_j,
         "energy_j_paper": _paper_energy(records) if energy_j is not None else None,
         "gpus": world,
-        "nodes": len({r["node"] for r in records}),
-        "segments": max(len(r.get("segments") or [None]) for r in records),  # job attempts that ran it
+        "nodes": len({r.node for r in records}),
+        "segments": max(len(r.segments or [None]) for r in records),  # job attempts that ran it
         "total_s": totals.total_s,
         "output_tokens": totals.output_tokens,
         "responses": totals.responses,
@@ -276,8 +259,12 @@ def axis_columns(cells: dict[str, CellRecords]) -> dict[str, str]:
 
 
 def reduce_sweep(sweep_dir: Path) -> pd.DataFrame:
-    """The cells table; table.attrs["axes"] names the extra columns of the axes that vary."""
-    cells = load_cells(sweep_dir)
+    return reduce_cells(load_cells(sweep_dir))
+
+
+def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
+    """The cells table from records load_cells already parsed; table.attrs["axes"] names the extra
+    columns of the axes that vary."""
     extra = axis_columns(cells)
     rows = []
     for cell in cells.values():

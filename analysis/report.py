@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -12,11 +11,11 @@ from typing import Any
 
 import pandas as pd
 from w2w.analysis import figures, paper, pareto, tables
-from w2w.analysis.reduce import reduce_sweep, summary_notes
+from w2w.analysis.reduce import CellRecords, load_cells, reduce_cells, summary_notes
 from w2w.launch.status import completeness
 from w2w.launch.submit import ManifestError
 
-from w2w.records import RecordError, read_record, write_atomic
+from w2w.records import MANIFEST, NewerSchemaError, RecordError, read_manifest, write_atomic
 
 # ours/paper needs a point on both sides; a range is compared by where ours falls in it.
 Span = tuple[float, float]
@@ -30,39 +29,42 @@ class SweepFacts:
     params: dict[str, dict] = field(default_factory=dict)  # cell id -> a record's params
 
 
-def read_facts(sweep: Path) -> SweepFacts:
+def read_facts(cells: Path | dict[str, CellRecords]) -> SweepFacts:
+    """Facts from the records load_cells parsed (unreadable ones are the reducer's to report);
+    given a sweep directory, its records are loaded first."""
+    if isinstance(cells, Path):
+        cells = load_cells(cells)
     facts = SweepFacts()
-    for folder in sorted((sweep / "cells").glob("*")):
-        names, nodes, ranks = set(), set(), 0
-        for path in sorted(folder.glob("rank-*.json")):
-            try:
-                record = read_record(path)
-            except RecordError:
-                continue  # the reducer already reports it, by file and cell
-            ranks += 1
-            names.add(str((record.get("gpu") or {}).get("gpu_name") or record.get("device") or "unknown device"))
-            nodes.add(str(record.get("node")))
-            facts.params.setdefault(folder.name, record.get("params") or {})
-        if ranks:
-            facts.hardware[folder.name] = f"{ranks} x {' + '.join(sorted(names))} on {len(nodes)} node(s)"
+    for cid, cell in cells.items():
+        records = [cell.records[rank] for rank in sorted(cell.records)]
+        if not records:
+            continue
+        names = {str(r.gpu.get("gpu_name") or r.device or "unknown device") for r in records}
+        nodes = {str(r.node) for r in records}
+        facts.params[cid] = records[0].params
+        facts.hardware[cid] = f"{len(records)} x {' + '.join(sorted(names))} on {len(nodes)} node(s)"
     return facts
 
 
 def read_skipped(sweep: Path) -> pd.DataFrame:
-    """Cells the planner skipped (fit estimate) as rows with status 'skipped', from the sweep manifest."""
-    path = sweep / "manifest.json"
+    """Cells the planner skipped (fit estimate) as rows with status 'skipped', from the sweep manifest.
+
+    A manifest written by a newer w2w raises NewerSchemaError; one that does not parse is ignored
+    (the cells' own records are what the report stands on)."""
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = read_manifest(sweep / MANIFEST)
+    except NewerSchemaError:
+        raise
+    except RecordError:
         return pd.DataFrame()
     rows = []
-    for cid, entry in (manifest.get("cells") or {}).items():
-        if entry.get("skip_reason"):
-            p = entry.get("params") or {}
+    for cid, entry in manifest.cells.items():
+        if entry.skip_reason:
+            p = entry.params
             rows.append({"cell_id": cid, "model": p.get("model.name"), "gpu": p.get("gpu.name"),
                          "dataset": p.get("dataset.name"), "shards": p.get("shards"), "precision": p.get("precision"),
                          "batch_size": p.get("batch_size"), "max_gen_len": p.get("max_gen_len"),
-                         "power_cap_w": p.get("power_cap_w"), "status": "skipped", "note": entry["skip_reason"]})
+                         "power_cap_w": p.get("power_cap_w"), "status": "skipped", "note": entry.skip_reason})
     return pd.DataFrame(rows)
 
 
@@ -374,9 +376,10 @@ def render(sweep: Path, out: Path, max_timelines: int | None = None, target: par
     report = Report(out)
     complete = completeness(sweep)
     report.incomplete = None if complete is None or complete.complete else complete.warning()
-    cells = reduce_sweep(sweep)
+    loaded = load_cells(sweep)  # every rank file parsed once, for the table and the facts
+    cells = reduce_cells(loaded)
     skipped = read_skipped(sweep)
-    facts = read_facts(sweep)
+    facts = read_facts(loaded)
     report.notes += summary_notes(cells)
     rendered_tables = tables.all_tables(cells[cells["model"].notna()], skipped)
     for table in rendered_tables:
@@ -470,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     target = pareto.Target(args.min_tokens_per_s, args.max_seconds_per_response)
     try:
         report = render(args.sweep_dir, out, args.max_timelines, target)
-    except ManifestError as exc:
+    except (ManifestError, RecordError) as exc:
         print(f"w2w-report: error: {exc}", file=sys.stderr)
         return 2
     if report.incomplete:

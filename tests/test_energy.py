@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from unittest import mock
 
 import pynvml
 import pytest
@@ -12,6 +13,7 @@ import torch
 from tests.fake_nvml import FakeClock, FakeGpu, fake_nvml
 from w2w.config import ConfigError, compose_cell
 from w2w.energy import (
+    MIN_TRUSTED_WINDOW_S,
     SOURCE_COUNTER,
     SOURCE_INTEGRATED,
     SOURCE_NONE,
@@ -23,10 +25,12 @@ from w2w.energy import (
     GpuReadError,
     Sampler,
     Window,
+    WindowError,
     integrate,
     summarize,
     timeline_frame,
 )
+from w2w.energy.monitor import device_sync
 from w2w.energy.nvml import call
 
 CPU = torch.device("cpu")
@@ -260,7 +264,7 @@ def test_sampler_thread_samples_at_its_interval():
 def test_telemetry_summary_and_timeline_frame():
     rows = [(1.0, 100.0, 80.0, 30.0, 1000.0, 60.0, 1400.0), (1.1, 200.0, 100.0, 50.0, 2000.0, 62.0, 1500.0)]
     summary = summarize(rows, memory_total_mib=4000.0, errors=[])
-    assert summary["sm_util_avg_pct"] == 90.0 and summary["mem_util_max_pct"] == 50.0
+    assert summary["sm_util_avg_pct"] == pytest.approx(90.0) and summary["mem_util_max_pct"] == 50.0
     assert summary["mem_used_max_pct"] == 50.0 and summary["power_max_w"] == 200.0
     frame = timeline_frame(rows, t0=1.0, start_unix_s=1.7e9, rank=3)
     assert list(frame.columns[:3]) == ["rank", "t_s", "unix_s"]
@@ -283,3 +287,113 @@ def test_config_defaults():
     cfg = compose_cell([])
     assert cfg.energy.idle_seconds == 5.0 and cfg.energy.rapl and cfg.energy.sampler and cfg.energy.instant_power
     assert cfg.power_cap_command is None
+
+
+def test_telemetry_averages_are_weighted_by_time_not_by_row():
+    # 9 s at 10 % seen by two sampler rows, then a burst of phase-edge rows in the last second.
+    rows = [(t, 200.0, sm, 40.0, 1000.0, 60.0, 1400.0)
+            for t, sm in ((0.0, 10.0), (9.0, 10.0), (9.5, 100.0), (9.6, 100.0), (9.7, 100.0), (10.0, 100.0))]
+    summary = summarize(rows, None, [], 0.0, 10.0)
+    assert summary["sm_util_avg_pct"] == pytest.approx((9 * 10.0 + 0.5 * 55.0 + 0.5 * 100.0) / 10)  # 16.75
+    assert summary["samples"] == 6  # a plain mean over these rows would say 70 %
+    # Held flat outside the rows, as integrate() holds power: a window wider than its rows.
+    assert summarize(rows, None, [], -10.0, 10.0)["sm_util_avg_pct"] == pytest.approx((100.0 + 167.5) / 20)
+    assert summarize(rows[:1], None, [])["sm_util_avg_pct"] == 10.0  # one instant: its value
+
+
+def test_phase_edge_samples_do_not_bias_a_cells_averages():
+    """Four batches: a short prefill at low SM use, a long decode at high, two edge rows per boundary."""
+    clock = FakeClock(0.0)
+    gpu = FakeGpu(power_w=100.0)
+    monitor, _ = monitor_for([gpu], clock, counter_period_s=0.1)  # no inference: the clock stays at 0
+    sampler = Sampler(monitor.meter.telemetry, 1.0, clock)
+    phases = [(0.05, 30, 100.0), (2.45, 90, 300.0)] * 4  # (s, SM %, W)
+    ticks = iter(float(t) for t in range(1, 11))
+    next_tick = next(ticks)
+    truth_sm = truth_j = 0.0
+    for seconds, sm, watts in phases:
+        sampler.sample()  # the previous phase's end edge
+        gpu.sm_util, gpu.power_w = sm, watts
+        sampler.sample()  # this phase's start edge
+        end = clock() + seconds
+        while next_tick is not None and next_tick < end - 1e-9:  # the sampler thread's grid
+            clock.now = next_tick
+            sampler.sample()
+            next_tick = next(ticks, None)
+        clock.now = end
+        truth_sm, truth_j = truth_sm + sm * seconds, truth_j + watts * seconds
+    sampler.sample()
+    rows = sampler.rows(0.0, 10.0)
+    summary = summarize(rows, None, [], 0.0, 10.0)
+    plain = sum(row[2] for row in rows) / len(rows)
+    assert abs(plain - truth_sm / 10) > 5.0  # the bias this guards against is real here
+    assert summary["sm_util_avg_pct"] == pytest.approx(truth_sm / 10)
+    assert summary["power_avg_w"] * 10.0 == pytest.approx(integrate(rows, 0.0, 10.0))  # one weighting
+    assert summary["power_avg_w"] * 10.0 == pytest.approx(truth_j)
+
+
+def test_a_duplicate_or_unknown_window_name_is_a_typed_error_and_changes_nothing():
+    clock = FakeClock()
+    monitor, _ = monitor_for([FakeGpu(power_w=100.0)], clock, counter_period_s=0.1)
+    monitor.begin_window("cell")
+    clock.sleep(1.0)
+    with pytest.raises(WindowError, match="energy window 'cell' is open already"):
+        monitor.begin_window("cell")  # before: it silently restarted the window
+    with pytest.raises(WindowError, match=r"energy window 'decode' was never begun \(open windows: 'cell'\)"):
+        monitor.end_window("decode")  # before: a bare KeyError
+    clock.sleep(1.0)
+    assert monitor.end_window("cell").gpu_energy_j == pytest.approx(200.0)  # the first begin still counts
+    with pytest.raises(WindowError, match=r"'cell' was never begun \(open windows: none\)"):
+        monitor.end_window("cell")
+
+
+def test_windows_sync_the_device_at_both_edges_unless_told_not_to():
+    clock = FakeClock()
+    queued_s = 0.5  # work launched before each edge that the device has not finished
+
+    def sync():
+        clock.sleep(queued_s)
+
+    synced = mock.Mock(side_effect=sync)
+    monitor, _ = monitor_for([FakeGpu(power_w=100.0)], clock, counter_period_s=0.1, sync=synced)
+    monitor.begin_window("cell")  # the earlier work finishes before the window opens
+    clock.sleep(1.0)
+    window = monitor.end_window("cell")  # the window's own queued work is counted in it
+    assert synced.call_count == 2
+    assert window.duration_s == pytest.approx(1.0 + queued_s) and window.gpu_energy_j == pytest.approx(150.0)
+    monitor.begin_window("raw", sync=False)
+    with pytest.warns(UserWarning, match="update period"):  # 0 s long
+        monitor.end_window("raw", sync=False)
+    assert synced.call_count == 2
+
+
+def test_device_sync_waits_on_cuda_devices_only():
+    with mock.patch.object(torch.cuda, "synchronize", autospec=True) as synchronize:
+        device_sync(torch.device("cuda", 1))()
+        device_sync(CPU)()
+    synchronize.assert_called_once_with(torch.device("cuda", 1))
+
+
+def test_counter_update_period_is_inferred_per_gpu():
+    clock = FakeClock()
+    gpus = [FakeGpu(uuid="GPU-fast", counter_period_s=0.02), FakeGpu(uuid="GPU-slow", counter_period_s=0.1),
+            FakeGpu(uuid="GPU-still", power_w=0.0)]
+    nvml = fake_nvml(gpus, clock)
+
+    def monitor(local_rank: int) -> EnergyMonitor:
+        return EnergyMonitor("auto", CPU, nvml=nvml, clock=clock, sleep=clock.sleep, sampler=False,
+                             local_rank=local_rank)
+
+    fast, slow, still = monitor(0), monitor(1), monitor(2)
+    assert fast.counter_period_s == pytest.approx(0.02, abs=0.0021)  # within one poll
+    assert slow.counter_period_s == pytest.approx(0.1, abs=0.0021)
+    assert still.counter_period_s == MIN_TRUSTED_WINDOW_S  # a counter that never moved: the fallback
+    assert slow.gpu_record()["counter_period_s"] == slow.counter_period_s
+    for meter, warns in ((fast, False), (slow, True)):
+        meter.begin_window("phase")
+        clock.sleep(0.05)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            short = meter.end_window("phase").short
+        assert short is warns and any("update period" in str(w.message) for w in caught) is warns
+    assert EnergyMonitor("none", CPU).counter_period_s is None  # no counter, nothing to infer

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 
+from tests.fake_nvml import FakeGpu, fake_nvml
 from w2w.energy import EnergyMonitor, open_rapl
 from w2w.energy import rapl as rapl_module
+from w2w.records import write_atomic
 
 MAX_RANGE_UJ = 262_143_328_850
 
@@ -95,3 +98,38 @@ def test_rapl_off_and_other_local_ranks_say_why():
     other = EnergyMonitor.from_config(cfg_energy, torch.device("cpu"), local_rank=1)
     assert other.rapl is None and "local rank 0" in other.cpu_reason
     assert EnergyMonitor("none", torch.device("cpu")).cpu_reason == "energy.rapl=false"
+
+
+def _bump_atomic(path: Path, delta_uj: int) -> None:
+    """bump(), but never a half-written file under the poller's thread."""
+    write_atomic(path, f"{(int(path.read_text()) + delta_uj) % MAX_RANGE_UJ}\n".encode())
+
+
+def _next_poll(poller, timeout_s: float = 10.0) -> None:
+    polls, deadline = poller.polls, time.monotonic() + timeout_s
+    while poller.polls == polls:
+        assert time.monotonic() < deadline, "the RAPL poller did not read"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu-only", "gpu-without-sampler"])
+def test_rapl_is_read_on_its_own_timer_across_several_wraps_in_one_window(powercap, gpu):
+    """No GPU sampler thread (a CPU run, or energy.sampler=false): RAPL still never misses a wrap."""
+    if gpu:
+        nvml = fake_nvml([FakeGpu()])
+        monitor = EnergyMonitor("auto", torch.device("cpu"), nvml=nvml, sampler=False, rapl=True,
+                                rapl_root=powercap["root"], rapl_interval_s=0.01, counter_period_s=0.001)
+        assert monitor.available and monitor.sampler is None
+    else:
+        monitor = EnergyMonitor("none", torch.device("cpu"), rapl=True, rapl_root=powercap["root"],
+                                rapl_interval_s=0.01)
+    assert not monitor.rapl_poller.running  # reads only while a window is open
+    monitor.begin_window("cell")
+    step = int(0.7 * MAX_RANGE_UJ)
+    for _ in range(3):  # 2.1 ranges in one window: more than one wrap between its two edges
+        _bump_atomic(powercap["package-1"], step)
+        _next_poll(monitor.rapl_poller)
+    window = monitor.end_window("cell")
+    assert window.cpu_zones_j["package-1"] == pytest.approx(3 * step / 1e6)
+    assert not monitor.rapl_poller.running and monitor.cpu_reason is None
+    monitor.close()

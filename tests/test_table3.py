@@ -109,7 +109,7 @@ def test_table2_is_the_fewest_gpus_and_largest_batch_that_ran(tmp_path):
     cells = pd.DataFrame([_cell_row("llama_65b", "a100", 4, 64, "ok"), _cell_row("llama_65b", "a100", 4, 128, "ok"),
                           _cell_row("llama_65b", "a100", 4, 256, "oom"), _cell_row("llama_7b", "v100", 1, 64, "ok")])
     (tmp_path / "manifest.json").write_text(json.dumps({"cells": {"s": {
-        "skip_reason": "needs ~100 GiB", "params": {"model.name": "llama_65b", "gpu.name": "a100", "dataset.name":
+        "skip_reason": "needs ~100 GiB", "job": None, "world_size": 2, "params": {"model.name": "llama_65b", "gpu.name": "a100", "dataset.name":
                                                     "alpaca", "shards": 2, "precision": "fp16", "batch_size": 64,
                                                     "max_gen_len": 256, "power_cap_w": 250.0}}}}))
     found, _ = tables.table2_found(cells, read_skipped(tmp_path))

@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from w2w.records import cell_dir, write_json
+from w2w.records import RankRecord, cell_dir, write_json
 
 log = logging.getLogger("w2w.progress")
 PROGRESS_VERSION = 1
@@ -111,11 +111,15 @@ def sum_batches(batches: list[dict], segments: list[dict]) -> dict:
     }
 
 
-def with_batch_totals(record: dict) -> dict:
+def with_batch_totals(record: RankRecord) -> RankRecord:
     """The record with its counts, times and energy summed from its batches (as the runner wrote
     them; records from before per-batch progress have no batches and stay as they are)."""
-    batches = record.get("batches")
-    if not isinstance(batches, list) or not batches:
+    if not record.batches:
         return record
-    totals = sum_batches(batches, record.get("segments") or [])
-    return record | {key: (record.get(key) or {}) | totals[key] for key in ("counts", "times", "energy")}
+    totals = sum_batches(record.batches, record.segments)
+    return record.merged({key: _section(record, key) | totals[key] for key in ("counts", "times", "energy")})
+
+
+def _section(record: RankRecord, key: str) -> dict:
+    section = getattr(record, key)
+    return {} if section is None else section.to_dict()

@@ -1,21 +1,35 @@
-"""Sweep directory layout and record files: one JSON per (cell, rank), written atomically."""
+"""Sweep layout and the typed schema of its record and manifest files, written atomically."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+MANIFEST_VERSION = 1
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 STATUS_OK = "ok"
+MANIFEST = "manifest.json"  # in the sweep directory
+UPGRADE_HINT = "upgrade w2w (pip install -U w2w, or git pull in its checkout) to read it"
+
+S = TypeVar("S", bound="Schema")
 
 
 class RecordError(ValueError):
     """A record file that does not parse or lacks required fields."""
+
+
+class NewerSchemaError(RecordError):
+    """A record or manifest written by a newer w2w than this one."""
 
 
 def cell_dir(sweep_dir: str | Path, cid: str) -> Path:
@@ -47,20 +61,328 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    if isinstance(obj, Schema):
+        obj = obj.to_dict()
     write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
 
 
-def read_record(path: Path) -> dict:
+# -- typed sections ---------------------------------------------------------------------------
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """`value` from JSON as `hint` says (a Schema becomes its dataclass), or RecordError naming the field."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = [o for o in typing.get_args(hint) if o is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        if len(options) == 1:  # X | None: the error is X's, down to the nested field
+            return _convert(value, options[0], where)
+        for option in options:
+            try:
+                return _convert(value, option, where)
+            except RecordError:
+                continue
+        raise RecordError(f"field '{where}' is {value!r}, not {_type_name(hint)}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif isinstance(hint, type) and issubclass(hint, Schema):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, dict):
+            return hint.from_dict(value, where)
+    elif origin is dict or hint is dict:
+        if isinstance(value, dict):
+            args = typing.get_args(hint)
+            return {k: _convert(v, args[1], f"{where}.{k}") for k, v in value.items()} if args else dict(value)
+    elif origin in (list, tuple) or hint in (list, tuple):
+        if isinstance(value, list | tuple):
+            args = typing.get_args(hint)
+            return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise RecordError(f"field '{where}' is {value!r}, not {_type_name(hint)}")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """A Schema dataclass's JSON fields and their types (`extra` holds the rest)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "extra"}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Schema):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+class Schema:
+    """A dataclass with a JSON form: known keys typed, unknown keys kept in `extra`, nothing lost.
+
+    Adding a field is one line in its dataclass (with a default, so older files still read).
+    """
+
+    # Fields left out of the JSON while None (sections a failed cell never had).
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ()
+    extra: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls: type[S], data: dict[str, Any], where: str = "") -> S:
+        types_ = _field_types(cls)
+        known, extra = {}, {}
+        for key, value in data.items():
+            if key in types_:
+                known[key] = _convert(value, types_[key], f"{where}.{key}" if where else key)
+            else:
+                extra[key] = value
+        missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                   if f.name not in known and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise RecordError(f"missing field '{(where + '.') if where else ''}{missing[0]}'")
+        return cls(**known, extra=extra)
+
+    def merged(self: S, values: dict[str, Any]) -> S:
+        """A copy with `values` set (plain JSON or sections), checked as when read from a file."""
+        return type(self).from_dict(self.to_dict() | _plain(values))
+
+    def __getitem__(self, key: str) -> Any:
+        """The JSON form by key (fields, then keys this version does not know), as plain records read."""
+        if key in _field_types(type(self)):
+            return getattr(self, key)
+        return self.extra[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if value is None and f.name in self.OMIT_IF_NONE:
+                continue
+            out[f.name] = _plain(value)
+        return out | _plain(self.extra)
+
+
+@dataclass
+class Counts(Schema):
+    """What a cell produced on this rank (every rank sees the same prompts and outputs)."""
+
+    prompts: int = 0
+    responses: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    output_words: int = 0  # the response text split on whitespace (the paper's words)
+    batches: int = 0
+    truncated_prompts: int = 0
+    scored: int = 0  # responses with a reference answer to score against (GSM8K)
+    correct: int = 0  # of those, the ones whose final number matches the reference
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
+
+
+@dataclass
+class Times(Schema):
+    """Wall time of the cell on this rank, in seconds."""
+
+    start_unix_s: float | None = None  # s since the epoch, when the cell's window opened
+    total_s: float | None = None  # the cell's window, warmup excluded
+    prefill_s: float | None = None
+    decode_s: float | None = None
+    warmup_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
+
+
+@dataclass
+class Energy(Schema):
+    """This rank's GPU energy in J (None: no figure, see reason), its job's load and idle baseline."""
+
+    source: str | None = None  # nvml_counter | nvml_integrated | none
+    gpu_j: float | None = None
+    counter_gpu_j: float | None = None
+    integrated_gpu_j: float | None = None
+    prefill_gpu_j: float | None = None
+    decode_gpu_j: float | None = None
+    short_phase_windows: dict[str, int] | None = None  # per phase: windows under the counter's period
+    warmup_gpu_j: float | None = None
+    power_reading: str | None = None
+    sample_interval_s: float | None = None
+    cpu_j: float | None = None  # the node's RAPL (local rank 0 only)
+    cpu_zones_j: dict[str, float] | None = None
+    cpu_reason: str | None = None
+    reason: str | None = None  # why gpu_j is None
+    # The job's model load and idle baseline (measured once per job, repeated in each record).
+    load_gpu_j: float | None = None
+    load_s: float | None = None
+    load_cpu_j: float | None = None
+    idle_power_w: float | None = None
+    idle_s: float | None = None
+    idle_source: str | None = None
+    idle_cpu_power_w: float | None = None
+    idle_reason: str | None = None
+    # What this GPU would have drawn at rest over the cell's batches, at each segment's own baseline.
+    idle_gpu_j: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
+
+
+@dataclass
+class Telemetry(Schema):
+    """The sampler's summary over the cell's window; averages weighted by time (schema >= 2)."""
+
+    samples: int = 0
+    power_avg_w: float | None = None
+    power_max_w: float | None = None
+    sm_util_avg_pct: float | None = None
+    mem_util_max_pct: float | None = None
+    mem_used_max_mib: float | None = None
+    mem_used_max_pct: float | None = None
+    temp_max_c: float | None = None
+    sm_clock_avg_mhz: float | None = None
+    read_errors: int = 0
+    first_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
+
+
+@dataclass
+class RankRecord(Schema):
+    """One (cell, rank): identity, the cell's parameters, what it measured, and its status.
+
+    JSON form (``cells/<cell_id>/rank-NNNNN.json``): each field below under its own name, the
+    sections as their dataclasses' fields; units in the names (``_s`` seconds, ``_unix_s`` s since
+    the epoch, ``_j`` joules, ``_w`` watts, ``_mib``, ``_pct``)::
+
+        {"schema": 2, "cell_id": "3a52dd4377ea", "rank": 0, "world_size": 2, "status": "ok",
+         "local_rank": 0, "sweep_dir": "runs/demo", "job_id": "4242", "host": "n1", "node": "n1",
+         "device": "cuda:0", "params": {"model": "llama_65b", "batch_size": 64, ...},
+         "config": {...}, "counts": {"responses": 64, "output_tokens": 16384, ...},
+         "times": {"total_s": 95.2, ...}, "energy": {"gpu_j": 25100.0, "source": "nvml_counter",
+         ...}, "telemetry": {"sm_util_avg_pct": 71.5, ...}, "timeline": "rank-00000.timeline.parquet",
+         "gpu": {"gpu_name": ..., "counter_period_s": 0.1, ...}, "power_cap": {"enforced_w": 250.0,
+         ...}, "end_unix_s": 1.7e9}
+
+    A failed cell (status oom or error) has "error" and "traceback" and no counts, times or
+    telemetry. params, config, gpu and power_cap are free-form mappings. Schema history: 1 the
+    first layout; 2 the same layout with telemetry averages weighted by time (1: per sampler row).
+    """
+
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("error", "traceback", "counts", "times", "telemetry", "responses")
+    # Present and typed in every ok record: the reducer relies on them.
+    OK_REQUIRED: ClassVar[tuple[str, ...]] = (
+        "node", "counts.responses", "counts.output_tokens", "counts.output_words", "times.total_s",
+    )
+
+    cell_id: str
+    rank: int
+    world_size: int
+    status: str  # ok | oom | error
+    schema: int = SCHEMA_VERSION
+    local_rank: int | None = None
+    sweep_dir: str | None = None
+    job_id: str | None = None
+    host: str | None = None
+    node: str | None = None
+    device: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # free-form: the cell's parameters
+    config: dict[str, Any] | None = None
+    error: str | None = None
+    traceback: str | None = None
+    counts: Counts | None = None
+    times: Times | None = None
+    energy: Energy = field(default_factory=Energy)
+    telemetry: Telemetry | None = None
+    timeline: str | None = None  # the timeline file's name, beside the record
+    gpu: dict[str, Any] = field(default_factory=dict)  # NVML identity and power limits, or read_error
+    power_cap: dict[str, Any] = field(default_factory=dict)  # requested_w, enforced_w, original_w, ...
+    end_unix_s: float | None = None
+    # Per batch: index, segment, counts, times, energy (w2w/progress.py); summed into the sections above.
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    # Per job attempt that ran the cell: segment, job_id, first_batch, idle baseline, warm-up.
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    # requested, saved (rank 0 wrote the file), file (its name, beside the record), score_reason.
+    responses: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+    def missing_ok_field(self) -> str | None:
+        """The first field an ok record needs that this one lacks, or None."""
+        for dotted in self.OK_REQUIRED:
+            value: Any = self
+            for name in dotted.split("."):
+                value = getattr(value, name, None)
+            if value is None:
+                return dotted
+        return None
+
+
+def check_version(found: Any, newest: int, what: str) -> None:
+    """Refuse what a newer w2w wrote: its fields may mean something this version does not know."""
+    if isinstance(found, bool) or not isinstance(found, int):
+        raise RecordError(f"{what}: schema {found!r} is not a version number")
+    if found > newest:
+        raise NewerSchemaError(
+            f"{what}: written by a newer w2w (schema {found}; this w2w reads up to {newest}): {UPGRADE_HINT}"
+        )
+
+
+def parse_record(data: Any, where: str = "record") -> RankRecord:
+    """A record's JSON object as a RankRecord; RecordError says which field is wrong."""
+    if not isinstance(data, dict):
+        raise RecordError(f"{where}: not a JSON object")
+    check_version(data.get("schema", 1), SCHEMA_VERSION, where)  # the first writers always wrote 1
+    for key in ("cell_id", "rank", "world_size", "status"):
+        if key not in data:
+            raise RecordError(f"{where}: missing field '{key}'")
     try:
-        record = json.loads(path.read_text())
+        record = RankRecord.from_dict(data)
+    except RecordError as exc:
+        raise RecordError(f"{where}: {exc}") from None
+    if "schema" not in data:
+        record.schema = 1
+    if record.ok:
+        missing = record.missing_ok_field()
+        if missing:
+            raise RecordError(f"{where}: field '{missing}' is missing from an ok record")
+    return record
+
+
+def read_record(path: Path) -> RankRecord:
+    try:
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise RecordError(f"{path}: unreadable record ({exc})") from exc
-    if not isinstance(record, dict):
-        raise RecordError(f"{path}: not a JSON object")
-    for key in ("cell_id", "rank", "world_size", "status"):
-        if key not in record:
-            raise RecordError(f"{path}: missing field '{key}'")
-    return record
+    return parse_record(data, str(path))
+
+
+def write_record(sweep_dir: str | Path, record: RankRecord) -> Path:
+    path = record_path(sweep_dir, record.cell_id, record.rank)
+    write_json(path, record)
+    return path
 
 
 def cell_done(sweep_dir: str | Path, cid: str, world_size: int) -> bool:
@@ -70,8 +392,74 @@ def cell_done(sweep_dir: str | Path, cid: str, world_size: int) -> bool:
         if not path.is_file():
             return False
         try:
-            if read_record(path)["status"] != STATUS_OK:
+            if not read_record(path).ok:
                 return False
         except RecordError:
             return False
     return True
+
+
+# -- the sweep manifest ---------------------------------------------------------------------------
+
+
+@dataclass
+class Submission(Schema):
+    job_id: str
+    folder: str  # submitit's folder of the job
+    submitted_unix_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
+
+
+@dataclass
+class ManifestJob(Schema):
+    """One placement's job: its shape and every submission of it (resubmissions append)."""
+
+    backend: str  # slurm | local
+    nodes: int
+    tasks_per_node: int
+    describe: str = ""
+    cells: list[str] = field(default_factory=list)  # cell ids
+    submissions: list[Submission] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
+
+
+@dataclass
+class ManifestCell(Schema):
+    world_size: int
+    job: str | None = None  # the ManifestJob's key; None: skipped by the planner
+    params: dict[str, Any] = field(default_factory=dict)  # free-form, dotted config keys
+    skip_reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
+
+
+@dataclass
+class Manifest(Schema):
+    """manifest.json: what w2w-sweep planned and submitted, read by w2w-status and w2w-report."""
+
+    version: int = MANIFEST_VERSION
+    command: list[str] = field(default_factory=list)
+    updated_unix_s: float | None = None
+    jobs: dict[str, ManifestJob] = field(default_factory=dict)
+    cells: dict[str, ManifestCell] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
+
+
+def parse_manifest(data: Any, where: str = "manifest") -> Manifest:
+    if not isinstance(data, dict):
+        raise RecordError(f"{where}: not a JSON object")
+    check_version(data.get("version", 1), MANIFEST_VERSION, where)
+    try:
+        return Manifest.from_dict(data)
+    except RecordError as exc:
+        raise RecordError(f"{where}: {exc}") from None
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The manifest at `path` (a sweep's MANIFEST); an empty one where there is none yet."""
+    if not path.is_file():
+        return Manifest()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RecordError(f"{path}: unreadable manifest ({exc})") from exc
+    return parse_manifest(data, str(path))

@@ -36,11 +36,12 @@ from w2w.progress import GENERATION_COUNTS, CellProgress, CellShape, progress_pa
 from w2w.records import (
     SCHEMA_VERSION,
     STATUS_OK,
+    Energy,
+    RankRecord,
     cell_done,
-    record_path,
     timeline_path,
     write_atomic,
-    write_json,
+    write_record,
 )
 from w2w.responses import Responses, join_response_parts, no_score_reason, response_part_path
 from w2w.tokenizer import TokenizerLike, check_vocab, open_tokenizer
@@ -178,24 +179,24 @@ def _write_timeline(path: Path | None, window: Window, rank: int) -> str | None:
     return path.name
 
 
-def _cell_energy(cell: Window, phases: PhaseEnergy, warmup: Window | None, monitor: EnergyMonitor) -> dict:
+def _cell_energy(cell: Window, phases: PhaseEnergy, warmup: Window | None, monitor: EnergyMonitor) -> Energy:
     """The record's energy block for one cell (J; None where there is no figure, with the reason)."""
-    return {
-        "source": cell.source,
-        "gpu_j": cell.gpu_energy_j,
-        "counter_gpu_j": cell.counter_energy_j,
-        "integrated_gpu_j": cell.integrated_energy_j,
-        "prefill_gpu_j": phases.joules.get("prefill"),
-        "decode_gpu_j": phases.joules.get("decode"),
-        "short_phase_windows": phases.short_windows,
-        "warmup_gpu_j": warmup.gpu_energy_j if warmup else None,
-        "power_reading": monitor.power_reading,
-        "sample_interval_s": monitor.sampler.interval_s if monitor.sampler else None,
-        "cpu_j": cell.cpu_energy_j,
-        "cpu_zones_j": cell.cpu_zones_j,
-        "cpu_reason": monitor.cpu_reason if cell.cpu_energy_j is None else None,
-        "reason": cell.reason,
-    }
+    return Energy(
+        source=cell.source,
+        gpu_j=cell.gpu_energy_j,
+        counter_gpu_j=cell.counter_energy_j,
+        integrated_gpu_j=cell.integrated_energy_j,
+        prefill_gpu_j=phases.joules.get("prefill"),
+        decode_gpu_j=phases.joules.get("decode"),
+        short_phase_windows=phases.short_windows,
+        warmup_gpu_j=warmup.gpu_energy_j if warmup else None,
+        power_reading=monitor.power_reading,
+        sample_interval_s=monitor.sampler.interval_s if monitor.sampler else None,
+        cpu_j=cell.cpu_energy_j,
+        cpu_zones_j=cell.cpu_zones_j,
+        cpu_reason=monitor.cpu_reason if cell.cpu_energy_j is None else None,
+        reason=cell.reason,
+    )
 
 
 def _warm_up(cfg: DictConfig, model: Transformer, batch: list[list[int]], tokenizer: TokenizerLike, cache_len: int,
@@ -287,8 +288,9 @@ def run_cell(
     result = {
         "counts": totals["counts"] | {"truncated_prompts": counts.truncated_prompts},
         "times": totals["times"] | {"warmup_s": warmup.duration_s if warmup else 0.0},
-        "energy": _cell_energy(cell, phases, warmup, monitor) | totals["energy"],
-        "telemetry": summarize(cell.samples, monitor.memory_total_mib, list(cell.telemetry_errors)),
+        "energy": _cell_energy(cell, phases, warmup, monitor).merged(totals["energy"]),
+        "telemetry": summarize(cell.samples, monitor.memory_total_mib, list(cell.telemetry_errors), cell.t0,
+                               cell.t0 + cell.duration_s),
         "timeline": _write_timeline(timeline, cell, rank),
         "batches": progress.batches,
         "segments": [s for s in progress.segments if s["segment"] in {b["segment"] for b in progress.batches}],
@@ -459,7 +461,7 @@ def _segment(job_energy: dict) -> dict:
 def _measure_cell(
     cfg: DictConfig, cid: str, rows: list[Prompt], loaded: tuple[Transformer, TokenizerLike, dict],
     info: distributed.DistInfo, monitor: EnergyMonitor, capper: PowerCapper,
-) -> tuple[dict, int]:
+) -> tuple[RankRecord, int]:
     """One cell on this rank: its full record, and its outcome for the agreement between ranks."""
     model, tokenizer, job_energy = loaded
     record = _identity(cfg, cid, info)
@@ -474,11 +476,11 @@ def _measure_cell(
         record |= _failure(exc)
         outcome = distributed.GROUP_BROKEN if distributed.is_collective_error(exc) else distributed.CELL_FAILED
         monitor.abandon_windows()  # a cell that raised left its windows open
-    record["energy"] = job_energy | record.get("energy", {})
+    record["energy"] = record.get("energy", Energy()).merged(job_energy)
     record["gpu"] = monitor.gpu_record()
     record["power_cap"] = capper.state(cfg.power_cap_w)
     record["end_unix_s"] = time.time()
-    return record, outcome
+    return RankRecord.from_dict(record), outcome
 
 
 def _run_loaded(
@@ -495,16 +497,16 @@ def _run_loaded(
                 statuses.append("skipped")
                 continue
             record, outcome = _measure_cell(cfg, cid, prompt_sets[_dataset_key(cfg)], loaded, info, monitor, capper)
-            if record["status"] != STATUS_OK:
-                log.error("cell %s failed: %s", cid, record["error"])
-            write_json(record_path(cfg.sweep_dir, cid, info.rank), record)
-            if record["status"] == STATUS_OK:  # the record holds the batches now; a failed cell resumes
+            if not record.ok:
+                log.error("cell %s failed: %s", cid, record.error)
+            write_record(cfg.sweep_dir, record)
+            if record.ok:  # the record holds the batches now; a failed cell resumes
                 progress_path(cfg.sweep_dir, cid, info.rank).unlink(missing_ok=True)
-            statuses.append(record["status"])
-            log.info("cell %d/%d %s: %s", index + 1, len(cells), cid, record["status"])
+            statuses.append(record.status)
+            log.info("cell %d/%d %s: %s", index + 1, len(cells), cid, record.status)
             if distributed.worst_outcome(outcome, info) == distributed.GROUP_BROKEN:
                 raise RuntimeError(
-                    f"cell {cid}: a model collective failed ({record.get('error')}); the model-parallel "
+                    f"cell {cid}: a model collective failed ({record.error}); the model-parallel "
                     f"group cannot go on, so the job stops: re-run the sweep to retry the remaining cells"
                 )
     finally:  # also when a cell or the load fails: no GPU is left capped, NVML is shut down

@@ -10,6 +10,7 @@ from w2w.energy.errors import (
     GpuNotSupportedError,
     GpuReadError,
     PowerCapError,
+    WindowError,
 )
 from w2w.energy.monitor import (
     MIN_TRUSTED_WINDOW_S,
@@ -22,7 +23,7 @@ from w2w.energy.monitor import (
 )
 from w2w.energy.nvml import nvml_index
 from w2w.energy.powercap import PowerCapper
-from w2w.energy.rapl import RaplMeter, open_rapl
+from w2w.energy.rapl import RaplMeter, RaplPoller, open_rapl
 from w2w.energy.sampler import Sampler, integrate, summarize, timeline_frame
 
 __all__ = [
@@ -43,8 +44,10 @@ __all__ = [
     "PowerCapError",
     "PowerCapper",
     "RaplMeter",
+    "RaplPoller",
     "Sampler",
     "Window",
+    "WindowError",
     "integrate",
     "nvml_index",
     "open_rapl",

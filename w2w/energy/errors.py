@@ -39,6 +39,10 @@ class GpuReadError(GpuError):
     """Any other NVML failure (timeout, unknown error, ...)."""
 
 
+class WindowError(ValueError):
+    """A window name used wrongly: begun while already open, or ended without being open."""
+
+
 class PowerCapError(EnergyError):
     """A power cap could not be set or is not the one enforced; the cell must not run uncapped."""
 

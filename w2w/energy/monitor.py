@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import warnings
@@ -13,14 +14,18 @@ from typing import Any
 
 import torch
 
-from w2w.energy.errors import EnergyError, GpuError
+from w2w.energy.errors import EnergyError, GpuError, WindowError
 from w2w.energy.nvml import GpuMeter, call, import_nvml, open_gpu_meter
-from w2w.energy.rapl import POWERCAP_ROOT, RaplMeter, open_rapl
+from w2w.energy.rapl import POWERCAP_ROOT, RAPL_POLL_INTERVAL_S, RaplMeter, RaplPoller, open_rapl
 from w2w.energy.sampler import Row, Sampler, integrate
 
 log = logging.getLogger("w2w.energy")
-# NVML's energy counter updates every 20-100 ms; shorter windows can read zero.
+# NVML's energy counter updates every 20-100 ms depending on the GPU; shorter windows can read
+# zero. Each monitor infers its GPU's period at open; this is the fallback where it cannot.
 MIN_TRUSTED_WINDOW_S = 0.1
+PERIOD_POLL_S = 0.002  # s between counter reads while inferring its update period
+PERIOD_CHANGES = 5  # counter changes to see: 4 periods, their median is the period
+PERIOD_TIMEOUT_S = 1.0  # an idle GPU whose counter does not move in this long keeps the fallback
 SOURCE_COUNTER = "nvml_counter"  # NVML's total-energy counter, read at both ends of the window
 SOURCE_INTEGRATED = "nvml_integrated"  # the sampler's power readings integrated over the window
 SOURCE_NONE = "none"
@@ -67,11 +72,42 @@ class IdleBaseline:
     idle_reason: str | None
 
 
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """Wait for the work queued on `device`, so a window holds what was launched inside it."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def infer_counter_period(
+    read_mj: Callable[[], int], clock: Callable[[], float], sleep: Callable[[float], None],
+) -> float | None:
+    """The update period in s of an energy counter: the median time between its changes, read
+    every PERIOD_POLL_S (as Zeus infers NVML's power update period). None: it did not move often
+    enough within PERIOD_TIMEOUT_S (an idle GPU at 0 W, or read errors)."""
+    changes: list[float] = []
+    start = clock()
+    try:
+        last = read_mj()
+        while len(changes) < PERIOD_CHANGES and clock() - start < PERIOD_TIMEOUT_S:
+            sleep(PERIOD_POLL_S)
+            value = read_mj()
+            if value != last:
+                changes.append(clock())
+                last = value
+    except GpuError:
+        return None
+    gaps = sorted(b - a for a, b in itertools.pairwise(changes))
+    return gaps[len(gaps) // 2] if gaps else None
+
+
 class EnergyMonitor:
     """begin_window/end_window pairs (nestable) on this rank's own GPU.
 
     nvml: a pynvml-like module; leave None for the real one. Passing one also meters a CPU run,
     which only tests do (their fake GPU); production never claims a GPU meter on a CPU device.
+    sync: waits for the device at window edges (default: torch's for CUDA devices).
+    counter_period_s: the GPU energy counter's update period; None infers it at open.
     """
 
     def __init__(
@@ -88,6 +124,9 @@ class EnergyMonitor:
         rapl_root: Path = POWERCAP_ROOT,
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], None] = time.sleep,
+        sync: Callable[[], None] | None = None,
+        counter_period_s: float | None = None,
+        rapl_interval_s: float = RAPL_POLL_INTERVAL_S,
     ):
         self.backend = backend
         self.device = device
@@ -96,15 +135,20 @@ class EnergyMonitor:
         self.source = SOURCE_NONE
         self._clock = clock
         self._sleep = sleep
+        self._sync = sync or device_sync(device)
         self._open: dict[str, _Open] = {}
         self._open_gpu(nvml, local_rank, instant_power)
         self.memory_total_mib = self.meter.memory_total_mib if self.meter is not None else None  # MiB
         self.sampler = self._make_sampler(sample_interval_s) if sampler and self.meter is not None else None
         self.source = self._choose_source()
+        self.counter_period_s = self._counter_period(counter_period_s)  # s; None without a counter
         self.rapl: RaplMeter | None = None
+        self.rapl_poller: RaplPoller | None = None
         self.cpu_reason: str | None = "energy.rapl=false"
         if rapl:
             self.rapl, self.cpu_reason = open_rapl(rapl_root)
+        if self.rapl is not None:
+            self.rapl_poller = RaplPoller(self.rapl, rapl_interval_s, self._rapl_failed)
 
     @classmethod
     def from_config(cls, energy: Any, device: torch.device, local_rank: int) -> EnergyMonitor:
@@ -142,7 +186,19 @@ class EnergyMonitor:
             self.reason = message
 
     def _make_sampler(self, interval_s: float) -> Sampler:
-        return Sampler(self.meter.telemetry, interval_s, self._clock, on_tick=self._poll_rapl)
+        return Sampler(self.meter.telemetry, interval_s, self._clock)
+
+    def _counter_period(self, given: float | None) -> float | None:
+        if self.source != SOURCE_COUNTER:
+            return None
+        if given is not None:
+            return given
+        period = infer_counter_period(self.meter.energy_mj, self._clock, self._sleep)
+        if period is None:
+            log.info("energy counter update period not inferred (counter still or unreadable): "
+                     "assuming %.0f ms", MIN_TRUSTED_WINDOW_S * 1000)
+            return MIN_TRUSTED_WINDOW_S
+        return period
 
     def _choose_source(self) -> str:
         if self.meter is None:
@@ -170,7 +226,7 @@ class EnergyMonitor:
         if self.meter is None:
             return {}
         try:
-            return self.meter.info() | self.meter.power_limits()
+            return self.meter.info() | self.meter.power_limits() | {"counter_period_s": self.counter_period_s}
         except GpuError as exc:
             return {"read_error": str(exc)}
 
@@ -185,13 +241,8 @@ class EnergyMonitor:
             errors.append(str(exc))
             return None
 
-    def _poll_rapl(self) -> None:
-        if self.rapl is None:
-            return
-        try:
-            self.rapl.read_j()
-        except (OSError, ValueError) as exc:  # never let a bad read end the sampler thread
-            self.cpu_reason = f"RAPL read failed: {exc}"
+    def _rapl_failed(self, exc: Exception) -> None:
+        self.cpu_reason = f"RAPL read failed: {exc}"
 
     def _read_cpu(self) -> dict[str, float] | None:
         if self.rapl is None:
@@ -202,9 +253,26 @@ class EnergyMonitor:
             self.cpu_reason = f"RAPL read failed: {exc}"
             return None
 
-    def begin_window(self, name: str) -> None:
-        if not self._open and self.sampler is not None:
+    def _start_threads(self) -> None:
+        if self.sampler is not None:
             self.sampler.start()
+        if self.rapl_poller is not None:
+            self.rapl_poller.start()
+
+    def _stop_threads(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
+        if self.rapl_poller is not None:
+            self.rapl_poller.stop()
+
+    def begin_window(self, name: str, sync: bool = True) -> None:
+        """Open window `name`; sync first waits for the work already queued, so it stays outside."""
+        if name in self._open:
+            raise WindowError(f"energy window '{name}' is open already: end it before beginning it again")
+        if sync:
+            self._sync()
+        if not self._open:
+            self._start_threads()
         t0, unix = self._clock(), time.time()
         errors: list[str] = []
         counter = self._read_counter(errors)
@@ -212,7 +280,13 @@ class EnergyMonitor:
             self.sampler.sample()  # a reading at the edge keeps short windows integrable
         self._open[name] = _Open(t0, unix, counter, self._read_cpu(), errors)
 
-    def end_window(self, name: str) -> Window:
+    def end_window(self, name: str, sync: bool = True) -> Window:
+        """Close window `name`; sync first waits for the work queued inside it, so it is counted."""
+        if name not in self._open:
+            which = ", ".join(f"'{n}'" for n in self._open) or "none"
+            raise WindowError(f"energy window '{name}' was never begun (open windows: {which})")
+        if sync:
+            self._sync()
         opened = self._open.pop(name)
         t1 = self._clock()
         errors = opened.errors
@@ -223,9 +297,9 @@ class EnergyMonitor:
             self.sampler.sample()
             rows = tuple(self.sampler.rows(opened.t0, self._clock()))
             telemetry_errors = self.sampler.errors(opened.t0, self._clock())
-            if not self._open:
-                self.sampler.stop()
         cpu_end = self._read_cpu()
+        if not self._open:
+            self._stop_threads()
         duration = t1 - opened.t0
         counter_j = None
         if opened.counter_mj is not None and counter_end is not None:
@@ -237,11 +311,11 @@ class EnergyMonitor:
         if self.source == SOURCE_INTEGRATED:
             errors.extend(telemetry_errors)
         gpu, error = self._figure(counter_j, integrated, errors)
-        short = gpu is not None and self.source == SOURCE_COUNTER and duration < MIN_TRUSTED_WINDOW_S
+        short = gpu is not None and self.source == SOURCE_COUNTER and duration < self.counter_period_s
         if short:
             warnings.warn(
-                f"energy window '{name}' is shorter than NVML's energy counter update period "
-                f"({MIN_TRUSTED_WINDOW_S * 1000:.0f} ms): its energy is unreliable",
+                f"energy window '{name}' is shorter than NVML's energy counter update period on this GPU "
+                f"({self.counter_period_s * 1000:.0f} ms): its energy is unreliable",
                 stacklevel=2,
             )
         return Window(
@@ -291,12 +365,10 @@ class EnergyMonitor:
     def abandon_windows(self) -> None:
         """Drop windows left open by a failed cell, so the next window starts a fresh recording."""
         self._open.clear()
-        if self.sampler is not None:
-            self.sampler.stop()
+        self._stop_threads()
 
     def close(self) -> None:
-        if self.sampler is not None:
-            self.sampler.stop()
+        self._stop_threads()
         if self.meter is not None:
             try:
                 call(self.meter.nvml, "nvmlShutdown")

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 POWERCAP_ROOT = Path("/sys/class/powercap")
+# Seconds between background reads: the smallest ranges (32-bit µJ counters, ~4.3 kJ) wrap in
+# about 20 s at 200 W, the common 262 kJ range in over 10 minutes; a read is a few small files.
+RAPL_POLL_INTERVAL_S = 1.0
 _TOP_ZONE = re.compile(r"intel-rapl:\d+")
 _SUB_ZONE = re.compile(r"intel-rapl:\d+:\d+")
 PERMISSION_FIX = (
@@ -49,6 +53,45 @@ class RaplMeter:
                 self._total_uj[zone.name] += delta
                 self._last[zone.name] = raw
             return {name: uj / 1e6 for name, uj in self._total_uj.items()}
+
+
+class RaplPoller:
+    """Reads a RaplMeter every interval_s on a thread of its own, so that no counter wraps twice
+    between two reads, whatever else runs (no GPU sampler on CPU runs or with energy.sampler=false)."""
+
+    def __init__(self, meter: RaplMeter, interval_s: float, on_error: Callable[[Exception], None]):
+        self.meter = meter
+        self.interval_s = interval_s
+        self._on_error = on_error
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.polls = 0  # reads so far (tests wait on it)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="w2w-rapl-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.meter.read_j()
+            except (OSError, ValueError) as exc:  # never let a bad read end the thread
+                self._on_error(exc)
+            self.polls += 1
 
 
 def _zone_name(folder: Path) -> str:

@@ -25,12 +25,10 @@ class Sampler:
         read: Callable[[], tuple[float | None, ...]],
         interval_s: float,
         clock: Callable[[], float] = time.perf_counter,
-        on_tick: Callable[[], None] | None = None,
     ):
         self._read = read
         self.interval_s = interval_s
         self._clock = clock
-        self._on_tick = on_tick
         self._lock = threading.Lock()
         self._times: list[float] = []
         self._rows: list[Row] = []
@@ -80,8 +78,6 @@ class Sampler:
         ticks = 0
         while True:
             self.sample()
-            if self._on_tick is not None:
-                self._on_tick()
             ticks += 1
             if self._stop.wait(max(0.0, start + ticks * self.interval_s - time.perf_counter())):
                 return
@@ -95,42 +91,71 @@ class Sampler:
             return [message for t, message in self._errors if t0 <= t <= t1]
 
 
-def integrate(rows: Sequence[Row], t0: float, t1: float) -> float | None:
-    """Energy in J over [t0, t1]: power linear between rows, held flat before the first and after the last."""
-    points = [(row[0], row[1]) for row in rows if row[1] is not None]
+def _time_integral(points: Sequence[tuple[float, float]], t0: float, t1: float) -> float | None:
+    """Integral over [t0, t1] of a quantity linear between its readings, held flat outside them.
+
+    points are in time order; two readings at one instant (the edges of adjacent windows) are a step.
+    """
     if not points or t1 <= t0:
         return None
     times = np.array([t for t, _ in points])
-    power = np.array([p for _, p in points])
+    values = np.array([v for _, v in points])
     inside = (times > t0) & (times < t1)
     grid = np.concatenate([[t0], times[inside], [t1]])
-    watts = np.interp(grid, times, power)
-    return float(np.sum((watts[1:] + watts[:-1]) / 2 * np.diff(grid)))
+    at = np.concatenate([np.interp([t0], times, values), values[inside], np.interp([t1], times, values)])
+    return float(np.sum((at[1:] + at[:-1]) / 2 * np.diff(grid)))
+
+
+def integrate(rows: Sequence[Row], t0: float, t1: float) -> float | None:
+    """Energy in J over [t0, t1]: power linear between rows, held flat before the first and after the last."""
+    return _time_integral([(row[0], row[1]) for row in rows if row[1] is not None], t0, t1)
+
+
+def _points(rows: Sequence[Row], name: str) -> list[tuple[float, float]]:
+    at = 1 + TELEMETRY_COLUMNS.index(name)
+    return [(row[0], row[at]) for row in rows if row[at] is not None]
 
 
 def _column(rows: Sequence[Row], name: str) -> list[float]:
-    at = 1 + TELEMETRY_COLUMNS.index(name)
-    return [row[at] for row in rows if row[at] is not None]
+    return [value for _, value in _points(rows, name)]
 
 
-def _mean(values: list[float]) -> float | None:
-    return math.fsum(values) / len(values) if values else None
+def time_mean(rows: Sequence[Row], name: str, t0: float | None = None, t1: float | None = None) -> float | None:
+    """A column's average over [t0, t1] weighted by time, as integrate() weighs power.
+
+    A plain mean over rows would count the two edge readings of every phase window as much as a
+    whole sampler interval. Without a span, the rows' own first and last time bound it.
+    """
+    points = _points(rows, name)
+    if not points:
+        return None
+    start = points[0][0] if t0 is None else t0
+    end = points[-1][0] if t1 is None else t1
+    if end <= start:  # a single instant: nothing to weigh
+        return math.fsum(v for _, v in points) / len(points)
+    return _time_integral(points, start, end) / (end - start)
 
 
-def summarize(rows: Sequence[Row], memory_total_mib: float | None, errors: list[str]) -> dict:
-    """Per-window telemetry for the record (the paper's Tables IV/V: avg SM %, peak memory %)."""
+def summarize(
+    rows: Sequence[Row], memory_total_mib: float | None, errors: list[str],
+    t0: float | None = None, t1: float | None = None,
+) -> dict:
+    """Per-window telemetry for the record (the paper's Tables IV/V: avg SM %, peak memory %).
+
+    Averages are over the window [t0, t1] (monotonic s; default: the rows' span), weighted by time.
+    """
     power, used = _column(rows, "power_w"), _column(rows, "mem_used_mib")
     mem_used_max = max(used, default=None)
     return {
         "samples": len(rows),
-        "power_avg_w": _mean(power),
+        "power_avg_w": time_mean(rows, "power_w", t0, t1),
         "power_max_w": max(power, default=None),
-        "sm_util_avg_pct": _mean(_column(rows, "sm_util_pct")),
+        "sm_util_avg_pct": time_mean(rows, "sm_util_pct", t0, t1),
         "mem_util_max_pct": max(_column(rows, "mem_util_pct"), default=None),
         "mem_used_max_mib": mem_used_max,
         "mem_used_max_pct": 100.0 * mem_used_max / memory_total_mib if mem_used_max is not None and memory_total_mib else None,
         "temp_max_c": max(_column(rows, "temp_c"), default=None),
-        "sm_clock_avg_mhz": _mean(_column(rows, "sm_clock_mhz")),
+        "sm_clock_avg_mhz": time_mean(rows, "sm_clock_mhz", t0, t1),
         "read_errors": len(errors),
         "first_error": errors[0] if errors else None,
     }
