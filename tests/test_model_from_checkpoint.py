@@ -79,7 +79,8 @@ def test_the_checkpoint_alone_defines_the_model(ckpts, source):
 @pytest.mark.parametrize(("source", "shards"), [("meta", 2), ("hf", 3)])
 def test_the_planner_sizes_the_real_shapes(ckpts, source, shards):
     ckpt, args = ckpts[source]
-    plan = make_plan(["model=checkpoint", f"model.checkpoint_dir={ckpt}", "gpu=a100", "precision=fp16",
+    plan = make_plan(["model=checkpoint", f"model.checkpoint_dir={ckpt}", f"model.tokenizer_path={TINY_TOKENIZER}",
+                      "gpu=a100", "precision=fp16",
                       "batch_size=4", "max_gen_len=16", "dataset.max_prompt_tokens=32", f"shards=1,{shards}",
                       "cluster=supercloud_a100"])
     assert [job.cfg.shards for job in plan.jobs] == [1, shards]

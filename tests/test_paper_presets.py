@@ -18,7 +18,7 @@ from tests.conftest import ROOT
 PRESETS = ("paper_fig2_3", "paper_fig4_9", "paper_table3", "paper_table4_5", "paper_all")
 ENV = ("W2W_CLUSTER_V100", "W2W_CLUSTER_A100", "W2W_CKPT_7B", "W2W_CKPT_13B", "W2W_CKPT_65B")
 JOB = re.compile(r"^job \w+: model=(\w+) gpu=(\w+) shards=(\d+) precision=\w+ -> (\d+) node\(s\) x (\d+) task\(s\), (\d+) cell\(s\)")
-CELL = re.compile(r"^  cell (\w+) dataset=(\w+) batch_size=(\d+) max_gen_len=(\d+) power_cap_w=(\S+)")
+CELL = re.compile(r"^  cell (\w+) dataset=(\w+) (?:engine=\w+ )?batch_size=(\d+) max_gen_len=(\d+) power_cap_w=(\S+)")
 SKIPPED = re.compile(r"^  skipped (\w+) ")
 
 
