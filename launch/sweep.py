@@ -135,6 +135,11 @@ def wait(sweep_dir: Path, poll_s: float, cells: list[str]) -> int:
     counts = status.counts(cells)
     if len(cells) != len(status.cells):
         print(f"this command's {status.summary(cells)}")
+        mine = set(cells)
+        others = [cid for cid, (state, _) in status.cells.items() if state == "failed" and cid not in mine]
+        if others:
+            print(f"{len(others)} other cell(s) of this sweep failed (listed above): they do not change this "
+                  "command's exit status; re-run their command to retry them")
     return 0 if counts.get("failed", 0) == 0 and counts.get("pending", 0) == 0 else 1
 
 

@@ -136,6 +136,7 @@ def test_interrupted_local_sweep_then_partial_results_say_so(tmp_path):
     (failed,) = [line for line in other.stdout.splitlines() if line.startswith("  cell ") and " failed " in line]
     assert "seed=1" in failed and "job ended" in failed
     assert "this command's 1 cells: 1 done, 0 failed" in other.stdout
+    assert "1 other cell(s) of this sweep failed (listed above)" in other.stdout
 
     reduced = cli("w2w.analysis.reduce", str(sweep))
     print(reduced.stderr)
