@@ -205,8 +205,8 @@ def _warm_up(cfg: DictConfig, model: Transformer, batch: list[list[int]], tokeni
     if not cfg.warmup:
         return None
     monitor.begin_window("warmup")
-    generate(model, batch, _sampling(cfg, WARMUP_TOKENS), tokenizer.eos_id, tokenizer.pad_id, cache_len,
-             engine=cfg.engine)
+    tokens = min(WARMUP_TOKENS, cfg.max_gen_len)  # the cache is sized for the cell's own max_gen_len
+    generate(model, batch, _sampling(cfg, tokens), tokenizer.eos_id, tokenizer.pad_id, cache_len, engine=cfg.engine)
     return monitor.end_window("warmup")
 
 
