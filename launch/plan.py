@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from w2w.config import ConfigError, cell_id, compose_grid, placement_key
+from w2w.config import ConfigError, cell_id, compose_grid, divisors, placement_key
 from w2w.data import check_dataset
 from w2w.records import cell_done
 from w2w.shapes import PRECISION_BYTES, ModelArgs, preset_args
@@ -128,6 +128,13 @@ def _fit_reason(cfg: DictConfig, memory: MemoryEstimate) -> str | None:
     )
 
 
+def _unfit_advice(cfg: DictConfig, args: ModelArgs) -> str:
+    """What can make an unfit cell fit: only shard counts that divide the heads are offered."""
+    more = [d for d in divisors(math.gcd(args.n_heads, args.kv_heads)) if d > cfg.shards]
+    shards = f"shards={','.join(map(str, more))}" if more else f"a GPU with more memory than gpu={cfg.gpu.name}"
+    return f"use {shards}, lower batch_size or max_gen_len, or pass skip_unfit=true"
+
+
 def check_tokenizer(model: DictConfig, args: ModelArgs) -> None:
     """A checkpoint's (or a named) tokenizer must match its embedding: known here, not after the load.
     Random weights without a tokenizer_path use the bundled tiny tokenizer, as the runner does."""
@@ -170,7 +177,7 @@ def make_plan(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> Pl
         cell = Cell(cfg, cell_id(cfg), memory, _fit_reason(cfg, memory))
         if cell.skip_reason:
             if not cfg.skip_unfit:
-                raise ConfigError(f"{cell.skip_reason}: raise shards, lower batch_size, or pass skip_unfit=true")
+                raise ConfigError(f"{cell.skip_reason}: {_unfit_advice(cfg, shapes[key])}")
             skipped.append(cell)
             continue
         groups.setdefault(placement_key(cfg), []).append(cell)

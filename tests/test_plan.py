@@ -34,8 +34,11 @@ def test_65b_on_v100_plans_nodes_and_tasks_without_slurm(monkeypatch):
 
 
 def test_unfit_cell_is_an_error_without_skip_unfit():
-    with pytest.raises(ConfigError, match=r"needs ~.* GiB per GPU .* has 32 GiB: raise shards"):
+    with pytest.raises(ConfigError, match=r"needs ~.* GiB per GPU .* has 32 GiB: use shards=16,32,64, lower"):
         make_plan(["model=llama_65b", "gpu=v100", "cluster=supercloud", "shards=8", "batch_size=256"])
+    # 8 shards is the most Llama 3.1 405B's 8 KV heads allow: no shard count to suggest.
+    with pytest.raises(ConfigError, match=r"has 80 GiB: use a GPU with more memory than gpu=a100"):
+        make_plan(["model=llama3_1_405b", "gpu=a100", "precision=bf16", "shards=8"])
 
 
 @pytest.mark.parametrize(
