@@ -41,8 +41,8 @@ FIGS_4_9 = {
     "fig8": ("energy_per_response_j", 512), "fig9": ("energy_per_response_j", 1024),
 }
 FIGS_4_9_LENGTHS = (512, 1024)
-FIG2_PREFER = {"batch_size": 64, "max_gen_len": 256, "power_cap_w": paper.DEFAULT_CAP_W, "precision": "fp16"}
-FIGS_4_9_PREFER = {"model": "llama_65b", "gpu": "v100", "power_cap_w": paper.DEFAULT_CAP_W, "precision": "fp16"}
+FIG2_PREFER = {"batch_size": 64, "max_gen_len": 256, "power_cap_w": paper.DEFAULT_CAP_W} | paper.SCHEDULE
+FIGS_4_9_PREFER = {"model": "llama_65b", "gpu": "v100", "power_cap_w": paper.DEFAULT_CAP_W} | paper.SCHEDULE
 
 
 @dataclass

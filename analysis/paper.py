@@ -13,6 +13,9 @@ HARDWARE = {
     "a100": "A100 80 GB (300 W TDP), MIT Supercloud, 25 Gb/s Ethernet",
 }
 DEFAULT_CAP_W = 250.0  # "GPUs were capped at 250 W unless stated otherwise"
+# How every published number was run: fp16, with Meta's generation schedule (engine=reference);
+# each table and figure prefers these cells and notes a stand-in.
+SCHEDULE = {"precision": "fp16", "engine": "reference"}
 MODEL_LABELS = {"llama_7b": "7B", "llama_13b": "13B", "llama_65b": "65B"}
 
 

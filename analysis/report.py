@@ -63,6 +63,7 @@ def read_skipped(sweep: Path) -> pd.DataFrame:
             p = entry.params
             rows.append({"cell_id": cid, "model": p.get("model.name"), "gpu": p.get("gpu.name"),
                          "dataset": p.get("dataset.name"), "shards": p.get("shards"), "precision": p.get("precision"),
+                         "engine": p.get("engine"),
                          "batch_size": p.get("batch_size"), "max_gen_len": p.get("max_gen_len"),
                          "power_cap_w": p.get("power_cap_w"), "status": "skipped", "note": entry.skip_reason})
     return pd.DataFrame(rows)

@@ -85,7 +85,8 @@ def choose(cells: pd.DataFrame, prefer: dict[str, Any], ranks: dict[str, tuple] 
     for key, wanted in prefer.items():
         if cells.empty:
             break
-        present = cells[key].map(_norm)
+        # A column the sweep's records lack (engine, before there were engines) is a missing value.
+        present = cells[key].map(_norm) if key in cells else pd.Series(None, index=cells.index, dtype=object)
         available = sorted(set(present), key=_order)
         value = _norm(wanted)
         if value not in available:
@@ -158,7 +159,7 @@ def table2_found(cells: pd.DataFrame, skipped: pd.DataFrame | None = None) -> tu
     tried = pd.concat([cells, skipped], ignore_index=True) if skipped is not None and not skipped.empty else cells
     if tried.empty:
         return [], ["no cells in this sweep"]
-    choice = choose(tried, {"max_gen_len": paper.TABLE2_MAX_GEN_LEN, "precision": "fp16"})
+    choice = choose(tried, {"max_gen_len": paper.TABLE2_MAX_GEN_LEN} | paper.SCHEDULE)
     chosen = choice.cells
     pairs = [(m, g) for m in model_order(chosen["model"]) for g in gpu_order(chosen.loc[chosen["model"] == m, "gpu"])]
     found = [_found(chosen, model, gpu) for model, gpu in pairs]
@@ -236,7 +237,7 @@ def table3_values(cells: pd.DataFrame) -> Table3:
     """Each quantity at each cap vs the same cell at the 250 W base cap, per max length."""
     capped = ok(cells)
     capped = capped[capped["power_cap_w"].notna()]
-    choice = choose(capped, paper.TABLE3_SETUP | {"precision": "fp16"})
+    choice = choose(capped, paper.TABLE3_SETUP | paper.SCHEDULE)
     found = {_norm(c) for c in choice.cells["power_cap_w"]}
     base = _norm(paper.TABLE3_BASE_W)
     # The paper's caps lay the table out where the sweep has none.
@@ -278,7 +279,7 @@ def table3(cells: pd.DataFrame) -> Table:
 
 def utilization(cells: pd.DataFrame, prefer: dict[str, Any], axis: str) -> tuple[pd.DataFrame, Choice, list[str]]:
     """Per value of `axis`: the utilization columns, averaged over repeats."""
-    choice = choose(ok(cells), prefer | {"dataset": "gsm8k", "power_cap_w": paper.DEFAULT_CAP_W, "precision": "fp16"})
+    choice = choose(ok(cells), prefer | {"dataset": "gsm8k", "power_cap_w": paper.DEFAULT_CAP_W} | paper.SCHEDULE)
     notes = list(choice.notes) + repeats_note(choice.cells, [axis], "utilization")
     rows = []
     for value, group in choice.cells.groupby(axis):

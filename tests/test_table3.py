@@ -17,13 +17,13 @@ BASE_S, BASE_RATE, BASE_J = 1000.0, 500.0, 800_000.0  # at 250 W: run time, toke
 
 
 def _write_cell(sweep, cid: str, length: int, cap: float | None, total_s: float, tokens: int, energy_j: float,
-                gpu: str = "a100", shards: int = 4, telemetry: dict | None = None) -> None:
+                gpu: str = "a100", shards: int = 4, telemetry: dict | None = None, engine: str = "reference") -> None:
     """One node of `shards` GPUs (the paper's 4 A100s by default); every GPU draws an equal share."""
     for rank in range(shards):
         write_json(record_path(sweep, cid, rank), {
             "schema": 1, "cell_id": cid, "rank": rank, "local_rank": rank, "world_size": shards, "node": "a1",
             "status": "ok", "device": f"cuda:{rank}",
-            "params": {"model": "llama_65b", "gpu": gpu, "dataset": "gsm8k", "shards": shards, "precision": "fp16",
+            "params": {"model": "llama_65b", "gpu": gpu, "dataset": "gsm8k", "shards": shards, "precision": "fp16", "engine": engine,
                        "batch_size": 64, "max_gen_len": length, "power_cap_w": cap, "num_prompts": 4096,
                        "temperature": 0.8, "top_p": 0.95},
             "counts": {"responses": 4096, "output_tokens": tokens, "output_words": tokens // 2},
@@ -43,6 +43,18 @@ def _papers_table3(sweep) -> None:
             rate = BASE_RATE * (1 + changes[("token_rate", cap)] / 100)
             _write_cell(sweep, f"c{length}-{cap:g}", length, cap, total_s, round(rate * total_s),
                         BASE_J * (1 + changes[("energy", cap)] / 100))
+
+
+def test_the_papers_tables_take_the_reference_engines_cells(tmp_path):
+    """A sweep that also ran engine=fast: the paper's artifacts stand on Meta's schedule, as it ran."""
+    _papers_table3(tmp_path)
+    for length in paper.TABLE3:
+        for cap in (250.0, *paper.TABLE3_CAPS_W):
+            _write_cell(tmp_path, f"fast{length}-{cap:g}", length, cap, BASE_S / 3, round(BASE_RATE * BASE_S),
+                        BASE_J / 3, engine="fast")
+    t3 = tables.table3_values(reduce_sweep(tmp_path))
+    assert t3.choice.values["engine"] == "reference" and not t3.choice.notes
+    assert t3.values[512][("energy", 150.0)] == pytest.approx(paper.TABLE3[512][("energy", 150.0)], abs=2e-3)
 
 
 def test_percent_change_is_relative_to_the_base():
@@ -101,7 +113,7 @@ def test_repeats_are_averaged_and_said_so(tmp_path):
 
 def _cell_row(model: str, gpu: str, shards: int, batch: int, status: str) -> dict:
     return {"cell_id": f"{model}{gpu}{shards}{batch}", "model": model, "gpu": gpu, "dataset": "alpaca",
-            "shards": shards, "precision": "fp16", "batch_size": batch, "max_gen_len": 256, "power_cap_w": 250.0,
+            "shards": shards, "precision": "fp16", "engine": "reference", "batch_size": batch, "max_gen_len": 256, "power_cap_w": 250.0,
             "status": status}
 
 
@@ -110,7 +122,7 @@ def test_table2_is_the_fewest_gpus_and_largest_batch_that_ran(tmp_path):
                           _cell_row("llama_65b", "a100", 4, 256, "oom"), _cell_row("llama_7b", "v100", 1, 64, "ok")])
     (tmp_path / "manifest.json").write_text(json.dumps({"cells": {"s": {
         "skip_reason": "needs ~100 GiB", "job": None, "world_size": 2, "params": {"model.name": "llama_65b", "gpu.name": "a100", "dataset.name":
-                                                    "alpaca", "shards": 2, "precision": "fp16", "batch_size": 64,
+                                                    "alpaca", "shards": 2, "precision": "fp16", "engine": "reference", "batch_size": 64,
                                                     "max_gen_len": 256, "power_cap_w": 250.0}}}}))
     found, _ = tables.table2_found(cells, read_skipped(tmp_path))
     by = {(f.model, f.gpu): f for f in found}
