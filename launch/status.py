@@ -138,6 +138,19 @@ def holder(entry: dict, cid: str) -> dict | None:
     return next((s for s in reversed(entry.get("submissions", [])) if cid in s.get("cells", ())), None)
 
 
+def latest_holders(manifest: dict) -> dict[str, tuple[dict, dict]]:
+    """Cell id -> (placement entry, submission) of the latest job that holds it, over every placement:
+    a cell re-planned under another cluster profile (another placement key) keeps its queued job."""
+    found: dict[str, tuple[dict, dict]] = {}
+    for entry in manifest["jobs"].values():
+        for submission in entry.get("submissions", []):
+            for cid in submission.get("cells", ()):
+                seen = found.get(cid)
+                if seen is None or submission.get("submitted_unix_s", 0) >= seen[1].get("submitted_unix_s", 0):
+                    found[cid] = (entry, submission)
+    return found
+
+
 @dataclass
 class SweepStatus:
     manifest: dict
@@ -173,15 +186,15 @@ def sweep_status(sweep_dir: Path, manifest: dict | None = None) -> SweepStatus:
     """Each cell's state from its records, else from the job that last held it (asked once per job)."""
     manifest = load_manifest(sweep_dir) if manifest is None else manifest
     status = SweepStatus(manifest, {}, {})
+    holders = latest_holders(manifest)
     for cid, cell in manifest["cells"].items():
-        entry = manifest["jobs"].get(cell["job"]) if cell.get("job") else None
         job = None
-        if entry is not None and not cell.get("skip_reason"):
+        if cell.get("job") in manifest["jobs"] and not cell.get("skip_reason"):
             state, reason = cell_records(sweep_dir, cid, cell["world_size"])
             if state:
                 status.cells[cid] = (state, reason)
                 continue
-            submission = holder(entry, cid)
+            entry, submission = holders.get(cid, (None, None))
             if submission is not None:
                 status.holders[cid] = submission["job_id"]
                 if submission["job_id"] not in status.submissions:
