@@ -57,4 +57,3 @@ def test_sbatch_for_one_placement_matches_golden():
     if os.environ.get("W2W_UPDATE_GOLDEN"):
         golden.write_text(script)
     assert script == golden.read_text()
-
