@@ -155,6 +155,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Tear the groups down before the interpreter does: gloo can abort a rank whose group is
+    destroyed at exit ("terminate called without an active exception"), and SLURM then marks a
+    job whose cells all finished FAILED."""
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_collective_error(exc: BaseException) -> bool:
     """A failed or timed-out collective: the model-parallel group is out of step."""
     if isinstance(exc, getattr(dist, "DistError", ())):  # torch >= 2.2; older ones by their text

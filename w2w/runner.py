@@ -435,7 +435,9 @@ def run_cells(cells: list[DictConfig]) -> list[str]:
     monitor = _open_monitor(first, info)
     capper = PowerCapper(monitor.meter, monitor.reason)
     with restore_cap_on_sigterm(capper):
-        return _run_loaded(cells, info, monitor, capper, prompt_sets)
+        statuses = _run_loaded(cells, info, monitor, capper, prompt_sets)
+    distributed.shutdown()  # only after a clean end: a broken group's teardown could block
+    return statuses
 
 
 def _resume(cfg: DictConfig, cid: str, info: distributed.DistInfo, num_prompts: int) -> CellProgress:
