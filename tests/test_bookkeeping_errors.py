@@ -195,7 +195,9 @@ def test_a_version_1_manifest_lists_every_cell_it_counts(tmp_path):
     for cid in cells:  # what the runner leaves for a finished cell
         record = sweep / "cells" / cid / "rank-00000.json"
         record.parent.mkdir(parents=True)
-        record.write_text(json.dumps({"cell_id": cid, "rank": 0, "world_size": 1, "status": "ok", "node": "n1"}))
+        record.write_text(json.dumps({"cell_id": cid, "rank": 0, "world_size": 1, "status": "ok", "node": "n1",
+                                      "counts": {"responses": 2, "output_tokens": 8, "output_words": 6},
+                                      "times": {"total_s": 1.0}}))
     status = cli("w2w.launch.status", str(sweep)).stdout
     assert status.splitlines()[0] == f"sweep {sweep}: 2 cells: 2 done, 0 failed, 0 running, 0 pending, 0 skipped"
     listed = [line for line in status.splitlines() if line.startswith("  cell ")]
