@@ -144,7 +144,7 @@ def test_a_newer_schema_is_refused_with_how_to_fix(sweep):
 def test_a_newer_manifest_is_refused_by_every_reader_and_left_as_it_was(sweep, capsys):
     newer = json.loads((sweep / MANIFEST).read_text()) | {"version": MANIFEST_VERSION + 1}
     (sweep / MANIFEST).write_text(json.dumps(newer))
-    with pytest.raises(NewerSchemaError, match=rf"newer w2w \(schema {MANIFEST_VERSION + 1}; this w2w reads up to "
+    with pytest.raises(NewerSchemaError, match=rf"newer w2w \(version {MANIFEST_VERSION + 1}; this w2w reads up to "
                                                rf"{MANIFEST_VERSION}\): upgrade w2w") as refused:
         read_manifest(sweep / MANIFEST)
     assert isinstance(refused.value, ManifestError)  # the one-line error of w2w-status and w2w-sweep
@@ -229,7 +229,7 @@ def test_a_version_2_manifest_round_trips_field_for_field(tmp_path):
      r"field 'jobs.j1.nodes' is 'two', not int"),
     ({"cells": {"c1": {"job": "j1"}}}, r"missing field 'cells.c1.world_size'"),
     ({"commands": [{"argv": "w2w-sweep seed=1"}]}, r"field 'commands\[0\].argv' is 'w2w-sweep seed=1', not list"),
-    ({"version": "2"}, r"schema '2' is not a version number"),
+    ({"version": "2"}, r"version '2' is not a version number"),
 ])
 def test_a_wrong_manifest_field_is_one_error_naming_it(tmp_path, change, message):
     (tmp_path / MANIFEST).write_text(json.dumps({"version": 2, "jobs": {}, "cells": {}} | change))

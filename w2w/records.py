@@ -340,13 +340,13 @@ class RankRecord(Schema):
         return None
 
 
-def check_version(found: Any, newest: int, what: str) -> None:
+def check_version(found: Any, newest: int, what: str, key: str = "schema") -> None:
     """Refuse what a newer w2w wrote: its fields may mean something this version does not know."""
     if isinstance(found, bool) or not isinstance(found, int):
-        raise RecordError(f"{what}: schema {found!r} is not a version number")
+        raise RecordError(f"{what}: {key} {found!r} is not a version number")
     if found > newest:
         raise NewerSchemaError(
-            f"{what}: written by a newer w2w (schema {found}; this w2w reads up to {newest}): {UPGRADE_HINT}"
+            f"{what}: written by a newer w2w ({key} {found}; this w2w reads up to {newest}): {UPGRADE_HINT}"
         )
 
 
@@ -529,7 +529,7 @@ def parse_manifest(data: Any, where: str = "manifest") -> Manifest:
     if not isinstance(data, dict) or not ({"jobs", "cells"} & set(data)):
         raise ManifestError(f"{where} is not a w2w-sweep manifest (no jobs/cells): restore it or move it away")
     try:
-        check_version(data.get("version", 1), MANIFEST_VERSION, where)  # the first writer always wrote 1
+        check_version(data.get("version", 1), MANIFEST_VERSION, where, "version")  # the first writer wrote 1
     except NewerSchemaError as exc:
         raise NewerManifestError(str(exc)) from None
     except RecordError as exc:
