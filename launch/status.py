@@ -179,15 +179,15 @@ def sweep_status(sweep_dir: Path, manifest: Manifest | None = None) -> SweepStat
     manifest = load_manifest(sweep_dir) if manifest is None else manifest
     status = SweepStatus(manifest, {}, {})
     for cid, cell in manifest.cells.items():
-        entry = manifest.jobs.get(cell.job) if cell.job else None
         job = None
-        if entry is not None and not cell.skip_reason:
+        if not cell.skip_reason:
             state, reason = cell_records(sweep_dir, cid, cell.world_size)
             if state:
                 status.cells[cid] = (state, reason)
                 continue
-            submission = entry.holder(cid)
-            if submission is not None:
+            held = manifest.holder(cid)
+            if held is not None:
+                entry, submission = held
                 status.holders[cid] = submission.job_id
                 if submission.job_id not in status.submissions:
                     status.submissions[submission.job_id] = submission_state(entry, submission)

@@ -494,6 +494,17 @@ class Manifest(Schema):
     cells: dict[str, ManifestCell] = field(default_factory=dict)  # by cell id
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
 
+    def holder(self, cid: str) -> tuple[ManifestJob, Submission] | None:
+        """The latest submission that holds the cell, in whichever placement: a cell re-planned under
+        another placement key (a cluster option changed) is still held by the job that has it."""
+        latest = None
+        for entry in self.jobs.values():
+            submission = entry.holder(cid)
+            if submission is not None and (latest is None or (submission.submitted_unix_s or 0.0)
+                                           >= (latest[1].submitted_unix_s or 0.0)):
+                latest = (entry, submission)
+        return latest
+
 
 def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
     """Version 1's JSON as version 2's: its command kept, each submission given its job's cells."""
