@@ -224,6 +224,21 @@ def test_a_version_2_manifest_round_trips_field_for_field(tmp_path):
     assert load_manifest(tmp_path / "missing") == Manifest()  # before the first w2w-sweep
 
 
+def test_a_cells_holder_is_its_latest_submission_in_any_placement():
+    """A cell re-planned under another placement key (a cluster option changed) stays held by the
+    job that has it: w2w-sweep must not submit it a second time."""
+    def job(*submissions: Submission) -> ManifestJob:
+        return ManifestJob(backend="slurm", nodes=1, tasks_per_node=1, cells=["c1"], submissions=list(submissions))
+
+    first, retry, moved = (Submission(job_id=i, folder="f", submitted_unix_s=t, cells=["c1"])
+                           for i, t in (("40", 1.0), ("41", 2.0), ("50", 3.0)))
+    old, new = job(first, retry), job()
+    manifest = Manifest(jobs={"old": old, "new": new}, cells={"c1": ManifestCell(world_size=1, job="new")})
+    assert manifest.holder("c1") == (old, retry) and manifest.holder("c2") is None
+    new.submissions.append(moved)
+    assert manifest.holder("c1") == (new, moved)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"jobs": {"j1": {"backend": "slurm", "nodes": "two", "tasks_per_node": 1}}},
      r"field 'jobs.j1.nodes' is 'two', not int"),
