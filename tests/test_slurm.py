@@ -139,7 +139,9 @@ def test_failed_job_shows_its_reason_and_others_complete(tmp_path):
     cli("w2w.launch.sweep", *common, "shards=2",
         'cluster.setup=["echo module llama-env not found >&2","exit 3"]')
     result = cli("w2w.launch.sweep", "--wait", "--poll", "1", *common, "shards=1", check=False)
-    assert result.returncode == 1, result.stdout + result.stderr
+    # Its exit is this command's cells' (issue 10.4); the listing still shows the other's failure.
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "this command's 1 cells: 1 done" in result.stdout and "module llama-env not found" in result.stdout
     status = cli("w2w.launch.status", str(sweep)).stdout
     print(status)
     assert "2 cells: 1 done, 1 failed" in status
