@@ -15,10 +15,18 @@ from w2w.analysis.metrics import METRIC_NAMES, CellTotals, compute
 from w2w.analysis.tables import markdown
 from w2w.launch.axes import cell_parameters, label, varying_axes
 from w2w.launch.status import completeness
-from w2w.launch.submit import MANIFEST, ManifestError
 
 from w2w.progress import with_batch_totals
-from w2w.records import STATUS_OK, Energy, RankRecord, RecordError, read_record, write_atomic
+from w2w.records import (
+    MANIFEST,
+    STATUS_OK,
+    Energy,
+    ManifestError,
+    RankRecord,
+    RecordError,
+    read_record,
+    write_atomic,
+)
 
 PARAM_COLUMNS = ("model", "gpu", "dataset", "shards", "precision", "engine", "batch_size", "max_gen_len",
                  "power_cap_w")

@@ -13,9 +13,8 @@ import pandas as pd
 from w2w.analysis import figures, paper, pareto, tables
 from w2w.analysis.reduce import CellRecords, load_cells, reduce_cells, summary_notes
 from w2w.launch.status import completeness
-from w2w.launch.submit import ManifestError
 
-from w2w.records import MANIFEST, NewerSchemaError, RecordError, read_manifest, write_atomic
+from w2w.records import MANIFEST, Manifest, ManifestError, RecordError, read_manifest, write_atomic
 
 # ours/paper needs a point on both sides; a range is compared by where ours falls in it.
 Span = tuple[float, float]
@@ -46,17 +45,11 @@ def read_facts(cells: Path | dict[str, CellRecords]) -> SweepFacts:
     return facts
 
 
-def read_skipped(sweep: Path) -> pd.DataFrame:
-    """Cells the planner skipped (fit estimate) as rows with status 'skipped', from the sweep manifest.
-
-    A manifest written by a newer w2w raises NewerSchemaError; one that does not parse is ignored
-    (the cells' own records are what the report stands on)."""
-    try:
-        manifest = read_manifest(sweep / MANIFEST)
-    except NewerSchemaError:
-        raise
-    except RecordError:
-        return pd.DataFrame()
+def read_skipped(manifest: Manifest | Path) -> pd.DataFrame:
+    """Cells the planner skipped (fit estimate) as rows with status 'skipped', from the sweep manifest
+    (given, or read from a sweep directory: ManifestError if it does not parse or is newer)."""
+    if isinstance(manifest, Path):
+        manifest = read_manifest(manifest / MANIFEST)
     rows = []
     for cid, entry in manifest.cells.items():
         if entry.skip_reason:
@@ -375,11 +368,12 @@ def pareto_section(cells: pd.DataFrame, out: Path, target: pareto.Target, report
 def render(sweep: Path, out: Path, max_timelines: int | None = None, target: pareto.Target | None = None) -> Report:
     """Every table, figure and comparison of the paper from the sweep's records, under `out`."""
     report = Report(out)
-    complete = completeness(sweep)
+    manifest = read_manifest(sweep / MANIFEST)  # parsed once, for the completeness and the skipped cells
+    complete = completeness(sweep, manifest)
     report.incomplete = None if complete is None or complete.complete else complete.warning()
     loaded = load_cells(sweep)  # every rank file parsed once, for the table and the facts
     cells = reduce_cells(loaded)
-    skipped = read_skipped(sweep)
+    skipped = read_skipped(manifest)
     facts = read_facts(loaded)
     report.notes += summary_notes(cells)
     rendered_tables = tables.all_tables(cells[cells["model"].notna()], skipped)

@@ -11,9 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from w2w.launch.axes import cell_axes, describe
-from w2w.launch.submit import MANIFEST, ManifestError, load_manifest
+from w2w.launch.submit import load_manifest
 
-from w2w.records import RecordError, read_record, record_path
+from w2w.records import (
+    MANIFEST,
+    Manifest,
+    ManifestCell,
+    ManifestError,
+    ManifestJob,
+    RecordError,
+    Submission,
+    read_record,
+    record_path,
+)
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
 
@@ -85,14 +95,14 @@ def _job_error(folder: str, job_id: str, state: str) -> str:
     return lines[-1] if lines else ""
 
 
-def submission_state(entry: dict, submission: dict) -> JobState:
+def submission_state(entry: ManifestJob, submission: Submission) -> JobState:
     """The state of one submission of a placement (entry), with the reason a finished one failed."""
-    if entry["backend"] == "slurm":
-        state = _slurm_state(submission["job_id"])
+    if entry.backend == "slurm":
+        state = _slurm_state(submission.job_id)
     else:
-        state = _local_state(submission["job_id"], submission["folder"], entry["nodes"] * entry["tasks_per_node"])
+        state = _local_state(submission.job_id, submission.folder, entry.nodes * entry.tasks_per_node)
     if not state.active:
-        error = _job_error(submission["folder"], submission["job_id"], state.state)
+        error = _job_error(submission.folder, submission.job_id, state.state)
         if error:
             state = JobState("FAILED" if state.state in ("COMPLETED", "FINISHED") else state.state,
                              ", ".join(x for x in (state.reason, error) if x))
@@ -117,11 +127,11 @@ def cell_records(sweep_dir: Path, cid: str, world_size: int) -> tuple[str | None
     return None, "; ".join([f"{len(records)}/{world_size} ranks written", *problems])
 
 
-def cell_state(sweep_dir: Path, cid: str, cell: dict, job: JobState | None) -> tuple[str, str]:
+def cell_state(sweep_dir: Path, cid: str, cell: ManifestCell, job: JobState | None) -> tuple[str, str]:
     """(state, reason) of one cell, from its records first, then from the job that last held it."""
-    if cell.get("skip_reason"):
-        return "skipped", cell["skip_reason"]
-    state, progress = cell_records(sweep_dir, cid, cell["world_size"])
+    if cell.skip_reason:
+        return "skipped", cell.skip_reason
+    state, progress = cell_records(sweep_dir, cid, cell.world_size)
     if state:
         return state, progress
     if job is None or job.state == "NOT_SUBMITTED":
@@ -133,27 +143,9 @@ def cell_state(sweep_dir: Path, cid: str, cell: dict, job: JobState | None) -> t
     return "failed", "; ".join([reason, *problems])
 
 
-def holder(entry: dict, cid: str) -> dict | None:
-    """The latest submission of the placement that holds the cell."""
-    return next((s for s in reversed(entry.get("submissions", [])) if cid in s.get("cells", ())), None)
-
-
-def latest_holders(manifest: dict) -> dict[str, tuple[dict, dict]]:
-    """Cell id -> (placement entry, submission) of the latest job that holds it, over every placement:
-    a cell re-planned under another cluster profile (another placement key) keeps its queued job."""
-    found: dict[str, tuple[dict, dict]] = {}
-    for entry in manifest["jobs"].values():
-        for submission in entry.get("submissions", []):
-            for cid in submission.get("cells", ()):
-                seen = found.get(cid)
-                if seen is None or submission.get("submitted_unix_s", 0) >= seen[1].get("submitted_unix_s", 0):
-                    found[cid] = (entry, submission)
-    return found
-
-
 @dataclass
 class SweepStatus:
-    manifest: dict
+    manifest: Manifest
     submissions: dict[str, JobState]  # job id -> state, for the submissions that were asked
     cells: dict[str, tuple[str, str]]
     holders: dict[str, str] = field(default_factory=dict)  # cell id -> job id of its latest submission
@@ -182,32 +174,31 @@ class SweepStatus:
 _NONE = JobState("NOT_SUBMITTED")
 
 
-def sweep_status(sweep_dir: Path, manifest: dict | None = None) -> SweepStatus:
+def sweep_status(sweep_dir: Path, manifest: Manifest | None = None) -> SweepStatus:
     """Each cell's state from its records, else from the job that last held it (asked once per job)."""
     manifest = load_manifest(sweep_dir) if manifest is None else manifest
     status = SweepStatus(manifest, {}, {})
-    holders = latest_holders(manifest)
-    for cid, cell in manifest["cells"].items():
+    for cid, cell in manifest.cells.items():
         job = None
-        if cell.get("job") in manifest["jobs"] and not cell.get("skip_reason"):
-            state, reason = cell_records(sweep_dir, cid, cell["world_size"])
+        if not cell.skip_reason:
+            state, reason = cell_records(sweep_dir, cid, cell.world_size)
             if state:
                 status.cells[cid] = (state, reason)
                 continue
-            entry, submission = holders.get(cid, (None, None))
-            if submission is not None:
-                status.holders[cid] = submission["job_id"]
-                if submission["job_id"] not in status.submissions:
-                    status.submissions[submission["job_id"]] = submission_state(entry, submission)
-                job = status.submissions[submission["job_id"]]
+            held = manifest.holder(cid)
+            if held is not None:
+                entry, submission = held
+                status.holders[cid] = submission.job_id
+                if submission.job_id not in status.submissions:
+                    status.submissions[submission.job_id] = submission_state(entry, submission)
+                job = status.submissions[submission.job_id]
         status.cells[cid] = cell_state(sweep_dir, cid, cell, job)
-    for entry in manifest["jobs"].values():  # for the listing: each job that last held a cell, and the latest
-        latest = entry["submissions"][-1:] if entry.get("submissions") else []
-        holding = {holder(entry, cid)["job_id"] for cid in entry.get("cells", []) if holder(entry, cid)}
-        for submission in entry.get("submissions", []):
-            if submission["job_id"] not in status.submissions and (submission["job_id"] in holding
-                                                                    or submission in latest):
-                status.submissions[submission["job_id"]] = submission_state(entry, submission)
+    for entry in manifest.jobs.values():  # for the listing: each job that last held a cell, and the latest
+        holding = {s.job_id for s in map(entry.holder, entry.cells) if s is not None}
+        for submission in entry.submissions:
+            if submission.job_id not in status.submissions and (submission.job_id in holding
+                                                                 or submission is entry.submissions[-1]):
+                status.submissions[submission.job_id] = submission_state(entry, submission)
     return status
 
 
@@ -233,20 +224,20 @@ class Completeness:
                 + (f" ({self.note})" if self.note else "") + f"; see w2w-status {self.sweep_dir}")
 
 
-def completeness(sweep_dir: Path) -> Completeness | None:
-    """From the manifest (None without one, e.g. after a bare w2w-run); where job states cannot be
-    asked (no sacct here), a cell without records counts as missing."""
+def completeness(sweep_dir: Path, manifest: Manifest | None = None) -> Completeness | None:
+    """From the manifest (None without one, e.g. after a bare w2w-run; read here unless given); where
+    job states cannot be asked (no sacct here), a cell without records counts as missing."""
     if not (sweep_dir / MANIFEST).is_file():
         return None
-    manifest = load_manifest(sweep_dir)
+    manifest = load_manifest(sweep_dir) if manifest is None else manifest
     note = ""
     try:
         cells = sweep_status(sweep_dir, manifest).cells
     except StatusError as exc:
         note = f"job states unknown: {str(exc).split(':')[0]}"
         cells = {}
-        for cid, cell in manifest["cells"].items():
-            state = "skipped" if cell.get("skip_reason") else cell_records(sweep_dir, cid, cell["world_size"])[0]
+        for cid, cell in manifest.cells.items():
+            state = "skipped" if cell.skip_reason else cell_records(sweep_dir, cid, cell.world_size)[0]
             cells[cid] = (state or "pending", "not submitted")
     counts = Counter(state for state, _ in cells.values())
     queued = sum(1 for state, reason in cells.values() if state == "pending" and reason != "not submitted")
@@ -256,13 +247,20 @@ def completeness(sweep_dir: Path) -> Completeness | None:
     )
 
 
-def _axes(manifest: dict) -> list[str]:
-    return cell_axes(c.get("params") or {} for c in manifest["cells"].values())
+def _axes(manifest: Manifest) -> list[str]:
+    return cell_axes(c.params for c in manifest.cells.values())
 
 
-def _cell_line(cid: str, cell: dict, state: tuple[str, str], axes: list[str]) -> str:
+def _cell_line(cid: str, cell: ManifestCell, state: tuple[str, str], axes: list[str]) -> str:
     cell_st, reason = state
-    return f"  cell {cid} {cell_st:<8} {describe(cell.get('params') or {}, axes, skip_none=True)}" + (f"  {reason}" if reason else "")
+    return f"  cell {cid} {cell_st:<8} {describe(cell.params, axes, skip_none=True)}" + (f"  {reason}" if reason else "")
+
+
+def _submission_label(job_id: str, state: JobState | None) -> str:
+    """'4242: FAILED (exit 1:0)' for a job whose state was asked; an older one's bare id."""
+    if state is None:
+        return job_id
+    return f"{job_id}: {state.state}" + (f" ({state.reason})" if state.reason else "")
 
 
 def render(sweep_dir: Path, status: SweepStatus) -> str:
@@ -271,24 +269,21 @@ def render(sweep_dir: Path, status: SweepStatus) -> str:
     axes = _axes(manifest)
     lines = [f"sweep {sweep_dir}: {status.summary()}"]
     by_job: dict[str | None, list[str]] = {}
-    for cid, cell in manifest["cells"].items():
-        by_job.setdefault(cell.get("job") if cell.get("job") in manifest["jobs"] else None, []).append(cid)
+    for cid, cell in manifest.cells.items():
+        by_job.setdefault(cell.job if cell.job in manifest.jobs else None, []).append(cid)
     for key, cids in by_job.items():  # in the order they were planned
-        order = {cid: i for i, cid in enumerate(manifest["jobs"][key].get("cells", []))} if key else {}
+        order = {cid: i for i, cid in enumerate(manifest.jobs[key].cells)} if key else {}
         cids.sort(key=lambda cid: order.get(cid, len(order)))
-    for key, entry in manifest["jobs"].items():
+    for key, entry in manifest.jobs.items():
         cids = by_job.get(key, [])
         if not cids:
             continue
-        shape = entry.get("shape") or entry.get("describe", "").split(": ", 1)[-1].split(", ")[0]
-        subs = ", ".join(f"{s['job_id']}: {status.submissions[s['job_id']].state}"
-                         + (f" ({status.submissions[s['job_id']].reason})" if status.submissions[s['job_id']].reason else "")
-                         if s["job_id"] in status.submissions else s["job_id"]
-                         for s in entry.get("submissions", [])) or "not submitted"
-        lines.append(f"job {key}: {shape}, {len(cids)} cell(s)  [{entry['backend']} {subs}]")
-        lines += [_cell_line(cid, manifest["cells"][cid], status.cells[cid], axes) for cid in cids]
+        subs = ", ".join(_submission_label(s.job_id, status.submissions.get(s.job_id))
+                         for s in entry.submissions) or "not submitted"
+        lines.append(f"job {key}: {entry.shape}, {len(cids)} cell(s)  [{entry.backend} {subs}]")
+        lines += [_cell_line(cid, manifest.cells[cid], status.cells[cid], axes) for cid in cids]
     for cid in by_job.get(None, []):
-        lines.append(_cell_line(cid, manifest["cells"][cid], status.cells[cid], axes))
+        lines.append(_cell_line(cid, manifest.cells[cid], status.cells[cid], axes))
     return "\n".join(lines)
 
 

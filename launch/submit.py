@@ -1,11 +1,8 @@
 """Submit planned jobs with submitit (SLURM or local) and keep the sweep manifest.
 
-manifest.json (version 2), one per sweep_dir, only ever grows:
-  commands: every w2w-sweep command that submitted into the folder, {argv, unix_s}
-  jobs:     per placement key: its shape, every cell ever planned for it, and its submissions,
-            each {job_id, folder, submitted_unix_s, cells, command}: a cell's state comes from the
-            latest submission that holds it
-  cells:    per cell id: {job, params (every leaf of the cell's config, dotted), skip_reason, world_size}
+manifest.json (w2w.records.Manifest, its JSON form documented there), one per sweep_dir, only ever
+grows: every command, every cell ever planned per placement, and every submission with its own
+cells: a cell's state comes from the latest submission that holds it.
 """
 
 from __future__ import annotations
@@ -24,16 +21,18 @@ from w2w.launch.axes import cell_parameters
 from w2w.launch.job import CellsJob
 from w2w.launch.plan import Cell, Job, Plan
 
-from w2w.config import ConfigError
-from w2w.records import write_json
+from w2w.records import (
+    MANIFEST,
+    Command,
+    Manifest,
+    ManifestCell,
+    ManifestJob,
+    Submission,
+    read_manifest,
+    write_json,
+)
 
-MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"
-MANIFEST_VERSION = 2
-
-
-class ManifestError(ConfigError):
-    """A manifest.json that does not parse (torn by hand, truncated by a full disk)."""
 
 
 class SubmissionError(RuntimeError):
@@ -118,40 +117,9 @@ def submit_jobs(jobs_and_cells: list[tuple[Job, list[Cell]]], sweep_dir: Path,
     return errors
 
 
-def empty_manifest() -> dict:
-    return {"version": MANIFEST_VERSION, "commands": [], "jobs": {}, "cells": {}}
-
-
-def _upgrade(manifest: dict) -> dict:
-    """Version 1 kept one command and submissions without their cells: each held all of its job's."""
-    if manifest.get("version", 1) >= MANIFEST_VERSION:
-        return manifest
-    command = manifest.pop("command", None)
-    manifest["commands"] = [{"argv": command, "unix_s": manifest.get("updated_unix_s")}] if command else []
-    for entry in manifest.get("jobs", {}).values():
-        for submission in entry.get("submissions", []):
-            submission.setdefault("cells", list(entry.get("cells", [])))
-            submission.setdefault("command", command)
-    manifest["version"] = MANIFEST_VERSION
-    return manifest
-
-
-def load_manifest(sweep_dir: Path) -> dict:
+def load_manifest(sweep_dir: Path) -> Manifest:
     """The sweep's manifest (an empty one where none is yet); ManifestError if it does not parse."""
-    path = sweep_dir / MANIFEST
-    if not path.is_file():
-        return empty_manifest()
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(
-            f"{path} is unreadable ({exc}): restore it, or move it away to start the bookkeeping afresh "
-            "(finished cells are kept: their records are in cells/)"
-        ) from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("jobs"), dict) \
-            or not isinstance(manifest.get("cells"), dict):
-        raise ManifestError(f"{path} is not a w2w-sweep manifest (no jobs/cells): restore it or move it away")
-    return _upgrade(manifest)
+    return read_manifest(sweep_dir / MANIFEST)
 
 
 @contextlib.contextmanager
@@ -166,35 +134,36 @@ def locked(sweep_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _cell_entry(cell: Cell, job: Job | None) -> dict:
-    return {"job": None if job is None else job.key, "params": cell_parameters(cell.cfg),
-            "skip_reason": cell.skip_reason, "world_size": cell.cfg.shards}
+def _cell_entry(cell: Cell, job: Job | None) -> ManifestCell:
+    return ManifestCell(job=None if job is None else job.key, params=cell_parameters(cell.cfg),
+                        skip_reason=cell.skip_reason, world_size=cell.cfg.shards)
 
 
-def record_plan(manifest: dict, plan: Plan, argv: list[str]) -> dict:
+def record_plan(manifest: Manifest, plan: Plan, argv: list[str]) -> Manifest:
     """Add the plan's jobs and cells (and the command) to the manifest; nothing planned before is dropped."""
     now = time.time()
-    manifest["commands"].append({"argv": ["w2w-sweep", *argv], "unix_s": now})
-    manifest["updated_unix_s"] = now
+    manifest.commands.append(Command(argv=["w2w-sweep", *argv], unix_s=now))
+    manifest.updated_unix_s = now
     for job in plan.jobs:
-        entry = manifest["jobs"].setdefault(job.key, {"submissions": [], "cells": []})
-        known = set(entry.get("cells", []))
-        entry |= {"nodes": job.nodes, "tasks_per_node": job.tasks_per_node, "backend": job.cfg.cluster.backend,
-                  "shape": job.shape(),
-                  "cells": entry.get("cells", []) + [c.id for c in job.cells if c.id not in known]}
+        entry = manifest.jobs.setdefault(job.key, ManifestJob(job.cfg.cluster.backend, job.nodes, job.tasks_per_node))
+        entry.backend, entry.nodes, entry.tasks_per_node = job.cfg.cluster.backend, job.nodes, job.tasks_per_node
+        entry.shape = job.shape()
+        known = set(entry.cells)
+        entry.cells += [c.id for c in job.cells if c.id not in known]
         for cell in job.cells:
-            manifest["cells"][cell.id] = _cell_entry(cell, job)
+            manifest.cells[cell.id] = _cell_entry(cell, job)
     for cell in plan.skipped:
-        manifest["cells"].setdefault(cell.id, _cell_entry(cell, None))
+        manifest.cells.setdefault(cell.id, _cell_entry(cell, None))
     return manifest
 
 
-def record_submission(manifest: dict, job: Job, cells: list[Cell], handle: submitit.Job, argv: list[str]) -> None:
-    manifest["jobs"][job.key]["submissions"].append({
-        "job_id": str(handle.job_id), "folder": str(handle.paths.folder), "submitted_unix_s": time.time(),
-        "cells": [c.id for c in cells], "command": ["w2w-sweep", *argv],
-    })
+def record_submission(manifest: Manifest, job: Job, cells: list[Cell], handle: submitit.Job,
+                      argv: list[str]) -> None:
+    manifest.jobs[job.key].submissions.append(Submission(
+        job_id=str(handle.job_id), folder=str(handle.paths.folder), submitted_unix_s=time.time(),
+        cells=[c.id for c in cells], command=["w2w-sweep", *argv],
+    ))
 
 
-def save_manifest(manifest: dict, sweep_dir: Path) -> None:
+def save_manifest(manifest: Manifest, sweep_dir: Path) -> None:
     write_json(sweep_dir / MANIFEST, manifest)

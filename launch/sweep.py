@@ -15,7 +15,6 @@ from w2w.launch.axes import cell_axes, cell_parameters, describe
 from w2w.launch.plan import Cell, Job, Plan, make_plan, pending_cells
 from w2w.launch.status import StatusError, render, sweep_status
 from w2w.launch.submit import (
-    ManifestError,
     load_manifest,
     locked,
     record_plan,
@@ -25,6 +24,7 @@ from w2w.launch.submit import (
 )
 
 from w2w.config import ConfigError
+from w2w.records import MANIFEST, ManifestError
 
 USAGE = """w2w-sweep [--plan] [--wait] [key=value ...]
 
@@ -115,7 +115,7 @@ def submit(plan: Plan, sweep_dir: Path, argv: list[str]) -> int:
         errors = submit_jobs(todo, sweep_dir, on_submitted) if todo else []
     for error in errors:
         print(f"w2w-sweep: error: {error}", file=sys.stderr)
-    print(f"sweep manifest: {sweep_dir / 'manifest.json'}; follow with: w2w-status {sweep_dir}")
+    print(f"sweep manifest: {sweep_dir / MANIFEST}; follow with: w2w-status {sweep_dir}")
     return len(errors)
 
 
@@ -149,8 +149,8 @@ def _stop_local_jobs(sweep_dir: Path) -> list[str]:
         status = sweep_status(sweep_dir)
     except (ManifestError, StatusError):
         return []
-    local = {s["job_id"] for entry in status.manifest["jobs"].values() if entry["backend"] == "local"
-             for s in entry["submissions"]}
+    local = {s.job_id for entry in status.manifest.jobs.values() if entry.backend == "local"
+             for s in entry.submissions}
     stopped = []
     for job_id in sorted(local & set(status.active)):
         # The tasks, not submitit's controller: each stops its cell and logs why in its own log; the

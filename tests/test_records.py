@@ -14,18 +14,26 @@ from w2w.analysis import reduce as reduce_module
 from w2w.analysis.reduce import reduce_sweep
 from w2w.analysis.report import render
 from w2w.launch import status as status_module
+from w2w.launch import sweep as sweep_module
 from w2w.launch.plan import make_plan
-from w2w.launch.submit import load_manifest, save_manifest, update_manifest
+from w2w.launch.submit import load_manifest, record_plan, record_submission, save_manifest
 
+from w2w import records as records_module
 from w2w.records import (
     MANIFEST,
+    MANIFEST_VERSION,
     SCHEMA_VERSION,
+    Command,
     Counts,
     Energy,
+    Manifest,
     ManifestCell,
+    ManifestError,
+    ManifestJob,
     NewerSchemaError,
     RankRecord,
     RecordError,
+    Submission,
     parse_record,
     read_manifest,
     read_record,
@@ -36,7 +44,6 @@ from w2w.records import (
 GOLDEN = Path(__file__).parent / "golden" / "schema1_sweep"  # written by w2w before the typed schema
 OK_CELL, FAILED_CELL = "162cd50076bb", "fb0b5404180b"
 SKIPPED_CELL = "b5320e5269f2"
-GOLDEN_MANIFEST_SWEEP_DIR = "/tmp/w2w11b-golden-manifest"  # the sweep_dir its plan had: cell ids hash it
 
 
 def _raw(cid: str, rank: int) -> dict:
@@ -72,23 +79,41 @@ def test_schema_1_records_read_typed_and_write_back_unchanged(cid, rank):
     written = record.to_dict()
     if record.ok:
         assert isinstance(record.counts, Counts) and record.counts.output_tokens == raw["counts"]["output_tokens"]
-        assert written == raw  # the same keys and values: the layout did not move
-    else:  # a failed cell had no counts/times/telemetry, and still has none; only empty fields are added
+    else:  # a failed cell had no counts/times/telemetry, and still has none
         assert record.counts is None and "counts" not in written and record.error == raw["error"]
-        for new, old in ((written, raw), (written["energy"], raw["energy"])):
-            assert set(old) <= set(new) and all(new[k] is None for k in set(new) - set(old))
-        assert written["energy"] | raw["energy"] == written["energy"]
-        assert {k: v for k, v in written.items() if k in raw and k != "energy"} == {
-            k: v for k, v in raw.items() if k != "energy"}
+    # The same keys and values (the layout did not move); fields newer than the file only at their defaults.
+    added = _added(written, raw)
+    if record.ok:
+        assert added == {"batches": [], "segments": [], "counts.scored": 0, "counts.correct": 0,
+                         "energy.idle_gpu_j": None}
+    else:  # its energy section held only what the failure left; the rest is added, empty
+        energy = {k: v for k, v in added.items() if k.startswith("energy.")}
+        assert added == {"batches": [], "segments": [], "timeline": None} | energy and set(energy.values()) == {None}
+
+
+def _added(new: dict, old: dict, prefix: str = "") -> dict:
+    """The (dotted) keys `new` adds to `old`, with their values; AssertionError if it changes or drops one."""
+    assert set(old) <= set(new), set(old) - set(new)
+    added = {}
+    for key, value in new.items():
+        if key not in old:
+            added[prefix + key] = value
+        elif isinstance(value, dict) and isinstance(old[key], dict) and key not in ("params", "config"):
+            added |= _added(value, old[key], f"{prefix}{key}.")
+        else:
+            assert value == old[key], (prefix + key, value, old[key])
+    return added
 
 
 def test_unknown_fields_survive_a_round_trip_and_read_by_key(tmp_path):
-    raw = _raw(OK_CELL, 0) | {"segments": [{"batch": 0, "total_s": 1.5}]}
-    raw["counts"] = raw["counts"] | {"correct": 3}
+    raw = record.to_dict() if (record := read_record(record_path(GOLDEN, OK_CELL, 0))) else {}
+    raw |= {"future_section": [{"batch": 0, "total_s": 1.5}]}
+    raw["counts"] = raw["counts"] | {"future_count": 3}
     raw["params"] = raw["params"] | {"engine": "fairscale"}  # params are free-form
     record = parse_record(raw)
-    assert record.extra == {"segments": [{"batch": 0, "total_s": 1.5}]} and record.counts.extra == {"correct": 3}
-    assert record["counts"]["correct"] == 3 and record["counts"]["output_tokens"] == raw["counts"]["output_tokens"]
+    assert record.extra == {"future_section": [{"batch": 0, "total_s": 1.5}]}
+    assert record.counts.extra == {"future_count": 3}
+    assert record["counts"]["future_count"] == 3 and record["counts"]["output_tokens"] == raw["counts"]["output_tokens"]
     assert record.params["engine"] == "fairscale" and record.get("absent") is None
     path = write_record(tmp_path, record)
     assert json.loads(path.read_text()) == raw
@@ -114,10 +139,25 @@ def test_a_newer_schema_is_refused_with_how_to_fix(sweep):
     row = reduce_sweep(sweep).set_index("cell_id").loc[OK_CELL]
     assert row["status"] == "incomplete" and "rank-00001.json: written by a newer w2w" in row["note"]
     assert "upgrade w2w" in row["note"]
-    (sweep / MANIFEST).write_text(json.dumps(json.loads((sweep / MANIFEST).read_text()) | {"version": 99}))
-    with pytest.raises(NewerSchemaError, match="upgrade w2w"):
+
+
+def test_a_newer_manifest_is_refused_by_every_reader_and_left_as_it_was(sweep, capsys):
+    newer = json.loads((sweep / MANIFEST).read_text()) | {"version": MANIFEST_VERSION + 1}
+    (sweep / MANIFEST).write_text(json.dumps(newer))
+    with pytest.raises(NewerSchemaError, match=rf"newer w2w \(version {MANIFEST_VERSION + 1}; this w2w reads up to "
+                                               rf"{MANIFEST_VERSION}\): upgrade w2w") as refused:
         read_manifest(sweep / MANIFEST)
+    assert isinstance(refused.value, ManifestError)  # the one-line error of w2w-status and w2w-sweep
+    capsys.readouterr()
     assert status_module.main([str(sweep)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    # w2w-sweep plans, then refuses before it rewrites the manifest or submits anything.
+    argv = ["model=tiny", "gpu=cpu", "shards=1", "cluster=local_slurm", f"sweep_dir={sweep}"]
+    assert sweep_module.main(argv) == 2
+    assert "written by a newer w2w" in capsys.readouterr().err
+    assert json.loads((sweep / MANIFEST).read_text()) == newer and not (sweep / "submitit").exists()
+    with pytest.raises(ManifestError, match="newer w2w"):
+        render(sweep, sweep / "out", max_timelines=0)
 
 
 def test_the_writer_writes_the_current_schema(tmp_path):
@@ -128,21 +168,89 @@ def test_the_writer_writes_the_current_schema(tmp_path):
     assert read_record(record_path(tmp_path, "c", 0)) == record
 
 
-def test_a_schema_1_manifest_reads_typed_updates_and_writes_back(sweep):
+def test_a_version_1_manifest_upgrades_on_read_and_writes_back_as_version_2(sweep):
     raw = json.loads((sweep / MANIFEST).read_text())
+    assert raw["version"] == 1  # written by the first manifest writer
     manifest = load_manifest(sweep)
-    assert manifest.to_dict() == raw
+    assert manifest.version == MANIFEST_VERSION == 2
+    assert manifest.commands == [Command(argv=raw["command"], unix_s=raw["updated_unix_s"])]
     (key, job), = manifest.jobs.items()
-    assert job.backend == "slurm" and job.submissions[0].job_id == "4242"
+    assert job.backend == "slurm" and (job.nodes, job.tasks_per_node) == (1, 1)
+    assert job.shape == "model=tiny gpu=v100 shards=1 precision=fp16 -> 1 node(s) x 1 task(s)"  # from describe
+    (first,) = job.submissions
+    assert (first.job_id, first.cells, first.command) == ("4242", ["29b8c0b50d76"], raw["command"])
     assert manifest.cells[SKIPPED_CELL].job is None and "needs ~135.5 GiB" in manifest.cells[SKIPPED_CELL].skip_reason
-    plan = make_plan(["model=tiny,llama_65b", "gpu=v100", "shards=1", "skip_unfit=true", "max_gen_len=4",
-                      "batch_size=2", f"sweep_dir={GOLDEN_MANIFEST_SWEEP_DIR}", "cluster=local_slurm"])
-    assert [j.key for j in plan.jobs] == [key]  # the same cells and job as when the golden was written
+    assert {cid: c.to_dict() for cid, c in manifest.cells.items()} == raw["cells"]
+    # A later grid into the same sweep: the version 1 job and cells stay beside the new ones.
+    argv = ["model=tiny", "gpu=cpu", "shards=1", "max_gen_len=4", "batch_size=2", f"sweep_dir={sweep}",
+            "cluster=local_slurm"]
+    plan = make_plan(argv)
+    (new_job,) = plan.jobs
+    record_plan(manifest, plan, argv)
     handle = SimpleNamespace(job_id="4243", paths=SimpleNamespace(folder=sweep / "submitit" / "4243"))
-    save_manifest(update_manifest(manifest, plan, [(plan.jobs[0], handle)], ["gpu=v100"]), sweep)
+    record_submission(manifest, new_job, new_job.cells, handle, argv)
+    save_manifest(manifest, sweep)
     again = json.loads((sweep / MANIFEST).read_text())
-    assert [s["job_id"] for s in again["jobs"][key]["submissions"]] == ["4242", "4243"]
-    assert again["cells"] == raw["cells"] and again["version"] == raw["version"]
+    assert again["version"] == 2 and "command" not in again
+    assert [c["argv"] for c in again["commands"]] == [raw["command"], ["w2w-sweep", *argv]]
+    assert again["jobs"][key]["describe"] == raw["jobs"][key]["describe"]  # a key it no longer writes is kept
+    assert again["jobs"][key]["submissions"][0]["cells"] == raw["jobs"][key]["cells"]
+    (submitted,) = again["jobs"][new_job.key]["submissions"]
+    assert submitted["job_id"] == "4243" and submitted["cells"] == [c.id for c in new_job.cells]
+    assert submitted["command"] == ["w2w-sweep", *argv] and again["jobs"][new_job.key]["shape"] == new_job.shape()
+    assert {cid: again["cells"][cid] for cid in raw["cells"]} == raw["cells"]
+    assert set(again["cells"]) == set(raw["cells"]) | {c.id for c in new_job.cells}
+    assert load_manifest(sweep) == manifest  # and reads back as it was written
+
+
+def test_a_version_2_manifest_round_trips_field_for_field(tmp_path):
+    raw = {"version": 2, "updated_unix_s": 1.5e9, "future_key": {"a": 1},
+           "commands": [{"argv": ["w2w-sweep", "seed=1"], "unix_s": 1.5e9}],
+           "jobs": {"j1": {"backend": "local", "nodes": 1, "tasks_per_node": 2, "shape": "s", "cells": ["c1"],
+                           "submissions": [{"job_id": "17", "folder": "/f/17", "submitted_unix_s": 1.5e9,
+                                            "cells": ["c1"], "command": ["w2w-sweep", "seed=1"], "node": "n1"}]}},
+           "cells": {"c1": {"job": "j1", "params": {"seed": 1, "dataset.path": None}, "skip_reason": None,
+                            "world_size": 2},
+                     "c2": {"job": None, "params": {"seed": 2}, "skip_reason": "too big", "world_size": 8}}}
+    (tmp_path / MANIFEST).write_text(json.dumps(raw))
+    manifest = load_manifest(tmp_path)
+    submission = manifest.jobs["j1"].submissions[0]
+    assert isinstance(manifest.jobs["j1"], ManifestJob) and isinstance(submission, Submission)
+    assert manifest.extra == {"future_key": {"a": 1}} and submission.extra == {"node": "n1"}
+    assert manifest.jobs["j1"].holder("c1") is submission and manifest.jobs["j1"].holder("c2") is None
+    assert manifest.cells["c2"].skip_reason == "too big" and manifest.cells["c1"].world_size == 2
+    save_manifest(manifest, tmp_path / "copy")
+    assert json.loads((tmp_path / "copy" / MANIFEST).read_text()) == raw
+    assert load_manifest(tmp_path / "missing") == Manifest()  # before the first w2w-sweep
+
+
+def test_a_cells_holder_is_its_latest_submission_in_any_placement():
+    """A cell re-planned under another placement key (a cluster option changed) stays held by the
+    job that has it: w2w-sweep must not submit it a second time."""
+    def job(*submissions: Submission) -> ManifestJob:
+        return ManifestJob(backend="slurm", nodes=1, tasks_per_node=1, cells=["c1"], submissions=list(submissions))
+
+    first, retry, moved = (Submission(job_id=i, folder="f", submitted_unix_s=t, cells=["c1"])
+                           for i, t in (("40", 1.0), ("41", 2.0), ("50", 3.0)))
+    old, new = job(first, retry), job()
+    manifest = Manifest(jobs={"old": old, "new": new}, cells={"c1": ManifestCell(world_size=1, job="new")})
+    assert manifest.holder("c1") == (old, retry) and manifest.holder("c2") is None
+    new.submissions.append(moved)
+    assert manifest.holder("c1") == (new, moved)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"jobs": {"j1": {"backend": "slurm", "nodes": "two", "tasks_per_node": 1}}},
+     r"field 'jobs.j1.nodes' is 'two', not int"),
+    ({"cells": {"c1": {"job": "j1"}}}, r"missing field 'cells.c1.world_size'"),
+    ({"commands": [{"argv": "w2w-sweep seed=1"}]}, r"field 'commands\[0\].argv' is 'w2w-sweep seed=1', not list"),
+    ({"version": "2"}, r"version '2' is not a version number"),
+])
+def test_a_wrong_manifest_field_is_one_error_naming_it(tmp_path, change, message):
+    (tmp_path / MANIFEST).write_text(json.dumps({"version": 2, "jobs": {}, "cells": {}} | change))
+    with pytest.raises(ManifestError, match=message) as wrong:
+        load_manifest(tmp_path)
+    assert "\n" not in str(wrong.value) and "move it away" in str(wrong.value)
 
 
 def test_status_reads_schema_1_records():
@@ -152,10 +260,13 @@ def test_status_reads_schema_1_records():
     assert failed[0] == "failed" and "rank 1: error: PowerCapError" in failed[1]
 
 
-def test_the_report_reads_each_rank_file_once(sweep, tmp_path):
-    with mock.patch.object(reduce_module, "read_record", autospec=True, side_effect=read_record) as reads:
+def test_the_report_reads_each_rank_file_and_the_manifest_once(sweep, tmp_path):
+    with mock.patch.object(reduce_module, "read_record", autospec=True, side_effect=read_record) as reads, \
+            mock.patch.object(records_module, "parse_manifest", autospec=True,
+                              side_effect=records_module.parse_manifest) as manifests:
         report = render(sweep, tmp_path / "out", max_timelines=0)
     assert reads.call_count == len(list(sweep.glob("cells/*/rank-*.json"))) == 4
+    assert manifests.call_count == 1
     page = (tmp_path / "out" / "report.md").read_text()
     assert "Cells: 2 (1 ok, 1 error)" in page and report.files
     assert "65B on v100: no cell ran (1 GPU(s) batch 2: skipped)" in page  # the manifest's skipped cell

@@ -143,6 +143,7 @@ def test_failed_job_shows_its_reason_and_others_complete(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "this command's 1 cells: 1 done" in result.stdout and "1 other cell(s) of this sweep failed" in result.stdout
     assert len([line for line in result.stdout.splitlines() if line.startswith("  cell ") and " failed " in line]) == 1
+    assert "module llama-env not found" in result.stdout
     status = cli("w2w.launch.status", str(sweep)).stdout
     print(status)
     assert "2 cells: 1 done, 1 failed" in status

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 SCHEMA_VERSION = 2
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # manifest.json's layout (Manifest)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 STATUS_OK = "ok"
@@ -340,13 +340,13 @@ class RankRecord(Schema):
         return None
 
 
-def check_version(found: Any, newest: int, what: str) -> None:
+def check_version(found: Any, newest: int, what: str, key: str = "schema") -> None:
     """Refuse what a newer w2w wrote: its fields may mean something this version does not know."""
     if isinstance(found, bool) or not isinstance(found, int):
-        raise RecordError(f"{what}: schema {found!r} is not a version number")
+        raise RecordError(f"{what}: {key} {found!r} is not a version number")
     if found > newest:
         raise NewerSchemaError(
-            f"{what}: written by a newer w2w (schema {found}; this w2w reads up to {newest}): {UPGRADE_HINT}"
+            f"{what}: written by a newer w2w ({key} {found}; this w2w reads up to {newest}): {UPGRADE_HINT}"
         )
 
 
@@ -402,64 +402,163 @@ def cell_done(sweep_dir: str | Path, cid: str, world_size: int) -> bool:
 # -- the sweep manifest ---------------------------------------------------------------------------
 
 
+class ManifestError(RecordError):
+    """A manifest.json that does not parse (torn by hand, truncated by a full disk) or has a wrong field."""
+
+
+class NewerManifestError(ManifestError, NewerSchemaError):
+    """A manifest.json written by a newer w2w: reading or rewriting it could lose what it knows."""
+
+
+@dataclass
+class Command(Schema):
+    """One w2w-sweep command that submitted into the sweep."""
+
+    argv: list[str]  # ["w2w-sweep", override, ...]
+    unix_s: float | None = None  # s since the epoch, when it planned
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
+
+
 @dataclass
 class Submission(Schema):
-    job_id: str
-    folder: str  # submitit's folder of the job
+    """One job queued for a placement, with the cells it was given to run."""
+
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("submitted_unix_s", "command")
+
+    job_id: str  # SLURM's job id, or the local controller's pid
+    folder: str  # submitit's folder of the job (its logs and result pickles)
     submitted_unix_s: float | None = None
+    cells: list[str] = field(default_factory=list)  # cell ids
+    command: list[str] | None = None  # the argv of the w2w-sweep that submitted it
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
 
 
 @dataclass
 class ManifestJob(Schema):
-    """One placement's job: its shape and every submission of it (resubmissions append)."""
+    """One placement: its shape, every cell ever planned for it, and every submission of it."""
 
     backend: str  # slurm | local
     nodes: int
     tasks_per_node: int
-    describe: str = ""
-    cells: list[str] = field(default_factory=list)  # cell ids
-    submissions: list[Submission] = field(default_factory=list)
+    shape: str = ""  # Job.shape(): "model=... gpu=... shards=... precision=... -> N node(s) x M task(s)"
+    cells: list[str] = field(default_factory=list)  # cell ids, in the order they were planned
+    submissions: list[Submission] = field(default_factory=list)  # appended, never rewritten
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
+
+    def holder(self, cid: str) -> Submission | None:
+        """The latest submission that holds the cell: its state is the cell's, until records say more."""
+        return next((s for s in reversed(self.submissions) if cid in s.cells), None)
 
 
 @dataclass
 class ManifestCell(Schema):
-    world_size: int
-    job: str | None = None  # the ManifestJob's key; None: skipped by the planner
-    params: dict[str, Any] = field(default_factory=dict)  # free-form, dotted config keys
-    skip_reason: str | None = None
+    """One planned cell: its placement (None: skipped by the planner) and its parameters."""
+
+    world_size: int  # ranks, each writing cells/<id>/rank-NNNNN.json
+    job: str | None = None  # the ManifestJob's key
+    params: dict[str, Any] = field(default_factory=dict)  # free-form: every leaf of the cell's config, dotted
+    skip_reason: str | None = None  # why the planner skipped it (the fit estimate)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
 
 
 @dataclass
 class Manifest(Schema):
-    """manifest.json: what w2w-sweep planned and submitted, read by w2w-status and w2w-report."""
+    """manifest.json: what every w2w-sweep into a sweep_dir planned and submitted; it only ever grows.
+
+    Written by w2w-sweep (launch/submit.py, under an fcntl lock), read by w2w-status, w2w-sweep
+    --wait, w2w-reduce and w2w-report. JSON form (version 2; keys sorted on disk)::
+
+        {"version": 2, "updated_unix_s": 1.7e9,
+         "commands": [{"argv": ["w2w-sweep", "batch_size=1,2", ...], "unix_s": 1.7e9}],
+         "jobs": {"300e37ec": {"backend": "slurm", "nodes": 1, "tasks_per_node": 2,
+                               "shape": "model=tiny gpu=v100 shards=2 precision=fp16 -> 1 node(s) x 2 task(s)",
+                               "cells": ["29b8c0b50d76", ...],
+                               "submissions": [{"job_id": "4242", "folder": "D/submitit/4242",
+                                                "submitted_unix_s": 1.7e9, "cells": ["29b8c0b50d76"],
+                                                "command": ["w2w-sweep", ...]}]}},
+         "cells": {"29b8c0b50d76": {"job": "300e37ec", "world_size": 2, "skip_reason": null,
+                                    "params": {"model.name": "tiny", "batch_size": 2, ...}}}}
+
+    A cell skipped by the planner has "job": null and its "skip_reason". Version history: 1 kept one
+    "command" (the last), submissions without "cells" or "command" (each held all of its job's
+    cells) and a job's shape inside its "describe" line; it is upgraded on read, and written back
+    as version 2.
+    """
+
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("updated_unix_s",)
 
     version: int = MANIFEST_VERSION
-    command: list[str] = field(default_factory=list)
-    updated_unix_s: float | None = None
-    jobs: dict[str, ManifestJob] = field(default_factory=dict)
-    cells: dict[str, ManifestCell] = field(default_factory=dict)
+    commands: list[Command] = field(default_factory=list)  # every command, oldest first
+    updated_unix_s: float | None = None  # when a command last planned into it
+    jobs: dict[str, ManifestJob] = field(default_factory=dict)  # by placement key (Job.key)
+    cells: dict[str, ManifestCell] = field(default_factory=dict)  # by cell id
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
+
+    def holder(self, cid: str) -> tuple[ManifestJob, Submission] | None:
+        """The latest submission that holds the cell, in whichever placement: a cell re-planned under
+        another placement key (a cluster option changed) is still held by the job that has it."""
+        latest = None
+        for entry in self.jobs.values():
+            submission = entry.holder(cid)
+            if submission is not None and (latest is None or (submission.submitted_unix_s or 0.0)
+                                           >= (latest[1].submitted_unix_s or 0.0)):
+                latest = (entry, submission)
+        return latest
+
+
+def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1's JSON as version 2's: its command kept, each submission given its job's cells."""
+    data = dict(data)
+    command = data.pop("command", None)
+    data["commands"] = [{"argv": command, "unix_s": data.get("updated_unix_s")}] if command else []
+    jobs = data.get("jobs")
+    if isinstance(jobs, dict):
+        data["jobs"] = {key: _upgrade_v1_job(entry, command) for key, entry in jobs.items()}
+    data["version"] = MANIFEST_VERSION
+    return data
+
+
+def _upgrade_v1_job(entry: Any, command: Any) -> Any:
+    if not isinstance(entry, dict):
+        return entry  # the typed read names it
+    entry = dict(entry)
+    if "shape" not in entry and isinstance(entry.get("describe"), str):  # "job K: SHAPE, N cell(s), ..."
+        entry["shape"] = entry["describe"].split(": ", 1)[-1].split(", ")[0]
+    if isinstance(entry.get("submissions"), list):
+        entry["submissions"] = [
+            {"cells": list(entry.get("cells") or []), "command": command} | s if isinstance(s, dict) else s
+            for s in entry["submissions"]
+        ]
+    return entry
+
+
+_MOVE_AWAY = "restore it, or move it away to start the bookkeeping afresh (finished cells are kept: their records are in cells/)"
 
 
 def parse_manifest(data: Any, where: str = "manifest") -> Manifest:
-    if not isinstance(data, dict):
-        raise RecordError(f"{where}: not a JSON object")
-    check_version(data.get("version", 1), MANIFEST_VERSION, where)
+    """A manifest's JSON (any version up to MANIFEST_VERSION) as a version 2 Manifest; ManifestError if not."""
+    if not isinstance(data, dict) or not ({"jobs", "cells"} & set(data)):
+        raise ManifestError(f"{where} is not a w2w-sweep manifest (no jobs/cells): restore it or move it away")
+    try:
+        check_version(data.get("version", 1), MANIFEST_VERSION, where, "version")  # the first writer wrote 1
+    except NewerSchemaError as exc:
+        raise NewerManifestError(str(exc)) from None
+    except RecordError as exc:
+        raise ManifestError(f"{exc}: {_MOVE_AWAY}") from None
+    if data.get("version", 1) < MANIFEST_VERSION:
+        data = _upgrade_v1(data)
     try:
         return Manifest.from_dict(data)
     except RecordError as exc:
-        raise RecordError(f"{where}: {exc}") from None
+        raise ManifestError(f"{where}: {exc}: {_MOVE_AWAY}") from None
 
 
 def read_manifest(path: Path) -> Manifest:
-    """The manifest at `path` (a sweep's MANIFEST); an empty one where there is none yet."""
+    """The manifest at `path` (a sweep's MANIFEST), upgraded; an empty one where there is none yet."""
     if not path.is_file():
         return Manifest()
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RecordError(f"{path}: unreadable manifest ({exc})") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path} is unreadable ({exc}): {_MOVE_AWAY}") from exc
     return parse_manifest(data, str(path))
