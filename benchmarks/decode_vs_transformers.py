@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from w2w import checkpoint, distributed
+from w2w.config import ModelConfig
 from w2w.generation import PhaseClock, SamplingParams, generate
 from w2w.model import build_model
 
@@ -31,7 +32,7 @@ def hf_model(args: argparse.Namespace, directory: Path):
 
 
 def w2w_model(directory: Path, args: argparse.Namespace):
-    cfg = OmegaConf.create({
+    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {  # the schema's defaults for the rest
         "name": "bench", "checkpoint_dir": str(directory), "tokenizer_path": None, "init_seed": 0,
         "dim": args.dim, "n_layers": args.layers, "n_heads": args.heads, "n_kv_heads": None,
         "vocab_size": args.vocab, "multiple_of": 256, "ffn_dim_multiplier": None, "norm_eps": 1e-5,
