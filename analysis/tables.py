@@ -85,8 +85,7 @@ def choose(cells: pd.DataFrame, prefer: dict[str, Any], ranks: dict[str, tuple] 
     for key, wanted in prefer.items():
         if cells.empty:
             break
-        # A column the sweep's records lack (engine, before there were engines) is a missing value.
-        present = cells[key].map(_norm) if key in cells else pd.Series(None, index=cells.index, dtype=object)
+        present = cells[key].map(_norm)
         available = sorted(set(present), key=_order)
         value = _norm(wanted)
         if value not in available:

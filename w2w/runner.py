@@ -251,7 +251,7 @@ def run_cell(
     progress: CellProgress | None = None,
     segment: dict | None = None,
 ) -> dict:
-    """Run the cell's prompts (texts) from progress's first unfinished batch; returns the measured
+    """Run the cell's prompt rows from progress's first unfinished batch; returns the measured
     part of the record, summed over the batches of every segment (job attempt) that ran the cell.
 
     An NVML read error during the cell makes it status error (the rest is still recorded).
