@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from w2w.energy.periodic import PeriodicThread
+
 POWERCAP_ROOT = Path("/sys/class/powercap")
 # Seconds between background reads: the smallest ranges (32-bit µJ counters, ~4.3 kJ) wrap in
 # about 20 s at 200 W, the common 262 kJ range in over 10 minutes; a read is a few small files.
@@ -61,37 +63,26 @@ class RaplPoller:
 
     def __init__(self, meter: RaplMeter, interval_s: float, on_error: Callable[[Exception], None]):
         self.meter = meter
-        self.interval_s = interval_s
         self._on_error = on_error
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = PeriodicThread(self._poll, interval_s, "w2w-rapl-poller")
         self.polls = 0  # reads so far (tests wait on it)
 
     @property
     def running(self) -> bool:
-        return self._thread is not None
+        return self._thread.running
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="w2w-rapl-poller", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._thread = None
+        self._thread.stop()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.meter.read_j()
-            except (OSError, ValueError) as exc:  # never let a bad read end the thread
-                self._on_error(exc)
-            self.polls += 1
+    def _poll(self) -> None:
+        try:
+            self.meter.read_j()
+        except (OSError, ValueError) as exc:  # never let a bad read end the thread
+            self._on_error(exc)
+        self.polls += 1
 
 
 def _zone_name(folder: Path) -> str:

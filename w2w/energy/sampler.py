@@ -13,6 +13,7 @@ import pandas as pd
 
 from w2w.energy.errors import EnergyError
 from w2w.energy.nvml import TELEMETRY_COLUMNS
+from w2w.energy.periodic import PeriodicThread
 
 Row = tuple  # (t monotonic s, *TELEMETRY_COLUMNS)
 
@@ -33,12 +34,11 @@ class Sampler:
         self._times: list[float] = []
         self._rows: list[Row] = []
         self._errors: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = PeriodicThread(self.sample, interval_s, "w2w-energy-sampler")
 
     @property
     def running(self) -> bool:
-        return self._thread is not None
+        return self._thread.running
 
     def sample(self) -> None:
         """One reading now (the thread, or a window boundary)."""
@@ -57,30 +57,14 @@ class Sampler:
 
     def start(self) -> None:
         """Start a fresh recording: earlier rows and errors are dropped."""
-        if self._thread is not None:
+        if self.running:
             return
         with self._lock:
             self._times, self._rows, self._errors = [], [], []
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="w2w-energy-sampler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._thread = None
-
-    def _run(self) -> None:
-        # Deadlines on a fixed grid: the period does not drift by the time a reading takes.
-        start = time.perf_counter()
-        ticks = 0
-        while True:
-            self.sample()
-            ticks += 1
-            if self._stop.wait(max(0.0, start + ticks * self.interval_s - time.perf_counter())):
-                return
+        self._thread.stop()
 
     def rows(self, t0: float, t1: float) -> list[Row]:
         with self._lock:
