@@ -47,7 +47,7 @@ def _rank(cells: list[DictConfig], tree: Path, denied_rank: int | None, failing_
     the first decode of that cell on (counted among the cells that open a window) to its end.
     """
     from w2w import runner
-    from w2w.energy import EnergyMonitor
+    from w2w.energy.monitor import EnergyMonitor
 
     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
     rank = int(os.environ["RANK"])

@@ -12,7 +12,8 @@ import torch
 from tests.parallel import run_parallel
 from tests.test_checkpoint import model_cfg
 from w2w import checkpoint, distributed
-from w2w.config import ConfigError, compose_cell
+from w2w.config import compose_cell
+from w2w.errors import ConfigError
 from w2w.generation import SamplingParams, generate
 from w2w.model import ModelArgs, RopeScaling, build_model, rope_tables, scale_rope
 

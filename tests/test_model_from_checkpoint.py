@@ -11,7 +11,8 @@ from w2w.launch.plan import GIB, make_plan
 
 from tests.conftest import cli
 from tests.test_checkpoint import full_state
-from w2w.config import ConfigError, compose_cell
+from w2w.config import compose_cell
+from w2w.errors import ConfigError
 from w2w.model import ModelArgs, shard_slice
 from w2w.records import read_record, record_path
 from w2w.tokenizer import TINY_TOKENIZER
@@ -83,9 +84,9 @@ def test_the_planner_sizes_the_real_shapes(ckpts, source, shards):
                       "gpu=a100", "precision=fp16",
                       "batch_size=4", "max_gen_len=16", "dataset.max_prompt_tokens=32", f"shards=1,{shards}",
                       "cluster=supercloud_a100"])
-    assert [job.cfg.shards for job in plan.jobs] == [1, shards]
+    assert [job.cell.shards for job in plan.jobs] == [1, shards]
     for cell in plan.cells:
-        shards = cell.cfg.shards
+        shards = cell.cell.shards
         assert cell.memory.weights_gib == pytest.approx(args.num_params() * 2 / shards / GIB)
         kv = 2 * args.n_layers * 4 * (32 + 16) * args.kv_heads * args.head_dim * 2 / shards
         assert cell.memory.kv_cache_gib == pytest.approx(kv / GIB)

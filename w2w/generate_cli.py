@@ -9,10 +9,11 @@ import time
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
-from omegaconf import DictConfig
 
 from w2w import distributed
-from w2w.config import ConfigError, compose_cell, expand_overrides
+from w2w.cell import Cell
+from w2w.config import compose_cell, expand_overrides
+from w2w.errors import ConfigError
 from w2w.generation import SamplingParams, generate
 from w2w.runner import load_model, setup_logging
 
@@ -37,7 +38,7 @@ def split_prompt(argv: list[str]) -> tuple[str | None, list[str]]:
     return prompt, rest
 
 
-def compose(overrides: list[str]) -> DictConfig:
+def compose(overrides: list[str]) -> Cell:
     points = expand_overrides(overrides)
     if len(points) != 1:
         raise ConfigError("w2w-generate runs one configuration: drop the comma lists (a,b) from the overrides")
@@ -58,7 +59,7 @@ def length_problem(prompt_tokens: int, max_gen_len: int, max_seq_len: int) -> st
             f"or raise model.max_seq_len if the model was trained for a longer context")
 
 
-def complete(cfg: DictConfig, prompt: str) -> tuple[str, int]:
+def complete(cfg: Cell, prompt: str) -> tuple[str, int]:
     """Run on every rank; returns (completion text, rank)."""
     info = distributed.init(cfg.gpu.device, cfg.dist_timeout_s)
     with contextlib.redirect_stdout(sys.stderr):  # FairScale prints its set-up; stdout is the completion's

@@ -16,7 +16,8 @@ from types import ModuleType
 import torch
 
 from w2w import distributed
-from w2w.energy import EnergyError, EnergyMonitor
+from w2w.energy.errors import EnergyError
+from w2w.energy.monitor import EnergyMonitor
 from w2w.generation import PhaseClock, SamplingParams, generate, synchronize
 from w2w.model import ModelArgs, Transformer, build_model, parameter_shapes
 
@@ -90,7 +91,7 @@ def _prompts(workload: Workload) -> list[list[int]]:
 
 def decode_run(model: Transformer, workload: Workload, monitor: EnergyMonitor) -> tuple[int, float]:
     """One batch as the runner measures a cell (phase windows included): decode tokens and decode seconds."""
-    from w2w.runner import PhaseEnergy
+    from w2w.energy.phases import PhaseEnergy
 
     phases = PhaseEnergy(monitor)
     clock = PhaseClock(model.device, phases.on_boundary)
