@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from w2w import checkpoint, distributed
+from w2w import checkpoint, distributed, engines
 from w2w.config import ConfigError, cell_id, compose_grid, placement_key, split_config_dirs
 from w2w.data import Prompt, check_unchanged, load_prompt_rows
 from w2w.energy import (
@@ -30,7 +30,15 @@ from w2w.energy import (
     summarize,
     timeline_frame,
 )
-from w2w.generation import Generation, PhaseClock, SamplingParams, generate, synchronize
+from w2w.engines.common import (
+    DECODE,
+    PREFILL,
+    Engine,
+    Generation,
+    PhaseClock,
+    SamplingParams,
+    synchronize,
+)
 from w2w.model import DTYPES, Transformer, build_model
 from w2w.progress import GENERATION_COUNTS, CellProgress, CellShape, progress_path, sum_batches
 from w2w.records import (
@@ -100,18 +108,6 @@ def load_model(cfg: DictConfig, info: distributed.DistInfo) -> tuple[Transformer
     state = checkpoint.load_rank_state(cfg.model, args, info.rank, info.world_size)
     model = build_model(args, state, info.device, DTYPES[cfg.precision])
     return model, tokenizer
-
-
-def _sampling(cfg: DictConfig, max_gen_len: int | None = None) -> SamplingParams:
-    return SamplingParams(
-        max_gen_len=max_gen_len or cfg.max_gen_len,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        greedy=cfg.greedy,
-        force_max_gen_len=cfg.force_max_gen_len,
-        seed=cfg.seed,
-        eos_check_every=cfg.eos_check_every,
-    )
 
 
 def _encode(prompts: list[str], tokenizer: TokenizerLike, max_prompt_len: int, counts: Counts) -> list[list[int]]:
@@ -199,25 +195,25 @@ def _cell_energy(cell: Window, phases: PhaseEnergy, warmup: Window | None, monit
     )
 
 
-def _warm_up(cfg: DictConfig, model: Transformer, batch: list[list[int]], tokenizer: TokenizerLike, cache_len: int,
+def _warm_up(cfg: DictConfig, engine: Engine, batch: list[list[int]], tokenizer: TokenizerLike, cache_len: int,
              monitor: EnergyMonitor) -> Window | None:
     """First calls pay for allocation and kernel selection; keep them out of the cell (every segment)."""
     if not cfg.warmup:
         return None
     monitor.begin_window("warmup")
     tokens = min(WARMUP_TOKENS, cfg.max_gen_len)  # the cache is sized for the cell's own max_gen_len
-    generate(model, batch, _sampling(cfg, tokens), tokenizer.eos_id, tokenizer.pad_id, cache_len, engine=cfg.engine)
+    engine.generate(batch, SamplingParams.of(cfg, tokens), tokenizer.eos_id, tokenizer.pad_id, cache_len)
     return monitor.end_window("warmup")
 
 
 def _run_batch(
-    cfg: DictConfig, batch: list[list[int]], model: Transformer, tokenizer: TokenizerLike, cache_len: int,
+    cfg: DictConfig, batch: list[list[int]], engine: Engine, tokenizer: TokenizerLike, cache_len: int,
     clock: PhaseClock, phases: PhaseEnergy, responses: _BatchResponses,
 ) -> tuple[dict, str | None]:
     """One batch in an energy window of its own: its entry for the progress file, and its window's error."""
     seconds, joules = dict(clock.seconds), dict(phases.joules)
     phases.monitor.begin_window("batch")
-    gen = generate(model, batch, _sampling(cfg), tokenizer.eos_id, tokenizer.pad_id, cache_len, clock, cfg.engine)
+    gen = engine.generate(batch, SamplingParams.of(cfg), tokenizer.eos_id, tokenizer.pad_id, cache_len, clock)
     window = phases.monitor.end_window("batch")
     texts = [tokenizer.decode(t) for t in gen.tokens]
     counts = Counts()
@@ -230,11 +226,11 @@ def _run_batch(
     entry = {
         "counts": {k: getattr(counts, k) for k in GENERATION_COUNTS} | responses.score(cfg, batch, gen.tokens, texts),
         "times": {"start_unix_s": window.start_unix_s, "total_s": window.duration_s,
-                  "prefill_s": clock.seconds["prefill"] - seconds.get("prefill", 0.0),
-                  "decode_s": clock.seconds["decode"] - seconds.get("decode", 0.0)},
+                  "prefill_s": clock.seconds[PREFILL] - seconds[PREFILL],
+                  "decode_s": clock.seconds[DECODE] - seconds[DECODE]},
         "energy": {"gpu_j": window.gpu_energy_j, "counter_gpu_j": window.counter_energy_j,
-                   "integrated_gpu_j": window.integrated_energy_j, "prefill_gpu_j": joules_in("prefill"),
-                   "decode_gpu_j": joules_in("decode"), "cpu_j": window.cpu_energy_j},
+                   "integrated_gpu_j": window.integrated_energy_j, "prefill_gpu_j": joules_in(PREFILL),
+                   "decode_gpu_j": joules_in(DECODE), "cpu_j": window.cpu_energy_j},
     }
     return entry, window.error
 
@@ -265,7 +261,8 @@ def run_cell(
     if progress is None:  # nothing saved between batches
         progress = CellProgress(CellShape(cid, rank, 1, cfg.batch_size, len(batches)), None)
     start = progress.done
-    warmup = _warm_up(cfg, model, batches[start], tokenizer, cache_len, monitor) if start < len(batches) else None
+    engine = engines.create(cfg.engine, model)  # one per cell: warm-up and every batch share its graphs
+    warmup = _warm_up(cfg, engine, batches[start], tokenizer, cache_len, monitor) if start < len(batches) else None
     progress.begin_segment((segment or {}) | {
         "start_unix_s": time.time(), "warmup_s": warmup.duration_s if warmup else 0.0,
         "warmup_gpu_j": warmup.gpu_energy_j if warmup else None,
@@ -277,7 +274,7 @@ def run_cell(
     errors: list[str] = []
     for index in range(start, len(batches)):
         first = index * cfg.batch_size
-        entry, error = _run_batch(cfg, batches[index], model, tokenizer, cache_len, clock, phases,
+        entry, error = _run_batch(cfg, batches[index], engine, tokenizer, cache_len, clock, phases,
                                   _BatchResponses(cid, index, rows[first : first + len(batches[index])], rank))
         if error:
             errors.append(f"batch {index}: {error}")
