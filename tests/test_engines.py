@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -167,3 +168,16 @@ def test_fast_drops_decoders_built_over_a_reallocated_cache(model):
     assert not set(map(id, engine.decoders.values())) & set(map(id, before.values()))
     fresh = engines.create("fast", model).generate(PROMPTS[:2], GREEDY, 2, 0, cache_len + 2).tokens
     assert again == fresh
+
+
+def test_sampling_params_of_a_cell_reads_its_attributes():
+    cell = SimpleNamespace(max_gen_len=64, temperature=0.6, top_p=0.9, greedy=False, force_max_gen_len=True, seed=7,
+                           eos_check_every=8)
+    assert SamplingParams.of(cell) == SamplingParams(64, 0.6, 0.9, False, True, 7, 8)
+    assert SamplingParams.of(cell, max_gen_len=4).max_gen_len == 4  # a warm-up's shorter run
+
+
+def test_configs_engine_names_are_the_registrys():
+    from w2w.config import ENGINES  # a copy until the config validates against the registry
+
+    assert tuple(engines.ENGINES) == ENGINES

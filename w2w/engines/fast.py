@@ -5,12 +5,14 @@ shapes every time: it writes one token per row into the full-length KV cache at 
 device tensor, attends the whole cache under a validity mask kept on the device, and samples
 without a host sync (greedy argmax, or top-p by an exponential race on noise drawn outside the
 step). On CUDA the step is captured once per (batch, cache length, sampling) as a CUDA graph and
-replayed; on CPU (gloo) the same code runs eagerly, so CI exercises it. The decoders and their
-graphs belong to the Engine instance, so keep one engine for every batch it serves. A graph holds
-the addresses of the model's KV cache buffers: when setup_caches reallocates them (the model's
-cache_generation moves on), the engine drops every decoder and captures afresh. The host looks at the
+replayed; on CPU (gloo) the same code runs eagerly, so CI exercises it. The host looks at the
 tokens only every `eos_check_every` steps to stop once every row has ended; the steps run past an
 EOS are real work and are counted, and tokens after an EOS are dropped.
+
+The decoders and their graphs belong to the Engine instance, not the model: keep one engine for
+every batch it serves, warm-up included, or each batch captures again. A graph holds the addresses
+of the model's KV cache buffers, so when setup_caches reallocates them (the model's
+cache_generation moves on) the engine drops every decoder and captures afresh.
 
 Model parallel inside the graph: FairScale's layers call torch.distributed all_reduce/all_gather
 on NCCL, which a graph captured by hand with torch.cuda.CUDAGraph records like any kernel
