@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from tests.parallel import run_parallel
-from w2w import checkpoint, distributed, hf
+from w2w import checkpoint, distributed, engines, hf
 from w2w.cell import ModelConfig
 from w2w.config import compose_cell
 from w2w.distributed import DistInfo
+from w2w.engines.common import SamplingParams
 from w2w.errors import ConfigError
-from w2w.generation import SamplingParams, generate
 from w2w.model import ModelArgs, build_model, parameter_shapes, random_full_tensor, shard_slice
 from w2w.shapes import ffn_width
 from w2w.tokenizer import TINY_TOKENIZER
@@ -172,7 +172,7 @@ def _reference_and_loaded(ckpt_dirs: dict[str, Path], world: int) -> dict:
         model.setup_caches(TOKENS.shape[0], TOKENS.shape[1])
         logits = model(TOKENS, 0, torch.arange(TOKENS.shape[1]).expand_as(TOKENS), torch.ones_like(TOKENS, dtype=torch.bool))
         params = SamplingParams(max_gen_len=GEN_LEN, greedy=True, force_max_gen_len=True)
-        out[key] = {"logits": logits, "greedy": generate(model, [PROMPT], params, eos_id=2, pad_id=0).tokens[0]}
+        out[key] = {"logits": logits, "greedy": engines.create("fast", model).generate([PROMPT], params, eos_id=2, pad_id=0).tokens[0]}
     return out
 
 

@@ -80,6 +80,7 @@ def test_cell_id_is_stable_and_ignores_where_results_go():
         (["max_gen_len=600"], ["max_gen_len=600", "model.max_seq_len=512"]),
         (["power_cap_w=150"], ["power_cap_w=150", "needs a GPU"]),
         (["top_p=0"], ["top_p=0", "(0, 1]"]),
+        (["engine=turbo"], ["engine=turbo", "valid are fast, reference"]),
         (["gpu=v100", "precision=bf16"], ["precision=bf16", "gpu=v100", "use precision=fp16"]),
     ],
 )

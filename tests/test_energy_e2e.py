@@ -8,12 +8,12 @@ from unittest import mock
 
 import pandas as pd
 import pytest
-from omegaconf import DictConfig
 from w2w.analysis.reduce import main as reduce_main
 from w2w.analysis.reduce import plot_timeline, reduce_sweep
 
 from tests.fake_nvml import FakeGpu, fake_nvml
 from tests.parallel import run_parallel
+from w2w.cell import Cell
 from w2w.config import compose_grid
 from w2w.records import STATUS_OK, read_record, write_atomic
 
@@ -24,7 +24,7 @@ BATCH_CPU_UJ = {"intel-rapl:0": 3_500_000, "intel-rapl:1": 1_500_000}
 MAX_RANGE_UJ = 262_143_328_850
 
 
-def _cells(sweep: Path, *extra: str) -> list[DictConfig]:
+def _cells(sweep: Path, *extra: str) -> list[Cell]:
     return compose_grid([
         "precision=fp32", "max_gen_len=4", "dataset.num_prompts=4", "batch_size=2", "shards=2",
         f"sweep_dir={sweep}", "energy.idle_seconds=0.3", "energy.sample_interval_s=0.02", *extra,
@@ -40,7 +40,7 @@ def _powercap_tree(root: Path) -> Path:
     return root
 
 
-def _rank(cells: list[DictConfig], tree: Path, denied_rank: int | None, failing_run: int | None) -> dict:
+def _rank(cells: list[Cell], tree: Path, denied_rank: int | None, failing_run: int | None) -> dict:
     """One rank: its fake GPU is injected into the runner's monitor; the rest is the production path.
 
     denied_rank: that rank's GPU refuses power limits. failing_run: rank 0's NVML reads fail from

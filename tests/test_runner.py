@@ -18,19 +18,20 @@ def _cells(sweep, *extra):
 
 
 def _run_with_failure(sweep, failing_ranks: list[int], failing_batch: int) -> tuple[list[str] | None, str | None]:
-    """run_cells where generate raises on the given ranks for cells of one batch size."""
+    """run_cells where the fast engine's generate raises on the given ranks for cells of one batch size."""
     import torch.distributed as dist
 
     from w2w import runner
+    from w2w.engines import fast
 
-    real = runner.generate
+    real = fast.Engine.generate
 
-    def generate(model, prompts, params, *args, **kwargs):
+    def generate(self, prompts, params, *args, **kwargs):
         if dist.get_rank() in failing_ranks and len(prompts) == failing_batch and params.max_gen_len == 4:
             raise ValueError(f"injected failure on rank {dist.get_rank()}")
-        return real(model, prompts, params, *args, **kwargs)
+        return real(self, prompts, params, *args, **kwargs)
 
-    runner.generate = generate
+    fast.Engine.generate = generate  # this process only: run_parallel starts one per rank
     try:
         return runner.run_cells(_cells(sweep)), None
     except RuntimeError as exc:

@@ -10,11 +10,11 @@ import time
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 
-from w2w import distributed
+from w2w import distributed, engines
 from w2w.cell import Cell
 from w2w.config import compose_cell, expand_overrides
+from w2w.engines.common import SamplingParams
 from w2w.errors import ConfigError
-from w2w.generation import SamplingParams, generate
 from w2w.runner import load_model, setup_logging
 
 log = logging.getLogger("w2w.generate")
@@ -71,17 +71,9 @@ def complete(cfg: Cell, prompt: str) -> tuple[str, int]:
     problem = length_problem(len(ids), cfg.max_gen_len, model.args.max_seq_len)
     if problem:
         raise ConfigError(problem)
-    params = SamplingParams(
-        max_gen_len=cfg.max_gen_len,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        greedy=cfg.greedy,
-        force_max_gen_len=cfg.force_max_gen_len,
-        seed=cfg.seed,
-        eos_check_every=cfg.eos_check_every,
-    )
+    engine = engines.create(cfg.engine, model)
     start = time.perf_counter()
-    gen = generate(model, [ids], params, tokenizer.eos_id, tokenizer.pad_id, engine=cfg.engine)
+    gen = engine.generate([ids], SamplingParams.of(cfg), tokenizer.eos_id, tokenizer.pad_id)
     seconds = time.perf_counter() - start
     tokens = len(gen.tokens[0])
     log.info("%d prompt tokens, %d new tokens in %.2f s (%.1f tokens/s, %s)", len(ids), tokens, seconds,
