@@ -10,6 +10,7 @@ import torch
 
 from tests.parallel import run_parallel
 from w2w import distributed, engines
+from w2w.config import compose_cell
 from w2w.engines.common import PhaseClock, SamplingParams
 from w2w.engines.fast import left_pad, prefill
 from w2w.model import ModelArgs, Transformer, build_model, random_state_dict
