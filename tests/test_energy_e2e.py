@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from unittest import mock
@@ -146,7 +147,7 @@ def test_two_ranks_reducer_sums_equal_what_the_fake_gpus_reported(tmp_path, caps
 def test_cap_refused_on_one_rank_and_nvml_failing_mid_cell_fail_only_their_cells(tmp_path):
     sweep = tmp_path / "sweep"
     capped, failing, fine = (*_cells(sweep, "seed=1"), *_cells(sweep, "seed=2,3"))
-    capped.power_cap_w = 150.0  # past config validation, which wants a CUDA profile for caps
+    capped = dataclasses.replace(capped, power_cap_w=150.0)  # past config validation, which wants a CUDA profile
     # The capped cell never opens a window, so the failing cell is the first run.
     results = run_parallel(2, _rank, [capped, failing, fine], _powercap_tree(tmp_path / "powercap"), 1, 0)
     assert [r["statuses"] for r in results] == [["error", "error", STATUS_OK], ["error", STATUS_OK, STATUS_OK]]

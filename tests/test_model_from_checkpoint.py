@@ -56,17 +56,11 @@ def ckpts(tmp_path_factory) -> dict[str, tuple[Path, ModelArgs]]:
             "hf": (write_hf(root / "my-hf-model", HF), HF)}
 
 
-def _shapes(model) -> ModelArgs:
-    return ModelArgs(**{k: model[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
-                                              "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta",
-                                              "max_seq_len")})
-
-
 @pytest.mark.parametrize("source", ["meta", "hf"])
 def test_the_checkpoint_alone_defines_the_model(ckpts, source):
     ckpt, args = ckpts[source]
     cfg = compose_cell(["model=checkpoint", f"model.checkpoint_dir={ckpt}", "max_gen_len=16"])
-    found = _shapes(cfg.model)
+    found = cfg.model.shapes()
     assert cfg.model.name == ckpt.name
     assert (found.dim, found.n_layers, found.n_heads, found.kv_heads, found.vocab_size, found.ffn_hidden,
             found.norm_eps, found.rope_theta) == (args.dim, args.n_layers, args.n_heads, args.n_kv_heads,

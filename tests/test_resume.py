@@ -23,17 +23,18 @@ def _cells(sweep, *extra: str):
 def _run(sweep, preempt_after: int | None, *extra: str) -> tuple[object, list[str]]:
     """run_cells, stopped by SystemExit (what submitit's USR2 handler raises) before a batch."""
     from w2w import runner
+    from w2w.engines import fast
 
-    real, calls = runner.generate, []
+    real, calls = fast.Engine.generate, []
 
-    def generate(model, prompts, params, *args, **kwargs):
+    def generate(self, prompts, params, *args, **kwargs):
         kind = "batch" if params.max_gen_len == MAX_GEN_LEN else "warmup"
         if kind == "batch" and calls.count("batch") == preempt_after:
             raise SystemExit("preempted")
         calls.append(kind)
-        return real(model, prompts, params, *args, **kwargs)
+        return real(self, prompts, params, *args, **kwargs)
 
-    runner.generate = generate
+    fast.Engine.generate = generate  # this process only: run_parallel starts one per rank
     try:
         return runner.run_cells(_cells(sweep, *extra)), calls
     except SystemExit:
