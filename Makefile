@@ -32,16 +32,16 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check w2w launch analysis tests benchmarks
+	$(VENV)/bin/ruff check w2w launch analysis tests
 
 bench: bench-decode bench-reduce bench-plan
 
 bench-decode: install
-	$(PY) -m benchmarks.decode_vs_transformers
+	$(PY) -m w2w.bench.decode_vs_transformers
 
 # The reducer on 200 cells x 32 ranks with 10-minute 100 ms timelines: records/s, samples/s, < 60 s.
 bench-reduce: install
-	$(PY) -m benchmarks.reduce_scale
+	$(PY) -m w2w.bench.reduce_scale
 
 # Both engines vs transformers eager, 7B-shaped fp16 weights drawn on the GPU, batch 1/16/64: tok/s,
 # ratio, decode step vs the HBM roof, W and J/token. No venv and no network: the python that has
@@ -49,11 +49,11 @@ bench-reduce: install
 BENCH_PY ?= python3
 BENCH_GPU_ARGS ?=
 bench-gpu:
-	$(BENCH_PY) -m benchmarks.gpu_engines $(BENCH_GPU_ARGS)
+	$(BENCH_PY) -m w2w.bench.gpu_engines $(BENCH_GPU_ARGS)
 
 # Login-node speed: Hydra composition per cell vs cached, planning imports with vs without torch.
 bench-plan: install
-	$(PY) -m benchmarks.plan_speed
+	$(PY) -m w2w.bench.plan_speed
 
 # A venv of its own that sees the machine's CUDA torch (the CPU pin would hide the GPU).
 gpu-check:

@@ -195,7 +195,7 @@ def targets(results: dict[int, dict[str, Run]], roofs: dict[int, float]) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_engines", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m w2w.bench.gpu_engines", description=__doc__)
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the logic")
     parser.add_argument("--tiny", action="store_true", help="a tiny fp32 model instead of 7B fp16 (dry run)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
