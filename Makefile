@@ -27,9 +27,14 @@ demo: install
 	$(VENV)/bin/w2w-reduce $(SWEEP)
 
 # CI=true: SLURM tests must run, so the local SLURM is provisioned first (needs root).
+# Each run gets a base temp folder of its own: two runs sharing /tmp/pytest-of-USER prune each
+# other's folders, even one a SLURM job is still writing. pytest wipes the folder it is given, so it
+# is made fresh per run; 0755 lets the SLURM jobs read it. Kept, and named, when the run fails.
 test: install
 	@if [ "$${CI:-}" = "true" ]; then bash launch/slurm_local.sh up; fi
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@base=$$(mktemp -d "$${TMPDIR:-/tmp}/w2w-pytest.XXXXXX") && chmod 755 "$$base" && \
+	if $(PY) -m pytest -q --basetemp="$$base/t" $(PYTEST_ARGS); then rm -rf "$$base"; \
+	else status=$$?; echo "pytest failed (exit $$status); its temp folder is kept: $$base/t" >&2; exit $$status; fi
 
 lint: install
 	$(VENV)/bin/ruff check w2w launch analysis tests
