@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import signal
 import subprocess
@@ -44,19 +45,21 @@ def _wait_for_state(job_id: str, state: str, timeout: float) -> None:
 
 
 def _read_until(proc: subprocess.Popen, prefix: str, timeout: float) -> None:
-    """Read the process's stdout until a line starts with prefix; fail if it ends or the time is up."""
-    deadline = time.monotonic() + timeout
+    """Read the process's stdout until a line starts with prefix; fail if it ends or the time is up.
+    Reads the pipe's descriptor, not the file object: a buffered line would not wake select."""
+    deadline, fd, seen = time.monotonic() + timeout, proc.stdout.fileno(), ""
     with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
+        selector.register(fd, selectors.EVENT_READ)
         while (left := deadline - time.monotonic()) > 0:
             if not selector.select(left):
                 continue
-            line = proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"w2w-sweep ended (exit {proc.wait()}) before printing {prefix!r}")
-            if line.startswith(prefix):
+            chunk = os.read(fd, 65536).decode()
+            if not chunk:
+                raise AssertionError(f"w2w-sweep ended (exit {proc.wait()}) before printing {prefix!r}:\n{seen}")
+            seen += chunk
+            if any(line.startswith(prefix) for line in seen.splitlines()):
                 return
-    raise AssertionError(f"w2w-sweep printed no line starting {prefix!r} within {timeout} s")
+    raise AssertionError(f"w2w-sweep printed no line starting {prefix!r} within {timeout} s:\n{seen}")
 
 
 def test_a_refused_sbatch_is_one_line_and_the_queued_job_stays_tracked(tmp_path):
