@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from w2w.analysis.reduce import reduce_sweep
 
+from w2w.analysis.reduce import reduce_sweep
 from w2w.config import compose_cell
 from w2w.energy.nvml import TELEMETRY_COLUMNS
 from w2w.records import SCHEMA_VERSION, STATUS_OK, record_path, timeline_path
