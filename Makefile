@@ -27,21 +27,28 @@ demo: install
 	$(VENV)/bin/w2w-reduce $(SWEEP)
 
 # CI=true: SLURM tests must run, so the local SLURM is provisioned first (needs root).
+# Each run gets a base temp folder of its own: two runs sharing /tmp/pytest-of-USER prune each
+# other's folders, even one a SLURM job is still writing. pytest wipes the folder it is given, so it
+# is made fresh per run; 0755 lets the SLURM jobs read it. Kept, and named, when the run fails.
 test: install
 	@if [ "$${CI:-}" = "true" ]; then bash launch/slurm_local.sh up; fi
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@base=$$(mktemp -d "$${TMPDIR:-/tmp}/w2w-pytest.XXXXXX") && chmod 755 "$$base" && \
+	if $(PY) -m pytest -q --basetemp="$$base/t" $(PYTEST_ARGS); then rm -rf "$$base"; \
+	else status=$$?; echo "pytest failed (exit $$status); its temp folder is kept: $$base/t" >&2; exit $$status; fi
 
+# ruff, then the import layers of pyproject.toml (import-linter over the package as installed).
 lint: install
-	$(VENV)/bin/ruff check w2w launch analysis tests benchmarks
+	$(VENV)/bin/ruff check w2w launch analysis tests
+	LINT_IMPORTS=$(VENV)/bin/lint-imports bash .ci/lint_imports.sh
 
 bench: bench-decode bench-reduce bench-plan
 
 bench-decode: install
-	$(PY) -m benchmarks.decode_vs_transformers
+	$(PY) -m w2w.bench.decode_vs_transformers
 
 # The reducer on 200 cells x 32 ranks with 10-minute 100 ms timelines: records/s, samples/s, < 60 s.
 bench-reduce: install
-	$(PY) -m benchmarks.reduce_scale
+	$(PY) -m w2w.bench.reduce_scale
 
 # Both engines vs transformers eager, 7B-shaped fp16 weights drawn on the GPU, batch 1/16/64: tok/s,
 # ratio, decode step vs the HBM roof, W and J/token. No venv and no network: the python that has
@@ -49,11 +56,11 @@ bench-reduce: install
 BENCH_PY ?= python3
 BENCH_GPU_ARGS ?=
 bench-gpu:
-	$(BENCH_PY) -m benchmarks.gpu_engines $(BENCH_GPU_ARGS)
+	$(BENCH_PY) -m w2w.bench.gpu_engines $(BENCH_GPU_ARGS)
 
 # Login-node speed: Hydra composition per cell vs cached, planning imports with vs without torch.
 bench-plan: install
-	$(PY) -m benchmarks.plan_speed
+	$(PY) -m w2w.bench.plan_speed
 
 # A venv of its own that sees the machine's CUDA torch (the CPU pin would hide the GPU).
 gpu-check:

@@ -14,6 +14,7 @@ from w2w.analysis import figures, paper, pareto, tables
 from w2w.analysis.reduce import CellRecords, load_cells, reduce_cells, summary_notes
 from w2w.launch.status import completeness
 
+from w2w.engines import ENGINES
 from w2w.records import MANIFEST, Manifest, ManifestError, RecordError, read_manifest, write_atomic
 
 # ours/paper needs a point on both sides; a range is compared by where ours falls in it.
@@ -285,21 +286,23 @@ def _ratio(a: Any, b: Any) -> float | None:
 
 
 def implementation_costs(cells: pd.DataFrame) -> pd.DataFrame:
-    """tokens/s and J/token of reference vs fast for each setting measured (ok) under both engines."""
+    """tokens/s and J/token of every engine for each setting measured (ok) under all of them, and the
+    first engine's (fast's) ratio to each other one."""
     done = tables.ok(cells)
     if done.empty or "engine" not in done:
         return pd.DataFrame()
+    first, *others = ENGINES
     rows = []
     for setting, group in done.groupby(list(ENGINE_SETTING), dropna=False, sort=True):
         by_engine = {e: g for e, g in group.groupby("engine")}
-        if not {"reference", "fast"} <= set(by_engine):
+        if not set(ENGINES) <= set(by_engine):
             continue
         row = {k: tables.show(k, v) for k, v in zip(ENGINE_SETTING, setting, strict=True)}
         for quantity, column in (("tokens/s", "tokens_per_s"), ("J/token", "energy_per_token_j")):
-            ref, fast = (by_engine[e][column].astype(float).mean() for e in ("reference", "fast"))
-            row |= {f"reference {quantity}": None if pd.isna(ref) else ref,
-                    f"fast {quantity}": None if pd.isna(fast) else fast,
-                    f"fast / reference {quantity}": _ratio(fast, ref)}
+            # reversed: the other engines (the paper's reference) before the first, as the page has shown them
+            means = {e: by_engine[e][column].astype(float).mean() for e in reversed(ENGINES)}
+            row |= {f"{e} {quantity}": None if pd.isna(mean) else mean for e, mean in means.items()}
+            row |= {f"{first} / {other} {quantity}": _ratio(means[first], means[other]) for other in others}
         rows.append(row)
     return pd.DataFrame(rows)
 

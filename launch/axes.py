@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from w2w.config import PLACEMENT_KEYS
+from w2w.cell import PLACEMENT_KEYS, Cell
 
 # Not parameters of a cell's result: where it is written, and the grid that made it.
 NOT_PARAMETERS = ("sweep_dir", "grid")
@@ -29,9 +27,10 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def cell_parameters(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """Every leaf of a cell's resolved config, dotted, without the result-neutral folder and grid."""
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+def cell_parameters(cell: Cell | Mapping[str, Any]) -> dict[str, Any]:
+    """Every leaf of a cell's settings (or of a record's `config`), dotted, without the result-neutral
+    folder and grid."""
+    data = cell.to_dict() if isinstance(cell, Cell) else dict(cell)
     for key in NOT_PARAMETERS:
         data.pop(key, None)
     return flatten(data)

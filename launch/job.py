@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import submitit
-from omegaconf import DictConfig
+
+from w2w.cell import Cell
 
 
 class CellsJob(submitit.helpers.Checkpointable):
     """Checkpointable: on preemption or timeout submitit requeues the same cells, and the
     runner skips those whose records are complete, so the job resumes at the first unfinished cell."""
 
-    def __init__(self, cells: list[DictConfig]):
+    def __init__(self, cells: list[Cell]):
         self.cells = cells
 
     def __call__(self) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any
 import submitit
 from w2w.launch.axes import cell_parameters
 from w2w.launch.job import CellsJob
-from w2w.launch.plan import Cell, Job, Plan
+from w2w.launch.plan import Job, Plan, PlannedCell
 
 from w2w.records import (
     MANIFEST,
@@ -41,10 +41,10 @@ class SubmissionError(RuntimeError):
 
 def slurm_parameters(job: Job) -> dict[str, Any]:
     """submitit SlurmExecutor parameters for one placement (one task per GPU)."""
-    c = job.cfg.cluster
-    uses_gpu = job.cfg.gpu.device == "cuda"
+    c = job.cell.cluster
+    uses_gpu = job.cell.gpu.device == "cuda"
     params: dict[str, Any] = {
-        "job_name": f"w2w-{job.cfg.model.name}-{job.cfg.gpu.name}-x{job.cfg.shards}",
+        "job_name": f"w2w-{job.cell.model.name}-{job.cell.gpu.name}-x{job.cell.shards}",
         "nodes": job.nodes,
         "ntasks_per_node": job.tasks_per_node,
         "cpus_per_task": c.cpus_per_task,
@@ -65,13 +65,13 @@ def slurm_parameters(job: Job) -> dict[str, Any]:
 
 def local_parameters(job: Job) -> dict[str, Any]:
     """submitit LocalExecutor parameters: it hides every GPU it is not given (CUDA_VISIBLE_DEVICES)."""
-    gpus = job.tasks_per_node if job.cfg.gpu.device == "cuda" else 0
-    return {"tasks_per_node": job.tasks_per_node, "nodes": 1, "timeout_min": job.cfg.cluster.timeout_min,
+    gpus = job.tasks_per_node if job.cell.gpu.device == "cuda" else 0
+    return {"tasks_per_node": job.tasks_per_node, "nodes": 1, "timeout_min": job.cell.cluster.timeout_min,
             "gpus_per_node": gpus}
 
 
 def make_executor(job: Job, folder: Path) -> submitit.Executor:
-    c = job.cfg.cluster
+    c = job.cell.cluster
     if c.backend == "local":
         executor = submitit.LocalExecutor(folder=folder, python=c.python)
         executor.update_parameters(**local_parameters(job))
@@ -82,8 +82,8 @@ def make_executor(job: Job, folder: Path) -> submitit.Executor:
 
 
 def _executor_key(job: Job) -> str:
-    params = slurm_parameters(job) if job.cfg.cluster.backend == "slurm" else {"tasks": job.tasks_per_node}
-    return json.dumps([job.cfg.cluster.backend, params], sort_keys=True, default=str)
+    params = slurm_parameters(job) if job.cell.cluster.backend == "slurm" else {"tasks": job.tasks_per_node}
+    return json.dumps([job.cell.cluster.backend, params], sort_keys=True, default=str)
 
 
 def _submission_message(exc: Exception) -> str:
@@ -93,13 +93,13 @@ def _submission_message(exc: Exception) -> str:
     return (errors or lines or [type(exc).__name__])[-1]
 
 
-def submit_jobs(jobs_and_cells: list[tuple[Job, list[Cell]]], sweep_dir: Path,
-                on_submitted: Callable[[list[tuple[Job, list[Cell], submitit.Job]]], None]) -> list[SubmissionError]:
+def submit_jobs(jobs_and_cells: list[tuple[Job, list[PlannedCell]]], sweep_dir: Path,
+                on_submitted: Callable[[list[tuple[Job, list[PlannedCell], submitit.Job]]], None]) -> list[SubmissionError]:
     """Submit each job with its pending cells; jobs with identical SLURM parameters form one array.
     on_submitted sees each array as soon as it is queued (to record it before the next sbatch);
     a refused array is returned as an error naming its placements, and the others still go."""
     folder = sweep_dir / "submitit" / "%j"
-    groups: dict[str, list[tuple[Job, list[Cell]]]] = {}
+    groups: dict[str, list[tuple[Job, list[PlannedCell]]]] = {}
     for item in jobs_and_cells:
         groups.setdefault(_executor_key(item[0]), []).append(item)
     errors = []
@@ -108,7 +108,7 @@ def submit_jobs(jobs_and_cells: list[tuple[Job, list[Cell]]], sweep_dir: Path,
         chatter = io.StringIO()  # submitit echoes sbatch's stderr; the error line below says it once
         try:
             with contextlib.redirect_stderr(chatter), executor.batch():
-                handles = [executor.submit(CellsJob([c.cfg for c in cells])) for _, cells in group]
+                handles = [executor.submit(CellsJob([c.cell for c in cells])) for _, cells in group]
         except Exception as exc:  # sbatch's refusal, whatever submitit wraps it in
             names = "; ".join(job.describe() for job, _ in group)
             errors.append(SubmissionError(f"submitting {names} failed: {_submission_message(exc)}"))
@@ -134,9 +134,9 @@ def locked(sweep_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _cell_entry(cell: Cell, job: Job | None) -> ManifestCell:
-    return ManifestCell(job=None if job is None else job.key, params=cell_parameters(cell.cfg),
-                        skip_reason=cell.skip_reason, world_size=cell.cfg.shards)
+def _cell_entry(cell: PlannedCell, job: Job | None) -> ManifestCell:
+    return ManifestCell(job=None if job is None else job.key, params=cell_parameters(cell.cell),
+                        skip_reason=cell.skip_reason, world_size=cell.cell.shards)
 
 
 def record_plan(manifest: Manifest, plan: Plan, argv: list[str]) -> Manifest:
@@ -145,8 +145,8 @@ def record_plan(manifest: Manifest, plan: Plan, argv: list[str]) -> Manifest:
     manifest.commands.append(Command(argv=["w2w-sweep", *argv], unix_s=now))
     manifest.updated_unix_s = now
     for job in plan.jobs:
-        entry = manifest.jobs.setdefault(job.key, ManifestJob(job.cfg.cluster.backend, job.nodes, job.tasks_per_node))
-        entry.backend, entry.nodes, entry.tasks_per_node = job.cfg.cluster.backend, job.nodes, job.tasks_per_node
+        entry = manifest.jobs.setdefault(job.key, ManifestJob(job.cell.cluster.backend, job.nodes, job.tasks_per_node))
+        entry.backend, entry.nodes, entry.tasks_per_node = job.cell.cluster.backend, job.nodes, job.tasks_per_node
         entry.shape = job.shape()
         known = set(entry.cells)
         entry.cells += [c.id for c in job.cells if c.id not in known]
@@ -157,7 +157,7 @@ def record_plan(manifest: Manifest, plan: Plan, argv: list[str]) -> Manifest:
     return manifest
 
 
-def record_submission(manifest: Manifest, job: Job, cells: list[Cell], handle: submitit.Job,
+def record_submission(manifest: Manifest, job: Job, cells: list[PlannedCell], handle: submitit.Job,
                       argv: list[str]) -> None:
     manifest.jobs[job.key].submissions.append(Submission(
         job_id=str(handle.job_id), folder=str(handle.paths.folder), submitted_unix_s=time.time(),

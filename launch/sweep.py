@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from w2w.launch.axes import cell_axes, cell_parameters, describe
-from w2w.launch.plan import Cell, Job, Plan, make_plan, pending_cells
+from w2w.launch.plan import Job, Plan, PlannedCell, make_plan, pending_cells
 from w2w.launch.status import StatusError, render, sweep_status
 from w2w.launch.submit import (
     load_manifest,
@@ -23,7 +23,7 @@ from w2w.launch.submit import (
     submit_jobs,
 )
 
-from w2w.config import ConfigError
+from w2w.errors import ConfigError
 from w2w.records import MANIFEST, ManifestError
 
 USAGE = """w2w-sweep [--plan] [--wait] [key=value ...]
@@ -37,13 +37,13 @@ Re-running the same command submits only the cells that are missing or failed an
 def print_plan(plan: Plan) -> None:
     gpus = sum(job.gpus for job in plan.jobs)
     print(f"{len(plan.jobs)} job(s), {len(plan.cells)} cell(s), {gpus} GPU(s) across jobs")
-    params = {cell.id: cell_parameters(cell.cfg) for cell in plan.cells + plan.skipped}
+    params = {cell.id: cell_parameters(cell.cell) for cell in plan.cells + plan.skipped}
     axes = cell_axes(params.values())
     for job in plan.jobs:
         print(job.describe())
         for cell in job.cells:
             print(f"  cell {cell.id} {describe(params[cell.id], axes)}"
-                  + (f" est. {cell.memory.total_gib:.1f} GiB/GPU" if cell.cfg.gpu.device == "cuda" else ""))
+                  + (f" est. {cell.memory.total_gib:.1f} GiB/GPU" if cell.cell.gpu.device == "cuda" else ""))
     for cell in plan.skipped:
         print(f"  skipped {cell.id} {describe(params[cell.id], axes)}: {cell.skip_reason}")
 
@@ -68,7 +68,7 @@ def _writable_problem(path: Path) -> str | None:
 
 
 def _sweep_dir(plan: Plan) -> Path:
-    dirs = {cell.cfg.sweep_dir for cell in plan.cells + plan.skipped}
+    dirs = {cell.cell.sweep_dir for cell in plan.cells + plan.skipped}
     if len(dirs) != 1:
         raise ConfigError(f"sweep_dir must be one folder for the whole sweep, got {sorted(dirs)}")
     sweep_dir = Path(dirs.pop())
@@ -78,7 +78,7 @@ def _sweep_dir(plan: Plan) -> Path:
     return sweep_dir
 
 
-def _to_submit(plan: Plan, in_flight: dict[str, str]) -> list[tuple[Job, list[Cell]]]:
+def _to_submit(plan: Plan, in_flight: dict[str, str]) -> list[tuple[Job, list[PlannedCell]]]:
     """Per placement, its unfinished cells that no queued or running job holds: those go as a new job."""
     todo = []
     for job in plan.jobs:
@@ -176,7 +176,7 @@ def _interrupted(plan: Plan, sweep_dir: Path, argv: list[str]) -> int:
     """Ctrl-C while following: say what became of the jobs, and how to go on."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the message short
     again = shlex.join(["w2w-sweep", "--wait", *argv])
-    if any(job.cfg.cluster.backend == "local" for job in plan.jobs):
+    if any(job.cell.cluster.backend == "local" for job in plan.jobs):
         stopped = _stop_local_jobs(sweep_dir)
         print("\nw2w-sweep: interrupted: local jobs run under this process and stop with it"
               + (f" (stopped {', '.join(stopped)})" if stopped else "")

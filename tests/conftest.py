@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # user without network would run them; tests of the unreachable-hub error unset this.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 IN_CI = os.environ.get("CI") == "true"
+FAKE_SITE = ROOT / "tests" / "fake_site"
 
 
 def cli(module: str, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
@@ -40,3 +43,53 @@ def local_slurm() -> None:
     up = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True)
     if up.returncode != 0:
         pytest.fail(f"make slurm-up failed:\n{up.stdout}\n{up.stderr}")
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (the job's processes all run on this machine)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+class Barrier:
+    """The test's side of tests/fake_site's barrier: SLURM job processes wait there until released."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def holders(self) -> list[int]:
+        """The processes that reached the barrier (still waiting there or not)."""
+        return [int(p.name.rpartition(".")[2]) for p in self.path.parent.glob(f"{self.path.name}.held.*")]
+
+    def release(self, *, after_exit: bool) -> None:
+        """Open the barrier; after_exit: first wait until every process that held there has ended, so
+        that a cancelled or requeued job's processes, still alive for SLURM's KillWait, cannot go on."""
+        if after_exit:
+            deadline = time.monotonic() + 120
+            while alive := [pid for pid in self.holders() if _running(pid)]:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"job processes {alive} still alive 120 s after their job ended")
+                time.sleep(0.2)
+        self.path.touch()
+
+
+@pytest.fixture
+def hold_at_barrier(tmp_path, monkeypatch) -> Iterator[Callable[[str], Barrier]]:
+    """hold_at_barrier("cells:N" or "batches:N"): the SLURM jobs this test submits from then on hold
+    after their N-th cell record or a cell's N-th batch, until the test releases the barrier."""
+    barriers: list[Barrier] = []
+
+    def hold(after: str) -> Barrier:
+        barrier = Barrier(tmp_path / "barrier")
+        monkeypatch.setenv("W2W_TEST_BARRIER", str(barrier.path))
+        monkeypatch.setenv("W2W_TEST_BARRIER_AFTER", after)
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAKE_SITE), str(ROOT)]))
+        barriers.append(barrier)
+        return barrier
+
+    yield hold
+    for barrier in barriers:  # a test that failed leaves no job waiting
+        barrier.path.touch()

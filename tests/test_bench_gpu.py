@@ -9,7 +9,7 @@ from tests.parallel import run_parallel
 
 
 def _dry_run() -> str:
-    from benchmarks import gpu_engines
+    from w2w.bench import gpu_engines
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

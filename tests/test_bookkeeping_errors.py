@@ -15,7 +15,8 @@ from w2w.launch.axes import cell_parameters, varying_axes
 from w2w.launch.plan import make_plan
 
 from tests.conftest import ROOT, cli
-from w2w.config import ConfigError, compose_cell
+from w2w.config import compose_cell
+from w2w.errors import ConfigError
 from w2w.generate_cli import length_problem
 
 FAST = ["shards=1", "precision=fp32", "max_gen_len=4", "dataset.num_prompts=2"]

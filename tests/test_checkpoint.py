@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -12,14 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from tests.parallel import run_parallel
-from w2w import checkpoint, distributed, hf
-from w2w.config import ConfigError, ModelConfig, compose_cell
+from w2w import checkpoint, distributed, engines, hf
+from w2w.cell import ModelConfig
+from w2w.config import compose_cell
 from w2w.distributed import DistInfo
-from w2w.generation import SamplingParams, generate
+from w2w.engines.common import SamplingParams
+from w2w.errors import ConfigError
 from w2w.model import ModelArgs, build_model, parameter_shapes, random_full_tensor, shard_slice
+from w2w.shapes import ffn_width
 from w2w.tokenizer import TINY_TOKENIZER
 
 # Grouped-query attention (8 heads, 4 KV heads); ffn width 176, which HF's config states directly.
@@ -50,11 +53,10 @@ def write_meta(directory: Path, state: dict[str, torch.Tensor], shards: int, arg
     return directory
 
 
-def model_cfg(ckpt_dir: Path | None, args: ModelArgs = ARGS, **changes) -> DictConfig:
+def model_cfg(ckpt_dir: Path | None, args: ModelArgs = ARGS, **changes) -> ModelConfig:
     fields = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
                                              "multiple_of", "ffn_dim_multiplier", "norm_eps", "max_seq_len")}
-    cfg = ModelConfig(name="test", checkpoint_dir=str(ckpt_dir) if ckpt_dir else None, **fields)
-    return OmegaConf.merge(OmegaConf.structured(cfg), changes)
+    return ModelConfig(name="test", checkpoint_dir=str(ckpt_dir) if ckpt_dir else None, **(fields | changes))
 
 
 def load_state(ckpt_dir: Path, rank: int, world: int, args: ModelArgs = ARGS) -> dict[str, torch.Tensor]:
@@ -149,7 +151,7 @@ def test_hf_args_derive_the_feed_forward_width(ckpts):
     config = json.loads((ckpts["hf"] / "config.json").read_text())
     for width in (100, 170, 171, 1000):
         assert hf._ffn_settings(config["hidden_size"], width, Path("x"))[0] == width
-        assert ModelArgs(dim=64, multiple_of=width, ffn_dim_multiplier=hf._ffn_settings(64, width, Path("x"))[1]).ffn_hidden == width
+        assert ffn_width(64, width, hf._ffn_settings(64, width, Path("x"))[1]) == width
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +172,7 @@ def _reference_and_loaded(ckpt_dirs: dict[str, Path], world: int) -> dict:
         model.setup_caches(TOKENS.shape[0], TOKENS.shape[1])
         logits = model(TOKENS, 0, torch.arange(TOKENS.shape[1]).expand_as(TOKENS), torch.ones_like(TOKENS, dtype=torch.bool))
         params = SamplingParams(max_gen_len=GEN_LEN, greedy=True, force_max_gen_len=True)
-        out[key] = {"logits": logits, "greedy": generate(model, [PROMPT], params, eos_id=2, pad_id=0).tokens[0]}
+        out[key] = {"logits": logits, "greedy": engines.create("fast", model).generate([PROMPT], params, eos_id=2, pad_id=0).tokens[0]}
     return out
 
 
@@ -332,7 +334,7 @@ def test_tokenizer_vocabulary_must_match_the_embedding(ckpts, tmp_path):
 
     ckpt = _copy(ckpts["meta2"], tmp_path / "c")
     shutil.copyfile(TINY_TOKENIZER, ckpt / "tokenizer.model")  # 512 pieces, embedding has 96 rows
-    cfg = OmegaConf.create({"model": model_cfg(ckpt), "precision": "fp32"})
+    cfg = dataclasses.replace(compose_cell(["precision=fp32"]), model=model_cfg(ckpt))
     info = DistInfo(0, 0, 1, "host", "node", torch.device("cpu"))
     with pytest.raises(ConfigError, match="has 512 pieces but model test has vocab_size=96"):
         load_model(cfg, info)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
+from w2w.cell import Cell
 from w2w.config import (
     Composer,
-    ConfigError,
-    cell_id,
     compose_cell,
     compose_grid,
     expand_overrides,
@@ -16,6 +15,38 @@ from w2w.config import (
     register_configs,
     split_config_dirs,
 )
+from w2w.errors import ConfigError
+
+# Cell ids name the folders of existing sweeps: these were computed by w2w before the typed cell.
+GOLDEN_IDS = [
+    ([], "66ed61e0b15d"),
+    (["model=llama_7b", "gpu=a100", "shards=4", "batch_size=64", "max_gen_len=512", "power_cap_w=250"],
+     "7ffe75f320b7"),
+    (["model=llama2_70b", "gpu=h100", "shards=8", "engine=reference", "precision=bf16", "cluster=slurm_h100",
+      "save_responses=true"], "4ca1469e4ece"),
+    (["model=llama3_1_8b", "gpu=h100", "dataset=synthetic", "temperature=0.6", "top_p=0.9", "greedy=true",
+      "energy.rapl=false"], "543294a51c05"),
+    (["model=tiny", "shards=2", "precision=fp32", "batch_size=4", "max_gen_len=16", "dataset.num_prompts=16",
+      "sweep_dir=/tmp/x"], "c710da83be43"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "cid"), GOLDEN_IDS)
+def test_cell_ids_are_those_of_earlier_sweeps(overrides, cid):
+    assert compose_cell(overrides).id == cid
+
+
+def test_a_cell_is_one_frozen_typed_object_that_pickles():
+    import dataclasses
+    import pickle
+
+    cell = compose_cell(["batch_size=4", "power_cap_w=250", "gpu=a100"])
+    assert isinstance(cell, Cell) and cell.batch_size == 4 and cell.power_cap_w == 250.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cell.batch_size = 8  # type: ignore[misc]
+    again = pickle.loads(pickle.dumps(cell))  # submitit pickles a job's cells
+    assert again == cell and again.id == cell.id
+    assert dataclasses.replace(cell, batch_size=8).id != cell.id
 
 
 def test_grid_expands_in_command_line_order():
@@ -32,7 +63,7 @@ def test_cell_id_is_stable_and_ignores_where_results_go():
     a = compose_cell(["batch_size=4", "sweep_dir=/tmp/a"])
     b = compose_cell(["batch_size=4", "sweep_dir=/tmp/b", "cluster=local_slurm"])
     c = compose_cell(["batch_size=8"])
-    assert cell_id(a) == cell_id(b) != cell_id(c)
+    assert a.id == b.id != c.id
     assert len(compose_grid(["batch_size=4,4,8"])) == 2
 
 
@@ -49,6 +80,7 @@ def test_cell_id_is_stable_and_ignores_where_results_go():
         (["max_gen_len=600"], ["max_gen_len=600", "model.max_seq_len=512"]),
         (["power_cap_w=150"], ["power_cap_w=150", "needs a GPU"]),
         (["top_p=0"], ["top_p=0", "(0, 1]"]),
+        (["engine=turbo"], ["engine=turbo", "valid are fast, reference"]),
         (["gpu=v100", "precision=bf16"], ["precision=bf16", "gpu=v100", "use precision=fp16"]),
     ],
 )

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from omegaconf import OmegaConf
 
-from w2w.config import ConfigError
+from w2w.cell import DatasetConfig
 from w2w.data import ALPACA_NO_INPUT, load_prompts, synthetic_prompts
+from w2w.errors import ConfigError
 
 
 def _cfg(name, path, n, seed=0):
-    return OmegaConf.create({"name": name, "path": str(path), "split": "train", "num_prompts": n, "seed": seed})
+    return DatasetConfig(name=name, path=str(path), split="train", num_prompts=n, seed=seed)
 
 
 def _write_jsonl(path, rows):

@@ -11,27 +11,27 @@ import pytest
 import torch
 
 from tests.fake_nvml import FakeClock, FakeGpu, fake_nvml
-from w2w.config import ConfigError, compose_cell
-from w2w.energy import (
-    MIN_TRUSTED_WINDOW_S,
-    SOURCE_COUNTER,
-    SOURCE_INTEGRATED,
-    SOURCE_NONE,
+from w2w.config import compose_cell
+from w2w.energy.errors import (
     EnergyError,
-    EnergyMonitor,
     GpuInitError,
     GpuNoPermissionError,
     GpuNotSupportedError,
     GpuReadError,
-    Sampler,
-    Window,
     WindowError,
-    integrate,
-    summarize,
-    timeline_frame,
 )
-from w2w.energy.monitor import device_sync
+from w2w.energy.monitor import (
+    MIN_TRUSTED_WINDOW_S,
+    SOURCE_COUNTER,
+    SOURCE_INTEGRATED,
+    SOURCE_NONE,
+    EnergyMonitor,
+    Window,
+    device_sync,
+)
 from w2w.energy.nvml import call
+from w2w.energy.sampler import Sampler, integrate, summarize, timeline_frame
+from w2w.errors import ConfigError
 
 CPU = torch.device("cpu")
 

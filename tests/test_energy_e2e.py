@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from unittest import mock
 
 import pandas as pd
 import pytest
-from omegaconf import DictConfig
 from w2w.analysis.reduce import main as reduce_main
 from w2w.analysis.reduce import plot_timeline, reduce_sweep
 
 from tests.fake_nvml import FakeGpu, fake_nvml
 from tests.parallel import run_parallel
+from w2w.cell import Cell
 from w2w.config import compose_grid
 from w2w.records import STATUS_OK, read_record, write_atomic
 
@@ -24,7 +25,7 @@ BATCH_CPU_UJ = {"intel-rapl:0": 3_500_000, "intel-rapl:1": 1_500_000}
 MAX_RANGE_UJ = 262_143_328_850
 
 
-def _cells(sweep: Path, *extra: str) -> list[DictConfig]:
+def _cells(sweep: Path, *extra: str) -> list[Cell]:
     return compose_grid([
         "precision=fp32", "max_gen_len=4", "dataset.num_prompts=4", "batch_size=2", "shards=2",
         f"sweep_dir={sweep}", "energy.idle_seconds=0.3", "energy.sample_interval_s=0.02", *extra,
@@ -40,14 +41,14 @@ def _powercap_tree(root: Path) -> Path:
     return root
 
 
-def _rank(cells: list[DictConfig], tree: Path, denied_rank: int | None, failing_run: int | None) -> dict:
+def _rank(cells: list[Cell], tree: Path, denied_rank: int | None, failing_run: int | None) -> dict:
     """One rank: its fake GPU is injected into the runner's monitor; the rest is the production path.
 
     denied_rank: that rank's GPU refuses power limits. failing_run: rank 0's NVML reads fail from
     the first decode of that cell on (counted among the cells that open a window) to its end.
     """
     from w2w import runner
-    from w2w.energy import EnergyMonitor
+    from w2w.energy.monitor import EnergyMonitor
 
     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
     rank = int(os.environ["RANK"])
@@ -146,7 +147,7 @@ def test_two_ranks_reducer_sums_equal_what_the_fake_gpus_reported(tmp_path, caps
 def test_cap_refused_on_one_rank_and_nvml_failing_mid_cell_fail_only_their_cells(tmp_path):
     sweep = tmp_path / "sweep"
     capped, failing, fine = (*_cells(sweep, "seed=1"), *_cells(sweep, "seed=2,3"))
-    capped.power_cap_w = 150.0  # past config validation, which wants a CUDA profile for caps
+    capped = dataclasses.replace(capped, power_cap_w=150.0)  # past config validation, which wants a CUDA profile
     # The capped cell never opens a window, so the failing cell is the first run.
     results = run_parallel(2, _rank, [capped, failing, fine], _powercap_tree(tmp_path / "powercap"), 1, 0)
     assert [r["statuses"] for r in results] == [["error", "error", STATUS_OK], ["error", STATUS_OK, STATUS_OK]]

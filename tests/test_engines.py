@@ -1,13 +1,18 @@
-"""The fast and reference engines: same greedy tokens as each other and as the dynamic-cache path."""
+"""The engines: same greedy tokens as each other and as the dynamic-cache path; the registry and the phase clock."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from tests.parallel import run_parallel
-from w2w import distributed
-from w2w.generation import SamplingParams, generate, left_pad, prefill
+from w2w import distributed, engines
+from w2w.config import compose_cell
+from w2w.engines.common import PhaseClock, SamplingParams
+from w2w.engines.fast import left_pad, prefill
 from w2w.model import ModelArgs, Transformer, build_model, random_state_dict
 
 MHA = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=128)
@@ -56,8 +61,7 @@ def _all_paths(world: int) -> dict:
             "dynamic": dynamic,
             "static": static,
             "logit_gap": (static_logits - dynamic_logits).abs().max().item(),
-            **{engine: generate(model, PROMPTS, GREEDY, 2, 0, engine=engine).tokens
-               for engine in ("fast", "reference")},
+            **{name: engines.create(name, model).generate(PROMPTS, GREEDY, 2, 0).tokens for name in engines.ENGINES},
         }
     return out
 
@@ -67,7 +71,7 @@ def test_engines_give_the_dynamic_paths_greedy_tokens(world):
     for rank_result in run_parallel(world, _all_paths, world):
         for name, paths in rank_result.items():
             assert all(len(row) == GREEDY.max_gen_len for row in paths["dynamic"]), name
-            assert paths["fast"] == paths["reference"] == paths["dynamic"] == paths["static"], name
+            assert all(paths[engine] == paths["dynamic"] == paths["static"] for engine in engines.ENGINES), name
             assert paths["logit_gap"] <= 1e-5, name
 
 
@@ -78,51 +82,95 @@ def model():
     return _model(GQA, 1)
 
 
-@pytest.mark.parametrize("engine", ["fast", "reference"])
-def test_same_seed_same_top_p_tokens(model, engine):
+@pytest.mark.parametrize("name", engines.ENGINES)
+def test_same_seed_same_top_p_tokens(model, name):
+    engine = engines.create(name, model)
+
     def run(seed: int) -> list[list[int]]:
         params = SamplingParams(max_gen_len=10, temperature=0.8, top_p=0.95, seed=seed, force_max_gen_len=True)
-        return generate(model, PROMPTS, params, 2, 0, engine=engine).tokens
+        return engine.generate(PROMPTS, params, 2, 0).tokens
 
     assert run(3) == run(3) != run(4)
 
 
-@pytest.mark.parametrize("engine", ["fast", "reference"])
-def test_a_cache_serves_a_smaller_last_batch_without_reallocating(model, engine):
+@pytest.mark.parametrize("name", engines.ENGINES)
+def test_a_cache_serves_a_smaller_last_batch_without_reallocating(model, name):
+    engine = engines.create(name, model)
     cache_len = 6 + GREEDY.max_gen_len
-    generate(model, PROMPTS, GREEDY, 2, 0, cache_len, engine=engine)
+    engine.generate(PROMPTS, GREEDY, 2, 0, cache_len)
     cache = model.layers[0].attention.cache
     address = cache.k.data_ptr()
-    last = generate(model, PROMPTS[:2], GREEDY, 2, 0, cache_len, engine=engine).tokens
+    last = engine.generate(PROMPTS[:2], GREEDY, 2, 0, cache_len).tokens
     assert model.layers[0].attention.cache is cache and cache.k.data_ptr() == address
     assert cache.k.shape[0] == len(PROMPTS)
-    alone = generate(model, PROMPTS[:2], GREEDY, 2, 0, cache_len + 1, engine=engine).tokens  # a fresh cache
+    alone = engine.generate(PROMPTS[:2], GREEDY, 2, 0, cache_len + 1).tokens  # a fresh cache
     assert model.layers[0].attention.cache.k.shape[0] == 2
     assert last == alone
 
 
 def test_eos_checked_every_n_steps_counts_the_steps_run_past_it(model):
-    forced = generate(model, PROMPTS[:1], SamplingParams(max_gen_len=20, greedy=True, force_max_gen_len=True), 2, 0)
+    fast = engines.create("fast", model)
+    forced = fast.generate(PROMPTS[:1], SamplingParams(max_gen_len=20, greedy=True, force_max_gen_len=True), 2, 0)
     row = forced.tokens[0]
     k = next(i for i in range(1, len(row)) if row[i] not in row[:i])  # a token first made at step k
     eos = row[k]
-    every = [generate(model, PROMPTS[:1], SamplingParams(max_gen_len=20, greedy=True, eos_check_every=n), eos, 0)
+    every = [fast.generate(PROMPTS[:1], SamplingParams(max_gen_len=20, greedy=True, eos_check_every=n), eos, 0)
              for n in (1, k + 2)]
     assert [g.tokens for g in every] == [[row[:k]]] * 2  # tokens after EOS dropped
     assert [g.decode_steps for g in every] == [k, k + 2]  # the second ran 2 steps past EOS: counted
-    reference = generate(model, PROMPTS[:1], SamplingParams(max_gen_len=20, greedy=True), eos, 0, engine="reference")
+    reference = engines.create("reference", model).generate(PROMPTS[:1], SamplingParams(max_gen_len=20, greedy=True), eos, 0)
     assert reference.tokens == every[0].tokens and reference.decode_steps == k
 
 
 def test_reference_forces_the_longer_prompts_in_step_by_step(model):
     """Meta's schedule: decoding starts at the shortest prompt, so a ragged batch takes more passes."""
-    ragged = generate(model, PROMPTS, GREEDY, 2, 0, engine="reference")
-    fast = generate(model, PROMPTS, GREEDY, 2, 0)
+    ragged = engines.create("reference", model).generate(PROMPTS, GREEDY, 2, 0)
+    fast = engines.create("fast", model).generate(PROMPTS, GREEDY, 2, 0)
     assert fast.decode_steps == GREEDY.max_gen_len - 1
     longest, shortest = max(map(len, PROMPTS)), min(map(len, PROMPTS))
     assert ragged.decode_steps == longest - shortest + GREEDY.max_gen_len - 1
 
 
-def test_an_unknown_engine_is_refused(model):
-    with pytest.raises(ValueError, match="engine=turbo: valid are fast, reference"):
-        generate(model, PROMPTS, GREEDY, 2, 0, engine="turbo")
+def test_an_unknown_engine_is_refused_naming_the_valid_ones(model):
+    with pytest.raises(ValueError, match=f"engine=turbo: valid are {', '.join(engines.ENGINES)}$"):
+        engines.create("turbo", model)
+
+
+def test_the_registry_names_a_module_with_an_engine_for_each_entry(model):
+    for name in engines.ENGINES:
+        assert isinstance(engines.create(name, model), engines.common.Engine)
+
+
+def test_importing_the_registry_imports_no_torch():
+    code = "import sys, w2w.engines; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_the_phase_clock_refuses_an_unknown_phase():
+    clock = PhaseClock(torch.device("cpu"))
+    with pytest.raises(ValueError, match="phase 'decoding': valid are prefill, decode or None"):
+        clock.enter("decoding")  # before: silently timed under a name nobody reads
+    assert clock.seconds == {"prefill": 0.0, "decode": 0.0}
+
+
+def test_fast_drops_decoders_built_over_a_reallocated_cache(model):
+    """A decoder's CUDA graph points into the KV cache: after setup_caches reallocates it, the
+    engine must build a new decoder, and give what a fresh engine gives."""
+    cache_len = 6 + GREEDY.max_gen_len
+    engine = engines.create("fast", model)
+    engine.generate(PROMPTS[:2], GREEDY, 2, 0, cache_len + 2)  # a cache for 2 rows
+    before = dict(engine.decoders)
+    generation = model.cache_generation
+    engine.generate(PROMPTS, GREEDY, 2, 0, cache_len + 2)  # 3 rows: the cache is reallocated
+    assert model.cache_generation > generation
+    again = engine.generate(PROMPTS[:2], GREEDY, 2, 0, cache_len + 2).tokens  # fits the new cache: no reallocation
+    assert not set(map(id, engine.decoders.values())) & set(map(id, before.values()))
+    fresh = engines.create("fast", model).generate(PROMPTS[:2], GREEDY, 2, 0, cache_len + 2).tokens
+    assert again == fresh
+
+
+def test_sampling_params_of_a_cell_reads_its_attributes():
+    cell = compose_cell(["max_gen_len=64", "temperature=0.6", "top_p=0.9", "force_max_gen_len=true", "seed=7"])
+    assert SamplingParams.of(cell) == SamplingParams(64, 0.6, 0.9, False, True, 7, 8)
+    assert SamplingParams.of(cell, max_gen_len=4).max_gen_len == 4  # a warm-up's shorter run

@@ -11,9 +11,10 @@ import torch
 
 from tests.parallel import run_parallel
 from tests.test_checkpoint import model_cfg
-from w2w import checkpoint, distributed
-from w2w.config import ConfigError, compose_cell
-from w2w.generation import SamplingParams, generate
+from w2w import checkpoint, distributed, engines
+from w2w.config import compose_cell
+from w2w.engines.common import SamplingParams
+from w2w.errors import ConfigError
 from w2w.model import ModelArgs, RopeScaling, build_model, rope_tables, scale_rope
 
 # GQA with 8 KV heads (as every Llama 3), head_dim 8, Llama 3's rope_theta. The 3.1 scaling uses a
@@ -79,7 +80,7 @@ def _w2w_outputs(ckpt_dirs: dict[str, Path], world: int) -> dict:
         logits = model(TOKENS, 0, torch.arange(TOKENS.shape[1]).expand_as(TOKENS),
                        torch.ones_like(TOKENS, dtype=torch.bool))
         params = SamplingParams(max_gen_len=GEN_LEN, greedy=True, force_max_gen_len=True)
-        out[key] = {"logits": logits, "greedy": generate(model, [PROMPT], params, eos_id=2, pad_id=0).tokens[0],
+        out[key] = {"logits": logits, "greedy": engines.create("fast", model).generate([PROMPT], params, eos_id=2, pad_id=0).tokens[0],
                     "scaling": args.rope_scaling}
     return out
 

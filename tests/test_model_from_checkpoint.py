@@ -11,7 +11,8 @@ from w2w.launch.plan import GIB, make_plan
 
 from tests.conftest import cli
 from tests.test_checkpoint import full_state
-from w2w.config import ConfigError, compose_cell
+from w2w.config import compose_cell
+from w2w.errors import ConfigError
 from w2w.model import ModelArgs, shard_slice
 from w2w.records import read_record, record_path
 from w2w.tokenizer import TINY_TOKENIZER
@@ -55,17 +56,11 @@ def ckpts(tmp_path_factory) -> dict[str, tuple[Path, ModelArgs]]:
             "hf": (write_hf(root / "my-hf-model", HF), HF)}
 
 
-def _shapes(model) -> ModelArgs:
-    return ModelArgs(**{k: model[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
-                                              "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta",
-                                              "max_seq_len")})
-
-
 @pytest.mark.parametrize("source", ["meta", "hf"])
 def test_the_checkpoint_alone_defines_the_model(ckpts, source):
     ckpt, args = ckpts[source]
     cfg = compose_cell(["model=checkpoint", f"model.checkpoint_dir={ckpt}", "max_gen_len=16"])
-    found = _shapes(cfg.model)
+    found = cfg.model.shapes()
     assert cfg.model.name == ckpt.name
     assert (found.dim, found.n_layers, found.n_heads, found.kv_heads, found.vocab_size, found.ffn_hidden,
             found.norm_eps, found.rope_theta) == (args.dim, args.n_layers, args.n_heads, args.n_kv_heads,
@@ -83,9 +78,9 @@ def test_the_planner_sizes_the_real_shapes(ckpts, source, shards):
                       "gpu=a100", "precision=fp16",
                       "batch_size=4", "max_gen_len=16", "dataset.max_prompt_tokens=32", f"shards=1,{shards}",
                       "cluster=supercloud_a100"])
-    assert [job.cfg.shards for job in plan.jobs] == [1, shards]
+    assert [job.cell.shards for job in plan.jobs] == [1, shards]
     for cell in plan.cells:
-        shards = cell.cfg.shards
+        shards = cell.cell.shards
         assert cell.memory.weights_gib == pytest.approx(args.num_params() * 2 / shards / GIB)
         kv = 2 * args.n_layers * 4 * (32 + 16) * args.kv_heads * args.head_dim * 2 / shards
         assert cell.memory.kv_cache_gib == pytest.approx(kv / GIB)

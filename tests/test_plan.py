@@ -13,7 +13,7 @@ from w2w.launch.plan import make_plan
 from w2w.launch.submit import make_executor, slurm_parameters
 
 from tests.conftest import ROOT, cli
-from w2w.config import ConfigError
+from w2w.errors import ConfigError
 
 GOLDEN = Path(__file__).parent / "golden"
 PAPER_65B = ["model=llama_65b", "gpu=v100", "cluster=supercloud", "shards=8,16,32", "batch_size=16,128",
@@ -27,10 +27,10 @@ def test_65b_on_v100_plans_nodes_and_tasks_without_slurm(monkeypatch):
     for shards, nodes in ((8, 4), (16, 8), (32, 16)):
         assert f"shards={shards} precision=fp16 -> {nodes} node(s) x 2 task(s)" in out
     plan = make_plan(PAPER_65B)
-    per_job = {job.cfg.shards: len(job.cells) for job in plan.jobs}
+    per_job = {job.cell.shards: len(job.cells) for job in plan.jobs}
     # 8 V100s hold 65B at batch 16 but not at batch 128 (the fit estimate); 16 and 32 hold both.
     assert per_job == {8: 4, 16: 8, 32: 8}
-    assert len(plan.skipped) == 4 and all(c.cfg.shards == 8 and c.cfg.batch_size == 128 for c in plan.skipped)
+    assert len(plan.skipped) == 4 and all(c.cell.shards == 8 and c.cell.batch_size == 128 for c in plan.skipped)
 
 
 def test_unfit_cell_is_an_error_without_skip_unfit():

@@ -10,7 +10,7 @@ import pytest
 from w2w.launch.plan import make_plan
 
 from tests.conftest import cli
-from w2w.config import ConfigError
+from w2w.errors import ConfigError
 from w2w.tokenizer import TINY_TOKENIZER
 
 
@@ -30,7 +30,7 @@ def test_editing_the_prompt_file_changes_the_cell_ids_and_it_is_read_once(tmp_pa
     monkeypatch.setattr(w2w.data, "file_sha256", lambda path: reads.append(path) or real(path))
     before = [cell.id for cell in make_plan(grid).cells]
     assert len(before) == 3 and len(reads) == 1  # one dataset, three cells: hashed once
-    assert make_plan(grid).cells[0].cfg.dataset.content_sha256 == real(data)
+    assert make_plan(grid).cells[0].cell.dataset.content_sha256 == real(data)
     assert [cell.id for cell in make_plan(grid).cells] == before  # same bytes, same ids
     data.write_text(data.read_text().replace("q3?", "q3 edited?"))
     after = [cell.id for cell in make_plan(grid).cells]
@@ -42,15 +42,15 @@ def test_a_job_refuses_a_prompt_file_edited_after_planning(tmp_path):
 
     data = _gsm8k_file(tmp_path / "g.jsonl", 4)
     (cell,) = make_plan(["dataset=gsm8k", f"dataset.path={data}", "dataset.num_prompts=2"]).cells
-    check_unchanged(cell.cfg.dataset)
+    check_unchanged(cell.cell.dataset)
     data.write_text(data.read_text() + '{"question": "new?"}\n')
     with pytest.raises(ConfigError, match=r"g.jsonl was edited after the sweep was planned: re-run w2w-sweep"):
-        check_unchanged(cell.cfg.dataset)
+        check_unchanged(cell.cell.dataset)
 
 
 def test_synthetic_cells_carry_no_content_hash():
     (cell,) = make_plan(["dataset=synthetic"]).cells
-    assert cell.cfg.dataset.content_sha256 is None
+    assert cell.cell.dataset.content_sha256 is None
 
 
 def _closed_port() -> int:
@@ -96,7 +96,7 @@ def test_a_csv_prompt_file_plans_and_loads(tmp_path):
     path = tmp_path / "g.csv"
     path.write_text('question,answer\n"How many, in all?",3\nWhat is 2+2?,4\n')
     (cell,) = _plan(path).cells
-    assert sorted(load_prompts(cell.cfg.dataset)) == ["How many, in all?", "What is 2+2?"]
+    assert sorted(load_prompts(cell.cell.dataset)) == ["How many, in all?", "What is 2+2?"]
 
 
 def test_bad_prompt_file_is_one_line_from_w2w_sweep_plan(tmp_path):

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from tests.fake_nvml import FakeGpu, fake_nvml
-from w2w.energy import EnergyMonitor, PowerCapError, PowerCapper
+from w2w.energy.errors import PowerCapError
+from w2w.energy.monitor import EnergyMonitor
+from w2w.energy.powercap import PowerCapper
 
 
 def capper_for(gpu: FakeGpu, run=subprocess.run) -> PowerCapper:

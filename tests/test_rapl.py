@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from tests.fake_nvml import FakeGpu, fake_nvml
-from w2w.energy import EnergyMonitor, open_rapl
 from w2w.energy import rapl as rapl_module
+from w2w.energy.monitor import EnergyMonitor
+from w2w.energy.rapl import open_rapl
 from w2w.records import write_atomic
 
 MAX_RANGE_UJ = 262_143_328_850

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from omegaconf import OmegaConf
 from w2w.analysis.reduce import reduce_sweep
 
 from tests.conftest import cli
-from w2w.config import ConfigError
+from w2w.cell import DatasetConfig
 from w2w.data import Prompt, load_prompt_rows
+from w2w.errors import ConfigError
 from w2w.records import read_record
 from w2w.responses import Responses
 from w2w.tokenizer import TINY_TOKENIZER, Tokenizer
@@ -22,8 +22,7 @@ TEMPLATE = "Question: {prompt}\nAnswer:"
 
 
 def _dataset(**extra):
-    return OmegaConf.create({"name": "gsm8k", "path": str(ROWS), "split": "train", "num_prompts": 4, "seed": 0,
-                             "prompt_template": "{prompt}", "fewshot_path": None, "fewshot_k": 0} | extra)
+    return DatasetConfig(**{"name": "gsm8k", "path": str(ROWS), "split": "train", "num_prompts": 4, "seed": 0} | extra)
 
 
 def test_template_and_kshot_prefix_wrap_every_prompt(tmp_path):
@@ -102,18 +101,19 @@ def test_alpaca_cells_have_no_accuracy_and_say_why(tmp_path):
 def test_new_options_at_their_defaults_keep_the_cell_ids_of_older_sweeps():
     import hashlib
 
-    from w2w.config import _ID_EXCLUDED, _ID_NEW_DEFAULTS, cell_id, compose_cell
+    from w2w.cell import ID_EXCLUDED, ID_NEW_DEFAULTS
+    from w2w.config import compose_cell
 
     cfg = compose_cell(["dataset.num_prompts=4"])
-    data = OmegaConf.to_container(cfg, resolve=True)
-    for key in _ID_EXCLUDED:
+    data = cfg.to_dict()
+    for key in ID_EXCLUDED:
         data.pop(key, None)
-    for section, defaults in _ID_NEW_DEFAULTS.items():  # what a config from before these options held
+    for section, defaults in ID_NEW_DEFAULTS.items():  # what a config from before these options held
         for key in defaults:
             (data[section] if section else data).pop(key)
     older = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
-    assert cell_id(cfg) == older
+    assert cfg.id == older
     changed = [["save_responses=true"], ["dataset.prompt_template='Q: {prompt}'"], ["model.eos_token='</s>'"],
                ["model.rope_scaling_factor=8"]]
-    ids = {cell_id(compose_cell(["dataset.num_prompts=4", *extra])) for extra in changed}
+    ids = {compose_cell(["dataset.num_prompts=4", *extra]).id for extra in changed}
     assert older not in ids and len(ids) == len(changed)

@@ -8,7 +8,7 @@ import pytest
 from w2w.analysis.reduce import reduce_sweep
 
 from tests.parallel import run_parallel
-from w2w.config import cell_id, compose_grid
+from w2w.config import compose_grid
 from w2w.progress import CellProgress, CellShape, progress_path
 from w2w.records import read_record, record_path
 
@@ -23,17 +23,18 @@ def _cells(sweep, *extra: str):
 def _run(sweep, preempt_after: int | None, *extra: str) -> tuple[object, list[str]]:
     """run_cells, stopped by SystemExit (what submitit's USR2 handler raises) before a batch."""
     from w2w import runner
+    from w2w.engines import fast
 
-    real, calls = runner.generate, []
+    real, calls = fast.Engine.generate, []
 
-    def generate(model, prompts, params, *args, **kwargs):
+    def generate(self, prompts, params, *args, **kwargs):
         kind = "batch" if params.max_gen_len == MAX_GEN_LEN else "warmup"
         if kind == "batch" and calls.count("batch") == preempt_after:
             raise SystemExit("preempted")
         calls.append(kind)
-        return real(model, prompts, params, *args, **kwargs)
+        return real(self, prompts, params, *args, **kwargs)
 
-    runner.generate = generate
+    fast.Engine.generate = generate  # this process only: run_parallel starts one per rank
     try:
         return runner.run_cells(_cells(sweep, *extra)), calls
     except SystemExit:
@@ -43,7 +44,7 @@ def _run(sweep, preempt_after: int | None, *extra: str) -> tuple[object, list[st
 def test_a_preempted_cell_runs_only_its_unfinished_batches_and_matches_an_uninterrupted_run(tmp_path):
     sweep, reference = tmp_path / "sweep", tmp_path / "reference"
     save = "save_responses=true"  # the responses of batches run before the preemption are kept too
-    cid = cell_id(_cells(sweep, save)[0])
+    cid = _cells(sweep, save)[0].id
     for outcome, calls in run_parallel(2, _run, sweep, 2, save):
         assert outcome == "preempted" and calls == ["warmup", "batch", "batch"]
     for rank in (0, 1):
@@ -126,7 +127,7 @@ def _run_metered(sweep, preempt_after: int | None, segment: int) -> tuple[object
 
     from tests.fake_nvml import FakeGpu, fake_nvml
     from w2w import runner
-    from w2w.energy import EnergyMonitor
+    from w2w.energy.monitor import EnergyMonitor
 
     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
     gpus = [FakeGpu(uuid=f"GPU-{i}", power_w=ACTIVE_W) for i in range(2)]
@@ -153,7 +154,7 @@ def test_a_resumed_cell_sums_the_energy_windows_of_its_batches_at_each_segments_
         assert outcome == "preempted"
     for outcome, _ in run_parallel(2, _run_metered, sweep, None, 1):
         assert outcome == ["ok"]
-    cid = cell_id(_cells(sweep, "energy.idle_seconds=0.3", "energy.rapl=false")[0])
+    cid = _cells(sweep, "energy.idle_seconds=0.3", "energy.rapl=false")[0].id
     for rank in (0, 1):
         record = read_record(record_path(sweep, cid, rank))
         batches, energy = record["batches"], record["energy"]

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import cli
 from tests.parallel import run_parallel
-from w2w.config import cell_id, compose_grid
+from w2w.config import compose_grid
 from w2w.records import read_record, record_path
 
 
@@ -18,19 +18,20 @@ def _cells(sweep, *extra):
 
 
 def _run_with_failure(sweep, failing_ranks: list[int], failing_batch: int) -> tuple[list[str] | None, str | None]:
-    """run_cells where generate raises on the given ranks for cells of one batch size."""
+    """run_cells where the fast engine's generate raises on the given ranks for cells of one batch size."""
     import torch.distributed as dist
 
     from w2w import runner
+    from w2w.engines import fast
 
-    real = runner.generate
+    real = fast.Engine.generate
 
-    def generate(model, prompts, params, *args, **kwargs):
+    def generate(self, prompts, params, *args, **kwargs):
         if dist.get_rank() in failing_ranks and len(prompts) == failing_batch and params.max_gen_len == 4:
             raise ValueError(f"injected failure on rank {dist.get_rank()}")
-        return real(model, prompts, params, *args, **kwargs)
+        return real(self, prompts, params, *args, **kwargs)
 
-    runner.generate = generate
+    fast.Engine.generate = generate  # this process only: run_parallel starts one per rank
     try:
         return runner.run_cells(_cells(sweep)), None
     except RuntimeError as exc:
@@ -43,7 +44,7 @@ def test_a_failure_on_every_rank_is_recorded_and_the_job_goes_on(tmp_path):
         assert error is None and statuses == ["error", "ok"]
     first = _cells(tmp_path)[0]
     for rank in (0, 1):
-        record = read_record(record_path(tmp_path, cell_id(first), rank))
+        record = read_record(record_path(tmp_path, first.id, rank))
         assert record["status"] == "error" and f"injected failure on rank {rank}" in record["error"]
 
 
@@ -53,10 +54,10 @@ def test_a_failure_on_one_rank_stops_the_job_on_every_rank_quickly(tmp_path):
     assert time.monotonic() - start < 90  # bounded by dist_timeout_s, not the allocation
     for statuses, error in results:
         assert statuses is None and ("job stops" in error or "did not finish the cell" in error)
-    cid = cell_id(_cells(tmp_path)[0])
+    cid = _cells(tmp_path)[0].id
     assert "injected failure on rank 1" in read_record(record_path(tmp_path, cid, 1))["error"]
     assert read_record(record_path(tmp_path, cid, 0))["status"] == "error"  # its collective broke
-    assert not list(tmp_path.glob(f"cells/{cell_id(_cells(tmp_path)[1])}/*.json"))  # the job stopped
+    assert not list(tmp_path.glob(f"cells/{_cells(tmp_path)[1].id}/*.json"))  # the job stopped
 
 
 def test_w2w_run_skips_done_cells_and_rejects_bad_prompt_files_before_loading(tmp_path):

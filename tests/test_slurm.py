@@ -87,24 +87,26 @@ def _scontrol_job(job_id: str) -> str:
     return subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
 
 
-# A quick first cell, then cells of several seconds: a signal lands while they are still to run.
-SLOW_CELLS = [*BASE, "shards=1", "batch_size=16,2,1", "max_gen_len=48", "dataset.num_prompts=96"]
+# Three cells in one job; the tests hold the job at a barrier after its first (hold_at_barrier), so a
+# signal lands with exactly one cell done however loaded the machine is.
+THREE_CELLS = [*BASE, "shards=1", "batch_size=4,2,1", "max_gen_len=8", "dataset.num_prompts=8"]
 
 
-def test_resume_after_scancel_runs_only_missing_cells(tmp_path):
+def test_resume_after_scancel_runs_only_missing_cells(tmp_path, hold_at_barrier):
     sweep = tmp_path / "sweep"
-    args = [*SLOW_CELLS, f"sweep_dir={sweep}"]
+    args = [*THREE_CELLS, f"sweep_dir={sweep}"]
+    barrier = hold_at_barrier("cells:1")
     job_id = _submit(sweep, args)
-    _wait_for(lambda: len(list(sweep.glob("cells/*/rank-*.json"))) >= 1, 180, "the first cell", job_id)
+    _wait_for(lambda: len(barrier.holders()) == 1, 300, "the job to hold after its first cell", job_id)
     subprocess.run(["scancel", job_id], check=True)
     _wait_for(lambda: _sacct_state(job_id).startswith("CANCELLED"), 60, "the cancellation")
-    time.sleep(4)  # KillWait: the job's processes may still be ending
+    barrier.release(after_exit=True)  # the cancelled job's process has ended: it wrote no second cell
     done = _records_now(sweep)
-    assert 1 <= len(done) < 3
+    assert len(done) == 1
     print(cli("w2w.launch.status", str(sweep)).stdout)
 
     out = cli("w2w.launch.sweep", "--wait", "--poll", "1", *args).stdout
-    assert f"({3 - len(done)} cell(s) to run)" in out
+    assert "(2 cell(s) to run)" in out
     assert "3 cells: 3 done" in out
     assert _unchanged(done)
     status = cli("w2w.launch.status", str(sweep)).stdout
@@ -114,14 +116,17 @@ def test_resume_after_scancel_runs_only_missing_cells(tmp_path):
     assert "all cells done" in again and "submitted " not in again
 
 
-def test_preempted_job_requeues_and_continues_at_the_first_unfinished_cell(tmp_path):
+def test_preempted_job_requeues_and_continues_at_the_first_unfinished_cell(tmp_path, hold_at_barrier):
     sweep = tmp_path / "sweep"
-    job_id = _submit(sweep, [*SLOW_CELLS, f"sweep_dir={sweep}"])
-    _wait_for(lambda: len(list(sweep.glob("cells/*/rank-*.json"))) >= 1, 180, "the first cell", job_id)
+    barrier = hold_at_barrier("cells:1")
+    job_id = _submit(sweep, [*THREE_CELLS, f"sweep_dir={sweep}"])
+    _wait_for(lambda: len(barrier.holders()) == 1, 300, "the job to hold after its first cell", job_id)
     # What SLURM sends before preemption or the time limit: submitit checkpoints and requeues.
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # the steps, as SLURM does
     _wait_for(lambda: "Reason=BeginTime" in _scontrol_job(job_id), 60, "the requeue")
+    barrier.release(after_exit=True)  # the first attempt has ended; the requeued one passes the barrier
     done = _records_now(sweep)
+    assert len(done) == 1
     # SLURM holds a requeued job for two minutes; an admin may release it at once.
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     _wait_for(lambda: _sacct_state(job_id) == "COMPLETED", 180, "the requeued job")
@@ -177,15 +182,16 @@ def _progress(sweep: Path) -> dict[int, int]:
             for p in sweep.glob("cells/*/progress-rank-*.json")}
 
 
-def test_preempted_mid_cell_resumes_at_its_first_unfinished_batch(tmp_path):
+def test_preempted_mid_cell_resumes_at_its_first_unfinished_batch(tmp_path, hold_at_barrier):
     sweep = tmp_path / "sweep"
+    barrier = hold_at_barrier("batches:2")  # both ranks hold once they saved their second batch
     job_id = _submit(sweep, [*BATCHED_CELL, f"sweep_dir={sweep}"])
-    _wait_for(lambda: len(_progress(sweep)) == 2 and min(_progress(sweep).values()) >= 2, 180, "two batches", job_id)
+    _wait_for(lambda: len(barrier.holders()) == 2, 300, "both ranks to hold after two batches", job_id)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     _wait_for(lambda: "Reason=BeginTime" in _scontrol_job(job_id), 60, "the requeue")
-    time.sleep(4)  # KillWait: the job's processes may still be ending
-    finished = min(_progress(sweep).values())
-    assert 2 <= finished < 12  # preempted mid-cell
+    barrier.release(after_exit=True)  # the first attempt's ranks have ended
+    assert _progress(sweep) == {0: 2, 1: 2}  # preempted mid-cell, after exactly two batches
+    finished = 2
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     # The records decide; a rank that aborts in gloo's teardown after its cells marks the job FAILED.
     _wait_for(lambda: _sacct_state(job_id) in ("COMPLETED", "FAILED"), 300, "the requeued job")

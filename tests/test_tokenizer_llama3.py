@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import cli
-from w2w.config import ConfigError
+from w2w.errors import ConfigError
 from w2w.records import read_record
 from w2w.tokenizer import (
     LLAMA3_PATTERN,

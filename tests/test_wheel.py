@@ -61,6 +61,8 @@ def test_the_installed_package_is_not_the_checkout(installed):
                 "print(c.package_config_dir())"], installed["cwd"], installed["env"]).stdout.split()
     assert all(Path(p).is_relative_to(installed["site"]) for p in out), out
     assert (Path(out[1]) / "model" / "llama_65b.yaml").is_file()
+    # The benchmarks ship in the wheel: a GPU node with only the wheel runs `python -m w2w.bench.gpu_engines`.
+    assert (Path(out[0]).parent / "bench" / "gpu_engines.py").is_file()
 
 
 def test_plan_and_one_run_to_a_table_from_another_folder(installed):

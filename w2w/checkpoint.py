@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from w2w import hf
-from w2w.config import ConfigError, divisors
+from w2w.cell import ModelConfig
+from w2w.errors import ConfigError, divisors
 from w2w.model import DTYPES, ModelArgs, parameter_shapes, random_state_dict, shard_dim
-from w2w.shapes import preset_args
 from w2w.tokenizer import TINY_TOKENIZER
 
 log = logging.getLogger("w2w.checkpoint")
@@ -50,9 +49,9 @@ _SHAPE_KEYS = {  # ModelArgs attribute -> (what the message calls it, the preset
 # What the runner calls
 
 
-def model_args(model: DictConfig) -> ModelArgs:
+def model_args(model: ModelConfig) -> ModelArgs:
     """The preset's shapes; with checkpoint_dir set, the checkpoint's, which must match the preset."""
-    preset = preset_args(model)
+    preset = model.shapes()
     if not model.checkpoint_dir:
         return preset
     ckpt = open_checkpoint(Path(model.checkpoint_dir), load=False)
@@ -99,7 +98,7 @@ def architecture(ckpt_dir: Path) -> dict[str, Any]:
     return asdict(ckpt.args) | {"name": ckpt_dir.resolve().name}
 
 
-def tokenizer_path(model: DictConfig) -> Path:
+def tokenizer_path(model: ModelConfig) -> Path:
     if model.tokenizer_path:
         return Path(model.tokenizer_path)
     if not model.checkpoint_dir:
@@ -124,7 +123,7 @@ def find_tokenizer(ckpt_dir: Path) -> Path | None:
     return None
 
 
-def load_rank_state(model: DictConfig, args: ModelArgs, rank: int, world: int) -> dict[str, torch.Tensor]:
+def load_rank_state(model: ModelConfig, args: ModelArgs, rank: int, world: int) -> dict[str, torch.Tensor]:
     """This rank's slice of every parameter, in Meta's names, in the checkpoint's dtype."""
     if not model.checkpoint_dir:
         return random_state_dict(args, model.init_seed, rank, world)

@@ -1,16 +1,13 @@
-"""Structured config schemas, composition of cells from Hydra overrides, and validation."""
+"""Compose cells from Hydra overrides: the config groups, the grid, and the checks that need no files."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
-import json
 import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -22,153 +19,42 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, ValueType
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from w2w import data
+from w2w.cell import Cell, ClusterConfig, DatasetConfig, GpuConfig, ModelConfig
+from w2w.engines import ENGINES
+from w2w.errors import ConfigError, divisors
 
 # Site cluster profiles and model presets: folders searched after the packaged configs (os.pathsep-separated).
 CONFIG_DIR_ENV = "W2W_CONFIG_DIR"
 PRECISIONS = ("fp32", "fp16", "bf16")
 ENERGY_BACKENDS = ("auto", "nvml", "none")
-ENGINES = ("fast", "reference")  # w2w/generation.py and w2w/reference.py
 
 
-class ConfigError(ValueError):
-    """Bad user input, reported before any work starts."""
+def _writable(schema: type) -> DictConfig:
+    """The schema as Hydra composes into it: the frozen dataclass's fields, types and defaults, but
+    writable (overrides are applied to it); OmegaConf.to_object turns the result back into `schema`."""
+    node = OmegaConf.structured(schema)
+    _clear_readonly(node)
+    return node
 
 
-@dataclass
-class ModelConfig:
-    name: str = MISSING
-    dim: int = MISSING
-    n_layers: int = MISSING
-    n_heads: int = MISSING
-    n_kv_heads: int | None = None  # None: multi-head attention (n_kv_heads == n_heads)
-    vocab_size: int = MISSING
-    multiple_of: int = 256
-    ffn_dim_multiplier: float | None = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_seq_len: int = 2048
-    # Llama 3.1's rope scaling (rope_type llama3); null: none. A checkpoint's own values win.
-    rope_scaling_factor: float | None = None
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_pos: int = 8192
-    checkpoint_dir: str | None = None  # None: random weights drawn from init_seed
-    # None: tokenizer.model or tokenizer.json in checkpoint_dir (or one level up), or the bundled tiny one
-    tokenizer_path: str | None = None
-    eos_token: str | None = None  # None: the family's (</s>, <|end_of_text|>); instruct Llama 3: <|eot_id|>
-    init_seed: int = 0
-
-
-@dataclass
-class GpuConfig:
-    name: str = MISSING
-    device: str = "cuda"  # torch device type: cuda or cpu
-    memory_gib: float = 0.0  # per GPU, for the fit check; 0 = unknown, no check
-    bf16: bool = True  # native bf16 arithmetic (Ampere and newer)
-    tdp_w: float | None = None
-
-
-@dataclass
-class DatasetConfig:
-    name: str = MISSING
-    path: str | None = None  # hub name or local .json/.jsonl; None for synthetic
-    split: str = "train"
-    num_prompts: int = 4096
-    seed: int = 0
-    # Longer prompts keep their last tokens; also the prompt length the memory-fit check assumes.
-    max_prompt_tokens: int = 128
-    # Each prompt as the model sees it: "{prompt}" is the dataset's prompt (zero-shot, as the paper).
-    prompt_template: str = "{prompt}"
-    fewshot_path: str | None = None  # GSM8K rows (question, answer) whose first fewshot_k prefix each prompt
-    fewshot_k: int = 0
-    # Set by w2w, not an option: sha256 of the local prompt file, so that editing it changes the cell id.
-    content_sha256: str | None = None
-
-
-@dataclass
-class ClusterConfig:
-    name: str = MISSING
-    backend: str = "local"  # local (submitit LocalExecutor) or slurm
-    gpus_per_node: int = 1
-    max_nodes: int = 1
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    gres: str | None = None  # e.g. gpu:volta:2; None: gpu:<gpus per node used>
-    gres_gpu: bool = True  # the scheduler hands out GPUs (gres/gpu); false: CPU-only nodes, gpu=cpu only
-    timeout_min: int = 60
-    cpus_per_task: int = 1
-    mem_gb: float | None = None
-    additional_parameters: dict[str, Any] = field(default_factory=dict)
-    setup: list[str] = field(default_factory=list)
-    array_parallelism: int = 64
-    python: str | None = None  # interpreter on the nodes; None: the one running w2w-sweep
-
-
-@dataclass
-class EnergyConfig:
-    backend: str = "auto"  # auto | nvml | none
-    sample_interval_s: float = 0.1  # power/telemetry sampler period
-    sampler: bool = True  # false: no timelines, utilization or integrated fallback
-    instant_power: bool = True  # sample NVML's instant power field where the GPU offers it
-    idle_seconds: float = 5.0  # idle baseline before the first cell; 0: none
-    rapl: bool = True  # CPU energy from RAPL, read by local rank 0 of each node
-
-
-@dataclass
-class RunConfig:
-    model: ModelConfig = MISSING
-    gpu: GpuConfig = MISSING
-    dataset: DatasetConfig = MISSING
-    cluster: ClusterConfig = MISSING
-    energy: EnergyConfig = field(default_factory=EnergyConfig)
-    shards: int = 1
-    precision: str = "fp16"
-    batch_size: int = 1
-    max_gen_len: int = 256
-    temperature: float = 0.8
-    top_p: float = 0.95
-    greedy: bool = False
-    force_max_gen_len: bool = False  # ignore EOS: every response is exactly max_gen_len tokens
-    seed: int = 1
-    engine: str = "fast"  # fast: static cache + CUDA graphs; reference: Meta's generation schedule
-    eos_check_every: int = 8  # fast engine: decode steps between checks that every row has ended
-    warmup: bool = True
-    power_cap_w: float | None = None
-    # Where users may not call NVML's setter: a site wrapper run as
-    # power_cap_command.format(watts=..., gpu_index=..., gpu_uuid=...); None: NVML.
-    power_cap_command: str | None = None
-    sweep_dir: str = "runs/default"
-    dist_timeout_s: int = 600
-    skip_unfit: bool = False  # cells that do not fit the GPUs' memory: skipped (true) or an error
-    save_responses: bool = False  # rank 0 writes the cell's prompts and responses beside its records
-    # An experiment's grid: {key: "a,b"} or a list of such sub-grids, unioned; the command line wins.
-    grid: Any = None
+def _clear_readonly(node: DictConfig) -> None:
+    OmegaConf.set_readonly(node, None)
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _clear_readonly(child)
 
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
-    cs.store(name="base_config", node=RunConfig)
-    cs.store(group="model", name="base_model", node=ModelConfig)
-    cs.store(group="gpu", name="base_gpu", node=GpuConfig)
-    cs.store(group="dataset", name="base_dataset", node=DatasetConfig)
-    cs.store(group="cluster", name="base_cluster", node=ClusterConfig)
-
-
-# The keys that decide which job (and model load) a cell belongs to.
-PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
-# Result-neutral keys left out of the cell id, so moving a sweep does not redo its cells.
-_ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command")
-# Options added after sweeps were run, per config section: at their defaults they leave the cell id as it was.
-_ID_NEW_DEFAULTS = {
-    "": {"save_responses": False},
-    # content_sha256 is None for hub and synthetic data: they keep their earlier ids.
-    "dataset": {"prompt_template": "{prompt}", "fewshot_path": None, "fewshot_k": 0, "content_sha256": None},
-    "model": {"eos_token": None, "rope_scaling_factor": None, "rope_low_freq_factor": 1.0,
-              "rope_high_freq_factor": 4.0, "rope_original_max_pos": 8192},
-}
+    cs.store(name="base_config", node=_writable(Cell))
+    cs.store(group="model", name="base_model", node=_writable(ModelConfig))
+    cs.store(group="gpu", name="base_gpu", node=_writable(GpuConfig))
+    cs.store(group="dataset", name="base_dataset", node=_writable(DatasetConfig))
+    cs.store(group="cluster", name="base_cluster", node=_writable(ClusterConfig))
 
 
 def package_config_dir() -> Path:
@@ -295,6 +181,7 @@ class Composer:
         self._bases: dict[tuple[tuple[str, ...], bool], DictConfig] = {}
         self._checkpoints: dict[str, dict[str, Any]] = {}
         self._parsed: dict[str, Override] = {}
+        self._hashes: dict[str, str] = {}  # each prompt file is read once, however many cells use it
 
     def _hydra(self, overrides: list[str]) -> DictConfig:
         register_configs()
@@ -348,14 +235,27 @@ class Composer:
             raise ConfigError(self._composition_message(exc)) from exc
         return cfg
 
-    def cell(self, overrides: list[str]) -> DictConfig:
-        """Compose and validate one cell's config; errors name the option and the fix."""
+    def cell(self, overrides: list[str]) -> Cell:
+        """Compose and validate one cell; errors name the option and the fix."""
         parsed = self._parse(overrides)
         cfg = self._compose(parsed, grid=False)
         given = {o.key_or_group.split(".")[1] for o in parsed if o.key_or_group.startswith("model.")}
         self._fill_from_checkpoint(cfg.model, given)
-        validate(cfg)
-        return cfg
+        self._stamp_content_hash(cfg.dataset)
+        cell = OmegaConf.to_object(cfg)
+        validate(cell)
+        return cell
+
+    def _stamp_content_hash(self, dataset: DictConfig) -> None:
+        """Put the local prompt file's content hash into the cell (hence into its id)."""
+        local = data.check_local_path(dataset) if dataset.name != "synthetic" else None
+        if local is None:
+            dataset.content_sha256 = None
+            return
+        key = str(local.resolve())
+        if key not in self._hashes:
+            self._hashes[key] = data.file_sha256(local)
+        dataset.content_sha256 = self._hashes[key]
 
     def _fill_from_checkpoint(self, model: DictConfig, given: set[str]) -> None:
         """model=checkpoint (a model config without dim): the architecture comes from the checkpoint's
@@ -388,19 +288,14 @@ class Composer:
         return [[f"{k}={_grid_value(v)}" for k, v in part.items() if k not in given] + list(overrides)
                 for part in parts]
 
-    def grid(self, overrides: list[str]) -> list[DictConfig]:
+    def grid(self, overrides: list[str]) -> list[Cell]:
         """All cells of a grid (or of an experiment's sub-grids), in order, duplicates removed."""
-        cells, seen = [], set()
-        hashes: dict[str, str | None] = {}  # each prompt file is read once, however many cells use it
+        cells: dict[str, Cell] = {}
         for part in self.subgrids(overrides):
             for point in expand_overrides(part):
-                cfg = self.cell(point)
-                stamp_content_hash(cfg, hashes)
-                cid = cell_id(cfg)
-                if cid not in seen:
-                    seen.add(cid)
-                    cells.append(cfg)
-        return cells
+                cell = self.cell(point)
+                cells.setdefault(cell.id, cell)
+        return list(cells.values())
 
     def _missing_option_message(self, exc: MissingConfigException, overrides: list[str]) -> str:
         for group in sorted(self.groups):
@@ -426,7 +321,7 @@ class Composer:
         return str(exc)
 
 
-def compose_cell(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> DictConfig:
+def compose_cell(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> Cell:
     """Compose and validate one cell's config; errors name the option and the fix."""
     return Composer(config_dir).cell(overrides)
 
@@ -456,7 +351,7 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: Cell) -> None:
     """Checks that need no files or hardware: done on the login node before submitting."""
     m = cfg.model
     n_kv = m.n_kv_heads or m.n_heads
@@ -507,9 +402,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.power_cap_command is not None:
         problem = check_command(cfg.power_cap_command)
         _check(problem is None, f"power_cap_command={cfg.power_cap_command!r}: {problem}")
-    from w2w.data import check_template
-
-    check_template(cfg.dataset)
+    data.check_template(cfg.dataset)
     _check(cfg.dataset.num_prompts >= 1, f"dataset.num_prompts={cfg.dataset.num_prompts}: must be >= 1")
     _check(0.0 < cfg.top_p <= 1.0, f"top_p={cfg.top_p}: must be in (0, 1]")
     _check(cfg.temperature > 0 or cfg.greedy, f"temperature={cfg.temperature}: must be > 0, or set greedy=true")
@@ -526,42 +419,6 @@ def validate(cfg: DictConfig) -> None:
     )
 
 
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def cell_id(cfg: DictConfig) -> str:
-    """Stable hash of the cell's resolved config (result-neutral keys excluded)."""
-    # Excluded keys are left out before resolving: an experiment's grid is costly to resolve.
-    data = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
-            for k, v in cfg.items() if k not in _ID_EXCLUDED}
-    for section, defaults in _ID_NEW_DEFAULTS.items():
-        table = data.get(section, {}) if section else data
-        for key, default in defaults.items():
-            if key in table and table[key] == default:
-                del table[key]
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def stamp_content_hash(cfg: DictConfig, hashes: dict[str, str | None]) -> None:
-    """Put the local prompt file's content hash into the cell's config (hence into its id)."""
-    from w2w.data import check_local_path, file_sha256
-
-    local = check_local_path(cfg.dataset) if cfg.dataset.name != "synthetic" else None
-    key = str(local.resolve()) if local is not None else ""
-    if key and key not in hashes:
-        hashes[key] = file_sha256(local)
-    cfg.dataset.content_sha256 = hashes.get(key)
-
-
-def placement_key(cfg: DictConfig) -> str:
-    data = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
-            else cfg[k] for k in PLACEMENT_KEYS}
-    data["sweep_dir"] = cfg.sweep_dir
-    return json.dumps(data, sort_keys=True)
-
-
-def compose_grid(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> list[DictConfig]:
+def compose_grid(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> list[Cell]:
     """All cells of a grid (or of an experiment's sub-grids), in order, duplicates removed."""
     return Composer(config_dir).grid(overrides)

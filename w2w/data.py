@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from omegaconf import DictConfig
-
-from w2w.config import ConfigError
+from w2w.cell import DatasetConfig
+from w2w.errors import ConfigError
 
 # Stanford Alpaca's prompt template (tatsu-lab/stanford_alpaca, train.py).
 ALPACA_WITH_INPUT = (
@@ -64,7 +63,7 @@ def synthetic_prompts(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 30))) for _ in range(n)]
 
 
-def check_local_path(cfg: DictConfig) -> Path | None:
+def check_local_path(cfg: DatasetConfig) -> Path | None:
     """The local prompt file named by dataset.path (None for a hub name); checked on the login node too."""
     if cfg.path is None:
         return None
@@ -87,9 +86,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_unchanged(cfg: DictConfig) -> None:
+def check_unchanged(cfg: DatasetConfig) -> None:
     """The prompt file still holds what the cell id was computed from (a job may start hours later)."""
-    expected = cfg.get("content_sha256")
+    expected = cfg.content_sha256
     local = check_local_path(cfg)
     if expected and local is not None and file_sha256(local) != expected:
         raise ConfigError(
@@ -153,7 +152,7 @@ def local_rows(path: Path) -> Rows:
         raise ConfigError(f"dataset.path={path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
-def check_rows(cfg: DictConfig, path: Path, rows: Rows) -> None:
+def check_rows(cfg: DatasetConfig, path: Path, rows: Rows) -> None:
     """Every row holds the dataset's fields, not null; there are enough rows for num_prompts."""
     if not rows:
         raise ConfigError(f"dataset.path={path}: the file has no rows (only blank lines)")
@@ -180,7 +179,7 @@ def hub_offline() -> bool:
     return any(os.environ.get(v, "").lower() in _TRUE for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def check_hub_reachable(cfg: DictConfig) -> None:
+def check_hub_reachable(cfg: DatasetConfig) -> None:
     """A hub name needs the hub (one quick connection), unless the user runs from the datasets cache."""
     if hub_offline():
         return
@@ -196,7 +195,7 @@ def check_hub_reachable(cfg: DictConfig) -> None:
         ) from None
 
 
-def check_dataset(cfg: DictConfig) -> None:
+def check_dataset(cfg: DatasetConfig) -> None:
     """What would fail on the node, checked before anything is submitted (and again on the node)."""
     if cfg.name == "synthetic":
         return
@@ -211,7 +210,7 @@ def check_dataset(cfg: DictConfig) -> None:
         check_rows(cfg, local, local_rows(local))
 
 
-def _load_rows(cfg: DictConfig):
+def _load_rows(cfg: DatasetConfig):
     import datasets
 
     datasets.disable_progress_bars()
@@ -229,20 +228,20 @@ def fill_template(template: str, prompt: str) -> str:
     return template.replace(PROMPT_SLOT, prompt)
 
 
-def prompt_template(cfg: DictConfig) -> str:
+def prompt_template(cfg: DatasetConfig) -> str:
     """dataset.prompt_template; a typed '\\n' is a newline, which a command line cannot pass."""
-    return cfg.get("prompt_template", PROMPT_SLOT).replace("\\n", "\n")
+    return cfg.prompt_template.replace("\\n", "\n")
 
 
-def check_template(cfg: DictConfig) -> None:
+def check_template(cfg: DatasetConfig) -> None:
     """dataset.prompt_template and the k-shot options; no files are read."""
-    template = cfg.get("prompt_template", PROMPT_SLOT)
+    template = cfg.prompt_template
     if PROMPT_SLOT not in template:
         raise ConfigError(
             f"dataset.prompt_template={template!r} has no {PROMPT_SLOT} slot: add it where the "
             "dataset's prompt goes (e.g. 'Question: {prompt}\\nAnswer:')"
         )
-    k, path = cfg.get("fewshot_k", 0), cfg.get("fewshot_path")
+    k, path = cfg.fewshot_k, cfg.fewshot_path
     if k < 0:
         raise ConfigError(f"dataset.fewshot_k={k}: must be >= 0 (0: zero-shot, as the paper ran)")
     if k and cfg.name != "gsm8k":
@@ -251,10 +250,10 @@ def check_template(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.fewshot_k={k} needs dataset.fewshot_path: a .jsonl of GSM8K rows to draw shots from")
 
 
-def fewshot_prefix(cfg: DictConfig) -> str:
+def fewshot_prefix(cfg: DatasetConfig) -> str:
     """The first dataset.fewshot_k rows of dataset.fewshot_path, each as the template filled with
     its question followed by its worked answer (which ends in '#### N')."""
-    k = cfg.get("fewshot_k", 0)
+    k = cfg.fewshot_k
     if not k:
         return ""
     path = Path(cfg.fewshot_path)
@@ -272,12 +271,12 @@ def fewshot_prefix(cfg: DictConfig) -> str:
     return "".join(f"{fill_template(template, r['question'])} {r['answer']}\n\n" for r in good[:k])
 
 
-def load_prompts(cfg: DictConfig) -> list[str]:
+def load_prompts(cfg: DatasetConfig) -> list[str]:
     """The texts of load_prompt_rows."""
     return [p.text for p in load_prompt_rows(cfg)]
 
 
-def load_prompt_rows(cfg: DictConfig) -> list[Prompt]:
+def load_prompt_rows(cfg: DatasetConfig) -> list[Prompt]:
     """cfg.num_prompts prompts sampled without replacement with cfg.seed, in sampled order, with
     the template and k-shot prefix applied (so prompt token counts include them)."""
     check_template(cfg)
@@ -285,7 +284,7 @@ def load_prompt_rows(cfg: DictConfig) -> list[Prompt]:
     return [Prompt(p.id, prefix + fill_template(template, p.text), p.reference) for p in _dataset_rows(cfg)]
 
 
-def _dataset_rows(cfg: DictConfig) -> list[Prompt]:
+def _dataset_rows(cfg: DatasetConfig) -> list[Prompt]:
     if cfg.name == "synthetic":
         return [Prompt(i, text) for i, text in enumerate(synthetic_prompts(cfg.num_prompts, cfg.seed))]
     if cfg.name not in REQUIRED_FIELDS:

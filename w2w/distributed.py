@@ -13,7 +13,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 
-from w2w.config import ConfigError
+from w2w.errors import ConfigError
 
 
 @dataclass(frozen=True)

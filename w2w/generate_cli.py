@@ -9,11 +9,12 @@ import time
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
-from omegaconf import DictConfig
 
-from w2w import distributed
-from w2w.config import ConfigError, compose_cell, expand_overrides
-from w2w.generation import SamplingParams, generate
+from w2w import distributed, engines
+from w2w.cell import Cell
+from w2w.config import compose_cell, expand_overrides
+from w2w.engines.common import SamplingParams
+from w2w.errors import ConfigError
 from w2w.runner import load_model, setup_logging
 
 log = logging.getLogger("w2w.generate")
@@ -37,7 +38,7 @@ def split_prompt(argv: list[str]) -> tuple[str | None, list[str]]:
     return prompt, rest
 
 
-def compose(overrides: list[str]) -> DictConfig:
+def compose(overrides: list[str]) -> Cell:
     points = expand_overrides(overrides)
     if len(points) != 1:
         raise ConfigError("w2w-generate runs one configuration: drop the comma lists (a,b) from the overrides")
@@ -58,7 +59,7 @@ def length_problem(prompt_tokens: int, max_gen_len: int, max_seq_len: int) -> st
             f"or raise model.max_seq_len if the model was trained for a longer context")
 
 
-def complete(cfg: DictConfig, prompt: str) -> tuple[str, int]:
+def complete(cfg: Cell, prompt: str) -> tuple[str, int]:
     """Run on every rank; returns (completion text, rank)."""
     info = distributed.init(cfg.gpu.device, cfg.dist_timeout_s)
     with contextlib.redirect_stdout(sys.stderr):  # FairScale prints its set-up; stdout is the completion's
@@ -70,17 +71,9 @@ def complete(cfg: DictConfig, prompt: str) -> tuple[str, int]:
     problem = length_problem(len(ids), cfg.max_gen_len, model.args.max_seq_len)
     if problem:
         raise ConfigError(problem)
-    params = SamplingParams(
-        max_gen_len=cfg.max_gen_len,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        greedy=cfg.greedy,
-        force_max_gen_len=cfg.force_max_gen_len,
-        seed=cfg.seed,
-        eos_check_every=cfg.eos_check_every,
-    )
+    engine = engines.create(cfg.engine, model)
     start = time.perf_counter()
-    gen = generate(model, [ids], params, tokenizer.eos_id, tokenizer.pad_id, engine=cfg.engine)
+    gen = engine.generate([ids], SamplingParams.of(cfg), tokenizer.eos_id, tokenizer.pad_id)
     seconds = time.perf_counter() - start
     tokens = len(gen.tokens[0])
     log.info("%d prompt tokens, %d new tokens in %.2f s (%.1f tokens/s, %s)", len(ids), tokens, seconds,

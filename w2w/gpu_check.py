@@ -15,9 +15,10 @@ from types import ModuleType
 
 import torch
 
-from w2w import distributed
-from w2w.energy import EnergyError, EnergyMonitor
-from w2w.generation import PhaseClock, SamplingParams, generate, synchronize
+from w2w import distributed, engines
+from w2w.energy.errors import EnergyError
+from w2w.energy.monitor import EnergyMonitor
+from w2w.engines.common import DECODE, Engine, PhaseClock, SamplingParams, synchronize
 from w2w.model import ModelArgs, Transformer, build_model, parameter_shapes
 
 # LLaMA-7B's layer shape; the layer count is cut to what a quarter of the GPU's memory holds.
@@ -25,6 +26,9 @@ LLAMA_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multip
 
 
 LOADED_OVER_IDLE = 1.1
+ENGINES_CHECK = " vs ".join(engines.ENGINES)  # "fast vs reference"
+# The long-window and sampler checks decode as a default cell does: with w2w-run's default engine.
+DECODE_ENGINE = "fast"
 
 
 @dataclass(frozen=True)
@@ -88,19 +92,19 @@ def _prompts(workload: Workload) -> list[list[int]]:
     return torch.randint(1, workload.args.vocab_size, (workload.batch, workload.prompt_len), generator=gen).tolist()
 
 
-def decode_run(model: Transformer, workload: Workload, monitor: EnergyMonitor) -> tuple[int, float]:
+def decode_run(engine: Engine, workload: Workload, monitor: EnergyMonitor) -> tuple[int, float]:
     """One batch as the runner measures a cell (phase windows included): decode tokens and decode seconds."""
-    from w2w.runner import PhaseEnergy
+    from w2w.energy.phases import PhaseEnergy
 
     phases = PhaseEnergy(monitor)
-    clock = PhaseClock(model.device, phases.on_boundary)
+    clock = PhaseClock(engine.model.device, phases.on_boundary)
     params = SamplingParams(max_gen_len=workload.gen_len, greedy=True, force_max_gen_len=True)
     clock.enter(None)
     monitor.begin_window("cell")
-    gen = generate(model, _prompts(workload), params, eos_id=-1, pad_id=0,
-                   cache_len=workload.prompt_len + workload.gen_len, clock=clock)
+    gen = engine.generate(_prompts(workload), params, eos_id=-1, pad_id=0,
+                          cache_len=workload.prompt_len + workload.gen_len, clock=clock)
     monitor.end_window("cell")
-    return gen.decode_steps * workload.batch, clock.seconds["decode"]
+    return gen.decode_steps * workload.batch, clock.seconds[DECODE]
 
 
 def check_idle(monitor: EnergyMonitor, settings: Settings) -> tuple[Check, float | None]:
@@ -114,13 +118,13 @@ def check_idle(monitor: EnergyMonitor, settings: Settings) -> tuple[Check, float
     return Check("idle power", ok, detail), idle.idle_power_w
 
 
-def check_long_window(model: Transformer, workload: Workload, monitor: EnergyMonitor, settings: Settings,
+def check_long_window(engine: Engine, workload: Workload, monitor: EnergyMonitor, settings: Settings,
                       idle_w: float | None) -> Check:
     """Counter and integrated energy over one long window of real decoding."""
     monitor.begin_window("long")
     start = time.perf_counter()
     while time.perf_counter() - start < settings.long_window_s:
-        decode_run(model, workload, monitor)
+        decode_run(engine, workload, monitor)
     window = monitor.end_window("long")
     counter, integrated = window.counter_energy_j, window.integrated_energy_j
     if integrated is None:
@@ -139,13 +143,13 @@ def check_long_window(model: Transformer, workload: Workload, monitor: EnergyMon
     return Check("counter vs integrated", abs(diff) <= settings.agree_pct and loaded, detail)
 
 
-def check_sampler_cost(model: Transformer, workload: Workload, on: EnergyMonitor, off: EnergyMonitor,
+def check_sampler_cost(engine: Engine, workload: Workload, on: EnergyMonitor, off: EnergyMonitor,
                        settings: Settings) -> Check:
     """Decode throughput with the sampler on and off, interleaved, medians compared."""
     rates: dict[bool, list[float]] = {True: [], False: []}
     for index in range(settings.rounds):
         for sampling in ((True, False) if index % 2 == 0 else (False, True)):
-            tokens, seconds = decode_run(model, workload, on if sampling else off)
+            tokens, seconds = decode_run(engine, workload, on if sampling else off)
             rates[sampling].append(tokens / seconds)
     with_sampler, without = statistics.median(rates[True]), statistics.median(rates[False])
     cost = 100.0 * (without - with_sampler) / without
@@ -176,35 +180,36 @@ def check_runner(device: torch.device, sweep: Path) -> Check:
     return Check("w2w-run cell", ok, detail)
 
 
-def engine_run(model: Transformer, workload: Workload, monitor: EnergyMonitor, engine: str,
+def engine_run(engine: Engine, workload: Workload, monitor: EnergyMonitor,
                gen_len: int | None = None) -> tuple[int, float, float | None]:
     """One greedy batch with `engine` in an energy window: (new tokens, seconds, GPU joules or None)."""
     params = SamplingParams(max_gen_len=gen_len or workload.gen_len, greedy=True, force_max_gen_len=True)
-    synchronize(model.device)
+    synchronize(engine.model.device)
     monitor.begin_window("engine")
-    gen = generate(model, _prompts(workload), params, eos_id=-1, pad_id=0,
-                   cache_len=workload.prompt_len + workload.gen_len, engine=engine)
-    synchronize(model.device)
+    gen = engine.generate(_prompts(workload), params, eos_id=-1, pad_id=0,
+                          cache_len=workload.prompt_len + workload.gen_len)
+    synchronize(engine.model.device)
     window = monitor.end_window("engine")
     return sum(len(row) for row in gen.tokens), window.duration_s, window.gpu_energy_j
 
 
-def check_engines(model: Transformer, workload: Workload, monitor: EnergyMonitor) -> Check:
-    """fast vs reference decode at batch 1 and the workload's batch: tokens/s, mean W, J/token."""
+def check_engines(by_name: dict[str, Engine], workload: Workload, monitor: EnergyMonitor) -> Check:
+    """Every engine's decode at batch 1 and the workload's batch: tokens/s, mean W, J/token; the
+    first engine's speed-up over each other one."""
     parts, speedups = [], []
+    first, *others = by_name
     for batch in sorted({1, workload.batch}):
         sized = replace(workload, batch=batch)
         rates = {}
-        for engine in ("reference", "fast"):
-            engine_run(model, sized, monitor, engine, gen_len=4)  # warm-up; fast captures its graph here
-            tokens, seconds, joules = engine_run(model, sized, monitor, engine)
-            rates[engine] = tokens / seconds
+        for name, engine in by_name.items():
+            engine_run(engine, sized, monitor, gen_len=4)  # warm-up; fast captures its graph here
+            tokens, seconds, joules = engine_run(engine, sized, monitor)
+            rates[name] = tokens / seconds
             energy = (f"{joules / seconds:.0f} W, {joules / tokens:.3g} J/token" if joules is not None
                       else "no energy figure")
-            parts.append(f"batch {batch} {engine} {rates[engine]:.0f} tokens/s, {energy}")
-        speedups.append(rates["fast"] / rates["reference"])
-    detail = "; ".join(parts) + "; fast/reference " + ", ".join(f"{x:.2f}x" for x in speedups)
-    return Check("fast vs reference", None, detail)
+            parts.append(f"batch {batch} {name} {rates[name]:.0f} tokens/s, {energy}")
+        speedups += [f"{first}/{other} {rates[first] / rates[other]:.2f}x at batch {batch}" for other in others]
+    return Check(ENGINES_CHECK, None, "; ".join(parts + speedups))
 
 
 def _failed(name: str, exc: BaseException) -> Check:
@@ -234,6 +239,8 @@ def run_checks(device: torch.device, workload: Workload, settings: Settings, nvm
 
     def model() -> Check:
         state["model"] = build_random_model(workload, device)
+        # One engine each for every check, so the fast engine's graphs are captured once.
+        state["engines"] = {name: engines.create(name, state["model"]) for name in engines.ENGINES}
         args = workload.args
         synchronize(device)
         return Check("model", None, (
@@ -245,8 +252,9 @@ def run_checks(device: torch.device, workload: Workload, settings: Settings, nvm
         return check
 
     def long_window() -> Check:
-        decode_run(need("model"), replace(workload, gen_len=4), off)  # warm-up: allocation and kernel selection
-        return check_long_window(need("model"), workload, on, settings, state.get("idle_w"))
+        engine = need("engines")[DECODE_ENGINE]
+        decode_run(engine, replace(workload, gen_len=4), off)  # warm-up: allocation and kernel selection
+        return check_long_window(engine, workload, on, settings, state.get("idle_w"))
 
     def run(name: str, step: Callable[[], Check]) -> None:
         try:
@@ -262,8 +270,8 @@ def run_checks(device: torch.device, workload: Workload, settings: Settings, nvm
         run("model", model)
         run("idle power", idle)
         run("counter vs integrated", long_window)
-        run("sampler cost", lambda: check_sampler_cost(need("model"), workload, on, off, settings))
-        run("fast vs reference", lambda: check_engines(need("model"), workload, on))
+        run("sampler cost", lambda: check_sampler_cost(need("engines")[DECODE_ENGINE], workload, on, off, settings))
+        run(ENGINES_CHECK, lambda: check_engines(need("engines"), workload, on))
     finally:
         state.clear()
         on.close()

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from w2w.config import ConfigError
+from w2w.errors import ConfigError
 from w2w.model import ModelArgs, parameter_shapes, shard_dim
+from w2w.shapes import ffn_width
 
 CONFIG_JSON = "config.json"
 INDEX_JSON = "model.safetensors.index.json"
@@ -68,8 +69,7 @@ def _ffn_settings(dim: int, intermediate: int, path: Path) -> tuple[int, float |
     base = int(2 * 4 * dim / 3)
     # Rounding up to a multiple of `intermediate` lands on it from anywhere in (0, intermediate].
     multiplier = None if base <= intermediate else intermediate / base
-    args = ModelArgs(dim=dim, multiple_of=intermediate, ffn_dim_multiplier=multiplier)
-    if args.ffn_hidden != intermediate:
+    if ffn_width(dim, intermediate, multiplier) != intermediate:
         raise ConfigError(f"{path}: intermediate_size={intermediate} cannot be expressed as a LLaMA feed-forward width")
     return intermediate, multiplier
 

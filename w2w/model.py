@@ -189,9 +189,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep)
         self.rope: torch.Tensor | None = None
-        # CUDA graphs and device state of the static decode step (w2w.generation), keyed by
-        # shape: they point into the KV cache, so a new cache drops them.
-        self.decoders: dict = {}
+        # Counts KV cache allocations: anything captured over the cache's buffers (the fast
+        # engine's CUDA graphs) is stale once this moves on.
+        self.cache_generation = 0
 
     @property
     def device(self) -> torch.device:
@@ -208,7 +208,7 @@ class Transformer(nn.Module):
                 f"prompt + max_gen_len = {max_len} tokens exceeds model.max_seq_len={self.args.max_seq_len}"
             )
         dtype, device = self.norm.weight.dtype, self.device
-        self.decoders.clear()
+        self.cache_generation += 1
         for layer in self.layers:
             attn = layer.attention
             attn.cache = None  # free the old cache before allocating the new one

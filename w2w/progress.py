@@ -6,16 +6,16 @@ import itertools
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from w2w.records import RankRecord, cell_dir, write_json
+from w2w.records import Counts, RankRecord, cell_dir, write_json
 
 log = logging.getLogger("w2w.progress")
 PROGRESS_VERSION = 1
-# Summed over a cell's batches; the other count (truncated_prompts) belongs to the whole cell.
-GENERATION_COUNTS = ("prompts", "responses", "prompt_tokens", "output_tokens", "output_words")
-BATCH_COUNTS = (*GENERATION_COUNTS, "scored", "correct")  # scored and correct: responses.py
+# Counts of the whole cell; every other field of records.Counts is summed over the cell's batches.
+CELL_COUNTS = ("batches", "truncated_prompts")
+BATCH_COUNTS = tuple(f.name for f in fields(Counts) if f.name not in (*CELL_COUNTS, "extra"))
 BATCH_TIMES = ("total_s", "prefill_s", "decode_s")
 BATCH_ENERGY = ("gpu_j", "counter_gpu_j", "integrated_gpu_j", "prefill_gpu_j", "decode_gpu_j", "cpu_j")
 

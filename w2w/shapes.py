@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
 
 # Bytes per value of each `precision=`; tests check these against torch's dtypes (w2w.model.DTYPES).
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def ffn_width(dim: int, multiple_of: int, multiplier: float | None) -> int:
+    """Meta's feed-forward width rule: 2/3 of 4*dim, scaled, rounded up to a multiple of multiple_of."""
+    hidden = int(2 * 4 * dim / 3)
+    if multiplier is not None:
+        hidden = int(multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
 @dataclass(frozen=True)
@@ -19,13 +26,15 @@ class RopeScaling:
     original_max_pos: int = 8192  # the context length the base frequencies were trained for
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelArgs:
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int | None = None
-    vocab_size: int = 32000
+    """A LLaMA's shapes: the one home of these fields (the config schema's model section extends it)."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    n_kv_heads: int | None = None  # None: multi-head attention (n_kv_heads == n_heads)
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
@@ -54,21 +63,13 @@ class ModelArgs:
 
     @property
     def ffn_hidden(self) -> int:
-        # Meta's rule: 2/3 of 4*dim, scaled, rounded up to a multiple of multiple_of.
-        hidden = int(2 * 4 * self.dim / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        return ffn_width(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     def num_params(self) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.kv_heads)
         ffn = 3 * self.dim * self.ffn_hidden
         return self.n_layers * (attn + ffn + 2 * self.dim) + 2 * self.vocab_size * self.dim + self.dim
 
-
-ARG_FIELDS = tuple(f.name for f in fields(ModelArgs))
-
-
-def preset_args(model: Any) -> ModelArgs:
-    """The shapes a model config states (a preset, or model=checkpoint once read)."""
-    return ModelArgs(**{k: model[k] for k in ARG_FIELDS})
+    def shapes(self) -> ModelArgs:
+        """These shapes alone, as a plain ModelArgs (a model config also carries run-only fields)."""
+        return ModelArgs(**{f.name: getattr(self, f.name) for f in fields(ModelArgs)})

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import sentencepiece as spm
 
-from w2w.config import ConfigError
+from w2w.errors import ConfigError
 
 TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer.model"
 LLAMA3_BOS, LLAMA3_EOS, LLAMA3_EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"

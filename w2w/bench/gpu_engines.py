@@ -10,15 +10,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from w2w import distributed
-from w2w.energy import EnergyMonitor
-from w2w.generation import PhaseClock, SamplingParams, generate, synchronize
+from w2w import distributed, engines
+from w2w.energy.monitor import EnergyMonitor
+from w2w.engines.common import DECODE, Engine, PhaseClock, SamplingParams, synchronize
 from w2w.hf import hf_name, permute_rotary
-from w2w.model import ModelArgs, Transformer, build_model, parameter_shapes
+from w2w.model import ModelArgs, build_model, parameter_shapes
 
 SEVEN_B = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-6)
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=128, multiple_of=16)
-ENGINES = ("reference", "fast")
+ENGINES = tuple(engines.ENGINES)
 # The targets of issue 9 on an H100, as ratios from one run.
 FAST_ROOF_AT_BATCH_1 = 0.60
 FAST_OVER_TRANSFORMERS = 2.0
@@ -119,13 +119,12 @@ def metered(monitor: EnergyMonitor, device: torch.device, work: Callable[[], tup
     return Run(tokens / window.duration_s, step_s, window.gpu_energy_j, window.duration_s, tokens, rows)
 
 
-def w2w_run(model: Transformer, prompts: torch.Tensor, new_tokens: int, cache_len: int, engine: str):
+def w2w_run(engine: Engine, prompts: torch.Tensor, new_tokens: int, cache_len: int):
     def work() -> tuple[int, float | None, list]:
         params = SamplingParams(max_gen_len=new_tokens, greedy=True, force_max_gen_len=True)
-        clock = PhaseClock(model.device)
-        gen = generate(model, prompts.tolist(), params, eos_id=-1, pad_id=0, cache_len=cache_len, clock=clock,
-                       engine=engine)
-        step = clock.seconds["decode"] / gen.decode_steps if gen.decode_steps else None
+        clock = PhaseClock(engine.model.device)
+        gen = engine.generate(prompts.tolist(), params, eos_id=-1, pad_id=0, cache_len=cache_len, clock=clock)
+        step = clock.seconds[DECODE] / gen.decode_steps if gen.decode_steps else None
         return sum(len(r) for r in gen.tokens), step, gen.tokens
 
     return work
@@ -195,7 +194,7 @@ def targets(results: dict[int, dict[str, Run]], roofs: dict[int, float]) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_engines", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m w2w.bench.gpu_engines", description=__doc__)
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the logic")
     parser.add_argument("--tiny", action="store_true", help="a tiny fp32 model instead of 7B fp16 (dry run)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
@@ -232,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     gen = torch.Generator().manual_seed(1)
     results, roofs = {}, {}
+    by_name = {name: engines.create(name, ours) for name in ENGINES}  # each keeps its graphs across runs
     try:
         for batch in settings.batches:
             prompts = torch.randint(3, args.vocab_size, (batch, settings.prompt_len), generator=gen).to(device)
             models = {
                 "transformers": lambda n, p=prompts: hf_run(hf, p, n),
-                **{e: (lambda n, p=prompts, e=e: w2w_run(ours, p, n, cache_len, e)) for e in ENGINES},
+                **{e: (lambda n, p=prompts, e=e: w2w_run(by_name[e], p, n, cache_len)) for e in ENGINES},
             }
             roofs[batch] = roof_step_s(args, batch, settings.prompt_len, settings.new_tokens, width, gbs)
             results[batch] = bench_batch(batch, models, settings, monitor, device, roofs[batch])

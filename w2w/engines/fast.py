@@ -1,4 +1,4 @@
-"""Batched generation, engine `fast`: one prefill of the left-padded prompts, then static-shape decode.
+"""Engine `fast`: one prefill of the left-padded prompts, then a static-shape decode step.
 
 The prefill is one forward pass over the left-padded batch. Each decode step then has the same
 shapes every time: it writes one token per row into the full-length KV cache at a slot held in a
@@ -9,70 +9,29 @@ replayed; on CPU (gloo) the same code runs eagerly, so CI exercises it. The host
 tokens only every `eos_check_every` steps to stop once every row has ended; the steps run past an
 EOS are real work and are counted, and tokens after an EOS are dropped.
 
+The decoders and their graphs belong to the Engine instance, not the model: keep one engine for
+every batch it serves, warm-up included, or each batch captures again. A graph holds the addresses
+of the model's KV cache buffers, so when setup_caches reallocates them (the model's
+cache_generation moves on) the engine drops every decoder and captures afresh.
+
 Model parallel inside the graph: FairScale's layers call torch.distributed all_reduce/all_gather
 on NCCL, which a graph captured by hand with torch.cuda.CUDAGraph records like any kernel
 (capture_error_mode="thread_local", so NCCL's watchdog thread may query events meanwhile).
 torch.compile(fullgraph=True) cannot trace FairScale's autograd.Function, and swapping the
 collectives for functional ones would change the model code the paper's numbers ran through.
 Hand capture keeps one model code path for both engines; it was chosen without a GPU measurement.
-Meta's reference schedule is the `reference` engine, in w2w/reference.py.
+Meta's reference schedule is the `reference` engine, in w2w/engines/reference.py.
 """
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from w2w.config import ENGINES
+from w2w.engines import common
+from w2w.engines.common import DECODE, PREFILL, Generation, PhaseClock, SamplingParams
 from w2w.model import Transformer
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_gen_len: int
-    temperature: float = 0.8
-    top_p: float = 0.95
-    greedy: bool = False
-    force_max_gen_len: bool = False  # ignore EOS: exactly max_gen_len new tokens per prompt
-    seed: int = 1
-    eos_check_every: int = 1  # fast engine: decode steps between host checks for the end
-
-
-@dataclass
-class Generation:
-    tokens: list[list[int]]  # new tokens per prompt, EOS and anything after it dropped
-    prompt_tokens: int  # real (unpadded) prompt tokens in the batch
-    decode_steps: int  # forward passes after the prefill
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class PhaseClock:
-    """Device-synchronized phase boundaries; on_boundary(previous, next) lets energy windows follow."""
-
-    def __init__(self, device: torch.device, on_boundary: Callable[[str | None, str | None], None] | None = None):
-        self.device = device
-        self.on_boundary = on_boundary
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._phase: str | None = None
-        self._since = 0.0
-
-    def enter(self, phase: str | None) -> None:
-        """Close the current phase and open `phase` (None: just close)."""
-        synchronize(self.device)
-        now = time.perf_counter()
-        if self._phase is not None:
-            self.seconds[self._phase] += now - self._since
-        if self.on_boundary is not None:
-            self.on_boundary(self._phase, phase)
-        self._phase, self._since = phase, now
 
 
 @dataclass
@@ -95,23 +54,6 @@ def left_pad(prompts: list[list[int]], pad_id: int, cache_len: int, device: torc
         real[row, width - len(prompt):width] = True
     positions = (real[:, :width].long().cumsum(-1) - 1).clamp(min=0)
     return _Batch(tokens.to(device), positions.to(device), real.to(device))
-
-
-def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Nucleus sampling as in Meta's reference: keep the smallest set with mass >= p."""
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    outside = sorted_probs.cumsum(-1) - sorted_probs > p
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    sorted_probs = sorted_probs / sorted_probs.sum(-1, keepdim=True)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)
-    return order.gather(-1, choice).squeeze(-1)
-
-
-def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """logits (B, V) -> tokens (B,). Logits are identical on every rank, and so is the generator."""
-    if params.greedy:
-        return logits.argmax(-1)
-    return sample_top_p(torch.softmax(logits / params.temperature, dim=-1), params.top_p, generator)
 
 
 def prefill(model: Transformer, batch: _Batch) -> torch.Tensor:
@@ -203,73 +145,40 @@ class StaticDecoder:
         return bool((self.out[:, :columns] == eos_id).any(-1).all())
 
 
-def _decoder(model: Transformer, batch: int, cache_len: int, params: SamplingParams) -> StaticDecoder:
-    key = ("fast", batch, cache_len, params.greedy, params.temperature, params.top_p)
-    if key not in model.decoders:
-        model.decoders[key] = StaticDecoder(model, batch, cache_len, params)
-    return model.decoders[key]
+class Engine(common.Engine):
+    """The fast schedule; keeps one StaticDecoder (and its CUDA graph) per shape it has served."""
 
+    def __init__(self, model: Transformer):
+        super().__init__(model)
+        self.decoders: dict[tuple, StaticDecoder] = {}
+        self._cache_generation = model.cache_generation  # the KV cache the decoders point into
 
-def _generate_fast(
-    model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_id: int, pad_id: int,
-    cache_len: int, clock: PhaseClock, generator: torch.Generator,
-) -> Generation:
-    width = max(len(p) for p in prompts)
-    batch = left_pad(prompts, pad_id, cache_len, model.device)
-    decoder = _decoder(model, len(prompts), cache_len, params)
-    clock.enter("prefill")
-    decoder.draw(generator)
-    decoder.start(batch, decoder.choose(prefill(model, batch)), width)
-    clock.enter("decode")
-    steps = 0
-    while steps < params.max_gen_len - 1:
-        check = not params.force_max_gen_len and steps % params.eos_check_every == 0
-        if check and decoder.all_ended(eos_id, steps + 1):
-            break
-        decoder.advance(generator)
-        steps += 1
-    clock.enter(None)
-    return Generation(decoder.out[:, : steps + 1].tolist(), sum(len(p) for p in prompts), steps)
+    def decoder(self, batch: int, cache_len: int, params: SamplingParams) -> StaticDecoder:
+        if self.model.cache_generation != self._cache_generation:  # graphs over freed buffers: drop them
+            self.decoders.clear()
+            self._cache_generation = self.model.cache_generation
+        key = (batch, cache_len, params.greedy, params.temperature, params.top_p)
+        if key not in self.decoders:
+            self.decoders[key] = StaticDecoder(self.model, batch, cache_len, params)
+        return self.decoders[key]
 
-
-def cut_at_eos(rows: list[list[int]], eos_id: int) -> list[list[int]]:
-    return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
-
-
-def generate(
-    model: Transformer,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    eos_id: int,
-    pad_id: int,
-    cache_len: int | None = None,
-    clock: PhaseClock | None = None,
-    engine: str = "fast",
-) -> Generation:
-    """Generate for a batch of tokenized prompts with `engine` (fast or reference).
-
-    cache_len: KV cache length to allocate (default: longest prompt + max_gen_len); pass the
-    same value for every batch of a cell so the cache is allocated once.
-    """
-    if engine not in ENGINES:
-        raise ValueError(f"engine={engine}: valid are {', '.join(ENGINES)}")
-    if params.eos_check_every < 1:
-        raise ValueError(f"eos_check_every={params.eos_check_every}: must be >= 1")
-    width = max(len(p) for p in prompts)
-    cache_len = cache_len or width + params.max_gen_len
-    if width + params.max_gen_len > cache_len:
-        raise ValueError(f"prompt of {width} tokens + max_gen_len={params.max_gen_len} exceeds cache_len={cache_len}")
-    device = model.device
-    model.setup_caches(len(prompts), cache_len)
-    generator = torch.Generator(device=device).manual_seed(params.seed)
-    clock = clock or PhaseClock(device)
-    with torch.inference_mode():
-        if engine == "reference":
-            from w2w.reference import generate_reference  # it builds on this module's sampling
-
-            gen = generate_reference(model, prompts, params, eos_id, pad_id, clock, generator)
-        else:
-            gen = _generate_fast(model, prompts, params, eos_id, pad_id, cache_len, clock, generator)
-    if not params.force_max_gen_len:
-        gen.tokens = cut_at_eos(gen.tokens, eos_id)
-    return gen
+    def schedule(
+        self, prompts: list[list[int]], params: SamplingParams, eos_id: int, pad_id: int, cache_len: int,
+        clock: PhaseClock, generator: torch.Generator,
+    ) -> Generation:
+        width = max(len(p) for p in prompts)
+        batch = left_pad(prompts, pad_id, cache_len, self.model.device)
+        decoder = self.decoder(len(prompts), cache_len, params)
+        clock.enter(PREFILL)
+        decoder.draw(generator)
+        decoder.start(batch, decoder.choose(prefill(self.model, batch)), width)
+        clock.enter(DECODE)
+        steps = 0
+        while steps < params.max_gen_len - 1:
+            check = not params.force_max_gen_len and steps % params.eos_check_every == 0
+            if check and decoder.all_ended(eos_id, steps + 1):
+                break
+            decoder.advance(generator)
+            steps += 1
+        clock.enter(None)
+        return Generation(decoder.out[:, : steps + 1].tolist(), sum(len(p) for p in prompts), steps)

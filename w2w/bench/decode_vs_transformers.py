@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from w2w import checkpoint, distributed
-from w2w.config import ModelConfig
-from w2w.generation import PhaseClock, SamplingParams, generate
+from w2w import checkpoint, distributed, engines
+from w2w.cell import ModelConfig
+from w2w.engines.common import DECODE, PhaseClock, SamplingParams
 from w2w.model import build_model
 
 
@@ -32,12 +31,10 @@ def hf_model(args: argparse.Namespace, directory: Path):
 
 
 def w2w_model(directory: Path, args: argparse.Namespace):
-    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {  # the schema's defaults for the rest
-        "name": "bench", "checkpoint_dir": str(directory), "tokenizer_path": None, "init_seed": 0,
-        "dim": args.dim, "n_layers": args.layers, "n_heads": args.heads, "n_kv_heads": None,
-        "vocab_size": args.vocab, "multiple_of": 256, "ffn_dim_multiplier": None, "norm_eps": 1e-5,
-        "rope_theta": 10000.0, "max_seq_len": 1024,
-    })
+    cfg = ModelConfig(  # the schema's defaults for the rest
+        name="bench", checkpoint_dir=str(directory), dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+        vocab_size=args.vocab, multiple_of=256, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=1024,
+    )
     model_args = checkpoint.model_args(cfg)
     state = checkpoint.load_rank_state(cfg, model_args, 0, 1)
     return build_model(model_args, state, torch.device("cpu"), torch.float32)
@@ -48,9 +45,9 @@ def time_w2w(model, prompts: torch.Tensor, new_tokens: int) -> tuple[float, floa
     params = SamplingParams(max_gen_len=new_tokens, greedy=True, force_max_gen_len=True)
     clock = PhaseClock(torch.device("cpu"))
     start = time.perf_counter()
-    out = generate(model, prompts.tolist(), params, eos_id=2, pad_id=0, clock=clock, engine="fast")
+    out = engines.create("fast", model).generate(prompts.tolist(), params, eos_id=2, pad_id=0, clock=clock)
     elapsed = time.perf_counter() - start
-    return prompts.shape[0] * new_tokens / elapsed, clock.seconds["decode"] / out.decode_steps
+    return prompts.shape[0] * new_tokens / elapsed, clock.seconds[DECODE] / out.decode_steps
 
 
 def time_hf(model, prompts: torch.Tensor, new_tokens: int) -> float:

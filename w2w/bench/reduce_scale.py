@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from w2w.analysis.reduce import reduce_sweep
 
+from w2w.analysis.reduce import reduce_sweep
 from w2w.config import compose_cell
 from w2w.energy.nvml import TELEMETRY_COLUMNS
 from w2w.records import SCHEMA_VERSION, STATUS_OK, record_path, timeline_path
@@ -23,10 +23,7 @@ GPUS_PER_NODE = 2
 
 def _config() -> dict:
     """A real resolved cell config: records carry it, and it is most of a record's bytes."""
-    from omegaconf import OmegaConf
-
-    cfg = compose_cell(["model=llama_65b", "gpu=v100", "cluster=supercloud", "shards=32", "batch_size=64"])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose_cell(["model=llama_65b", "gpu=v100", "cluster=supercloud", "shards=32", "batch_size=64"]).to_dict()
 
 
 def _record(config: dict, cid: str, rank: int, world: int, samples: int, interval_s: float) -> dict:

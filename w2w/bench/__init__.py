@@ -1,0 +1,1 @@
+"""Benchmarks: decode vs transformers, reducer scale, planning speed, GPU engines."""

@@ -1,0 +1,182 @@
+"""The typed cell: one frozen dataclass per config section, the schema Hydra composes into."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from w2w.shapes import ModelArgs
+
+# Frozen: a cell is built once, when composed (w2w.config), and then only read. Hydra composes
+# into writable copies of these classes; OmegaConf.to_object turns the result into these instances.
+
+
+@dataclass(frozen=True)
+class ModelConfig(ModelArgs):
+    """A model preset: its shapes (ModelArgs) and what a run needs beside them."""
+
+    name: str = MISSING
+    checkpoint_dir: str | None = None  # None: random weights drawn from init_seed
+    # None: tokenizer.model or tokenizer.json in checkpoint_dir (or one level up), or the bundled tiny one
+    tokenizer_path: str | None = None
+    eos_token: str | None = None  # None: the family's (</s>, <|end_of_text|>); instruct Llama 3: <|eot_id|>
+    init_seed: int = 0
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    name: str = MISSING
+    device: str = "cuda"  # torch device type: cuda or cpu
+    memory_gib: float = 0.0  # per GPU, for the fit check; 0 = unknown, no check
+    bf16: bool = True  # native bf16 arithmetic (Ampere and newer)
+    tdp_w: float | None = None
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str = MISSING
+    path: str | None = None  # hub name or local .json/.jsonl; None for synthetic
+    split: str = "train"
+    num_prompts: int = 4096
+    seed: int = 0
+    # Longer prompts keep their last tokens; also the prompt length the memory-fit check assumes.
+    max_prompt_tokens: int = 128
+    # Each prompt as the model sees it: "{prompt}" is the dataset's prompt (zero-shot, as the paper).
+    prompt_template: str = "{prompt}"
+    fewshot_path: str | None = None  # GSM8K rows (question, answer) whose first fewshot_k prefix each prompt
+    fewshot_k: int = 0
+    # Set by w2w, not an option: sha256 of the local prompt file, so that editing it changes the cell id.
+    content_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str = MISSING
+    backend: str = "local"  # local (submitit LocalExecutor) or slurm
+    gpus_per_node: int = 1
+    max_nodes: int = 1
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    gres: str | None = None  # e.g. gpu:volta:2; None: gpu:<gpus per node used>
+    gres_gpu: bool = True  # the scheduler hands out GPUs (gres/gpu); false: CPU-only nodes, gpu=cpu only
+    timeout_min: int = 60
+    cpus_per_task: int = 1
+    mem_gb: float | None = None
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+    array_parallelism: int = 64
+    python: str | None = None  # interpreter on the nodes; None: the one running w2w-sweep
+
+
+@dataclass(frozen=True)
+class EnergyConfig:
+    backend: str = "auto"  # auto | nvml | none
+    sample_interval_s: float = 0.1  # power/telemetry sampler period
+    sampler: bool = True  # false: no timelines, utilization or integrated fallback
+    instant_power: bool = True  # sample NVML's instant power field where the GPU offers it
+    idle_seconds: float = 5.0  # idle baseline before the first cell; 0: none
+    rapl: bool = True  # CPU energy from RAPL, read by local rank 0 of each node
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a grid: every setting of one measurement (the root of the config schema)."""
+
+    model: ModelConfig = MISSING
+    gpu: GpuConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+    shards: int = 1
+    precision: str = "fp16"
+    batch_size: int = 1
+    max_gen_len: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    greedy: bool = False
+    force_max_gen_len: bool = False  # ignore EOS: every response is exactly max_gen_len tokens
+    seed: int = 1
+    engine: str = "fast"  # a name of w2w.engines.ENGINES
+    eos_check_every: int = 8  # fast engine: decode steps between checks that every row has ended
+    warmup: bool = True
+    power_cap_w: float | None = None
+    # Where users may not call NVML's setter: a site wrapper run as
+    # power_cap_command.format(watts=..., gpu_index=..., gpu_uuid=...); None: NVML.
+    power_cap_command: str | None = None
+    sweep_dir: str = "runs/default"
+    dist_timeout_s: int = 600
+    skip_unfit: bool = False  # cells that do not fit the GPUs' memory: skipped (true) or an error
+    save_responses: bool = False  # rank 0 writes the cell's prompts and responses beside its records
+    # An experiment's grid: {key: "a,b"} or a list of such sub-grids, unioned; the command line wins.
+    # Always None in a composed cell (a cell is one point of the grid).
+    grid: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting as plain JSON data (the record's `config`)."""
+        return dataclasses.asdict(self)
+
+    def params(self) -> dict[str, Any]:
+        """The settings every table shows, flat: the record's `params` (all of them are in `config`)."""
+        return {
+            "model": self.model.name,
+            "gpu": self.gpu.name,
+            "dataset": self.dataset.name,
+            "shards": self.shards,
+            "precision": self.precision,
+            "engine": self.engine,
+            "eos_check_every": self.eos_check_every,
+            "batch_size": self.batch_size,
+            "max_gen_len": self.max_gen_len,
+            "num_prompts": self.dataset.num_prompts,
+            "power_cap_w": self.power_cap_w,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "greedy": self.greedy,
+            "force_max_gen_len": self.force_max_gen_len,
+            "seed": self.seed,
+            "save_responses": self.save_responses,
+        }
+
+    @functools.cached_property
+    def id(self) -> str:
+        """Stable hash of the cell's settings, result-neutral keys excluded: its folder's name."""
+        data = {k: v for k, v in self.to_dict().items() if k not in ID_EXCLUDED}
+        for section, defaults in ID_NEW_DEFAULTS.items():
+            table = data.get(section, {}) if section else data
+            for key, default in defaults.items():
+                if key in table and table[key] == default:
+                    del table[key]
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def placement(self) -> str:
+        """The keys that decide which job (and model load) the cell belongs to, as JSON."""
+        data = {k: _plain(getattr(self, k)) for k in PLACEMENT_KEYS} | {"sweep_dir": self.sweep_dir}
+        return json.dumps(data, sort_keys=True)
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+# The keys that decide which job (and model load) a cell belongs to.
+PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
+# Result-neutral keys left out of the cell id, so moving a sweep does not redo its cells.
+ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command")
+# Options added after sweeps were run, per config section: at their defaults they leave the cell id as it was.
+ID_NEW_DEFAULTS = {
+    "": {"save_responses": False},
+    # content_sha256 is None for hub and synthetic data: they keep their earlier ids.
+    "dataset": {"prompt_template": "{prompt}", "fewshot_path": None, "fewshot_k": 0, "content_sha256": None},
+    "model": {"eos_token": None, "rope_scaling_factor": None, "rope_low_freq_factor": 1.0,
+              "rope_high_freq_factor": 4.0, "rope_original_max_pos": 8192},
+}

@@ -1,0 +1,149 @@
+"""What every engine shares: sampling parameters, the result, phase timing, sampling, and the set-up around a schedule."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from w2w.cell import Cell
+from w2w.model import Transformer
+
+# The phases an engine's PhaseClock enters; energy windows and the runner's times use these names.
+PREFILL = "prefill"
+DECODE = "decode"
+PHASES = (PREFILL, DECODE)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_gen_len: int
+    temperature: float = 0.8
+    top_p: float = 0.95
+    greedy: bool = False
+    force_max_gen_len: bool = False  # ignore EOS: exactly max_gen_len new tokens per prompt
+    seed: int = 1
+    eos_check_every: int = 1  # fast engine: decode steps between host checks for the end
+
+    @classmethod
+    def of(cls, cell: Cell, max_gen_len: int | None = None) -> SamplingParams:
+        """A cell's sampling settings; max_gen_len overrides the cell's (a warm-up runs fewer tokens)."""
+        return cls(
+            max_gen_len=max_gen_len or cell.max_gen_len,
+            temperature=cell.temperature,
+            top_p=cell.top_p,
+            greedy=cell.greedy,
+            force_max_gen_len=cell.force_max_gen_len,
+            seed=cell.seed,
+            eos_check_every=cell.eos_check_every,
+        )
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per prompt, EOS and anything after it dropped
+    prompt_tokens: int  # real (unpadded) prompt tokens in the batch
+    decode_steps: int  # forward passes after the prefill
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseClock:
+    """Device-synchronized phase boundaries; on_boundary(previous, next) lets energy windows follow."""
+
+    def __init__(self, device: torch.device, on_boundary: Callable[[str | None, str | None], None] | None = None):
+        self.device = device
+        self.on_boundary = on_boundary
+        self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self._phase: str | None = None
+        self._since = 0.0
+
+    def enter(self, phase: str | None) -> None:
+        """Close the current phase and open `phase` (None: just close)."""
+        if phase is not None and phase not in PHASES:  # a misspelt phase would time nothing, silently
+            raise ValueError(f"phase {phase!r}: valid are {', '.join(PHASES)} or None")
+        synchronize(self.device)
+        now = time.perf_counter()
+        if self._phase is not None:
+            self.seconds[self._phase] += now - self._since
+        if self.on_boundary is not None:
+            self.on_boundary(self._phase, phase)
+        self._phase, self._since = phase, now
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Nucleus sampling as in Meta's reference: keep the smallest set with mass >= p."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    sorted_probs = sorted_probs / sorted_probs.sum(-1, keepdim=True)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """logits (B, V) -> tokens (B,). Logits are identical on every rank, and so is the generator."""
+    if params.greedy:
+        return logits.argmax(-1)
+    return sample_top_p(torch.softmax(logits / params.temperature, dim=-1), params.top_p, generator)
+
+
+def cut_at_eos(rows: list[list[int]], eos_id: int) -> list[list[int]]:
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
+def check_lengths(prompts: list[list[int]], params: SamplingParams, cache_len: int | None) -> int:
+    """The cache length to allocate (default: longest prompt + max_gen_len), after checking the arguments."""
+    if params.eos_check_every < 1:
+        raise ValueError(f"eos_check_every={params.eos_check_every}: must be >= 1")
+    width = max(len(p) for p in prompts)
+    cache_len = cache_len or width + params.max_gen_len
+    if width + params.max_gen_len > cache_len:
+        raise ValueError(f"prompt of {width} tokens + max_gen_len={params.max_gen_len} exceeds cache_len={cache_len}")
+    return cache_len
+
+
+class Engine(ABC):
+    """A generation schedule over one model. generate() does what every engine needs around its
+    loop; a subclass (one module per engine, named in the registry) supplies only schedule()."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        eos_id: int,
+        pad_id: int,
+        cache_len: int | None = None,
+        clock: PhaseClock | None = None,
+    ) -> Generation:
+        """Generate for a batch of tokenized prompts.
+
+        cache_len: KV cache length to allocate (default: longest prompt + max_gen_len); pass the
+        same value for every batch of a cell so the cache is allocated once.
+        """
+        cache_len = check_lengths(prompts, params, cache_len)
+        self.model.setup_caches(len(prompts), cache_len)
+        generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        clock = clock or PhaseClock(self.model.device)
+        with torch.inference_mode():
+            gen = self.schedule(prompts, params, eos_id, pad_id, cache_len, clock, generator)
+        if not params.force_max_gen_len:
+            gen.tokens = cut_at_eos(gen.tokens, eos_id)
+        return gen
+
+    @abstractmethod
+    def schedule(
+        self, prompts: list[list[int]], params: SamplingParams, eos_id: int, pad_id: int, cache_len: int,
+        clock: PhaseClock, generator: torch.Generator,
+    ) -> Generation:
+        """The engine's own loop, inside inference mode over an allocated cache: clock.enter(PREFILL),
+        then clock.enter(DECODE), then clock.enter(None)."""

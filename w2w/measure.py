@@ -1,0 +1,329 @@
+"""Measure one cell on this rank: warm-up, its batches in energy windows, and its record."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from w2w import distributed
+from w2w.cell import Cell
+from w2w.data import Prompt
+from w2w.energy.errors import PowerCapError
+from w2w.energy.monitor import EnergyMonitor, Window
+from w2w.energy.phases import PhaseEnergy
+from w2w.energy.powercap import PowerCapper
+from w2w.energy.sampler import summarize, timeline_frame
+from w2w.engines.common import DECODE, PREFILL, Generation, PhaseClock, SamplingParams
+from w2w.model import Transformer
+from w2w.progress import CELL_COUNTS, CellProgress, CellShape, progress_path, sum_batches
+from w2w.records import (
+    SCHEMA_VERSION,
+    STATUS_OK,
+    Counts,
+    Energy,
+    RankRecord,
+    timeline_path,
+    write_atomic,
+)
+from w2w.responses import Responses, join_response_parts, no_score_reason, response_part_path
+from w2w.tokenizer import TokenizerLike
+
+log = logging.getLogger("w2w.run")
+WARMUP_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a job loads once for all its cells: this rank's model shard, the tokenizer, the engines
+    (by name, each created once so that the state it keeps, such as CUDA graphs, is reused), and the
+    job's own energy (load and idle baseline), which no cell counts."""
+
+    model: Transformer
+    tokenizer: TokenizerLike
+    engines: dict[str, object]  # engine name -> w2w.engines.<name>.Engine over `model`
+    job_energy: dict
+
+
+def encode_prompts(prompts: list[str], tokenizer: TokenizerLike, max_prompt_len: int) -> tuple[list[list[int]], int]:
+    """The prompts' token ids, each cut to its last max_prompt_len tokens; and how many were cut."""
+    encoded, cut = [], 0
+    for text in prompts:
+        ids = tokenizer.encode(text)
+        if len(ids) > max_prompt_len:
+            cut += 1
+            ids = ids[-max_prompt_len:]  # keep the end, where the question is
+        encoded.append(ids)
+    return encoded, cut
+
+
+def batch_counts(gen: Generation, texts: list[str], scored: int, correct: int) -> Counts:
+    """What one batch produced (its `batches` and `truncated_prompts` belong to the whole cell)."""
+    return Counts(
+        prompts=len(gen.tokens),
+        responses=len(gen.tokens),
+        prompt_tokens=gen.prompt_tokens,
+        output_tokens=sum(len(t) for t in gen.tokens),
+        output_words=sum(len(text.split()) for text in texts),  # the paper's words: split on whitespace
+        scored=scored,
+        correct=correct,
+    )
+
+
+@dataclass
+class _BatchResponses:
+    """One batch's prompt rows, and where rank 0 keeps their responses until the cell ends."""
+
+    cell: Cell
+    index: int
+    rows: list[Prompt]
+    rank: int
+
+    def score(self, batch: list[list[int]], outputs: list[list[int]], texts: list[str]) -> tuple[int, int]:
+        """(scored, correct) of the batch; with save_responses, rank 0 writes the batch's lines
+        (every rank scores: the ranks' tokens are identical)."""
+        cell = self.cell
+        responses = Responses(cell.dataset.name, cell.max_gen_len, cell.force_max_gen_len,
+                              keep=cell.save_responses and self.rank == 0)
+        responses.add(self.rows, [len(p) for p in batch], outputs, texts)
+        if responses.keep:  # before the batch counts as done: a resumed cell finds every earlier batch's part
+            responses.write(response_part_path(cell.sweep_dir, cell.id, self.index))
+        return responses.scored, responses.correct
+
+
+def _responses_block(cell: Cell, num_batches: int, rank: int) -> dict:
+    """The record's responses block; joins the batches' parts into the responses file (rank 0,
+    save_responses=true), also those of batches that an earlier segment of the cell ran."""
+    saved = cell.save_responses and rank == 0
+    file = join_response_parts(cell.sweep_dir, cell.id, num_batches) if saved else None
+    # saved: this rank wrote the file (rank 0 only); requested: save_responses was set.
+    return {"requested": cell.save_responses, "saved": saved, "file": file,
+            "score_reason": no_score_reason(cell.dataset.name)}
+
+
+def _write_timeline(path: Path | None, window: Window, rank: int) -> str | None:
+    """The cell's sampler rows as Parquet (atomically); returns the file name for the record."""
+    if path is None or not window.samples:
+        return None
+    frame = timeline_frame(window.samples, window.t0, window.start_unix_s, rank)
+    write_atomic(path, frame.to_parquet(index=False))
+    return path.name
+
+
+def _cell_energy(cell: Window, phases: PhaseEnergy, warmup: Window | None, monitor: EnergyMonitor) -> Energy:
+    """The record's energy block for one cell (J; None where there is no figure, with the reason)."""
+    return Energy(
+        source=cell.source,
+        gpu_j=cell.gpu_energy_j,
+        counter_gpu_j=cell.counter_energy_j,
+        integrated_gpu_j=cell.integrated_energy_j,
+        prefill_gpu_j=phases.joules.get(PREFILL),
+        decode_gpu_j=phases.joules.get(DECODE),
+        short_phase_windows=phases.short_windows,
+        warmup_gpu_j=warmup.gpu_energy_j if warmup else None,
+        power_reading=monitor.power_reading,
+        sample_interval_s=monitor.sampler.interval_s if monitor.sampler else None,
+        cpu_j=cell.cpu_energy_j,
+        cpu_zones_j=cell.cpu_zones_j,
+        cpu_reason=monitor.cpu_reason if cell.cpu_energy_j is None else None,
+        reason=cell.reason,
+    )
+
+
+@dataclass
+class _CellRun:
+    """What every batch of one cell shares on this rank."""
+
+    cell: Cell
+    loaded: Loaded
+    cache_len: int
+    clock: PhaseClock
+    phases: PhaseEnergy
+
+    def generate(self, batch: list[list[int]], max_gen_len: int | None = None,
+                 clock: PhaseClock | None = None) -> Generation:
+        tokenizer = self.loaded.tokenizer
+        engine = self.loaded.engines[self.cell.engine]
+        return engine.generate(batch, SamplingParams.of(self.cell, max_gen_len), tokenizer.eos_id,
+                               tokenizer.pad_id, self.cache_len, clock)
+
+
+def _warm_up(run: _CellRun, batch: list[list[int]], monitor: EnergyMonitor) -> Window | None:
+    """First calls pay for allocation and kernel selection; keep them out of the cell (every segment)."""
+    if not run.cell.warmup:
+        return None
+    monitor.begin_window("warmup")
+    run.generate(batch, min(WARMUP_TOKENS, run.cell.max_gen_len))  # the cache is sized for the cell's max_gen_len
+    return monitor.end_window("warmup")
+
+
+def _run_batch(run: _CellRun, batch: list[list[int]], responses: _BatchResponses) -> tuple[dict, str | None]:
+    """One batch in an energy window of its own: its entry for the progress file, and its window's error."""
+    clock, phases = run.clock, run.phases
+    seconds, joules = dict(clock.seconds), dict(phases.joules)
+    phases.monitor.begin_window("batch")
+    gen = run.generate(batch, clock=clock)
+    window = phases.monitor.end_window("batch")
+    texts = [run.loaded.tokenizer.decode(t) for t in gen.tokens]
+    counts = batch_counts(gen, texts, *responses.score(batch, gen.tokens, texts))
+
+    def joules_in(phase: str) -> float | None:
+        now, then = phases.joules.get(phase), joules.get(phase, 0.0)
+        return None if now is None or then is None else now - then
+
+    entry = {
+        "counts": {k: v for k, v in counts.to_dict().items() if k not in CELL_COUNTS},
+        "times": {"start_unix_s": window.start_unix_s, "total_s": window.duration_s,
+                  "prefill_s": clock.seconds[PREFILL] - seconds[PREFILL],
+                  "decode_s": clock.seconds[DECODE] - seconds[DECODE]},
+        "energy": {"gpu_j": window.gpu_energy_j, "counter_gpu_j": window.counter_energy_j,
+                   "integrated_gpu_j": window.integrated_energy_j, "prefill_gpu_j": joules_in(PREFILL),
+                   "decode_gpu_j": joules_in(DECODE), "cpu_j": window.cpu_energy_j},
+    }
+    return entry, window.error
+
+
+def run_cell(
+    cell: Cell,
+    rows: list[Prompt],
+    loaded: Loaded,
+    monitor: EnergyMonitor,
+    *,
+    timeline: Path | None = None,
+    rank: int = 0,
+    progress: CellProgress | None = None,
+    segment: dict | None = None,
+) -> dict:
+    """Run the cell's prompt rows from progress's first unfinished batch; returns the measured
+    part of the record, summed over the batches of every segment (job attempt) that ran the cell.
+
+    An NVML read error during the cell makes it status error (the rest is still recorded).
+    """
+    model = loaded.model
+    max_prompt_len = min(cell.dataset.max_prompt_tokens, model.args.max_seq_len - cell.max_gen_len)
+    prompts, truncated = encode_prompts([r.text for r in rows], loaded.tokenizer, max_prompt_len)
+    cache_len = max(len(p) for p in prompts) + cell.max_gen_len
+    size = cell.batch_size
+    batches = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+    if progress is None:  # nothing saved between batches
+        progress = CellProgress(CellShape(cell.id, rank, 1, size, len(batches)), None)
+    phases = PhaseEnergy(monitor)
+    run = _CellRun(cell, loaded, cache_len, PhaseClock(model.device, phases.on_boundary), phases)
+    start = progress.done
+    warmup = _warm_up(run, batches[start], monitor) if start < len(batches) else None
+    progress.begin_segment((segment or {}) | {
+        "start_unix_s": time.time(), "warmup_s": warmup.duration_s if warmup else 0.0,
+        "warmup_gpu_j": warmup.gpu_energy_j if warmup else None,
+    })
+    run.clock.enter(None)  # synchronize before the cell's window opens
+    monitor.begin_window("cell")
+    errors: list[str] = []
+    for index in range(start, len(batches)):
+        first = index * size
+        entry, error = _run_batch(run, batches[index], _BatchResponses(cell, index, rows[first : first + size], rank))
+        if error:
+            errors.append(f"batch {index}: {error}")
+        progress.add_batch(entry, save=not errors)  # a re-run does not resume after void figures
+        log.info("cell batch %d/%d: %d output tokens", index + 1, len(batches), entry["counts"]["output_tokens"])
+    window: Window = monitor.end_window("cell")
+    totals = sum_batches(progress.batches, progress.segments)
+    result = {
+        "counts": totals["counts"] | {"truncated_prompts": truncated},
+        "times": totals["times"] | {"warmup_s": warmup.duration_s if warmup else 0.0},
+        "energy": _cell_energy(window, phases, warmup, monitor).merged(totals["energy"]),
+        "telemetry": summarize(window.samples, monitor.memory_total_mib, list(window.telemetry_errors), window.t0,
+                               window.t0 + window.duration_s),
+        "timeline": _write_timeline(timeline, window, rank),
+        "batches": progress.batches,
+        "segments": [s for s in progress.segments if s["segment"] in {b["segment"] for b in progress.batches}],
+        "responses": _responses_block(cell, len(batches), rank),
+    }
+    errors = ([f"cell: {window.error}"] if window.error else []) + phases.errors + errors
+    if errors:  # the figures are void; later cells still try
+        more = f" (and {len(errors) - 1} more window(s))" if len(errors) > 1 else ""
+        result |= {"status": "error", "error": f"EnergyError: {errors[0]}{more}"}
+    return result
+
+
+def _identity(cell: Cell, info: distributed.DistInfo) -> dict:
+    return {
+        "schema": SCHEMA_VERSION,
+        "sweep_dir": cell.sweep_dir,
+        "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_JOB_ID"),
+        "cell_id": cell.id,
+        "rank": info.rank,
+        "local_rank": info.local_rank,
+        "world_size": info.world_size,
+        "host": info.host,
+        "node": info.node,
+        "device": str(info.device),
+        "params": cell.params(),
+        "config": cell.to_dict(),
+    }
+
+
+def _failure(exc: BaseException) -> dict:
+    # torch.cuda.OutOfMemoryError: torch.OutOfMemoryError's name before torch 2.5 (the floor is 2.1).
+    status = "oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error"
+    return {"status": status, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
+
+
+def _resume(cell: Cell, info: distributed.DistInfo, num_prompts: int) -> CellProgress:
+    """The batches of the cell that earlier segments finished on every rank (a preempted job's)."""
+    shape = CellShape(cell.id, info.rank, info.world_size, cell.batch_size, math.ceil(num_prompts / cell.batch_size))
+    progress = CellProgress.load(progress_path(cell.sweep_dir, cell.id, info.rank), shape)
+    start = distributed.agreed_min(progress.done)  # ranks run batches together: resume where all got to
+    progress.resume_at(start)
+    if start:
+        log.info("cell %s: resumed at batch %d/%d after %d segment(s)", cell.id, start + 1, shape.num_batches,
+                 len(progress.segments))
+    return progress
+
+
+def _segment(job_energy: dict) -> dict:
+    """This job attempt: the idle baseline it measured after its (re)start."""
+    env = os.environ
+    return {"job_id": env.get("SLURM_JOB_ID") or env.get("SUBMITIT_JOB_ID"),
+            "restart_count": int(env.get("SLURM_RESTART_COUNT", 0)),
+            "idle_power_w": job_energy.get("idle_power_w"), "idle_s": job_energy.get("idle_s")}
+
+
+def apply_power_cap(capper: PowerCapper, cell: Cell) -> None:
+    """Set the cell's cap on every rank, or fail the cell on every rank (never run it uncapped)."""
+    error = None
+    try:
+        capper.apply(cell.power_cap_w, cell.power_cap_command)
+    except PowerCapError as exc:
+        error = exc
+    if not distributed.all_ok(error is None):
+        raise error or PowerCapError("the power cap could not be set on another rank of this cell (see its record)")
+
+
+def measure_cell(
+    cell: Cell, rows: list[Prompt], loaded: Loaded, info: distributed.DistInfo, monitor: EnergyMonitor,
+    capper: PowerCapper,
+) -> tuple[RankRecord, int]:
+    """One cell on this rank: its full record, and its outcome for the agreement between ranks."""
+    record = _identity(cell, info)
+    outcome = distributed.CELL_OK
+    try:
+        apply_power_cap(capper, cell)
+        progress = _resume(cell, info, len(rows))
+        record |= {"status": STATUS_OK} | run_cell(
+            cell, rows, loaded, monitor, timeline=timeline_path(cell.sweep_dir, cell.id, info.rank),
+            rank=info.rank, progress=progress, segment=_segment(loaded.job_energy))
+    except Exception as exc:  # the sweep goes on; the record says what happened
+        record |= _failure(exc)
+        outcome = distributed.GROUP_BROKEN if distributed.is_collective_error(exc) else distributed.CELL_FAILED
+        monitor.abandon_windows()  # a cell that raised left its windows open
+    record["energy"] = record.get("energy", Energy()).merged(loaded.job_energy)
+    record["gpu"] = monitor.gpu_record()
+    record["power_cap"] = capper.state(cell.power_cap_w)
+    record["end_unix_s"] = time.time()
+    return RankRecord.from_dict(record), outcome
