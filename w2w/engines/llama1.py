@@ -18,8 +18,8 @@ Differences from Meta's llama_v1 code:
 - The forward runs over the weights of w2w's Transformer (FairScale layers, Meta's parameter
   names and layout); the engine holds the cache and the rotary table, not the model.
 - Meta's `load` allocates the cache once per process at the caller's max_batch_size and
-  max_seq_len (example.py: 32 and 512); the paper ran one setting per run, so here it is allocated
-  once per cell, at the cell's batch size and cache length (its longest prompt + max_gen_len), and
+  max_seq_len (example.py: 32 and 512), and a run of example.py serves one setting, so here it is
+  allocated once per cell, at the cell's batch size and cache length (its longest prompt + max_gen_len), and
   reused by every batch of the cell. Sizing it once for a whole job (the largest batch and length
   of its cells) would make most cells of the paper presets unfit; the matmuls read only the sliced
   prefix, so the size changes memory, not the work per step.
