@@ -266,6 +266,10 @@ def axis_columns(cells: dict[str, CellRecords]) -> dict[str, str]:
     return {label(key): key for key in varying_axes(params.values()) if key not in known}
 
 
+# Engine names in older records, and the engine they ran (w2w.engines.RENAMED says why).
+OLD_ENGINE_NAMES = {"reference": "llama2"}
+
+
 def reduce_sweep(sweep_dir: Path) -> pd.DataFrame:
     return reduce_cells(load_cells(sweep_dir))
 
@@ -280,6 +284,8 @@ def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
         params = _cell_parameters(cell) or {}
         rows.append(row | {column: params.get(key) for column, key in extra.items()})
     table = pd.DataFrame(rows)
+    if "engine" in table:  # records of sweeps before the rename: engine=reference was Llama 2's program
+        table["engine"] = table["engine"].replace(OLD_ENGINE_NAMES)
     for column in ("cell_id", *PARAM_COLUMNS, *extra, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus",
                    "nodes", "segments", "note",
                    "score_note"):

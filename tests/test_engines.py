@@ -19,6 +19,13 @@ MHA = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, ma
 GQA = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=128)
 PROMPTS = [[1, 5, 9, 12, 7, 30], [1, 44], [1, 3, 3, 8]]  # ragged: 6, 2 and 4 tokens
 GREEDY = SamplingParams(max_gen_len=12, greedy=True, force_max_gen_len=True)
+CUT = SamplingParams(max_gen_len=12, greedy=True)
+# The engines whose model has grouped-query attention: llama1 refuses it (LLaMA-1 had none).
+GQA_ENGINES = [name for name in engines.ENGINES if name != "llama1"]
+
+
+def _serving(args: ModelArgs) -> list[str]:
+    return list(engines.ENGINES) if args.kv_heads == args.n_heads else GQA_ENGINES
 
 
 def _model(args: ModelArgs, world: int) -> Transformer:
@@ -61,7 +68,9 @@ def _all_paths(world: int) -> dict:
             "dynamic": dynamic,
             "static": static,
             "logit_gap": (static_logits - dynamic_logits).abs().max().item(),
-            **{name: engines.create(name, model).generate(PROMPTS, GREEDY, 2, 0).tokens for name in engines.ENGINES},
+            **{name: engines.create(name, model).generate(PROMPTS, GREEDY, 2, 0).tokens for name in _serving(args)},
+            # not forced: every engine's tokens after the EOS cut (id 2 ends the second row early)
+            "cut": {name: engines.create(name, model).generate(PROMPTS, CUT, 2, 0).tokens for name in _serving(args)},
         }
     return out
 
@@ -71,7 +80,10 @@ def test_engines_give_the_dynamic_paths_greedy_tokens(world):
     for rank_result in run_parallel(world, _all_paths, world):
         for name, paths in rank_result.items():
             assert all(len(row) == GREEDY.max_gen_len for row in paths["dynamic"]), name
-            assert all(paths[engine] == paths["dynamic"] == paths["static"] for engine in engines.ENGINES), name
+            served = GQA_ENGINES if name == "gqa" else engines.ENGINES
+            assert all(paths[engine] == paths["dynamic"] == paths["static"] for engine in served), name
+            cut = list(paths["cut"].values())
+            assert all(tokens == cut[0] for tokens in cut) and len(cut[0][1]) < CUT.max_gen_len, name
             assert paths["logit_gap"] <= 1e-5, name
 
 
@@ -82,7 +94,7 @@ def model():
     return _model(GQA, 1)
 
 
-@pytest.mark.parametrize("name", engines.ENGINES)
+@pytest.mark.parametrize("name", GQA_ENGINES)
 def test_same_seed_same_top_p_tokens(model, name):
     engine = engines.create(name, model)
 
@@ -93,7 +105,7 @@ def test_same_seed_same_top_p_tokens(model, name):
     assert run(3) == run(3) != run(4)
 
 
-@pytest.mark.parametrize("name", engines.ENGINES)
+@pytest.mark.parametrize("name", GQA_ENGINES)  # llama1 keeps a cache of its own: tests/test_llama1.py
 def test_a_cache_serves_a_smaller_last_batch_without_reallocating(model, name):
     engine = engines.create(name, model)
     cache_len = 6 + GREEDY.max_gen_len
@@ -118,13 +130,13 @@ def test_eos_checked_every_n_steps_counts_the_steps_run_past_it(model):
              for n in (1, k + 2)]
     assert [g.tokens for g in every] == [[row[:k]]] * 2  # tokens after EOS dropped
     assert [g.decode_steps for g in every] == [k, k + 2]  # the second ran 2 steps past EOS: counted
-    reference = engines.create("reference", model).generate(PROMPTS[:1], SamplingParams(max_gen_len=20, greedy=True), eos, 0)
-    assert reference.tokens == every[0].tokens and reference.decode_steps == k
+    llama2 = engines.create("llama2", model).generate(PROMPTS[:1], SamplingParams(max_gen_len=20, greedy=True), eos, 0)
+    assert llama2.tokens == every[0].tokens and llama2.decode_steps == k
 
 
-def test_reference_forces_the_longer_prompts_in_step_by_step(model):
+def test_llama2_forces_the_longer_prompts_in_step_by_step(model):
     """Meta's schedule: decoding starts at the shortest prompt, so a ragged batch takes more passes."""
-    ragged = engines.create("reference", model).generate(PROMPTS, GREEDY, 2, 0)
+    ragged = engines.create("llama2", model).generate(PROMPTS, GREEDY, 2, 0)
     fast = engines.create("fast", model).generate(PROMPTS, GREEDY, 2, 0)
     assert fast.decode_steps == GREEDY.max_gen_len - 1
     longest, shortest = max(map(len, PROMPTS)), min(map(len, PROMPTS))
@@ -134,10 +146,12 @@ def test_reference_forces_the_longer_prompts_in_step_by_step(model):
 def test_an_unknown_engine_is_refused_naming_the_valid_ones(model):
     with pytest.raises(ValueError, match=f"engine=turbo: valid are {', '.join(engines.ENGINES)}$"):
         engines.create("turbo", model)
+    with pytest.raises(ValueError, match="engine=reference was renamed llama2"):
+        engines.create("reference", model)
 
 
 def test_the_registry_names_a_module_with_an_engine_for_each_entry(model):
-    for name in engines.ENGINES:
+    for name in GQA_ENGINES:  # llama1 over an MHA model: tests/test_llama1.py
         assert isinstance(engines.create(name, model), engines.common.Engine)
 
 

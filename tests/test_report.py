@@ -54,7 +54,7 @@ def test_every_table_and_figure_renders(report):
     for name in ("Table II", "Table III", "Table IV", "Table V"):
         assert f"**{name}:" in page
     # Every cell ran engine=fast alone: the section says how to get the comparison.
-    assert "## What the implementation costs" in page and "sweep with `engine=reference,fast`" in page
+    assert "## What the implementation costs" in page and "sweep with `engine=llama1,llama2,fast`" in page
 
 
 def test_tables_hold_the_measured_values_and_say_what_stands_in(report):
@@ -133,20 +133,22 @@ def test_implementation_costs_pair_the_engines_of_each_setting():
     from w2w.analysis.report import _costs_section, implementation_costs
 
     cells = pd.DataFrame([
-        _cell("reference", 1, 20.0, 30.0), _cell("fast", 1, 80.0, 6.0),  # both engines: a row
-        _cell("reference", 64, 1000.0, None), _cell("fast", 64, 4000.0, None),  # no meter: no J/token
+        _cell("llama1", 1, 10.0, 60.0), _cell("llama2", 1, 20.0, 30.0), _cell("fast", 1, 80.0, 6.0),  # all: a row
+        _cell("llama2", 64, 1000.0, None), _cell("fast", 64, 4000.0, None),  # no meter, no llama1: a row
         _cell("fast", 16, 900.0, 1.0),  # fast only: nothing to compare
-        _cell("reference", 32, 10.0, 1.0, status="oom"), _cell("fast", 32, 900.0, 1.0),  # reference failed
+        _cell("llama2", 32, 10.0, 1.0, status="oom"), _cell("fast", 32, 900.0, 1.0),  # llama2 failed
     ])
     costs = implementation_costs(cells).set_index("batch_size")
     assert list(costs.index) == ["1", "64"]
     one = costs.loc["1"]
-    assert (one["reference tokens/s"], one["fast tokens/s"], one["fast / reference tokens/s"]) == (20.0, 80.0, 4.0)
-    assert (one["reference J/token"], one["fast J/token"], one["fast / reference J/token"]) == (30.0, 6.0, 0.2)
+    assert (one["llama2 tokens/s"], one["fast tokens/s"], one["fast / llama2 tokens/s"]) == (20.0, 80.0, 4.0)
+    assert (one["llama2 J/token"], one["fast J/token"], one["fast / llama2 J/token"]) == (30.0, 6.0, 0.2)
+    assert (one["llama1 tokens/s"], one["fast / llama1 tokens/s"], one["fast / llama1 J/token"]) == (10.0, 8.0, 0.1)
     assert one["power_cap_w"] == "the GPU's own limit"
     wide = costs.loc["64"]
-    assert wide["fast / reference tokens/s"] == 4.0
-    assert all(pd.isna(wide[c]) for c in ("reference J/token", "fast J/token", "fast / reference J/token"))
+    assert wide["fast / llama2 tokens/s"] == 4.0
+    assert all(pd.isna(wide[c]) for c in ("llama1 tokens/s", "llama2 J/token", "fast J/token", "fast / llama2 J/token"))
     section = _costs_section(implementation_costs(cells))
     assert "## What the implementation costs" in section and "| 4 |" in section
-    assert "sweep with `engine=reference,fast`" in _costs_section(implementation_costs(cells[cells["engine"] == "fast"]))
+    fast_only = implementation_costs(cells[cells["engine"] == "fast"])
+    assert "sweep with `engine=llama1,llama2,fast`" in _costs_section(fast_only)

@@ -47,6 +47,7 @@ class Generation:
     tokens: list[list[int]]  # new tokens per prompt, EOS and anything after it dropped
     prompt_tokens: int  # real (unpadded) prompt tokens in the batch
     decode_steps: int  # forward passes after the prefill
+    positions: int  # rows of every forward call: sum over calls of batch x positions, prompt rows and rows past EOS included
 
 
 def synchronize(device: torch.device) -> None:
@@ -116,6 +117,10 @@ class Engine(ABC):
     def __init__(self, model: Transformer):
         self.model = model
 
+    def prepare(self, batch: int, cache_len: int) -> None:
+        """Make the KV cache ready for a batch; default: the model's cache (llama1 keeps its own)."""
+        self.model.setup_caches(batch, cache_len)
+
     def generate(
         self,
         prompts: list[list[int]],
@@ -131,7 +136,7 @@ class Engine(ABC):
         same value for every batch of a cell so the cache is allocated once.
         """
         cache_len = check_lengths(prompts, params, cache_len)
-        self.model.setup_caches(len(prompts), cache_len)
+        self.prepare(len(prompts), cache_len)
         generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         clock = clock or PhaseClock(self.model.device)
         with torch.inference_mode():

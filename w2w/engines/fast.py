@@ -20,7 +20,9 @@ on NCCL, which a graph captured by hand with torch.cuda.CUDAGraph records like a
 torch.compile(fullgraph=True) cannot trace FairScale's autograd.Function, and swapping the
 collectives for functional ones would change the model code the paper's numbers ran through.
 Hand capture keeps one model code path for both engines; it was chosen without a GPU measurement.
-Meta's reference schedule is the `reference` engine, in w2w/engines/reference.py.
+It follows no program of Meta's: its differences from Meta's Llama 2 code (main branch) are the
+schedule above and the model arithmetic llama2 lists (w2w/engines/llama2.py, whose list of
+differences from this engine is the schedule's); Meta's programs are the engines llama1 and llama2.
 """
 
 from __future__ import annotations
@@ -181,4 +183,6 @@ class Engine(common.Engine):
             decoder.advance(generator)
             steps += 1
         clock.enter(None)
-        return Generation(decoder.out[:, : steps + 1].tolist(), sum(len(p) for p in prompts), steps)
+        rows = len(prompts)
+        return Generation(decoder.out[:, : steps + 1].tolist(), sum(len(p) for p in prompts), steps,
+                          positions=rows * width + steps * rows)
