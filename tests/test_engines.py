@@ -131,6 +131,18 @@ def test_reference_forces_the_longer_prompts_in_step_by_step(model):
     assert ragged.decode_steps == longest - shortest + GREEDY.max_gen_len - 1
 
 
+def test_positions_count_every_row_of_every_forward_call(model):
+    """Work, not output: prompt rows, left padding and rows past EOS are positions computed."""
+    bsz, longest, shortest = len(PROMPTS), max(map(len, PROMPTS)), min(map(len, PROMPTS))
+    fast = engines.create("fast", model).generate(PROMPTS, GREEDY, 2, 0)
+    assert fast.positions == bsz * longest + bsz * fast.decode_steps  # padded prefill, then one row each step
+    ragged = engines.create("reference", model).generate(PROMPTS, GREEDY, 2, 0)
+    calls = [shortest] + [1] * ragged.decode_steps  # Meta's: the shortest prompt's slots, then one slot per call
+    assert ragged.positions == bsz * sum(calls) == bsz * (longest + GREEDY.max_gen_len - 1)
+    early = engines.create("fast", model).generate(PROMPTS[:1], SamplingParams(max_gen_len=20, greedy=True), 2, 0)
+    assert early.positions == len(PROMPTS[0]) + early.decode_steps  # one row: its prompt, then a slot per step
+
+
 def test_an_unknown_engine_is_refused_naming_the_valid_ones(model):
     with pytest.raises(ValueError, match=f"engine=turbo: valid are {', '.join(engines.ENGINES)}$"):
         engines.create("turbo", model)

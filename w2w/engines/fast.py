@@ -181,4 +181,5 @@ class Engine(common.Engine):
             decoder.advance(generator)
             steps += 1
         clock.enter(None)
-        return Generation(decoder.out[:, : steps + 1].tolist(), sum(len(p) for p in prompts), steps)
+        return Generation(decoder.out[:, : steps + 1].tolist(), sum(len(p) for p in prompts), steps,
+                          len(prompts) * (width + steps))

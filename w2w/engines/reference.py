@@ -70,4 +70,4 @@ class Engine(common.Engine):
         rows = [tokens[row, len(p) : len(p) + params.max_gen_len].tolist() for row, p in enumerate(prompts)]
         if not params.force_max_gen_len:  # slots never reached still hold pad_id: not tokens
             rows = [row[: cur + 1 - len(p)] for row, p in zip(rows, prompts, strict=True)]
-        return Generation(rows, sum(len(p) for p in prompts), passes - 1)
+        return Generation(rows, sum(len(p) for p in prompts), passes - 1, bsz * cur)  # calls cover 0..cur
