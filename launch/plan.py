@@ -31,11 +31,14 @@ class MemoryEstimate:
         return (self.weights_gib + self.kv_cache_gib) * MEMORY_OVERHEAD + CONTEXT_GIB
 
 
-def estimate_memory(cell: Cell, args: ModelArgs) -> MemoryEstimate:
-    """From the shapes alone; nothing is loaded on the login node."""
+def estimate_memory(cell: Cell, args: ModelArgs, prompt_tokens: int | None = None) -> MemoryEstimate:
+    """From the shapes alone; nothing is loaded on the login node. prompt_tokens: the longest prompt as
+    run (None: dataset.max_prompt_tokens, or all that max_seq_len leaves where prompts are kept whole)."""
     width = PRECISION_BYTES[cell.precision]
     weights = args.num_params() * width / cell.shards
-    tokens = cell.batch_size * (cell.dataset.max_prompt_tokens + cell.max_gen_len)
+    if prompt_tokens is None:
+        prompt_tokens = cell.dataset.max_prompt_tokens or args.max_seq_len - cell.max_gen_len
+    tokens = cell.batch_size * (prompt_tokens + cell.max_gen_len)
     kv = 2 * args.n_layers * tokens * args.kv_heads * args.head_dim * width / cell.shards
     return MemoryEstimate(weights / GIB, kv / GIB)
 
@@ -148,7 +151,7 @@ def make_plan(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> Pl
     for cell in compose_grid(overrides, config_dir):
         placement(cell)
         shapes = files.check(cell)
-        memory = estimate_memory(cell, shapes)
+        memory = estimate_memory(cell, shapes, files.longest_prompt(cell, shapes))
         planned = PlannedCell(cell, memory, _fit_reason(cell, memory))
         if planned.skip_reason:
             if not cell.skip_unfit:
