@@ -57,11 +57,13 @@ def check_prompt_fits(cell: Cell, args: ModelArgs, lengths: list[tuple[int, int]
     fits = args.max_seq_len - cell.max_gen_len
     row, longest = max(lengths, key=lambda rl: rl[1], default=(None, 0))
     if longest > fits:
+        shorter = args.max_seq_len - longest
+        lower = f"lower max_gen_len to {shorter} or less, " if shorter >= 1 else ""
         raise ConfigError(
             f"dataset={cell.dataset.name} row {row}: its prompt is {longest} tokens but model.max_seq_len="
-            f"{args.max_seq_len} - max_gen_len={cell.max_gen_len} leaves {fits}: lower max_gen_len to "
-            f"{args.max_seq_len - longest} or less, raise model.max_seq_len to {longest + cell.max_gen_len} or more, "
-            "or set dataset.max_prompt_tokens=N to cut prompts (BOS and the last N-1 tokens are kept)"
+            f"{args.max_seq_len} - max_gen_len={cell.max_gen_len} leaves {fits}: {lower}raise model.max_seq_len to "
+            f"{longest + cell.max_gen_len} or more, or set dataset.max_prompt_tokens=N to cut prompts (BOS and the "
+            "last N-1 tokens are kept)"
         )
     return longest
 

@@ -79,8 +79,9 @@ def encode_prompts(prompts: list[str], tokenizer: TokenizerLike, max_prompt_len:
             cut += 1
             ids = cut_prompt(ids, max_prompt_len, tokenizer.bos_id)
         if fits is not None and len(ids) > fits:
-            raise ValueError(f"a prompt of {len(ids)} tokens does not fit the {fits} left by max_gen_len: "
-                             "set dataset.max_prompt_tokens to cut it")
+            raise ValueError(f"a prompt of {len(ids)} tokens does not fit the {fits} that model.max_seq_len - "
+                             "max_gen_len leaves: lower max_gen_len, raise model.max_seq_len, or set "
+                             "dataset.max_prompt_tokens to cut it")
         encoded.append(ids)
     return encoded, cut
 
