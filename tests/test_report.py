@@ -55,6 +55,8 @@ def test_every_table_and_figure_renders(report):
         assert f"](figures/{name}.png)" in page
     for name in ("Table II", "Table III", "Table IV", "Table V"):
         assert f"**{name}:" in page
+    # The page says which energy per token each table and figure uses.
+    assert "is energy_per_token_j: per returned token (after the EOS cut)" in page
     # Every cell ran engine=fast alone: the section says how to get the comparison.
     assert "## What the implementation costs" in page and f"sweep with `engine={','.join(ENGINES)}`" in page
 
