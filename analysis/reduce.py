@@ -219,6 +219,7 @@ def reduce_cell(cell: CellRecords) -> dict:
         scored=int(first["counts"].get("scored", 0)),
         correct=int(first["counts"].get("correct", 0)),
         batches=int(first["counts"].get("batches", 0)),
+        positions=first.counts.positions,
     )
     row |= {"status": STATUS_OK, **compute(totals), "idle_power_w": idle_power_w, **_energy_columns(records, energy_j)}
     row |= {
@@ -229,6 +230,7 @@ def reduce_cell(cell: CellRecords) -> dict:
         "segments": max(len(r.segments or [None]) for r in records),  # job attempts that ran it
         "total_s": totals.total_s,
         "output_tokens": totals.output_tokens,
+        "positions": totals.positions,
         "responses": totals.responses,
         "note": f"no energy: {reason}" if reason else "",
         **_answer_columns(first, totals),

@@ -31,21 +31,26 @@ class MemoryEstimate:
         return (self.weights_gib + self.kv_cache_gib) * MEMORY_OVERHEAD + CONTEXT_GIB
 
 
-def cache_positions(cell: Cell) -> int:
-    """KV positions a cell's cache holds: batch x (longest prompt + max_gen_len), prompts cut to max_prompt_tokens."""
-    return cell.batch_size * (cell.dataset.max_prompt_tokens + cell.max_gen_len)
+def cache_positions(cell: Cell, prompt_tokens: int | None = None) -> int:
+    """KV positions a cell's cache holds: batch x (longest prompt + max_gen_len). prompt_tokens: the
+    longest prompt as run (None: dataset.max_prompt_tokens, or what max_seq_len leaves where prompts
+    are kept whole)."""
+    if prompt_tokens is None:
+        prompt_tokens = cell.dataset.max_prompt_tokens or cell.model.max_seq_len - cell.max_gen_len
+    return cell.batch_size * (prompt_tokens + cell.max_gen_len)
 
 
-def estimate_memory(cell: Cell, args: ModelArgs, resident_positions: int = 0) -> MemoryEstimate:
+def estimate_memory(cell: Cell, args: ModelArgs, prompt_tokens: int | None = None,
+                    resident_positions: int = 0) -> MemoryEstimate:
     """From the shapes alone; nothing is loaded on the login node.
 
     The cell's own KV cache: the model's (fast, llama2) or the llama1 engine's, the same size.
-    resident_positions: a cache another engine of the job keeps allocated meanwhile (see
-    resident_positions()).
+    prompt_tokens: see cache_positions. resident_positions: a cache another engine of the job
+    keeps allocated meanwhile (see resident_positions()).
     """
     width = PRECISION_BYTES[cell.precision]
     weights = args.num_params() * width / cell.shards
-    tokens = cache_positions(cell) + resident_positions
+    tokens = cache_positions(cell, prompt_tokens) + resident_positions
     kv = 2 * args.n_layers * tokens * args.kv_heads * args.head_dim * width / cell.shards
     return MemoryEstimate(weights / GIB, kv / GIB)
 
@@ -163,14 +168,15 @@ def make_plan(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> Pl
     groups: dict[str, list[PlannedCell]] = {}
     skipped: list[PlannedCell] = []
     files = FileChecks()  # bad prompt files and checkpoints are known before anything is submitted
-    by_placement: dict[str, list[tuple[Cell, ModelArgs]]] = {}
+    by_placement: dict[str, list[tuple[Cell, ModelArgs, int | None]]] = {}
     for cell in compose_grid(overrides, config_dir):
         placement(cell)
-        by_placement.setdefault(cell.placement, []).append((cell, files.check(cell)))
+        shapes = files.check(cell)
+        by_placement.setdefault(cell.placement, []).append((cell, shapes, files.longest_prompt(cell, shapes)))
     for key, members in by_placement.items():
-        job_cells = [c for c, _ in members]
-        for cell, shapes in members:
-            memory = estimate_memory(cell, shapes, resident_positions(cell, job_cells))
+        job_cells = [c for c, _, _ in members]
+        for cell, shapes, longest in members:
+            memory = estimate_memory(cell, shapes, longest, resident_positions(cell, job_cells))
             planned = PlannedCell(cell, memory, _fit_reason(cell, memory))
             if planned.skip_reason:
                 if not cell.skip_unfit:

@@ -32,8 +32,19 @@ GOLDEN_IDS = [
 ]
 
 
+# Issue 16: dataset.max_prompt_tokens' default went from 128 (cut, BOS lost) to None (kept whole). The
+# earlier sweeps' cells ran at 128: set explicitly, it keeps their ids (GOLDEN_IDS); at the new default
+# a cell measures something else, under a new id (NEW_DEFAULT_IDS).
+NEW_DEFAULT_IDS = ["fd01e176789c", "b270f287c2cc", "be077d0c77cd", "2ca52ef64752", "017e61f4e9f6"]
+
+
 @pytest.mark.parametrize(("overrides", "cid"), GOLDEN_IDS)
 def test_cell_ids_are_those_of_earlier_sweeps(overrides, cid):
+    assert compose_cell([*overrides, "dataset.max_prompt_tokens=128"]).id == cid
+
+
+@pytest.mark.parametrize(("overrides", "cid"), [(o, c) for (o, _), c in zip(GOLDEN_IDS, NEW_DEFAULT_IDS, strict=True)])
+def test_prompts_kept_whole_by_default_are_new_cells(overrides, cid):
     assert compose_cell(overrides).id == cid
 
 

@@ -11,7 +11,7 @@ import torch
 from tests.parallel import run_parallel
 from w2w import distributed, engines
 from w2w.config import compose_cell
-from w2w.engines.common import PhaseClock, SamplingParams
+from w2w.engines.common import PhaseClock, SamplingParams, new_generator
 from w2w.engines.fast import left_pad, prefill
 from w2w.model import ModelArgs, Transformer, build_model, random_state_dict
 
@@ -141,6 +141,30 @@ def test_llama2_forces_the_longer_prompts_in_step_by_step(model):
     assert fast.decode_steps == GREEDY.max_gen_len - 1
     longest, shortest = max(map(len, PROMPTS)), min(map(len, PROMPTS))
     assert ragged.decode_steps == longest - shortest + GREEDY.max_gen_len - 1
+
+
+def test_positions_count_every_row_of_every_forward_call(model):
+    """Work, not output: prompt rows, left padding and rows past EOS are positions computed."""
+    bsz, longest, shortest = len(PROMPTS), max(map(len, PROMPTS)), min(map(len, PROMPTS))
+    fast = engines.create("fast", model).generate(PROMPTS, GREEDY, 2, 0)
+    assert fast.positions == bsz * longest + bsz * fast.decode_steps  # padded prefill, then one row each step
+    ragged = engines.create("reference", model).generate(PROMPTS, GREEDY, 2, 0)
+    calls = [shortest] + [1] * ragged.decode_steps  # Meta's: the shortest prompt's slots, then one slot per call
+    assert ragged.positions == bsz * sum(calls) == bsz * (longest + GREEDY.max_gen_len - 1)
+    early = engines.create("fast", model).generate(PROMPTS[:1], SamplingParams(max_gen_len=20, greedy=True), 2, 0)
+    assert early.positions == len(PROMPTS[0]) + early.decode_steps  # one row: its prompt, then a slot per step
+
+
+def test_one_stream_passed_to_every_batch_draws_on_and_none_restarts_it(model):
+    """A cell's batches draw on from one stream (Meta seeds once per process); without one, each batch restarts."""
+    params = SamplingParams(max_gen_len=8, temperature=1.5, force_max_gen_len=True)
+    for name in engines.ENGINES:
+        engine = engines.create(name, model)
+        fresh = [engine.generate(PROMPTS, params, 2, 0).tokens for _ in range(2)]
+        assert fresh[0] == fresh[1], name  # generator=None: a fresh stream seeded with params.seed
+        stream = new_generator(model.device, params.seed)
+        drawn = [engine.generate(PROMPTS, params, 2, 0, generator=stream).tokens for _ in range(2)]
+        assert drawn[0] == fresh[0] and drawn[1] != drawn[0], name
 
 
 def test_an_unknown_engine_is_refused_naming_the_valid_ones(model):

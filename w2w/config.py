@@ -395,8 +395,8 @@ def validate(cfg: Cell) -> None:
         f"energy.sample_interval_s={cfg.energy.sample_interval_s}: must be > 0",
     )
     _check(
-        cfg.dataset.max_prompt_tokens >= 1,
-        f"dataset.max_prompt_tokens={cfg.dataset.max_prompt_tokens}: must be >= 1",
+        cfg.dataset.max_prompt_tokens is None or cfg.dataset.max_prompt_tokens >= 1,
+        f"dataset.max_prompt_tokens={cfg.dataset.max_prompt_tokens}: must be >= 1, or null to keep prompts whole",
     )
     _check(
         cfg.energy.backend != "nvml" or cfg.gpu.device == "cuda",

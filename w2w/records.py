@@ -195,7 +195,10 @@ class Counts(Schema):
     prompts: int = 0
     responses: int = 0
     prompt_tokens: int = 0
-    output_tokens: int = 0
+    output_tokens: int = 0  # tokens returned: after the EOS cut
+    # Positions computed: the rows of every forward call, prompt rows and rows past EOS included
+    # (None: a record from before they were counted).
+    positions: int | None = None
     output_words: int = 0  # the response text split on whitespace (the paper's words)
     batches: int = 0
     truncated_prompts: int = 0

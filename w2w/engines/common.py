@@ -47,7 +47,9 @@ class Generation:
     tokens: list[list[int]]  # new tokens per prompt, EOS and anything after it dropped
     prompt_tokens: int  # real (unpadded) prompt tokens in the batch
     decode_steps: int  # forward passes after the prefill
-    positions: int  # rows of every forward call: sum over calls of batch x positions, prompt rows and rows past EOS included
+    # positions computed: the rows of every forward call (sum over calls of batch x positions in the call),
+    # prompt rows and rows past EOS included
+    positions: int
 
 
 def synchronize(device: torch.device) -> None:
@@ -110,6 +112,11 @@ def check_lengths(prompts: list[list[int]], params: SamplingParams, cache_len: i
     return cache_len
 
 
+def new_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A sampling stream on `device` seeded with `seed` (every rank seeds alike and draws alike)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 class Engine(ABC):
     """A generation schedule over one model. generate() does what every engine needs around its
     loop; a subclass (one module per engine, named in the registry) supplies only schedule()."""
@@ -129,15 +136,20 @@ class Engine(ABC):
         pad_id: int,
         cache_len: int | None = None,
         clock: PhaseClock | None = None,
+        generator: torch.Generator | None = None,
     ) -> Generation:
         """Generate for a batch of tokenized prompts.
 
         cache_len: KV cache length to allocate (default: longest prompt + max_gen_len); pass the
         same value for every batch of a cell so the cache is allocated once.
+        generator: the sampling stream, on the model's device, drawn from and left advanced (a cell
+        passes one stream to all its batches, as Meta seeds once per process); None: a fresh one
+        seeded with params.seed, for this batch alone.
         """
         cache_len = check_lengths(prompts, params, cache_len)
         self.prepare(len(prompts), cache_len)
-        generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        if generator is None:
+            generator = new_generator(self.model.device, params.seed)
         clock = clock or PhaseClock(self.model.device)
         with torch.inference_mode():
             gen = self.schedule(prompts, params, eos_id, pad_id, cache_len, clock, generator)
