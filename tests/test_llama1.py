@@ -140,7 +140,7 @@ def test_the_plan_counts_a_mixed_jobs_two_caches():
     from launch.plan import estimate_memory
 
     shapes = Shapes(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256)
-    llama1 = compose_cell(["engine=llama1", "batch_size=4", "max_gen_len=64"])
+    llama1 = compose_cell(["engine=llama1", "batch_size=4", "max_gen_len=64", "dataset.max_prompt_tokens=128"])
     per_token = 2 * 32 * 4096 * 2 / 1024**3  # K and V, 32 layers, dim 4096, fp16
     alone = estimate_memory(llama1, shapes).kv_cache_gib
     assert alone == pytest.approx(4 * (128 + 64) * per_token)
