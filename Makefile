@@ -10,7 +10,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 VENV_FLAGS ?=
 GPU_VENV ?= .venv-gpu
 
-.PHONY: install demo test lint bench bench-decode bench-reduce bench-plan bench-gpu gpu-check slurm-up slurm-down slurm-status tiny-tokenizer clean
+.PHONY: install demo test lint bench bench-launches bench-decode bench-reduce bench-plan bench-gpu gpu-check slurm-up slurm-down slurm-status tiny-tokenizer clean
 
 install: $(STAMP)
 
@@ -41,7 +41,11 @@ lint: install
 	$(VENV)/bin/ruff check w2w launch analysis tests
 	LINT_IMPORTS=$(VENV)/bin/lint-imports bash .ci/lint_imports.sh
 
-bench: bench-decode bench-reduce bench-plan
+bench: bench-launches bench-decode bench-reduce bench-plan
+
+# Operators per decode step per layer for each engine (ATen calls traced on the CPU): launches on a GPU.
+bench-launches: install
+	$(PY) -m w2w.bench.launches
 
 bench-decode: install
 	$(PY) -m w2w.bench.decode_vs_transformers
