@@ -113,6 +113,8 @@ class Engine(ABC):
     """A generation schedule over one model. generate() does what every engine needs around its
     loop; a subclass (one module per engine, named in the registry) supplies only schedule()."""
 
+    cache_multiple = 1  # the cache length is rounded up to a multiple of this (capped at max_seq_len)
+
     def __init__(self, model: Transformer):
         self.model = model
 
@@ -131,6 +133,8 @@ class Engine(ABC):
         same value for every batch of a cell so the cache is allocated once.
         """
         cache_len = check_lengths(prompts, params, cache_len)
+        cache_len = min(-(-cache_len // self.cache_multiple) * self.cache_multiple,
+                        max(cache_len, self.model.args.max_seq_len))
         self.model.setup_caches(len(prompts), cache_len)
         generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         clock = clock or PhaseClock(self.model.device)

@@ -25,12 +25,14 @@ Meta's reference schedule is the `reference` engine, in w2w/engines/reference.py
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from w2w.engines import common
 from w2w.engines.common import DECODE, PREFILL, Generation, PhaseClock, SamplingParams
+from w2w.engines.fused import FusedDecode
 from w2w.model import Transformer
 
 
@@ -71,6 +73,31 @@ def race_top_p(probs: torch.Tensor, p: float, noise: torch.Tensor) -> torch.Tens
     return order.gather(-1, choice).squeeze(-1)
 
 
+# Records one call of a step and returns what replays it (a CUDA graph on GPUs); tests inject others.
+Capture = Callable[[Callable[[], None]], Callable[[], None]]
+
+
+def cuda_capture(step: Callable[[], None]) -> Callable[[], None]:
+    """A CUDA graph of step; capture_error_mode="thread_local" lets NCCL's watchdog query events meanwhile."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        step()
+    return graph.replay
+
+
+def warm_up(step: Callable[[], None], device: torch.device) -> None:
+    """The step before a capture runs on a side stream on CUDA (it warms cuBLAS and NCCL up)."""
+    if device.type != "cuda":
+        step()
+        return
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        step()
+    current.wait_stream(side)
+
+
 class StaticDecoder:
     """Device-resident state of the fast decode step for one (batch, cache length, sampling).
 
@@ -78,17 +105,21 @@ class StaticDecoder:
     captured over step() be replayed for every later batch of that shape.
     """
 
-    def __init__(self, model: Transformer, batch: int, cache_len: int, params: SamplingParams):
+    def __init__(self, fused: FusedDecode, batch: int, cache_len: int, params: SamplingParams,
+                 capture: Capture | None = None):
+        model = fused.model
         device, vocab = model.device, model.args.vocab_size
-        self.model, self.params = model, params
+        self.model, self.fused, self.params, self.capture = model, fused, params, capture
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # cache slot of this step
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # rotary position per row
         self.col = torch.zeros(1, dtype=torch.long, device=device)  # column of `out` to write
-        self.key_valid = torch.zeros(batch, cache_len, dtype=torch.bool, device=device)
+        # Additive attention mask (0 valid, -inf not): one fill per step, shared by every layer.
+        self.mask = torch.zeros(batch, 1, 1, cache_len, dtype=model.norm.weight.dtype, device=device)
         self.out = torch.full((batch, cache_len), -1, dtype=torch.long, device=device)
         self.noise = None if params.greedy else torch.ones(batch, vocab, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.replay: Callable[[], None] | None = None  # the captured step, once captured
+        self.graph = "eager"  # what advance() runs: "cuda graph", "eager", or "eager, capture failed: ..."
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         if self.params.greedy:
@@ -105,14 +136,14 @@ class StaticDecoder:
         self.token.copy_(first)
         self.slot.fill_(width)
         self.pos.copy_(batch.next_pos)
-        self.key_valid.copy_(batch.key_valid)
+        self.mask.copy_(self.fused.mask(batch.key_valid, self.mask.dtype))
         self.out.fill_(-1)
         self.out[:, 0] = first
         self.col.fill_(1)
 
     def step(self) -> None:
-        self.key_valid.index_fill_(1, self.slot, True)
-        token = self.choose(self.model.decode_step(self.token, self.slot, self.pos, self.key_valid))
+        self.mask.index_fill_(3, self.slot, 0.0)
+        token = self.choose(self.fused(self.token, self.slot, self.pos, self.mask))
         self.token.copy_(token)
         self.out.index_copy_(1, self.col, token[:, None])
         self.slot += 1
@@ -120,26 +151,20 @@ class StaticDecoder:
         self.col += 1
 
     def advance(self, generator: torch.Generator) -> None:
-        """One decode step: replay the graph, or run eagerly (and capture after the first on CUDA)."""
+        """One decode step: replay the capture, or run eagerly (and, the first time, capture the next)."""
         self.draw(generator)
-        if self.graph is not None:
-            self.graph.replay()
+        if self.replay is not None:
+            self.replay()
             return
-        if self.model.device.type != "cuda":
+        if self.capture is None or self.graph != "eager":
             self.step()
             return
-        # The first step runs eagerly on a side stream (it warms cuBLAS and NCCL up), then the
-        # capture records the next one without running it.
-        current = torch.cuda.current_stream(self.model.device)
-        side = torch.cuda.Stream(self.model.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            self.step()
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.step()
-        self.graph = graph
+        warm_up(self.step, self.model.device)
+        try:  # records the next step without running it
+            self.replay = self.capture(self.step)
+            self.graph = "cuda graph"
+        except Exception as exc:  # noqa: BLE001 - whatever failed, this decoder stays eager and says why
+            self.graph = f"eager, capture failed: {type(exc).__name__}: {exc}"
 
     def all_ended(self, eos_id: int, columns: int) -> bool:
         return bool((self.out[:, :columns] == eos_id).any(-1).all())
@@ -148,10 +173,23 @@ class StaticDecoder:
 class Engine(common.Engine):
     """The fast schedule; keeps one StaticDecoder (and its CUDA graph) per shape it has served."""
 
-    def __init__(self, model: Transformer):
+    # Cache slots a multiple of 64: aligned rows for the attention kernels, and fewer distinct graphs.
+    cache_multiple = 64
+
+    def __init__(self, model: Transformer, capture: Capture | None = None):
         super().__init__(model)
+        self.fused = FusedDecode(model)
+        self.capture = capture if capture is not None else (cuda_capture if model.device.type == "cuda" else None)
         self.decoders: dict[tuple, StaticDecoder] = {}
+        self.decoders_built = 0  # a new shape costs a first eager step and a capture: warm-up should pay it
         self._cache_generation = model.cache_generation  # the KV cache the decoders point into
+
+    @property
+    def graph(self) -> str:
+        """How the decode steps ran: "cuda graph", "eager", or the first "eager, capture failed: ..."."""
+        states = [d.graph for d in self.decoders.values()]
+        failed = [g for g in states if g.startswith("eager, capture failed")]
+        return failed[0] if failed else ("cuda graph" if "cuda graph" in states else "eager")
 
     def decoder(self, batch: int, cache_len: int, params: SamplingParams) -> StaticDecoder:
         if self.model.cache_generation != self._cache_generation:  # graphs over freed buffers: drop them
@@ -159,7 +197,8 @@ class Engine(common.Engine):
             self._cache_generation = self.model.cache_generation
         key = (batch, cache_len, params.greedy, params.temperature, params.top_p)
         if key not in self.decoders:
-            self.decoders[key] = StaticDecoder(self.model, batch, cache_len, params)
+            self.decoders[key] = StaticDecoder(self.fused, batch, cache_len, params, self.capture)
+            self.decoders_built += 1
         return self.decoders[key]
 
     def schedule(
