@@ -183,5 +183,5 @@ def test_fast_drops_decoders_built_over_a_reallocated_cache(model):
 
 def test_sampling_params_of_a_cell_reads_its_attributes():
     cell = compose_cell(["max_gen_len=64", "temperature=0.6", "top_p=0.9", "force_max_gen_len=true", "seed=7"])
-    assert SamplingParams.of(cell) == SamplingParams(64, 0.6, 0.9, False, True, 7, 8)
+    assert SamplingParams.of(cell) == SamplingParams(64, 0.6, 0.9, False, True, 7, 8, float(cell.dist_timeout_s))
     assert SamplingParams.of(cell, max_gen_len=4).max_gen_len == 4  # a warm-up's shorter run

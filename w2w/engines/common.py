@@ -27,6 +27,7 @@ class SamplingParams:
     force_max_gen_len: bool = False  # ignore EOS: exactly max_gen_len new tokens per prompt
     seed: int = 1
     eos_check_every: int = 1  # fast engine: decode steps between host checks for the end
+    deadline_s: float | None = None  # fast engine: host-side wait for the steps at an EOS check (dist_timeout_s)
 
     @classmethod
     def of(cls, cell: Cell, max_gen_len: int | None = None) -> SamplingParams:
@@ -39,6 +40,7 @@ class SamplingParams:
             force_max_gen_len=cell.force_max_gen_len,
             seed=cell.seed,
             eos_check_every=cell.eos_check_every,
+            deadline_s=float(cell.dist_timeout_s),
         )
 
 
@@ -143,6 +145,11 @@ class Engine(ABC):
         if not params.force_max_gen_len:
             gen.tokens = cut_at_eos(gen.tokens, eos_id)
         return gen
+
+    @property
+    def graph(self) -> str | None:
+        """How the decode steps ran, for engines that capture them (fast); None for the others."""
+        return None
 
     @abstractmethod
     def schedule(

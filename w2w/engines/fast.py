@@ -25,14 +25,16 @@ Meta's reference schedule is the `reference` engine, in w2w/engines/reference.py
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from w2w import distributed
 from w2w.engines import common
 from w2w.engines.common import DECODE, PREFILL, Generation, PhaseClock, SamplingParams
-from w2w.engines.fused import FusedDecode
+from w2w.engines.fused import DecodeTimeout, FusedDecode
 from w2w.model import Transformer
 
 
@@ -79,9 +81,13 @@ Capture = Callable[[Callable[[], None]], Callable[[], None]]
 
 def cuda_capture(step: Callable[[], None]) -> Callable[[], None]:
     """A CUDA graph of step; capture_error_mode="thread_local" lets NCCL's watchdog query events meanwhile."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        step()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            step()
+    except BaseException:
+        torch.cuda.set_stream(stream)  # a failed capture_end leaves graph()'s side stream current
+        raise
     return graph.replay
 
 
@@ -163,11 +169,26 @@ class StaticDecoder:
         try:  # records the next step without running it
             self.replay = self.capture(self.step)
             self.graph = "cuda graph"
-        except Exception as exc:  # noqa: BLE001 - whatever failed, this decoder stays eager and says why
+        except Exception as exc:  # whatever failed, this decoder stays eager and says why
             self.graph = f"eager, capture failed: {type(exc).__name__}: {exc}"
 
-    def all_ended(self, eos_id: int, columns: int) -> bool:
-        return bool((self.out[:, :columns] == eos_id).any(-1).all())
+    def all_ended(self, eos_id: int, columns: int, deadline_s: float | None = None) -> bool:
+        ended = (self.out[:, :columns] == eos_id).any(-1).all()
+        if deadline_s is not None and self.model.device.type == "cuda":
+            wait_for(torch.cuda.Event(), deadline_s)
+        return bool(ended)
+
+
+def wait_for(event, deadline_s: float, poll_s: float = 0.01) -> None:
+    """Record `event` after the queued steps and wait for it at most deadline_s: a collective whose
+    peer died never completes, and a plain host sync on it would block until SLURM kills the job."""
+    event.record()
+    deadline = time.monotonic() + deadline_s
+    while not event.query():
+        if time.monotonic() > deadline:
+            raise DecodeTimeout(f"Timed out: decode steps unfinished after {deadline_s:g} s (dist_timeout_s): "
+                                "a model-parallel peer stopped answering, or its device hangs")
+        time.sleep(poll_s)
 
 
 class Engine(common.Engine):
@@ -208,6 +229,7 @@ class Engine(common.Engine):
         width = max(len(p) for p in prompts)
         batch = left_pad(prompts, pad_id, cache_len, self.model.device)
         decoder = self.decoder(len(prompts), cache_len, params)
+        self.fused.wait_s = params.deadline_s
         clock.enter(PREFILL)
         decoder.draw(generator)
         decoder.start(batch, decoder.choose(prefill(self.model, batch)), width)
@@ -215,9 +237,16 @@ class Engine(common.Engine):
         steps = 0
         while steps < params.max_gen_len - 1:
             check = not params.force_max_gen_len and steps % params.eos_check_every == 0
-            if check and decoder.all_ended(eos_id, steps + 1):
+            if check and decoder.all_ended(eos_id, steps + 1, params.deadline_s):
                 break
-            decoder.advance(generator)
+            try:
+                decoder.advance(generator)
+            except RuntimeError as exc:
+                if not isinstance(exc, DecodeTimeout) and not distributed.is_collective_error(exc):
+                    raise
+                # A collective that timed out on the host (gloo): say which step, and what it means.
+                raise DecodeTimeout(f"decode step {steps + 1}: a model-parallel peer stopped answering "
+                                    f"({exc})") from exc
             steps += 1
         clock.enter(None)
         return Generation(decoder.out[:, : steps + 1].tolist(), sum(len(p) for p in prompts), steps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import timedelta
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -12,6 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from w2w.model import Transformer
+
+
+class DecodeTimeout(RuntimeError):
+    """The decode steps did not finish in time: a model-parallel peer stopped answering."""
 
 
 def fuse_rows(*linears: nn.Module) -> torch.Tensor:
@@ -54,6 +59,7 @@ class FusedDecode:
         with torch.no_grad():
             self.layers = [self._fuse(layer, dim) for layer in model.layers]
         self._cis: torch.Tensor | None = None
+        self.wait_s: float | None = None  # host-side limit on a collective (the cell's dist_timeout_s)
 
     @staticmethod
     def _fuse(layer: nn.Module, dim: int) -> FusedLayer:
@@ -107,8 +113,20 @@ class FusedDecode:
         """h + x @ weight.T with the residual add in the GEMM, then the row-parallel all-reduce."""
         out = torch.addmm(h, x, weight.t()) if self.add_residual else torch.mm(x, weight.t())
         if self.group is not None:
-            dist.all_reduce(out, group=self.group)
+            self.all_reduce(out)
         return out
+
+    def all_reduce(self, out: torch.Tensor) -> None:
+        """The model-parallel sum, waited on for at most wait_s on the host where it blocks there
+        (gloo): FairScale's group has the default 30-minute timeout, not the cell's."""
+        if self.wait_s is None or out.is_cuda:  # on CUDA it is queued (and captured): the EOS check's deadline guards it
+            dist.all_reduce(out, group=self.group)
+            return
+        work = dist.all_reduce(out, group=self.group, async_op=True)
+        try:
+            work.wait(timeout=timedelta(seconds=self.wait_s))
+        except RuntimeError as exc:
+            raise DecodeTimeout(f"Timed out: all-reduce unanswered after {self.wait_s:g} s (dist_timeout_s): {exc}") from exc
 
     def feed_forward(self, h: torch.Tensor, layer: FusedLayer) -> torch.Tensor:
         gate, up = F.linear(self.rms_norm(h, layer.ffn_norm), layer.w13).chunk(2, dim=-1)
