@@ -4,8 +4,10 @@ The prefill is one forward pass over the left-padded batch. Each decode step the
 shapes every time: it writes one token per row into the full-length KV cache at a slot held in a
 device tensor, attends the whole cache under a validity mask kept on the device, and samples
 without a host sync (greedy argmax, or top-p by an exponential race on noise drawn outside the
-step). On CUDA the step is captured once per (batch, cache length, sampling) as a CUDA graph and
-replayed; on CPU (gloo) the same code runs eagerly, so CI exercises it. The host looks at the
+step). The step is the fused code of w2w/engines/fused.py (fused GEMMs, few elementwise operators,
+GQA with no K/V copy). On CUDA it is captured once per (batch, cache length, sampling) as a CUDA
+graph and replayed; a failed capture leaves that decoder eager and says why (Engine.graph, in the
+record); on CPU (gloo) the same code runs eagerly, so CI exercises it. The host looks at the
 tokens only every `eos_check_every` steps to stop once every row has ended; the steps run past an
 EOS are real work and are counted, and tokens after an EOS are dropped.
 
@@ -19,7 +21,8 @@ on NCCL, which a graph captured by hand with torch.cuda.CUDAGraph records like a
 (capture_error_mode="thread_local", so NCCL's watchdog thread may query events meanwhile).
 torch.compile(fullgraph=True) cannot trace FairScale's autograd.Function, and swapping the
 collectives for functional ones would change the model code the paper's numbers ran through.
-Hand capture keeps one model code path for both engines; it was chosen without a GPU measurement.
+Hand capture was chosen without a GPU measurement; the fused step calls the collectives itself
+(the same all_reduce), and the prefill still runs the model's own forward.
 Meta's reference schedule is the `reference` engine, in w2w/engines/reference.py.
 """
 
