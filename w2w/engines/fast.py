@@ -182,9 +182,10 @@ class StaticDecoder:
         return bool(ended)
 
 
-def wait_for(event, deadline_s: float, poll_s: float = 0.01) -> None:
+def wait_for(event, deadline_s: float, poll_s: float = 1e-4) -> None:
     """Record `event` after the queued steps and wait for it at most deadline_s: a collective whose
-    peer died never completes, and a plain host sync on it would block until SLURM kills the job."""
+    peer died never completes, and a plain host sync on it would block until SLURM kills the job.
+    A short poll: the check comes every few steps of a few ms, and a late wake-up is lost time."""
     event.record()
     deadline = time.monotonic() + deadline_s
     while not event.query():
