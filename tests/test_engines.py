@@ -13,6 +13,7 @@ from w2w import distributed, engines
 from w2w.config import compose_cell
 from w2w.engines.common import PhaseClock, SamplingParams, new_generator
 from w2w.engines.fast import left_pad, prefill
+from w2w.engines.fused import FusedDecode
 from w2w.model import ModelArgs, Transformer, build_model, random_state_dict
 
 MHA = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=128)
@@ -34,9 +35,10 @@ def _model(args: ModelArgs, world: int) -> Transformer:
 
 
 @torch.inference_mode()
-def _dynamic(model: Transformer, prompts: list[list[int]], steps: int, static: bool):
+def _dynamic(model: Transformer, prompts: list[list[int]], steps: int, static: bool, fused: bool = False):
     """The pre-engine decode loop (cache prefix sliced at a Python-int slot), or the same loop
-    through the static step: (greedy tokens, per-step logits)."""
+    through the static step, or through the fast engine's fused step: (greedy tokens, per-step logits)."""
+    fused_step = FusedDecode(model) if fused else None
     width = max(len(p) for p in prompts)
     cache_len = width + steps
     model.setup_caches(len(prompts), cache_len)
@@ -45,7 +47,10 @@ def _dynamic(model: Transformer, prompts: list[list[int]], steps: int, static: b
     tokens, logits = [token], []
     for slot in range(width, width + steps - 1):
         batch.key_valid[:, slot] = True
-        if static:
+        if fused_step is not None:
+            mask = fused_step.mask(batch.key_valid, torch.float32)
+            step = fused_step(token, torch.tensor([slot]), batch.next_pos, mask)
+        elif static:
             step = model.decode_step(token, torch.tensor([slot]), batch.next_pos, batch.key_valid)
         else:
             step = model(token[:, None], slot, batch.next_pos[:, None], batch.key_valid[:, : slot + 1])[:, -1]
@@ -64,10 +69,13 @@ def _all_paths(world: int) -> dict:
         model = _model(args, world)
         dynamic, dynamic_logits = _dynamic(model, PROMPTS, GREEDY.max_gen_len, static=False)
         static, static_logits = _dynamic(model, PROMPTS, GREEDY.max_gen_len, static=True)
+        fused, fused_logits = _dynamic(model, PROMPTS, GREEDY.max_gen_len, static=True, fused=True)
         out[name] = {
             "dynamic": dynamic,
             "static": static,
+            "fused": fused,
             "logit_gap": (static_logits - dynamic_logits).abs().max().item(),
+            "fused_logit_gap": (fused_logits - dynamic_logits).abs().max().item(),
             **{name: engines.create(name, model).generate(PROMPTS, GREEDY, 2, 0).tokens for name in _serving(args)},
             # not forced: every engine's tokens after the EOS cut (id 2 ends the second row early)
             "cut": {name: engines.create(name, model).generate(PROMPTS, CUT, 2, 0).tokens for name in _serving(args)},
@@ -85,6 +93,8 @@ def test_engines_give_the_dynamic_paths_greedy_tokens(world):
             cut = list(paths["cut"].values())
             assert all(tokens == cut[0] for tokens in cut) and len(cut[0][1]) < CUT.max_gen_len, name
             assert paths["logit_gap"] <= 1e-5, name
+            assert paths["fused"] == paths["dynamic"], name
+            assert paths["fused_logit_gap"] <= 1e-4, name  # fp32: the fused step is not bit-identical
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +125,7 @@ def test_a_cache_serves_a_smaller_last_batch_without_reallocating(model, name):
     last = engine.generate(PROMPTS[:2], GREEDY, 2, 0, cache_len).tokens
     assert model.layers[0].attention.cache is cache and cache.k.data_ptr() == address
     assert cache.k.shape[0] == len(PROMPTS)
-    alone = engine.generate(PROMPTS[:2], GREEDY, 2, 0, cache_len + 1).tokens  # a fresh cache
+    alone = engine.generate(PROMPTS[:2], GREEDY, 2, 0, cache_len + 64).tokens  # a fresh cache (fast rounds to 64)
     assert model.layers[0].attention.cache.k.shape[0] == 2
     assert last == alone
 
@@ -197,7 +207,8 @@ def test_fast_drops_decoders_built_over_a_reallocated_cache(model):
     engine must build a new decoder, and give what a fresh engine gives."""
     cache_len = 6 + GREEDY.max_gen_len
     engine = engines.create("fast", model)
-    engine.generate(PROMPTS[:2], GREEDY, 2, 0, cache_len + 2)  # a cache for 2 rows
+    engine.generate(PROMPTS[:2], GREEDY, 2, 0, cache_len + 64)  # another (rounded) length first, so that
+    engine.generate(PROMPTS[:2], GREEDY, 2, 0, cache_len + 2)  # this allocates a cache for 2 rows
     before = dict(engine.decoders)
     generation = model.cache_generation
     engine.generate(PROMPTS, GREEDY, 2, 0, cache_len + 2)  # 3 rows: the cache is reallocated
@@ -210,5 +221,5 @@ def test_fast_drops_decoders_built_over_a_reallocated_cache(model):
 
 def test_sampling_params_of_a_cell_reads_its_attributes():
     cell = compose_cell(["max_gen_len=64", "temperature=0.6", "top_p=0.9", "force_max_gen_len=true", "seed=7"])
-    assert SamplingParams.of(cell) == SamplingParams(64, 0.6, 0.9, False, True, 7, 8)
+    assert SamplingParams.of(cell) == SamplingParams(64, 0.6, 0.9, False, True, 7, 8, float(cell.dist_timeout_s))
     assert SamplingParams.of(cell, max_gen_len=4).max_gen_len == 4  # a warm-up's shorter run

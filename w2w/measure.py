@@ -197,14 +197,18 @@ def cell_stream(cell: Cell, device: torch.device, progress: CellProgress) -> tor
     return generator
 
 
-def _warm_up(run: _CellRun, batch: list[list[int]], monitor: EnergyMonitor) -> Window | None:
-    """First calls pay for allocation and kernel selection; keep them out of the cell (every segment)."""
+def _warm_up(run: _CellRun, batches: list[list[list[int]]], monitor: EnergyMonitor) -> Window | None:
+    """First calls pay for allocation, kernel selection and (fast) a graph capture per batch shape:
+    one batch of each size the cell will run (a ragged last one too), largest first so the cache is
+    allocated once, all outside the cell's windows (every segment)."""
     if not run.cell.warmup:
         return None
+    firsts = {len(batch): batch for batch in reversed(batches)}  # the first batch of each size
     monitor.begin_window("warmup")
-    # The cache is sized for the cell's max_gen_len; a stream of its own leaves the cell's undrawn.
+    # A stream of its own leaves the cell's undrawn.
     warmup_stream = new_generator(run.stream.device, run.cell.seed)
-    run.generate(batch, min(WARMUP_TOKENS, run.cell.max_gen_len), generator=warmup_stream)
+    for size in sorted(firsts, reverse=True):  # the cache is sized for the cell's max_gen_len
+        run.generate(firsts[size], min(WARMUP_TOKENS, run.cell.max_gen_len), generator=warmup_stream)
     return monitor.end_window("warmup")
 
 
@@ -263,7 +267,7 @@ def run_cell(
     run = _CellRun(cell, loaded, cache_len, PhaseClock(model.device, phases.on_boundary), phases,
                    cell_stream(cell, model.device, progress))
     start = progress.done
-    warmup = _warm_up(run, batches[start], monitor) if start < len(batches) else None
+    warmup = _warm_up(run, batches[start:], monitor) if start < len(batches) else None
     progress.begin_segment((segment or {}) | {
         "start_unix_s": time.time(), "warmup_s": warmup.duration_s if warmup else 0.0,
         "warmup_gpu_j": warmup.gpu_energy_j if warmup else None,
@@ -291,6 +295,7 @@ def run_cell(
         "batches": progress.batches,
         "segments": [s for s in progress.segments if s["segment"] in {b["segment"] for b in progress.batches}],
         "responses": _responses_block(cell, len(batches), rank),
+        "graph": loaded.engines[cell.engine].graph,
     }
     errors = ([f"cell: {window.error}"] if window.error else []) + phases.errors + errors
     if errors:  # the figures are void; later cells still try

@@ -27,6 +27,7 @@ class SamplingParams:
     force_max_gen_len: bool = False  # ignore EOS: exactly max_gen_len new tokens per prompt
     seed: int = 1
     eos_check_every: int = 1  # fast engine: decode steps between host checks for the end
+    deadline_s: float | None = None  # fast engine: host-side wait for the steps at an EOS check (dist_timeout_s)
 
     @classmethod
     def of(cls, cell: Cell, max_gen_len: int | None = None) -> SamplingParams:
@@ -39,6 +40,7 @@ class SamplingParams:
             force_max_gen_len=cell.force_max_gen_len,
             seed=cell.seed,
             eos_check_every=cell.eos_check_every,
+            deadline_s=float(cell.dist_timeout_s),
         )
 
 
@@ -121,6 +123,8 @@ class Engine(ABC):
     """A generation schedule over one model. generate() does what every engine needs around its
     loop; a subclass (one module per engine, named in the registry) supplies only schedule()."""
 
+    cache_multiple = 1  # the cache length is rounded up to a multiple of this (capped at max_seq_len)
+
     def __init__(self, model: Transformer):
         self.model = model
 
@@ -147,6 +151,8 @@ class Engine(ABC):
         seeded with params.seed, for this batch alone.
         """
         cache_len = check_lengths(prompts, params, cache_len)
+        cache_len = min(-(-cache_len // self.cache_multiple) * self.cache_multiple,
+                        max(cache_len, self.model.args.max_seq_len))
         self.prepare(len(prompts), cache_len)
         if generator is None:
             generator = new_generator(self.model.device, params.seed)
@@ -156,6 +162,11 @@ class Engine(ABC):
         if not params.force_max_gen_len:
             gen.tokens = cut_at_eos(gen.tokens, eos_id)
         return gen
+
+    @property
+    def graph(self) -> str | None:
+        """How the decode steps ran, for engines that capture them (fast); None for the others."""
+        return None
 
     @abstractmethod
     def schedule(
