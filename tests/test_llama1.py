@@ -10,6 +10,7 @@ import torch
 from tests.aten_trace import ARGS, EOS, GOLDEN, MAX_BATCH, PROMPTS, SEED, prefill_and_decode
 from w2w import distributed, engines
 from w2w.config import compose_cell
+from w2w.engines import fused
 from w2w.engines.common import SamplingParams
 from w2w.errors import ConfigError
 from w2w.model import ModelArgs, Transformer, build_model, random_state_dict
@@ -46,11 +47,11 @@ def _calls(model: Transformer, engine: engines.common.Engine, monkeypatch) -> li
 
     if hasattr(engine, "table"):  # llama1 runs its own forward over the model's weights
         spy(engine, "forward", int)
-    else:  # llama2 and fast's prefill call the model; fast's decode steps call decode_step (a (B,) token)
+    else:  # llama2 and fast's prefill call the model; fast's decode steps call its fused step (a (B,) token)
         spy(model, "forward", int)
-        inner = model.decode_step
-        monkeypatch.setattr(model, "decode_step", lambda t, slot, *a: calls.append((int(slot), 1, t.shape[0]))
-                            or inner(t, slot, *a))
+        inner = fused.FusedDecode.__call__
+        monkeypatch.setattr(fused.FusedDecode, "__call__", lambda self, t, slot, *a: calls.append(
+            (int(slot), 1, t.shape[0])) or inner(self, t, slot, *a))
     return calls
 
 
