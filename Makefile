@@ -8,9 +8,8 @@ DEMO_GRID ?= shards=2 precision=fp32 batch_size=4,8 max_gen_len=16,32 dataset.nu
 PYTEST_ARGS ?=
 CONSTRAINTS ?= constraints-cpu.txt
 VENV_FLAGS ?=
-GPU_VENV ?= .venv-gpu
 
-.PHONY: install demo test lint bench bench-decode bench-reduce bench-plan bench-gpu gpu-check slurm-up slurm-down slurm-status tiny-tokenizer clean
+.PHONY: install demo test lint bench bench-launches bench-decode bench-reduce bench-plan bench-gpu gpu-check gpu-accept slurm-up slurm-down slurm-status tiny-tokenizer clean
 
 install: $(STAMP)
 
@@ -41,7 +40,11 @@ lint: install
 	$(VENV)/bin/ruff check w2w launch analysis tests
 	LINT_IMPORTS=$(VENV)/bin/lint-imports bash .ci/lint_imports.sh
 
-bench: bench-decode bench-reduce bench-plan
+bench: bench-launches bench-decode bench-reduce bench-plan
+
+# Operators per decode step per layer for each engine (ATen calls traced on the CPU): launches on a GPU.
+bench-launches: install
+	$(PY) -m w2w.bench.launches
 
 bench-decode: install
 	$(PY) -m w2w.bench.decode_vs_transformers
@@ -62,10 +65,15 @@ bench-gpu:
 bench-plan: install
 	$(PY) -m w2w.bench.plan_speed
 
-# A venv of its own that sees the machine's CUDA torch (the CPU pin would hide the GPU).
+# The python that has the project installed and sees the CUDA torch, offline (../shared/GPU.md).
 gpu-check:
-	$(MAKE) install VENV=$(GPU_VENV) CONSTRAINTS= VENV_FLAGS=--system-site-packages
-	$(GPU_VENV)/bin/python -m w2w.gpu_check
+	$(BENCH_PY) -m w2w.gpu_check
+
+# The GPU acceptance run: each step with its own timeout, a JSON summary in runs/gpu_accept/.
+# Dry run of every step on the CPU: GPU_ACCEPT_ARGS="--device cpu".
+GPU_ACCEPT_ARGS ?=
+gpu-accept:
+	$(BENCH_PY) -m w2w.gpu_accept $(GPU_ACCEPT_ARGS)
 
 slurm-up:
 	bash launch/slurm_local.sh up

@@ -30,7 +30,7 @@ UNITS = {m.name: m.unit for m in METRICS}
 NAMES = {
     "words_per_s": "words per second", "tokens_per_s": "tokens per second",
     "responses_per_s": "responses per second", "energy_per_s_w": "energy per second",
-    "energy_per_token_j": "energy per output token", "energy_per_response_j": "energy per response",
+    "energy_per_token_j": "energy per returned token", "energy_per_response_j": "energy per response",
 }
 FIG2_METRICS = ("words_per_s", "tokens_per_s", "responses_per_s")
 FIG3_METRICS = ("energy_per_s_w",)

@@ -12,13 +12,15 @@ class CellTotals:
 
     total_s: float  # wall time of the cell: the slowest rank's window
     responses: int
-    output_tokens: int
+    output_tokens: int  # returned: after the EOS cut (the paper's tokens)
     output_words: int
     energy_j: float | None  # every GPU of the cell summed; None where any rank had no meter
     idle_energy_j: float | None = None  # sum over GPUs of idle power x that GPU's window; None where any had none
     scored: int = 0  # responses with a reference answer (GSM8K), scored by w2w.scoring
     correct: int = 0  # of those, the ones whose answer matched
     batches: int = 0  # generate() calls; a response waits for its whole batch
+    # Rows of every forward call (prompt rows, rows past EOS included); None: not recorded (older records).
+    positions: int | None = None
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("responses_per_s", "responses/s", "responses / total run time", _per_second(lambda c: c.responses)),
     Metric("energy_per_s_w", "W", "energy of all GPUs / total run time",
            lambda c: c.energy_j / c.total_s if c.energy_j is not None and c.total_s > 0 else None),
-    Metric("energy_per_token_j", "J/token", "energy of all GPUs / output tokens", _energy_per(lambda c: c.output_tokens)),
+    Metric("energy_per_token_j", "J/token", "energy of all GPUs / returned tokens (after the EOS cut; the paper's)",
+           _energy_per(lambda c: c.output_tokens)),
+    Metric("energy_per_position_j", "J/position", "energy of all GPUs / positions computed (every row of every "
+           "forward call: prompt rows and rows past EOS included)",
+           _energy_per(lambda c: c.positions or 0)),  # unknown positions (older records): no figure
     Metric("energy_per_response_j", "J/response", "energy of all GPUs / responses", _energy_per(lambda c: c.responses)),
     Metric("energy_j_above_idle", "J", "energy of all GPUs - each GPU's idle power x its run time",
            lambda c: c.energy_j - c.idle_energy_j if c.energy_j is not None and c.idle_energy_j is not None else None),

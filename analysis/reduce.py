@@ -219,6 +219,7 @@ def reduce_cell(cell: CellRecords) -> dict:
         scored=int(first["counts"].get("scored", 0)),
         correct=int(first["counts"].get("correct", 0)),
         batches=int(first["counts"].get("batches", 0)),
+        positions=first.counts.positions,
     )
     row |= {"status": STATUS_OK, **compute(totals), "idle_power_w": idle_power_w, **_energy_columns(records, energy_j)}
     row |= {
@@ -229,6 +230,7 @@ def reduce_cell(cell: CellRecords) -> dict:
         "segments": max(len(r.segments or [None]) for r in records),  # job attempts that ran it
         "total_s": totals.total_s,
         "output_tokens": totals.output_tokens,
+        "positions": totals.positions,
         "responses": totals.responses,
         "note": f"no energy: {reason}" if reason else "",
         **_answer_columns(first, totals),
@@ -266,6 +268,10 @@ def axis_columns(cells: dict[str, CellRecords]) -> dict[str, str]:
     return {label(key): key for key in varying_axes(params.values()) if key not in known}
 
 
+# Engine names in older records, and the engine they ran (w2w.engines.RENAMED says why).
+OLD_ENGINE_NAMES = {"reference": "llama2"}
+
+
 def reduce_sweep(sweep_dir: Path) -> pd.DataFrame:
     return reduce_cells(load_cells(sweep_dir))
 
@@ -280,6 +286,8 @@ def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
         params = _cell_parameters(cell) or {}
         rows.append(row | {column: params.get(key) for column, key in extra.items()})
     table = pd.DataFrame(rows)
+    if "engine" in table:  # records of sweeps before the rename: engine=reference was Llama 2's program
+        table["engine"] = table["engine"].replace(OLD_ENGINE_NAMES)
     for column in ("cell_id", *PARAM_COLUMNS, *extra, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus",
                    "nodes", "segments", "note",
                    "score_note"):

@@ -7,7 +7,6 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from w2w.analysis import figures, paper, pareto, tables
@@ -281,28 +280,36 @@ def energy_conventions(cells: pd.DataFrame) -> pd.DataFrame:
 ENGINE_SETTING = ("model", "gpu", "dataset", "shards", "precision", "batch_size", "max_gen_len", "power_cap_w")
 
 
-def _ratio(a: Any, b: Any) -> float | None:
-    return None if tables.is_missing(a) or tables.is_missing(b) or not b else a / b
+# The quantities of the costs table: (column suffix, metric); per returned token (the paper's) and per
+# computed position (the work, whatever EOS said).
+COST_QUANTITIES = (("tokens/s", "tokens_per_s"), ("J/token", "energy_per_token_j"),
+                   ("J/position", "energy_per_position_j"))
+
+
+def _engine_means(by_engine: dict[str, pd.DataFrame], engine: str) -> dict[str, float | None]:
+    """One engine's mean of each cost quantity in a setting; None where it was not measured."""
+    group = by_engine.get(engine)
+    out = {}
+    for quantity, column in COST_QUANTITIES:
+        mean = group[column].astype(float).mean() if group is not None and column in group else None
+        out[f"{engine} {quantity}"] = None if mean is None or pd.isna(mean) else mean
+    return out
 
 
 def implementation_costs(cells: pd.DataFrame) -> pd.DataFrame:
-    """tokens/s and J/token of every engine for each setting measured (ok) under all of them, and the
-    first engine's (fast's) ratio to each other one."""
+    """tokens/s, J per returned token and J per computed position of every engine of the registry, for
+    each setting measured (ok) under two engines or more; empty where an engine did not run it."""
     done = tables.ok(cells)
     if done.empty or "engine" not in done:
         return pd.DataFrame()
-    first, *others = ENGINES
     rows = []
     for setting, group in done.groupby(list(ENGINE_SETTING), dropna=False, sort=True):
-        by_engine = {e: g for e, g in group.groupby("engine")}
-        if not set(ENGINES) <= set(by_engine):
+        by_engine = {e: g for e, g in group.groupby("engine") if e in ENGINES}
+        if len(by_engine) < 2:  # one engine: nothing to compare
             continue
         row = {k: tables.show(k, v) for k, v in zip(ENGINE_SETTING, setting, strict=True)}
-        for quantity, column in (("tokens/s", "tokens_per_s"), ("J/token", "energy_per_token_j")):
-            # reversed: the other engines (the paper's reference) before the first, as the page has shown them
-            means = {e: by_engine[e][column].astype(float).mean() for e in reversed(ENGINES)}
-            row |= {f"{e} {quantity}": None if pd.isna(mean) else mean for e, mean in means.items()}
-            row |= {f"{first} / {other} {quantity}": _ratio(means[first], means[other]) for other in others}
+        for engine in ENGINES:
+            row |= _engine_means(by_engine, engine)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -425,7 +432,10 @@ def _page(sweep: Path, cells: pd.DataFrame, rendered_tables: list[tables.Table],
     lines += [frame_markdown(energy) if not energy.empty else "No ok cells.\n"]
     if not energy.empty and energy["energy, all GPUs (J)"].isna().all():
         lines += ["No cell has an energy reading: the Notes above say why.", ""]
-    lines += ["## Tables", ""]
+    lines += ["## Tables", "", "Energy per token, in the figures and the findings, is energy_per_token_j: per returned "
+              "token (after the EOS cut), as the paper counts; Tables III-V give energy per cell (energy_j) and "
+              "tokens/s of returned tokens. Energy per computed position (energy_per_position_j) is in the "
+              "implementation costs below.", ""]
     for table in rendered_tables:
         lines += [tables.to_markdown(table), f"Files: `tables/{table.name}.md`, `.csv`, `.tex`", ""]
     lines += ["## Figures", ""]
@@ -438,11 +448,14 @@ def _page(sweep: Path, cells: pd.DataFrame, rendered_tables: list[tables.Table],
 
 
 def _costs_section(costs: pd.DataFrame) -> str:
+    engines = ", ".join(f"`{name}` ({text})" for name, text in ENGINES.items())
     lines = ["", "## What the implementation costs", "",
-             "The same cell setting under Meta's reference generation schedule (`engine=reference`, the "
-             "paper's) and under `engine=fast`: the difference is the implementation's, not the model's.", ""]
+             f"The same cell setting under each generation engine: {engines}. The difference is the "
+             "implementation's, not the model's. J/token is per returned token (after the EOS cut, the paper's "
+             "energy_per_token_j); J/position is per computed position (every row of every forward call, prompt "
+             "rows and rows past EOS included: energy_per_position_j), empty for records without positions.", ""]
     if costs.empty:
-        lines += ["No setting was measured under both engines: sweep with `engine=reference,fast`.", ""]
+        lines += [f"No setting was measured under two engines or more: sweep with `engine={','.join(ENGINES)}`.", ""]
     else:
         lines += [frame_markdown(costs)]
     return "\n".join(lines)

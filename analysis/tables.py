@@ -89,7 +89,8 @@ def choose(cells: pd.DataFrame, prefer: dict[str, Any], ranks: dict[str, tuple] 
         available = sorted(set(present), key=_order)
         value = _norm(wanted)
         if value not in available:
-            value = _stand_in(present, available, value, ranks.get(key))
+            closest = [v for v in paper.STAND_INS.get(key, ()) if v in available]
+            value = closest[0] if closest else _stand_in(present, available, value, ranks.get(key))
             notes.append(f"{key} = {show(key, value)}: the paper's {show(key, _norm(wanted))} is not in this sweep")
             substituted.append(key)
         values[key] = value

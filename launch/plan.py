@@ -31,13 +31,36 @@ class MemoryEstimate:
         return (self.weights_gib + self.kv_cache_gib) * MEMORY_OVERHEAD + CONTEXT_GIB
 
 
-def estimate_memory(cell: Cell, args: ModelArgs) -> MemoryEstimate:
-    """From the shapes alone; nothing is loaded on the login node."""
+def cache_positions(cell: Cell, prompt_tokens: int | None = None) -> int:
+    """KV positions a cell's cache holds: batch x (longest prompt + max_gen_len). prompt_tokens: the
+    longest prompt as run (None: dataset.max_prompt_tokens, or what max_seq_len leaves where prompts
+    are kept whole)."""
+    if prompt_tokens is None:
+        prompt_tokens = cell.dataset.max_prompt_tokens or cell.model.max_seq_len - cell.max_gen_len
+    return cell.batch_size * (prompt_tokens + cell.max_gen_len)
+
+
+def estimate_memory(cell: Cell, args: ModelArgs, prompt_tokens: int | None = None,
+                    resident_positions: int = 0) -> MemoryEstimate:
+    """From the shapes alone; nothing is loaded on the login node.
+
+    The cell's own KV cache: the model's (fast, llama2) or the llama1 engine's, the same size.
+    prompt_tokens: see cache_positions. resident_positions: a cache another engine of the job
+    keeps allocated meanwhile (see resident_positions()).
+    """
     width = PRECISION_BYTES[cell.precision]
     weights = args.num_params() * width / cell.shards
-    tokens = cell.batch_size * (cell.dataset.max_prompt_tokens + cell.max_gen_len)
+    tokens = cache_positions(cell, prompt_tokens) + resident_positions
     kv = 2 * args.n_layers * tokens * args.kv_heads * args.head_dim * width / cell.shards
     return MemoryEstimate(weights / GIB, kv / GIB)
+
+
+def resident_positions(cell: Cell, job_cells: list[Cell]) -> int:
+    """The other cache of a job that runs llama1 beside fast or llama2: llama1 keeps its engine's
+    cache while the others run, and the model keeps theirs while llama1 runs; bounded by the
+    largest of the other kind's cells (skipped cells included: an overestimate)."""
+    others = [c for c in job_cells if (c.engine == "llama1") != (cell.engine == "llama1")]
+    return max(map(cache_positions, others), default=0)
 
 
 @dataclass
@@ -145,17 +168,22 @@ def make_plan(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> Pl
     groups: dict[str, list[PlannedCell]] = {}
     skipped: list[PlannedCell] = []
     files = FileChecks()  # bad prompt files and checkpoints are known before anything is submitted
+    by_placement: dict[str, list[tuple[Cell, ModelArgs, int | None]]] = {}
     for cell in compose_grid(overrides, config_dir):
         placement(cell)
         shapes = files.check(cell)
-        memory = estimate_memory(cell, shapes)
-        planned = PlannedCell(cell, memory, _fit_reason(cell, memory))
-        if planned.skip_reason:
-            if not cell.skip_unfit:
-                raise ConfigError(f"{planned.skip_reason}: {_unfit_advice(cell, shapes)}")
-            skipped.append(planned)
-            continue
-        groups.setdefault(cell.placement, []).append(planned)
+        by_placement.setdefault(cell.placement, []).append((cell, shapes, files.longest_prompt(cell, shapes)))
+    for key, members in by_placement.items():
+        job_cells = [c for c, _, _ in members]
+        for cell, shapes, longest in members:
+            memory = estimate_memory(cell, shapes, longest, resident_positions(cell, job_cells))
+            planned = PlannedCell(cell, memory, _fit_reason(cell, memory))
+            if planned.skip_reason:
+                if not cell.skip_unfit:
+                    raise ConfigError(f"{planned.skip_reason}: {_unfit_advice(cell, shapes)}")
+                skipped.append(planned)
+                continue
+            groups.setdefault(key, []).append(planned)
     jobs = [Job(i, cells, *placement(cells[0].cell)) for i, cells in enumerate(groups.values())]
     return Plan(jobs, skipped)
 

@@ -22,8 +22,9 @@ GOLDEN_IDS = [
     ([], "66ed61e0b15d"),
     (["model=llama_7b", "gpu=a100", "shards=4", "batch_size=64", "max_gen_len=512", "power_cap_w=250"],
      "7ffe75f320b7"),
-    (["model=llama2_70b", "gpu=h100", "shards=8", "engine=reference", "precision=bf16", "cluster=slurm_h100",
-      "save_responses=true"], "4ca1469e4ece"),
+    # engine=reference (4ca1469e4ece before the rename) is now llama2: its cells get new ids and rerun.
+    (["model=llama2_70b", "gpu=h100", "shards=8", "engine=llama2", "precision=bf16", "cluster=slurm_h100",
+      "save_responses=true"], "a12d97b822ae"),
     (["model=llama3_1_8b", "gpu=h100", "dataset=synthetic", "temperature=0.6", "top_p=0.9", "greedy=true",
       "energy.rapl=false"], "543294a51c05"),
     (["model=tiny", "shards=2", "precision=fp32", "batch_size=4", "max_gen_len=16", "dataset.num_prompts=16",
@@ -31,8 +32,19 @@ GOLDEN_IDS = [
 ]
 
 
+# Issue 16: dataset.max_prompt_tokens' default went from 128 (cut, BOS lost) to None (kept whole). The
+# earlier sweeps' cells ran at 128: set explicitly, it keeps their ids (GOLDEN_IDS); at the new default
+# a cell measures something else, under a new id (NEW_DEFAULT_IDS).
+NEW_DEFAULT_IDS = ["fd01e176789c", "b270f287c2cc", "df51ebe89d85", "2ca52ef64752", "017e61f4e9f6"]
+
+
 @pytest.mark.parametrize(("overrides", "cid"), GOLDEN_IDS)
 def test_cell_ids_are_those_of_earlier_sweeps(overrides, cid):
+    assert compose_cell([*overrides, "dataset.max_prompt_tokens=128"]).id == cid
+
+
+@pytest.mark.parametrize(("overrides", "cid"), [(o, c) for (o, _), c in zip(GOLDEN_IDS, NEW_DEFAULT_IDS, strict=True)])
+def test_prompts_kept_whole_by_default_are_new_cells(overrides, cid):
     assert compose_cell(overrides).id == cid
 
 
@@ -80,7 +92,7 @@ def test_cell_id_is_stable_and_ignores_where_results_go():
         (["max_gen_len=600"], ["max_gen_len=600", "model.max_seq_len=512"]),
         (["power_cap_w=150"], ["power_cap_w=150", "needs a GPU"]),
         (["top_p=0"], ["top_p=0", "(0, 1]"]),
-        (["engine=turbo"], ["engine=turbo", "valid are fast, reference"]),
+        (["engine=turbo"], ["engine=turbo", "valid are fast, llama1, llama2"]),
         (["gpu=v100", "precision=bf16"], ["precision=bf16", "gpu=v100", "use precision=fp16"]),
     ],
 )

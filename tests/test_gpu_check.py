@@ -24,7 +24,7 @@ def _checks_on_cpu() -> list[gpu_check.Check]:
 
 def test_checks_run_through_on_a_fake_gpu():
     checks = {c.name: c for c in run_parallel(1, _checks_on_cpu)[0]}
-    assert list(checks) == ["GPU", "model", "idle power", "counter vs integrated", "sampler cost", "fast vs reference"]
+    assert list(checks) == ["GPU", "model", "idle power", "counter vs integrated", "sampler cost", "fast vs llama1 vs llama2"]
     assert checks["idle power"].ok and "plausible: 5 W to 240 W" in checks["idle power"].detail
     # A constant draw: counter and integrated samples agree, but the load draws no more than idle: a FAIL.
     long = checks["counter vs integrated"]
@@ -67,11 +67,11 @@ def test_a_raising_check_fails_and_the_later_checks_still_report():
     assert emitted == checks  # each one handed out as it finished, in order
     by_name = {c.name: c for c in checks}
     assert list(by_name) == ["GPU", "model", "idle power", "counter vs integrated", "sampler cost",
-                             "fast vs reference"]
+                             "fast vs llama1 vs llama2"]
     assert by_name["idle power"].ok is False
     assert by_name["idle power"].detail == "raised RuntimeError: meter gone"
     assert "tokens/s" in by_name["sampler cost"].detail
-    engines = by_name["fast vs reference"].detail
-    for part in ("batch 1 reference", "batch 1 fast", "batch 2 reference", "batch 2 fast", "J/token", " W, "):
+    engines = by_name["fast vs llama1 vs llama2"].detail
+    for part in ("batch 1 llama1", "batch 1 llama2", "batch 1 fast", "batch 2 llama2", "batch 2 fast", "J/token", " W, "):
         assert part in engines
     assert "FAIL  idle power: raised RuntimeError" in gpu_check.report(checks, 1.0)

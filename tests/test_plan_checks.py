@@ -135,3 +135,47 @@ def test_tokenizer_vocab_is_checked_against_the_model_at_plan_time():
     assert make_plan([f"model.tokenizer_path={TINY_TOKENIZER}"]).cells  # 512 == 512
     with pytest.raises(ConfigError, match=r"tokenizer model /nonexistent/t.model not found"):
         make_plan(["model.tokenizer_path=/nonexistent/t.model"])
+
+
+def test_a_prompt_that_cannot_fit_fails_at_plan_naming_its_row_and_the_ways_out(tmp_path):
+    """Prompts are kept whole by default: one longer than max_seq_len - max_gen_len is refused before any job."""
+    data = tmp_path / "g.jsonl"
+    questions = ["q0?", "q1?", " ".join(["how many apples are left"] * 4) + "?", "q3?"]
+    data.write_text("".join(f'{{"question": "{q}"}}\n' for q in questions))
+    grid = ["dataset=gsm8k", f"dataset.path={data}", "dataset.num_prompts=4", "model.max_seq_len=64", "max_gen_len=32"]
+    with pytest.raises(ConfigError, match=r"dataset=gsm8k row 2: its prompt is 54 tokens but model.max_seq_len=64 "
+                                          r"- max_gen_len=32 leaves 32: lower max_gen_len to 10 or less, raise "
+                                          r"model.max_seq_len to 86 or more, or set dataset.max_prompt_tokens=N"):
+        make_plan(grid)
+    (cut,) = make_plan([*grid, "dataset.max_prompt_tokens=16"]).cells  # asked for: cut on the node, BOS first
+    assert cut.memory.kv_cache_gib > 0
+
+
+def test_the_memory_estimate_takes_the_longest_prompt_kept_whole():
+    from w2w.launch.plan import estimate_memory
+
+    from w2w.config import compose_cell
+    from w2w.data import load_prompts
+    from w2w.tokenizer import Tokenizer
+
+    grid = ["dataset.num_prompts=16", "batch_size=4", "max_gen_len=8"]
+    (planned,) = make_plan(grid).cells
+    longest = max(len(Tokenizer(TINY_TOKENIZER).encode(p)) for p in load_prompts(compose_cell(grid).dataset))
+    shapes = planned.cell.model.shapes()
+    assert planned.memory == estimate_memory(planned.cell, shapes, longest)
+    assert planned.memory != estimate_memory(planned.cell, shapes, longest + 1)
+
+
+def test_a_cut_keeps_bos_first_and_counts_the_prompts_cut():
+    from w2w.measure import cut_prompt, encode_prompts
+    from w2w.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(TINY_TOKENIZER)
+    long_text, short_text = " ".join(["the cat sat on the mat"] * 10), "a cat"
+    whole = tokenizer.encode(long_text)
+    encoded, cut = encode_prompts([long_text, short_text], tokenizer, 8)
+    assert cut == 1 and encoded[0] == [tokenizer.bos_id, *whole[-7:]] and encoded[1] == tokenizer.encode(short_text)
+    assert encode_prompts([long_text], tokenizer, None) == ([whole], 0)  # the default: kept whole
+    assert cut_prompt(whole, 1, tokenizer.bos_id) == [tokenizer.bos_id]
+    with pytest.raises(ValueError, match=r"set dataset\.max_prompt_tokens"):
+        encode_prompts([long_text], tokenizer, None, fits=len(whole) - 1)

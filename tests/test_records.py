@@ -85,7 +85,7 @@ def test_schema_1_records_read_typed_and_write_back_unchanged(cid, rank):
     added = _added(written, raw)
     if record.ok:
         assert added == {"batches": [], "segments": [], "counts.scored": 0, "counts.correct": 0,
-                         "energy.idle_gpu_j": None}
+                         "counts.positions": None, "energy.idle_gpu_j": None}  # positions: not counted then
     else:  # its energy section held only what the failure left; the rest is added, empty
         energy = {k: v for k, v in added.items() if k.startswith("energy.")}
         assert added == {"batches": [], "segments": [], "timeline": None} | energy and set(energy.values()) == {None}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 from w2w.analysis.reduce import reduce_sweep
 
+from w2w.progress import sum_batches
 from w2w.records import record_path, write_json
 
 
@@ -38,6 +40,27 @@ def test_metrics_sum_every_gpu_and_keep_the_papers_convention(tmp_path):
     assert row["energy_per_s_w"] == pytest.approx(50.0)
     assert row["energy_per_token_j"] == pytest.approx(500 / 800)
     assert row["energy_per_response_j"] == pytest.approx(500 / 40)
+
+
+def test_energy_per_position_counts_work_and_is_empty_without_positions(tmp_path):
+    """Per returned token (the paper's) and per computed position; older records have no positions: no figure."""
+    counted = _record("new", 0, 1, "n1", 300.0)
+    counted["counts"] |= {"positions": 1200}
+    _write(tmp_path, [counted, _record("old", 0, 1, "n1", 300.0)])
+    table = reduce_sweep(tmp_path).set_index("cell_id")
+    assert table.loc["new", "energy_per_token_j"] == pytest.approx(300 / 800)
+    assert table.loc["new", "energy_per_position_j"] == pytest.approx(300 / 1200)
+    assert table.loc["old", "energy_per_token_j"] == pytest.approx(300 / 800)
+    assert pd.isna(table.loc["old", "energy_per_position_j"]) and pd.isna(table.loc["old", "positions"])
+
+
+def test_positions_of_a_cell_are_unknown_where_a_batch_has_none():
+    batch = {"segment": 0, "times": {"start_unix_s": 0.0, "total_s": 1.0, "prefill_s": 0.5, "decode_s": 0.5},
+             "energy": {}}
+    new, old = batch | {"counts": {"output_tokens": 3, "positions": 9}}, batch | {"counts": {"output_tokens": 3}}
+    assert sum_batches([new, new], [])["counts"]["positions"] == 18
+    assert sum_batches([new, old], [])["counts"]["positions"] is None  # never a partial sum
+    assert sum_batches([new, old], [])["counts"]["output_tokens"] == 6
 
 
 def test_no_meter_gives_empty_energy_and_a_reason(tmp_path):

@@ -12,6 +12,8 @@ from w2w.analysis import figures
 from w2w.analysis.reduce import reduce_sweep
 
 from tests.conftest import ROOT, cli
+from w2w.engines import ENGINES
+from w2w.records import record_path, write_json
 
 # Two shard counts (Figs 4-9's axis) x two batch sizes x two lengths.
 GRID = ["shards=1,2", "precision=fp32", "batch_size=2,4", "max_gen_len=4,8", "dataset.num_prompts=4",
@@ -53,8 +55,10 @@ def test_every_table_and_figure_renders(report):
         assert f"](figures/{name}.png)" in page
     for name in ("Table II", "Table III", "Table IV", "Table V"):
         assert f"**{name}:" in page
+    # The page says which energy per token each table and figure uses.
+    assert "is energy_per_token_j: per returned token (after the EOS cut)" in page
     # Every cell ran engine=fast alone: the section says how to get the comparison.
-    assert "## What the implementation costs" in page and "sweep with `engine=reference,fast`" in page
+    assert "## What the implementation costs" in page and f"sweep with `engine={','.join(ENGINES)}`" in page
 
 
 def test_tables_hold_the_measured_values_and_say_what_stands_in(report):
@@ -123,30 +127,50 @@ def test_corrupt_and_partial_input_is_reported_by_file_and_cell(sweep, tmp_path)
     assert len(list((copy / "results" / "paper" / "figures" / "timelines").glob("*.png"))) == CELLS - 4
 
 
-def _cell(engine: str, batch: int, tokens_per_s: float, j_per_token: float | None, status: str = "ok") -> dict:
-    return {"cell_id": f"{engine}{batch}{status}", "model": "llama_7b", "gpu": "h100", "dataset": "gsm8k",
-            "shards": 1, "precision": "fp16", "engine": engine, "batch_size": batch, "max_gen_len": 128,
-            "power_cap_w": None, "status": status, "tokens_per_s": tokens_per_s, "energy_per_token_j": j_per_token}
+def _record(engine: str, batch: int, seconds: float, energy_j: float | None, positions: int | None,
+            status: str = "ok") -> dict:
+    """One rank's record of a cell that returned 800 tokens: what the runner writes, constructed."""
+    counts = {"responses": 40, "output_tokens": 800, "output_words": 500} | ({"positions": positions} if positions else {})
+    return {"schema": 1, "cell_id": f"{engine}{batch}{status}", "rank": 0, "world_size": 1, "node": "n1",
+            "status": status, "params": {"model": "llama_7b", "gpu": "h100", "dataset": "gsm8k", "shards": 1,
+                                         "precision": "fp16", "engine": engine, "batch_size": batch,
+                                         "max_gen_len": 128, "power_cap_w": None},
+            "counts": counts, "times": {"total_s": seconds},
+            "energy": {"gpu_j": energy_j, "source": "nvml_counter" if energy_j else "none", "reason": None}}
 
 
-def test_implementation_costs_pair_the_engines_of_each_setting():
+def test_implementation_costs_show_every_engine_of_each_setting(tmp_path):
     from w2w.analysis.report import _costs_section, implementation_costs
 
-    cells = pd.DataFrame([
-        _cell("reference", 1, 20.0, 30.0), _cell("fast", 1, 80.0, 6.0),  # both engines: a row
-        _cell("reference", 64, 1000.0, None), _cell("fast", 64, 4000.0, None),  # no meter: no J/token
-        _cell("fast", 16, 900.0, 1.0),  # fast only: nothing to compare
-        _cell("reference", 32, 10.0, 1.0, status="oom"), _cell("fast", 32, 900.0, 1.0),  # reference failed
-    ])
-    costs = implementation_costs(cells).set_index("batch_size")
-    assert list(costs.index) == ["1", "64"]
+    first, second, *rest = ENGINES  # whatever the registry names: the table follows it
+    records = [
+        *(_record(e, 1, 10.0 * (i + 1), 400.0 * (i + 1), 1600 * (i + 1)) for i, e in enumerate(ENGINES)),  # all
+        _record(first, 64, 1.0, None, 9000), _record(second, 64, 4.0, None, 9000),  # no meter: no J
+        _record(first, 16, 2.0, 100.0, 4000),  # one engine: nothing to compare
+        _record(first, 32, 2.0, 100.0, 4000, status="oom"), _record(second, 32, 2.0, 100.0, 4000),  # one ok
+        _record(first, 8, 2.0, 100.0, None), _record(second, 8, 4.0, 100.0, 800),  # older record: no positions
+    ]
+    for record in records:
+        write_json(record_path(tmp_path, record["cell_id"], 0), record)
+    costs = implementation_costs(reduce_sweep(tmp_path)).set_index("batch_size")
+    assert list(costs.index) == ["1", "8", "64"]
+    assert list(costs.columns[-3 * len(ENGINES):]) == [f"{e} {q}" for e in ENGINES
+                                                       for q in ("tokens/s", "J/token", "J/position")]
     one = costs.loc["1"]
-    assert (one["reference tokens/s"], one["fast tokens/s"], one["fast / reference tokens/s"]) == (20.0, 80.0, 4.0)
-    assert (one["reference J/token"], one["fast J/token"], one["fast / reference J/token"]) == (30.0, 6.0, 0.2)
+    for i, engine in enumerate(ENGINES):
+        assert one[f"{engine} tokens/s"] == pytest.approx(800 / (10.0 * (i + 1)))
+        assert one[f"{engine} J/token"] == pytest.approx(400.0 * (i + 1) / 800)  # per returned token
+        assert one[f"{engine} J/position"] == pytest.approx(0.25)  # per computed position
     assert one["power_cap_w"] == "the GPU's own limit"
     wide = costs.loc["64"]
-    assert wide["fast / reference tokens/s"] == 4.0
-    assert all(pd.isna(wide[c]) for c in ("reference J/token", "fast J/token", "fast / reference J/token"))
-    section = _costs_section(implementation_costs(cells))
-    assert "## What the implementation costs" in section and "| 4 |" in section
-    assert "sweep with `engine=reference,fast`" in _costs_section(implementation_costs(cells[cells["engine"] == "fast"]))
+    assert wide[f"{second} tokens/s"] == 200.0
+    assert all(pd.isna(wide[f"{e} {q}"]) for e in ENGINES for q in ("J/token", "J/position"))
+    assert all(pd.isna(wide[f"{e} tokens/s"]) for e in rest)  # not run under the others: empty
+    old = costs.loc["8"]
+    assert old[f"{first} J/token"] == pytest.approx(100 / 800) and pd.isna(old[f"{first} J/position"])
+    assert old[f"{second} J/position"] == pytest.approx(100 / 800)
+    section = _costs_section(costs.reset_index())
+    assert "## What the implementation costs" in section and "J/position is per computed position" in section
+    assert all(f"`{e}`" in section for e in ENGINES)
+    alone = implementation_costs(reduce_sweep(tmp_path).query(f"engine == '{first}'"))
+    assert f"sweep with `engine={','.join(ENGINES)}`" in _costs_section(alone)

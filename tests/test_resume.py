@@ -16,46 +16,60 @@ MAX_GEN_LEN = 6  # not the warm-up's length: the fake below tells the two apart
 
 
 def _cells(sweep, *extra: str):
-    return compose_grid(["shards=2", "precision=fp32", f"max_gen_len={MAX_GEN_LEN}", "greedy=true",
+    return compose_grid(["shards=2", "precision=fp32", f"max_gen_len={MAX_GEN_LEN}",
                          "dataset.num_prompts=8", "batch_size=2", "dist_timeout_s=20", f"sweep_dir={sweep}", *extra])
 
 
-def _run(sweep, preempt_after: int | None, *extra: str) -> tuple[object, list[str]]:
-    """run_cells, stopped by SystemExit (what submitit's USR2 handler raises) before a batch."""
+def _run(sweep, preempt_after: int | None, *extra: str) -> tuple[object, list[str], list[tuple[int, bytes]]]:
+    """run_cells, stopped by SystemExit (what submitit's USR2 handler raises) before a batch; also the
+    sampling stream each call got: (its object's id, its state as the call began)."""
     from w2w import runner
     from w2w.engines import fast
 
-    real, calls = fast.Engine.generate, []
+    real, calls, streams = fast.Engine.generate, [], []
 
-    def generate(self, prompts, params, *args, **kwargs):
+    def generate(self, prompts, params, eos_id, pad_id, cache_len=None, clock=None, generator=None):
         kind = "batch" if params.max_gen_len == MAX_GEN_LEN else "warmup"
         if kind == "batch" and calls.count("batch") == preempt_after:
             raise SystemExit("preempted")
         calls.append(kind)
-        return real(self, prompts, params, *args, **kwargs)
+        streams.append((id(generator), bytes(generator.get_state().tolist())))
+        return real(self, prompts, params, eos_id, pad_id, cache_len, clock, generator)
 
     fast.Engine.generate = generate  # this process only: run_parallel starts one per rank
     try:
-        return runner.run_cells(_cells(sweep, *extra)), calls
+        return runner.run_cells(_cells(sweep, *extra)), calls, streams
     except SystemExit:
-        return "preempted", calls
+        return "preempted", calls, streams
 
 
-def test_a_preempted_cell_runs_only_its_unfinished_batches_and_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("sampling", ["greedy=true", "temperature=1.5"])
+def test_a_preempted_cell_runs_only_its_unfinished_batches_and_matches_an_uninterrupted_run(tmp_path, sampling):
+    """Greedy, and sampled: the cell's one stream resumes where its finished batches left it."""
     sweep, reference = tmp_path / "sweep", tmp_path / "reference"
-    save = "save_responses=true"  # the responses of batches run before the preemption are kept too
-    cid = _cells(sweep, save)[0].id
-    for outcome, calls in run_parallel(2, _run, sweep, 2, save):
+    save = ("save_responses=true", sampling)  # the responses of batches run before the preemption are kept too
+    cid = _cells(sweep, *save)[0].id
+    for outcome, calls, _ in run_parallel(2, _run, sweep, 2, *save):
         assert outcome == "preempted" and calls == ["warmup", "batch", "batch"]
     for rank in (0, 1):
         assert not record_path(sweep, cid, rank).exists()
         saved = json.loads(progress_path(sweep, cid, rank).read_text())
         assert [b["index"] for b in saved["batches"]] == [0, 1]
 
-    for outcome, calls in run_parallel(2, _run, sweep, None, save):
+    resumed_streams, whole_streams = [], []
+    for outcome, calls, streams in run_parallel(2, _run, sweep, None, *save):
         assert outcome == ["ok"] and calls == ["warmup", "batch", "batch"]  # warmed up again; 2 of 4 batches
-    for outcome, calls in run_parallel(2, _run, reference, None, save):
+        resumed_streams.append(streams)
+    for outcome, calls, streams in run_parallel(2, _run, reference, None, *save):
         assert outcome == ["ok"] and calls == ["warmup", "batch", "batch", "batch", "batch"]
+        whole_streams.append(streams)
+    for resumed_calls, whole_calls in zip(resumed_streams, whole_streams, strict=True):
+        (warmup, _), *batches = whole_calls
+        assert len({stream for stream, _ in batches}) == 1 and warmup != batches[0][0]  # one stream; warm-up's own
+        assert batches[0][1] == whole_calls[0][1]  # the warm-up drew nothing from the cell's stream
+        if sampling != "greedy=true":
+            assert len({state for _, state in batches}) == 4  # each batch draws on from where the last stopped
+        assert [state for _, state in resumed_calls[1:]] == [state for _, state in batches[2:]]  # restored
 
     for rank in (0, 1):
         resumed, whole = read_record(record_path(sweep, cid, rank)), read_record(record_path(reference, cid, rank))
@@ -145,16 +159,16 @@ def _run_metered(sweep, preempt_after: int | None, segment: int) -> tuple[object
                 gpu.set_power(ACTIVE_W, self._clock())
 
     with mock.patch.object(runner, "EnergyMonitor", Metered):
-        return _run(sweep, preempt_after, "energy.idle_seconds=0.3", "energy.rapl=false")
+        return _run(sweep, preempt_after, "greedy=true", "energy.idle_seconds=0.3", "energy.rapl=false")
 
 
 def test_a_resumed_cell_sums_the_energy_windows_of_its_batches_at_each_segments_idle_power(tmp_path):
     sweep = tmp_path / "sweep"
-    for outcome, _ in run_parallel(2, _run_metered, sweep, 1, 0):
+    for outcome, *_ in run_parallel(2, _run_metered, sweep, 1, 0):
         assert outcome == "preempted"
-    for outcome, _ in run_parallel(2, _run_metered, sweep, None, 1):
+    for outcome, *_ in run_parallel(2, _run_metered, sweep, None, 1):
         assert outcome == ["ok"]
-    cid = _cells(sweep, "energy.idle_seconds=0.3", "energy.rapl=false")[0].id
+    cid = _cells(sweep, "greedy=true", "energy.idle_seconds=0.3", "energy.rapl=false")[0].id
     for rank in (0, 1):
         record = read_record(record_path(sweep, cid, rank))
         batches, energy = record["batches"], record["energy"]

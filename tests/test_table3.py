@@ -17,7 +17,7 @@ BASE_S, BASE_RATE, BASE_J = 1000.0, 500.0, 800_000.0  # at 250 W: run time, toke
 
 
 def _write_cell(sweep, cid: str, length: int, cap: float | None, total_s: float, tokens: int, energy_j: float,
-                gpu: str = "a100", shards: int = 4, telemetry: dict | None = None, engine: str = "reference") -> None:
+                gpu: str = "a100", shards: int = 4, telemetry: dict | None = None, engine: str = "llama1") -> None:
     """One node of `shards` GPUs (the paper's 4 A100s by default); every GPU draws an equal share."""
     for rank in range(shards):
         write_json(record_path(sweep, cid, rank), {
@@ -45,16 +45,30 @@ def _papers_table3(sweep) -> None:
                         BASE_J * (1 + changes[("energy", cap)] / 100))
 
 
-def test_the_papers_tables_take_the_reference_engines_cells(tmp_path):
-    """A sweep that also ran engine=fast: the paper's artifacts stand on Meta's schedule, as it ran."""
+def test_the_papers_tables_take_the_llama1_engines_cells(tmp_path):
+    """A sweep that also ran engine=fast: the paper's artifacts stand on LLaMA-1's program, as it ran."""
     _papers_table3(tmp_path)
     for length in paper.TABLE3:
         for cap in (250.0, *paper.TABLE3_CAPS_W):
             _write_cell(tmp_path, f"fast{length}-{cap:g}", length, cap, BASE_S / 3, round(BASE_RATE * BASE_S),
                         BASE_J / 3, engine="fast")
     t3 = tables.table3_values(reduce_sweep(tmp_path))
-    assert t3.choice.values["engine"] == "reference" and not t3.choice.notes
+    assert t3.choice.values["engine"] == "llama1" and not t3.choice.notes
     assert t3.values[512][("energy", 150.0)] == pytest.approx(paper.TABLE3[512][("energy", 150.0)], abs=2e-3)
+
+
+def test_old_records_of_engine_reference_read_as_llama2_and_stand_in_before_fast(tmp_path):
+    """Sweeps before the rename wrote engine=reference (Llama 2's program): the closest stand-in for llama1."""
+    for length in paper.TABLE3:
+        for cap in (250.0, *paper.TABLE3_CAPS_W):
+            for engine in ("reference", "fast"):
+                _write_cell(tmp_path, f"{engine}{length}-{cap:g}", length, cap, BASE_S, round(BASE_RATE * BASE_S),
+                            BASE_J, engine=engine)
+    cells = reduce_sweep(tmp_path)
+    assert set(cells["engine"]) == {"llama2", "fast"}
+    t3 = tables.table3_values(cells)
+    assert t3.choice.values["engine"] == "llama2"
+    assert any("engine = llama2: the paper's llama1 is not in this sweep" in n for n in t3.choice.notes)
 
 
 def test_percent_change_is_relative_to_the_base():
@@ -113,7 +127,7 @@ def test_repeats_are_averaged_and_said_so(tmp_path):
 
 def _cell_row(model: str, gpu: str, shards: int, batch: int, status: str) -> dict:
     return {"cell_id": f"{model}{gpu}{shards}{batch}", "model": model, "gpu": gpu, "dataset": "alpaca",
-            "shards": shards, "precision": "fp16", "engine": "reference", "batch_size": batch, "max_gen_len": 256, "power_cap_w": 250.0,
+            "shards": shards, "precision": "fp16", "engine": "llama1", "batch_size": batch, "max_gen_len": 256, "power_cap_w": 250.0,
             "status": status}
 
 
@@ -122,7 +136,7 @@ def test_table2_is_the_fewest_gpus_and_largest_batch_that_ran(tmp_path):
                           _cell_row("llama_65b", "a100", 4, 256, "oom"), _cell_row("llama_7b", "v100", 1, 64, "ok")])
     (tmp_path / "manifest.json").write_text(json.dumps({"cells": {"s": {
         "skip_reason": "needs ~100 GiB", "job": None, "world_size": 2, "params": {"model.name": "llama_65b", "gpu.name": "a100", "dataset.name":
-                                                    "alpaca", "shards": 2, "precision": "fp16", "engine": "reference", "batch_size": 64,
+                                                    "alpaca", "shards": 2, "precision": "fp16", "engine": "llama1", "batch_size": 64,
                                                     "max_gen_len": 256, "power_cap_w": 250.0}}}}))
     found, _ = tables.table2_found(cells, read_skipped(tmp_path))
     by = {(f.model, f.gpu): f for f in found}

@@ -45,8 +45,9 @@ class DatasetConfig:
     split: str = "train"
     num_prompts: int = 4096
     seed: int = 0
-    # Longer prompts keep their last tokens; also the prompt length the memory-fit check assumes.
-    max_prompt_tokens: int = 128
+    # None: prompts are kept whole (one that cannot fit model.max_seq_len - max_gen_len fails at --plan).
+    # N: a longer prompt keeps BOS and its last N-1 tokens (the record counts the prompts cut).
+    max_prompt_tokens: int | None = None
     # Each prompt as the model sees it: "{prompt}" is the dataset's prompt (zero-shot, as the paper).
     prompt_template: str = "{prompt}"
     fewshot_path: str | None = None  # GSM8K rows (question, answer) whose first fewshot_k prefix each prompt
@@ -176,7 +177,9 @@ ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "
 ID_NEW_DEFAULTS = {
     "": {"save_responses": False},
     # content_sha256 is None for hub and synthetic data: they keep their earlier ids.
-    "dataset": {"prompt_template": "{prompt}", "fewshot_path": None, "fewshot_k": 0, "content_sha256": None},
+    # max_prompt_tokens: None (nothing cut) became the default after 128; a cell that sets it keeps its id.
+    "dataset": {"prompt_template": "{prompt}", "fewshot_path": None, "fewshot_k": 0, "content_sha256": None,
+                "max_prompt_tokens": None},
     "model": {"eos_token": None, "rope_scaling_factor": None, "rope_low_freq_factor": 1.0,
               "rope_high_freq_factor": 4.0, "rope_original_max_pos": 8192},
 }

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from w2w import data
 from w2w.cell import Cell, ClusterConfig, DatasetConfig, GpuConfig, ModelConfig
-from w2w.engines import ENGINES
+from w2w.engines import ENGINES, RENAMED
 from w2w.errors import ConfigError, divisors
 
 # Site cluster profiles and model presets: folders searched after the packaged configs (os.pathsep-separated).
@@ -368,7 +368,18 @@ def validate(cfg: Cell) -> None:
         f"max_gen_len={cfg.max_gen_len} leaves no room for the prompt in "
         f"model.max_seq_len={m.max_seq_len}: lower max_gen_len or raise model.max_seq_len",
     )
+    _check(cfg.engine not in RENAMED, f"{RENAMED.get(cfg.engine)}: valid are {', '.join(ENGINES)}")
     _check(cfg.engine in ENGINES, f"engine={cfg.engine}: valid are {', '.join(ENGINES)}")
+    _check(
+        cfg.engine != "llama1" or n_kv == m.n_heads,
+        f"engine=llama1 has no grouped-query attention (LLaMA-1 had none) but model {m.name} has "
+        f"model.n_kv_heads={n_kv} != n_heads={m.n_heads}: use engine=llama2 or fast",
+    )
+    _check(
+        cfg.engine != "llama1" or m.rope_scaling_factor is None,
+        f"engine=llama1 has no rope scaling (LLaMA-1 had none) but model {m.name} sets "
+        f"model.rope_scaling_factor={m.rope_scaling_factor}: use engine=llama2 or fast",
+    )
     _check(cfg.eos_check_every >= 1, f"eos_check_every={cfg.eos_check_every}: must be >= 1")
     _check(cfg.precision in PRECISIONS, f"precision={cfg.precision}: valid are {', '.join(PRECISIONS)}")
     _check(
@@ -384,8 +395,8 @@ def validate(cfg: Cell) -> None:
         f"energy.sample_interval_s={cfg.energy.sample_interval_s}: must be > 0",
     )
     _check(
-        cfg.dataset.max_prompt_tokens >= 1,
-        f"dataset.max_prompt_tokens={cfg.dataset.max_prompt_tokens}: must be >= 1",
+        cfg.dataset.max_prompt_tokens is None or cfg.dataset.max_prompt_tokens >= 1,
+        f"dataset.max_prompt_tokens={cfg.dataset.max_prompt_tokens}: must be >= 1, or null to keep prompts whole",
     )
     _check(
         cfg.energy.backend != "nvml" or cfg.gpu.device == "cuda",

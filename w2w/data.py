@@ -284,6 +284,31 @@ def load_prompt_rows(cfg: DatasetConfig) -> list[Prompt]:
     return [Prompt(p.id, prefix + fill_template(template, p.text), p.reference) for p in _dataset_rows(cfg)]
 
 
+def _row_prompt(name: str, index: int, row: dict) -> Prompt:
+    """One picked row as a prompt of dataset `name` (alpaca or gsm8k)."""
+    if name == "alpaca":
+        return Prompt(index, alpaca_prompt(row))
+    return Prompt(index, row["question"], row.get("answer"))
+
+
+def plan_prompt_rows(cfg: DatasetConfig) -> list[Prompt] | None:
+    """load_prompt_rows where the login node can read the prompts without the datasets library
+    (synthetic, local files); None for a hub dataset, which only the node loads."""
+    local = check_local_path(cfg) if cfg.name != "synthetic" else None
+    if cfg.name != "synthetic" and local is None:
+        return None
+    check_dataset(cfg)
+    if cfg.name == "synthetic":
+        rows = [Prompt(i, text) for i, text in enumerate(synthetic_prompts(cfg.num_prompts, cfg.seed))]
+    else:
+        table = [row for _, row in local_rows(local)]
+        picked = random.Random(cfg.seed).sample(range(len(table)), cfg.num_prompts)  # as _dataset_rows picks
+        rows = [_row_prompt(cfg.name, i, table[i]) for i in picked]
+    check_template(cfg)
+    prefix, template = fewshot_prefix(cfg), prompt_template(cfg)
+    return [Prompt(p.id, prefix + fill_template(template, p.text), p.reference) for p in rows]
+
+
 def _dataset_rows(cfg: DatasetConfig) -> list[Prompt]:
     if cfg.name == "synthetic":
         return [Prompt(i, text) for i, text in enumerate(synthetic_prompts(cfg.num_prompts, cfg.seed))]

@@ -26,7 +26,7 @@ LLAMA_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multip
 
 
 LOADED_OVER_IDLE = 1.1
-ENGINES_CHECK = " vs ".join(engines.ENGINES)  # "fast vs reference"
+ENGINES_CHECK = " vs ".join(engines.ENGINES)  # "fast vs llama1 vs llama2"
 # The long-window and sampler checks decode as a default cell does: with w2w-run's default engine.
 DECODE_ENGINE = "fast"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import os
@@ -20,7 +21,14 @@ from w2w.energy.monitor import EnergyMonitor, Window
 from w2w.energy.phases import PhaseEnergy
 from w2w.energy.powercap import PowerCapper
 from w2w.energy.sampler import summarize, timeline_frame
-from w2w.engines.common import DECODE, PREFILL, Generation, PhaseClock, SamplingParams
+from w2w.engines.common import (
+    DECODE,
+    PREFILL,
+    Generation,
+    PhaseClock,
+    SamplingParams,
+    new_generator,
+)
 from w2w.model import Transformer
 from w2w.progress import CELL_COUNTS, CellProgress, CellShape, progress_path, sum_batches
 from w2w.records import (
@@ -51,14 +59,29 @@ class Loaded:
     job_energy: dict
 
 
-def encode_prompts(prompts: list[str], tokenizer: TokenizerLike, max_prompt_len: int) -> tuple[list[list[int]], int]:
-    """The prompts' token ids, each cut to its last max_prompt_len tokens; and how many were cut."""
+def cut_prompt(ids: list[int], max_len: int, bos_id: int) -> list[int]:
+    """BOS and the last max_len - 1 tokens (the end is where the question is); without BOS, the last max_len."""
+    if len(ids) <= max_len:
+        return ids
+    if ids[0] != bos_id:
+        return ids[len(ids) - max_len:]
+    return [bos_id, *ids[len(ids) - (max_len - 1):]]
+
+
+def encode_prompts(prompts: list[str], tokenizer: TokenizerLike, max_prompt_len: int | None,
+                   fits: int | None = None) -> tuple[list[list[int]], int]:
+    """The prompts' token ids, each cut to max_prompt_len tokens with BOS kept first (None: kept whole);
+    and how many were cut. fits: the longest a whole prompt may be (ValueError beyond it; --plan says so first)."""
     encoded, cut = [], 0
     for text in prompts:
         ids = tokenizer.encode(text)
-        if len(ids) > max_prompt_len:
+        if max_prompt_len is not None and len(ids) > max_prompt_len:
             cut += 1
-            ids = ids[-max_prompt_len:]  # keep the end, where the question is
+            ids = cut_prompt(ids, max_prompt_len, tokenizer.bos_id)
+        if fits is not None and len(ids) > fits:
+            raise ValueError(f"a prompt of {len(ids)} tokens does not fit the {fits} that model.max_seq_len - "
+                             "max_gen_len leaves: lower max_gen_len, raise model.max_seq_len, or set "
+                             "dataset.max_prompt_tokens to cut it")
         encoded.append(ids)
     return encoded, cut
 
@@ -70,6 +93,7 @@ def batch_counts(gen: Generation, texts: list[str], scored: int, correct: int) -
         responses=len(gen.tokens),
         prompt_tokens=gen.prompt_tokens,
         output_tokens=sum(len(t) for t in gen.tokens),
+        positions=gen.positions,
         output_words=sum(len(text.split()) for text in texts),  # the paper's words: split on whitespace
         scored=scored,
         correct=correct,
@@ -145,21 +169,46 @@ class _CellRun:
     cache_len: int
     clock: PhaseClock
     phases: PhaseEnergy
+    stream: torch.Generator  # the cell's sampling stream on this rank, drawn by its batches in turn
 
     def generate(self, batch: list[list[int]], max_gen_len: int | None = None,
-                 clock: PhaseClock | None = None) -> Generation:
+                 clock: PhaseClock | None = None, generator: torch.Generator | None = None) -> Generation:
         tokenizer = self.loaded.tokenizer
         engine = self.loaded.engines[self.cell.engine]
         return engine.generate(batch, SamplingParams.of(self.cell, max_gen_len), tokenizer.eos_id,
-                               tokenizer.pad_id, self.cache_len, clock)
+                               tokenizer.pad_id, self.cache_len, clock, generator)
 
 
-def _warm_up(run: _CellRun, batch: list[list[int]], monitor: EnergyMonitor) -> Window | None:
-    """First calls pay for allocation and kernel selection; keep them out of the cell (every segment)."""
+def stream_state(generator: torch.Generator) -> str:
+    """The stream's state as text for the progress file."""
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
+
+
+def cell_stream(cell: Cell, device: torch.device, progress: CellProgress) -> torch.Generator:
+    """The cell's sampling stream on this rank: seeded at the cell's start, or where its finished
+    batches left it (a resumed cell samples what an uninterrupted one would have)."""
+    generator = new_generator(device, cell.seed)
+    saved = progress.stream_state
+    if progress.done and saved is None:
+        log.warning("cell %s: no sampling state saved after batch %d: sampled tokens restart the stream",
+                    cell.id, progress.done)
+    if progress.done and saved is not None:
+        generator.set_state(torch.frombuffer(bytearray(base64.b64decode(saved)), dtype=torch.uint8))
+    return generator
+
+
+def _warm_up(run: _CellRun, batches: list[list[list[int]]], monitor: EnergyMonitor) -> Window | None:
+    """First calls pay for allocation, kernel selection and (fast) a graph capture per batch shape:
+    one batch of each size the cell will run (a ragged last one too), largest first so the cache is
+    allocated once, all outside the cell's windows (every segment)."""
     if not run.cell.warmup:
         return None
+    firsts = {len(batch): batch for batch in reversed(batches)}  # the first batch of each size
     monitor.begin_window("warmup")
-    run.generate(batch, min(WARMUP_TOKENS, run.cell.max_gen_len))  # the cache is sized for the cell's max_gen_len
+    # A stream of its own leaves the cell's undrawn.
+    warmup_stream = new_generator(run.stream.device, run.cell.seed)
+    for size in sorted(firsts, reverse=True):  # the cache is sized for the cell's max_gen_len
+        run.generate(firsts[size], min(WARMUP_TOKENS, run.cell.max_gen_len), generator=warmup_stream)
     return monitor.end_window("warmup")
 
 
@@ -168,7 +217,7 @@ def _run_batch(run: _CellRun, batch: list[list[int]], responses: _BatchResponses
     clock, phases = run.clock, run.phases
     seconds, joules = dict(clock.seconds), dict(phases.joules)
     phases.monitor.begin_window("batch")
-    gen = run.generate(batch, clock=clock)
+    gen = run.generate(batch, clock=clock, generator=run.stream)
     window = phases.monitor.end_window("batch")
     texts = [run.loaded.tokenizer.decode(t) for t in gen.tokens]
     counts = batch_counts(gen, texts, *responses.score(batch, gen.tokens, texts))
@@ -206,17 +255,19 @@ def run_cell(
     An NVML read error during the cell makes it status error (the rest is still recorded).
     """
     model = loaded.model
-    max_prompt_len = min(cell.dataset.max_prompt_tokens, model.args.max_seq_len - cell.max_gen_len)
-    prompts, truncated = encode_prompts([r.text for r in rows], loaded.tokenizer, max_prompt_len)
+    fits = model.args.max_seq_len - cell.max_gen_len
+    cut_to = None if cell.dataset.max_prompt_tokens is None else min(cell.dataset.max_prompt_tokens, fits)
+    prompts, truncated = encode_prompts([r.text for r in rows], loaded.tokenizer, cut_to, fits)
     cache_len = max(len(p) for p in prompts) + cell.max_gen_len
     size = cell.batch_size
     batches = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     if progress is None:  # nothing saved between batches
         progress = CellProgress(CellShape(cell.id, rank, 1, size, len(batches)), None)
     phases = PhaseEnergy(monitor)
-    run = _CellRun(cell, loaded, cache_len, PhaseClock(model.device, phases.on_boundary), phases)
+    run = _CellRun(cell, loaded, cache_len, PhaseClock(model.device, phases.on_boundary), phases,
+                   cell_stream(cell, model.device, progress))
     start = progress.done
-    warmup = _warm_up(run, batches[start], monitor) if start < len(batches) else None
+    warmup = _warm_up(run, batches[start:], monitor) if start < len(batches) else None
     progress.begin_segment((segment or {}) | {
         "start_unix_s": time.time(), "warmup_s": warmup.duration_s if warmup else 0.0,
         "warmup_gpu_j": warmup.gpu_energy_j if warmup else None,
@@ -229,7 +280,8 @@ def run_cell(
         entry, error = _run_batch(run, batches[index], _BatchResponses(cell, index, rows[first : first + size], rank))
         if error:
             errors.append(f"batch {index}: {error}")
-        progress.add_batch(entry, save=not errors)  # a re-run does not resume after void figures
+        # A re-run does not resume after void figures.
+        progress.add_batch(entry, save=not errors, stream_state=stream_state(run.stream))
         log.info("cell batch %d/%d: %d output tokens", index + 1, len(batches), entry["counts"]["output_tokens"])
     window: Window = monitor.end_window("cell")
     totals = sum_batches(progress.batches, progress.segments)
@@ -243,6 +295,7 @@ def run_cell(
         "batches": progress.batches,
         "segments": [s for s in progress.segments if s["segment"] in {b["segment"] for b in progress.batches}],
         "responses": _responses_block(cell, len(batches), rank),
+        "graph": loaded.engines[cell.engine].graph,
     }
     errors = ([f"cell: {window.error}"] if window.error else []) + phases.errors + errors
     if errors:  # the figures are void; later cells still try

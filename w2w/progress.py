@@ -12,10 +12,15 @@ from pathlib import Path
 from w2w.records import Counts, RankRecord, cell_dir, write_json
 
 log = logging.getLogger("w2w.progress")
-PROGRESS_VERSION = 1
+# 2: the sampling stream's state is saved; a version-1 file cannot resume the stream, so its cell starts over.
+PROGRESS_VERSION = 2
+# The stream's state is kept for the last batches only: ranks that save after the same batch differ by one at most.
+KEPT_STREAM_STATES = 2
 # Counts of the whole cell; every other field of records.Counts is summed over the cell's batches.
 CELL_COUNTS = ("batches", "truncated_prompts")
 BATCH_COUNTS = tuple(f.name for f in fields(Counts) if f.name not in (*CELL_COUNTS, "extra"))
+# Counts added after records were written: unknown (None) for a cell where any batch lacks them, never 0.
+LATER_COUNTS = ("positions",)
 BATCH_TIMES = ("total_s", "prefill_s", "decode_s")
 BATCH_ENERGY = ("gpu_j", "counter_gpu_j", "integrated_gpu_j", "prefill_gpu_j", "decode_gpu_j", "cpu_j")
 
@@ -44,6 +49,8 @@ class CellProgress:
     path: Path | None  # None: kept in memory only
     batches: list[dict] = field(default_factory=list)  # index, segment, counts, times, energy
     segments: list[dict] = field(default_factory=list)  # segment, job_id, first_batch, idle, warm-up
+    # batches done -> the sampling stream's state after them (opaque text: base64 of Generator.get_state())
+    stream_states: dict[str, str] = field(default_factory=dict)
     version: int = PROGRESS_VERSION
     _saving: bool = field(default=True, repr=False)
 
@@ -57,7 +64,7 @@ class CellProgress:
             data = json.loads(path.read_text())
             saved = CellShape(**data["shape"])
             batches, segments = list(data["batches"]), list(data["segments"])
-            version = data["version"]
+            version, states = data["version"], dict(data.get("stream_states", {}))
         except (OSError, ValueError, TypeError, KeyError) as exc:
             log.warning("%s: unreadable progress (%s): the cell starts from its first batch", path, exc)
             return fresh
@@ -65,12 +72,17 @@ class CellProgress:
             log.warning("%s: progress of another batching (%s): the cell starts from its first batch", path, saved)
             return fresh
         contiguous = list(itertools.takewhile(lambda ib: ib[1].get("index") == ib[0], enumerate(batches)))
-        return cls(shape, path, [b for _, b in contiguous], segments)
+        return cls(shape, path, [b for _, b in contiguous], segments, states)
 
     @property
     def done(self) -> int:
         """Batches finished in a row from the first."""
         return len(self.batches)
+
+    @property
+    def stream_state(self) -> str | None:
+        """The sampling stream's state after the batches kept (None: saved by no batch)."""
+        return self.stream_states.get(str(self.done))
 
     def resume_at(self, start: int) -> None:
         """Keep the first `start` batches (the ranks agreed on them) and drop segments left empty."""
@@ -83,18 +95,31 @@ class CellProgress:
         number = self.segments[-1]["segment"] + 1 if self.segments else 0
         self.segments.append({"segment": number, "first_batch": self.done} | segment)
 
-    def add_batch(self, batch: dict, *, save: bool = True) -> None:
-        """Record one finished batch, and save the list atomically (a kill at any point leaves the
-        previous file whole); save=False: this batch and the later ones are not resumed from."""
+    def add_batch(self, batch: dict, *, save: bool = True, stream_state: str | None = None) -> None:
+        """Record one finished batch and the sampling stream's state after it, and save them atomically
+        (a kill at any point leaves the previous file whole); save=False: this batch and the later ones
+        are not resumed from."""
         self.batches.append({"index": self.done, "segment": self.segments[-1]["segment"]} | batch)
+        if stream_state is not None:
+            self.stream_states[str(self.done)] = stream_state
+            kept = sorted(self.stream_states, key=int)[-KEPT_STREAM_STATES:]
+            self.stream_states = {k: self.stream_states[k] for k in kept}
         self._saving = self._saving and save
         if self.path is not None and self._saving:
-            write_json(self.path, {"version": self.version, "shape": asdict(self.shape),
-                                   "batches": self.batches, "segments": self.segments})
+            write_json(self.path, {"version": self.version, "shape": asdict(self.shape), "batches": self.batches,
+                                   "segments": self.segments, "stream_states": self.stream_states})
 
 def _sum(values: list) -> float | None:
     """None where any batch has no figure (or there is no batch): never a partial sum."""
     return None if not values or any(v is None for v in values) else float(math.fsum(values))
+
+
+def _count(batches: list[dict], key: str) -> int | None:
+    """A count summed over the batches; a later count is None where any batch has none."""
+    values = [b["counts"].get(key) for b in batches]
+    if key in LATER_COUNTS and (not values or any(v is None for v in values)):
+        return None
+    return int(sum(v or 0 for v in values))
 
 
 def sum_batches(batches: list[dict], segments: list[dict]) -> dict:
@@ -102,7 +127,7 @@ def sum_batches(batches: list[dict], segments: list[dict]) -> dict:
     idle_w = {s["segment"]: s.get("idle_power_w") for s in segments}
     idle = [idle_w.get(b["segment"]) for b in batches]
     return {
-        "counts": {k: int(sum(b["counts"].get(k, 0) for b in batches)) for k in BATCH_COUNTS} | {"batches": len(batches)},
+        "counts": {k: _count(batches, k) for k in BATCH_COUNTS} | {"batches": len(batches)},
         "times": {k: float(math.fsum(b["times"][k] for b in batches)) for k in BATCH_TIMES}
         | {"start_unix_s": min((b["times"]["start_unix_s"] for b in batches), default=None)},
         "energy": {k: _sum([b["energy"].get(k) for b in batches]) for k in BATCH_ENERGY}

@@ -195,7 +195,10 @@ class Counts(Schema):
     prompts: int = 0
     responses: int = 0
     prompt_tokens: int = 0
-    output_tokens: int = 0
+    output_tokens: int = 0  # tokens returned: after the EOS cut
+    # Positions computed: the rows of every forward call, prompt rows and rows past EOS included
+    # (None: a record from before they were counted).
+    positions: int | None = None
     output_words: int = 0  # the response text split on whitespace (the paper's words)
     batches: int = 0
     truncated_prompts: int = 0
@@ -288,7 +291,8 @@ class RankRecord(Schema):
     first layout; 2 the same layout with telemetry averages weighted by time (1: per sampler row).
     """
 
-    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("error", "traceback", "counts", "times", "telemetry", "responses")
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("error", "traceback", "counts", "times", "telemetry", "responses",
+                                               "graph")
     # Present and typed in every ok record: the reducer relies on them.
     OK_REQUIRED: ClassVar[tuple[str, ...]] = (
         "node", "counts.responses", "counts.output_tokens", "counts.output_words", "times.total_s",
@@ -323,6 +327,8 @@ class RankRecord(Schema):
     segments: list[dict[str, Any]] = field(default_factory=list)
     # requested, saved (rank 0 wrote the file), file (its name, beside the record), score_reason.
     responses: dict[str, Any] | None = None
+    # fast: how its decode steps ran: "cuda graph", "eager", or "eager, capture failed: <why>".
+    graph: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
 
     @property

@@ -59,17 +59,22 @@ def _torch_uuid(device: torch.device) -> str | None:
 def find_handle(nvml: ModuleType, device: torch.device, local_rank: int) -> tuple[Any, int | str]:
     """This rank's NVML handle and how it was found.
 
-    A CUDA device is matched by UUID first, which holds whatever CUDA_VISIBLE_DEVICES and
-    CUDA_DEVICE_ORDER say; otherwise the CUDA index goes through CUDA_VISIBLE_DEVICES. A CPU
-    device only reaches here with an injected meter (tests): it takes the SLURM/torchrun local rank.
+    A CUDA device is matched by UUID, which holds whatever CUDA_VISIBLE_DEVICES and
+    CUDA_DEVICE_ORDER say; a GPU UUID that NVML does not know fails the rank with the reason (an
+    index could name another GPU, and its energy would be recorded as this one's). Only where there
+    is no GPU UUID (a MIG instance, or torch does not say) does the CUDA index go through
+    CUDA_VISIBLE_DEVICES. A CPU device only reaches here with an injected meter (tests): it takes
+    the SLURM/torchrun local rank.
     """
     if device.type == "cuda":
         uuid = _torch_uuid(device)
         if uuid is not None:
             try:
                 return call(nvml, "nvmlDeviceGetHandleByUUID", uuid), uuid
-            except GpuError:
-                pass  # e.g. a MIG instance: fall back to CUDA_VISIBLE_DEVICES
+            except GpuError as exc:
+                if not uuid.startswith("MIG-"):
+                    raise GpuNotFoundError(f"{device}: NVML has no GPU with the CUDA runtime's UUID {uuid} "
+                                           f"({exc}); not guessing by index") from exc
         cuda_index = device.index or 0
     else:
         cuda_index = local_rank

@@ -12,12 +12,24 @@ if TYPE_CHECKING:  # common imports torch, which the login node must not load to
 # One module w2w/engines/<name>.py per entry, each defining `Engine(model)`.
 ENGINES: dict[str, str] = {
     "fast": "left-padded prefill, then a static-shape decode step (a CUDA graph on GPUs)",
-    "reference": "Meta's llama/generation.py schedule, as the paper's numbers ran it",
+    "llama1": "the paper's program: Meta's LLaMA-1 code (llama_v1), schedule, arithmetic and cache layout",
+    "llama2": "Meta's Llama 2 llama/generation.py schedule (main branch)",
+}
+# Names no longer in the registry, and what to write instead.
+RENAMED: dict[str, str] = {
+    "reference": "engine=reference was renamed llama2 (Meta's Llama 2 code); the paper's program is llama1",
 }
 
 
-def create(name: str, model: Transformer) -> Engine:
-    """The engine `name` over `model`; keep it for every batch it serves (fast keeps its graphs)."""
+def check_name(name: str) -> None:
+    """Raise ValueError naming the valid engines (and the new name of a renamed one)."""
+    if name in RENAMED:
+        raise ValueError(f"{RENAMED[name]}: valid are {', '.join(ENGINES)}")
     if name not in ENGINES:
         raise ValueError(f"engine={name}: valid are {', '.join(ENGINES)}")
+
+
+def create(name: str, model: Transformer) -> Engine:
+    """The engine `name` over `model`; keep it for every batch it serves (fast keeps its graphs, llama1 its cache)."""
+    check_name(name)
     return importlib.import_module(f"w2w.engines.{name}").Engine(model)

@@ -27,6 +27,7 @@ class SamplingParams:
     force_max_gen_len: bool = False  # ignore EOS: exactly max_gen_len new tokens per prompt
     seed: int = 1
     eos_check_every: int = 1  # fast engine: decode steps between host checks for the end
+    deadline_s: float | None = None  # fast engine: host-side wait for the steps at an EOS check (dist_timeout_s)
 
     @classmethod
     def of(cls, cell: Cell, max_gen_len: int | None = None) -> SamplingParams:
@@ -39,6 +40,7 @@ class SamplingParams:
             force_max_gen_len=cell.force_max_gen_len,
             seed=cell.seed,
             eos_check_every=cell.eos_check_every,
+            deadline_s=float(cell.dist_timeout_s),
         )
 
 
@@ -47,6 +49,9 @@ class Generation:
     tokens: list[list[int]]  # new tokens per prompt, EOS and anything after it dropped
     prompt_tokens: int  # real (unpadded) prompt tokens in the batch
     decode_steps: int  # forward passes after the prefill
+    # positions computed: the rows of every forward call (sum over calls of batch x positions in the call),
+    # prompt rows and rows past EOS included
+    positions: int
 
 
 def synchronize(device: torch.device) -> None:
@@ -109,12 +114,23 @@ def check_lengths(prompts: list[list[int]], params: SamplingParams, cache_len: i
     return cache_len
 
 
+def new_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A sampling stream on `device` seeded with `seed` (every rank seeds alike and draws alike)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 class Engine(ABC):
     """A generation schedule over one model. generate() does what every engine needs around its
     loop; a subclass (one module per engine, named in the registry) supplies only schedule()."""
 
+    cache_multiple = 1  # the cache length is rounded up to a multiple of this (capped at max_seq_len)
+
     def __init__(self, model: Transformer):
         self.model = model
+
+    def prepare(self, batch: int, cache_len: int) -> None:
+        """Make the KV cache ready for a batch; default: the model's cache (llama1 keeps its own)."""
+        self.model.setup_caches(batch, cache_len)
 
     def generate(
         self,
@@ -124,21 +140,33 @@ class Engine(ABC):
         pad_id: int,
         cache_len: int | None = None,
         clock: PhaseClock | None = None,
+        generator: torch.Generator | None = None,
     ) -> Generation:
         """Generate for a batch of tokenized prompts.
 
         cache_len: KV cache length to allocate (default: longest prompt + max_gen_len); pass the
         same value for every batch of a cell so the cache is allocated once.
+        generator: the sampling stream, on the model's device, drawn from and left advanced (a cell
+        passes one stream to all its batches, as Meta seeds once per process); None: a fresh one
+        seeded with params.seed, for this batch alone.
         """
         cache_len = check_lengths(prompts, params, cache_len)
-        self.model.setup_caches(len(prompts), cache_len)
-        generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        cache_len = min(-(-cache_len // self.cache_multiple) * self.cache_multiple,
+                        max(cache_len, self.model.args.max_seq_len))
+        self.prepare(len(prompts), cache_len)
+        if generator is None:
+            generator = new_generator(self.model.device, params.seed)
         clock = clock or PhaseClock(self.model.device)
         with torch.inference_mode():
             gen = self.schedule(prompts, params, eos_id, pad_id, cache_len, clock, generator)
         if not params.force_max_gen_len:
             gen.tokens = cut_at_eos(gen.tokens, eos_id)
         return gen
+
+    @property
+    def graph(self) -> str | None:
+        """How the decode steps ran, for engines that capture them (fast); None for the others."""
+        return None
 
     @abstractmethod
     def schedule(

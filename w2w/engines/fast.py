@@ -4,8 +4,10 @@ The prefill is one forward pass over the left-padded batch. Each decode step the
 shapes every time: it writes one token per row into the full-length KV cache at a slot held in a
 device tensor, attends the whole cache under a validity mask kept on the device, and samples
 without a host sync (greedy argmax, or top-p by an exponential race on noise drawn outside the
-step). On CUDA the step is captured once per (batch, cache length, sampling) as a CUDA graph and
-replayed; on CPU (gloo) the same code runs eagerly, so CI exercises it. The host looks at the
+step). The step is the fused code of w2w/engines/fused.py (fused GEMMs, few elementwise operators,
+GQA with no K/V copy). On CUDA it is captured once per (batch, cache length, sampling) as a CUDA
+graph and replayed; a failed capture leaves that decoder eager and says why (Engine.graph, in the
+record); on CPU (gloo) the same code runs eagerly, so CI exercises it. The host looks at the
 tokens only every `eos_check_every` steps to stop once every row has ended; the steps run past an
 EOS are real work and are counted, and tokens after an EOS are dropped.
 
@@ -19,18 +21,25 @@ on NCCL, which a graph captured by hand with torch.cuda.CUDAGraph records like a
 (capture_error_mode="thread_local", so NCCL's watchdog thread may query events meanwhile).
 torch.compile(fullgraph=True) cannot trace FairScale's autograd.Function, and swapping the
 collectives for functional ones would change the model code the paper's numbers ran through.
-Hand capture keeps one model code path for both engines; it was chosen without a GPU measurement.
-Meta's reference schedule is the `reference` engine, in w2w/engines/reference.py.
+Hand capture was chosen without a GPU measurement; the fused step calls the collectives itself
+(the same all_reduce), and the prefill still runs the model's own forward.
+It follows no program of Meta's: its differences from Meta's Llama 2 code (main branch) are the
+schedule above, the fused decode step, and the model arithmetic llama2 lists (w2w/engines/llama2.py);
+Meta's programs are the engines llama1 and llama2.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from w2w import distributed
 from w2w.engines import common
 from w2w.engines.common import DECODE, PREFILL, Generation, PhaseClock, SamplingParams
+from w2w.engines.fused import DecodeTimeout, FusedDecode
 from w2w.model import Transformer
 
 
@@ -71,6 +80,35 @@ def race_top_p(probs: torch.Tensor, p: float, noise: torch.Tensor) -> torch.Tens
     return order.gather(-1, choice).squeeze(-1)
 
 
+# Records one call of a step and returns what replays it (a CUDA graph on GPUs); tests inject others.
+Capture = Callable[[Callable[[], None]], Callable[[], None]]
+
+
+def cuda_capture(step: Callable[[], None]) -> Callable[[], None]:
+    """A CUDA graph of step; capture_error_mode="thread_local" lets NCCL's watchdog query events meanwhile."""
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            step()
+    except BaseException:
+        torch.cuda.set_stream(stream)  # a failed capture_end leaves graph()'s side stream current
+        raise
+    return graph.replay
+
+
+def warm_up(step: Callable[[], None], device: torch.device) -> None:
+    """The step before a capture runs on a side stream on CUDA (it warms cuBLAS and NCCL up)."""
+    if device.type != "cuda":
+        step()
+        return
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        step()
+    current.wait_stream(side)
+
+
 class StaticDecoder:
     """Device-resident state of the fast decode step for one (batch, cache length, sampling).
 
@@ -78,17 +116,21 @@ class StaticDecoder:
     captured over step() be replayed for every later batch of that shape.
     """
 
-    def __init__(self, model: Transformer, batch: int, cache_len: int, params: SamplingParams):
+    def __init__(self, fused: FusedDecode, batch: int, cache_len: int, params: SamplingParams,
+                 capture: Capture | None = None):
+        model = fused.model
         device, vocab = model.device, model.args.vocab_size
-        self.model, self.params = model, params
+        self.model, self.fused, self.params, self.capture = model, fused, params, capture
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # cache slot of this step
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # rotary position per row
         self.col = torch.zeros(1, dtype=torch.long, device=device)  # column of `out` to write
-        self.key_valid = torch.zeros(batch, cache_len, dtype=torch.bool, device=device)
+        # Additive attention mask (0 valid, -inf not): one fill per step, shared by every layer.
+        self.mask = torch.zeros(batch, 1, 1, cache_len, dtype=model.norm.weight.dtype, device=device)
         self.out = torch.full((batch, cache_len), -1, dtype=torch.long, device=device)
         self.noise = None if params.greedy else torch.ones(batch, vocab, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.replay: Callable[[], None] | None = None  # the captured step, once captured
+        self.graph = "eager"  # what advance() runs: "cuda graph", "eager", or "eager, capture failed: ..."
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         if self.params.greedy:
@@ -105,14 +147,14 @@ class StaticDecoder:
         self.token.copy_(first)
         self.slot.fill_(width)
         self.pos.copy_(batch.next_pos)
-        self.key_valid.copy_(batch.key_valid)
+        self.mask.copy_(self.fused.mask(batch.key_valid, self.mask.dtype))
         self.out.fill_(-1)
         self.out[:, 0] = first
         self.col.fill_(1)
 
     def step(self) -> None:
-        self.key_valid.index_fill_(1, self.slot, True)
-        token = self.choose(self.model.decode_step(self.token, self.slot, self.pos, self.key_valid))
+        self.mask.index_fill_(3, self.slot, 0.0)
+        token = self.choose(self.fused(self.token, self.slot, self.pos, self.mask))
         self.token.copy_(token)
         self.out.index_copy_(1, self.col, token[:, None])
         self.slot += 1
@@ -120,38 +162,61 @@ class StaticDecoder:
         self.col += 1
 
     def advance(self, generator: torch.Generator) -> None:
-        """One decode step: replay the graph, or run eagerly (and capture after the first on CUDA)."""
+        """One decode step: replay the capture, or run eagerly (and, the first time, capture the next)."""
         self.draw(generator)
-        if self.graph is not None:
-            self.graph.replay()
+        if self.replay is not None:
+            self.replay()
             return
-        if self.model.device.type != "cuda":
+        if self.capture is None or self.graph != "eager":
             self.step()
             return
-        # The first step runs eagerly on a side stream (it warms cuBLAS and NCCL up), then the
-        # capture records the next one without running it.
-        current = torch.cuda.current_stream(self.model.device)
-        side = torch.cuda.Stream(self.model.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            self.step()
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.step()
-        self.graph = graph
+        warm_up(self.step, self.model.device)
+        try:  # records the next step without running it
+            self.replay = self.capture(self.step)
+            self.graph = "cuda graph"
+        except Exception as exc:  # whatever failed, this decoder stays eager and says why
+            self.graph = f"eager, capture failed: {type(exc).__name__}: {exc}"
 
-    def all_ended(self, eos_id: int, columns: int) -> bool:
-        return bool((self.out[:, :columns] == eos_id).any(-1).all())
+    def all_ended(self, eos_id: int, columns: int, deadline_s: float | None = None) -> bool:
+        ended = (self.out[:, :columns] == eos_id).any(-1).all()
+        if deadline_s is not None and self.model.device.type == "cuda":
+            wait_for(torch.cuda.Event(), deadline_s)
+        return bool(ended)
+
+
+def wait_for(event, deadline_s: float, poll_s: float = 1e-4) -> None:
+    """Record `event` after the queued steps and wait for it at most deadline_s: a collective whose
+    peer died never completes, and a plain host sync on it would block until SLURM kills the job.
+    A short poll: the check comes every few steps of a few ms, and a late wake-up is lost time."""
+    event.record()
+    deadline = time.monotonic() + deadline_s
+    while not event.query():
+        if time.monotonic() > deadline:
+            raise DecodeTimeout(f"Timed out: decode steps unfinished after {deadline_s:g} s (dist_timeout_s): "
+                                "a model-parallel peer stopped answering, or its device hangs")
+        time.sleep(poll_s)
 
 
 class Engine(common.Engine):
     """The fast schedule; keeps one StaticDecoder (and its CUDA graph) per shape it has served."""
 
-    def __init__(self, model: Transformer):
+    # Cache slots a multiple of 64: aligned rows for the attention kernels, and fewer distinct graphs.
+    cache_multiple = 64
+
+    def __init__(self, model: Transformer, capture: Capture | None = None):
         super().__init__(model)
+        self.fused = FusedDecode(model)
+        self.capture = capture if capture is not None else (cuda_capture if model.device.type == "cuda" else None)
         self.decoders: dict[tuple, StaticDecoder] = {}
+        self.decoders_built = 0  # a new shape costs a first eager step and a capture: warm-up should pay it
         self._cache_generation = model.cache_generation  # the KV cache the decoders point into
+
+    @property
+    def graph(self) -> str:
+        """How the decode steps ran: "cuda graph", "eager", or the first "eager, capture failed: ..."."""
+        states = [d.graph for d in self.decoders.values()]
+        failed = [g for g in states if g.startswith("eager, capture failed")]
+        return failed[0] if failed else ("cuda graph" if "cuda graph" in states else "eager")
 
     def decoder(self, batch: int, cache_len: int, params: SamplingParams) -> StaticDecoder:
         if self.model.cache_generation != self._cache_generation:  # graphs over freed buffers: drop them
@@ -159,7 +224,8 @@ class Engine(common.Engine):
             self._cache_generation = self.model.cache_generation
         key = (batch, cache_len, params.greedy, params.temperature, params.top_p)
         if key not in self.decoders:
-            self.decoders[key] = StaticDecoder(self.model, batch, cache_len, params)
+            self.decoders[key] = StaticDecoder(self.fused, batch, cache_len, params, self.capture)
+            self.decoders_built += 1
         return self.decoders[key]
 
     def schedule(
@@ -169,6 +235,7 @@ class Engine(common.Engine):
         width = max(len(p) for p in prompts)
         batch = left_pad(prompts, pad_id, cache_len, self.model.device)
         decoder = self.decoder(len(prompts), cache_len, params)
+        self.fused.wait_s = params.deadline_s
         clock.enter(PREFILL)
         decoder.draw(generator)
         decoder.start(batch, decoder.choose(prefill(self.model, batch)), width)
@@ -176,9 +243,18 @@ class Engine(common.Engine):
         steps = 0
         while steps < params.max_gen_len - 1:
             check = not params.force_max_gen_len and steps % params.eos_check_every == 0
-            if check and decoder.all_ended(eos_id, steps + 1):
+            if check and decoder.all_ended(eos_id, steps + 1, params.deadline_s):
                 break
-            decoder.advance(generator)
+            try:
+                decoder.advance(generator)
+            except RuntimeError as exc:
+                if not isinstance(exc, DecodeTimeout) and not distributed.is_collective_error(exc):
+                    raise
+                # A collective that timed out on the host (gloo): say which step, and what it means.
+                raise DecodeTimeout(f"decode step {steps + 1}: a model-parallel peer stopped answering "
+                                    f"({exc})") from exc
             steps += 1
         clock.enter(None)
-        return Generation(decoder.out[:, : steps + 1].tolist(), sum(len(p) for p in prompts), steps)
+        rows = len(prompts)
+        return Generation(decoder.out[:, : steps + 1].tolist(), sum(len(p) for p in prompts), steps,
+                          positions=rows * width + steps * rows)

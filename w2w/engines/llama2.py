@@ -1,4 +1,17 @@
-"""Engine `reference`: Meta's llama/generation.py schedule, as the paper's numbers ran it.
+"""Engine `llama2`: Meta's Llama 2 code (meta-llama/llama, main branch, July 2023), its schedule over w2w's model.
+
+Differences from Meta's Llama 2 code (`llama/generation.py`, `llama/model.py` of main):
+- The model's arithmetic is w2w's (w2w/model.py, meta=True): rotary embedding through a real
+  cos/sin table where Meta multiplies complex numbers, RMSNorm casting to float twice where Meta
+  casts once, a boolean mask applied with masked_fill where Meta adds an -inf mask built only for
+  calls of more than one position; the operators differ, the tokens do not (tested).
+- The KV cache is w2w's (batch, heads, length, head_dim), allocated per cell at the cell's batch
+  and longest prompt + max_gen_len; Meta's is (max_batch, max_seq, kv heads, head_dim), allocated
+  once at load and transposed (copied) before the matmuls.
+- total_len is the longest prompt + max_gen_len (checked against model.max_seq_len beforehand),
+  where Meta caps it at max_seq_len; no logprobs or echo options.
+- Sampling uses a generator per batch seeded from the cell, where Meta seeds once per process.
+- Renamed from `reference` (records of older sweeps with that name read as llama2).
 
 Each difference from the `fast` engine (w2w/engines/fast.py):
 - Right padding: every prompt starts at cache slot 0 and rotary position 0 is slot 0; fast
@@ -52,7 +65,7 @@ class Engine(common.Engine):
         tokens, is_prompt = right_pad(prompts, pad_id, total_len, device)
         every_key = torch.ones(bsz, total_len, dtype=torch.bool, device=device)
         eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
-        prev, passes = 0, 0
+        prev, passes, computed = 0, 0, 0
         clock.enter(PREFILL)
         for cur in range(min_len, total_len):
             if passes == 1:
@@ -63,11 +76,11 @@ class Engine(common.Engine):
             sampled = torch.where(is_prompt[:, cur], tokens[:, cur], sampled)
             tokens[:, cur] = sampled
             eos_reached |= ~is_prompt[:, cur] & (sampled == eos_id)
-            prev, passes = cur, passes + 1
+            prev, passes, computed = cur, passes + 1, computed + bsz * (cur - prev)
             if not params.force_max_gen_len and bool(eos_reached.all()):
                 break
         clock.enter(None)
         rows = [tokens[row, len(p) : len(p) + params.max_gen_len].tolist() for row, p in enumerate(prompts)]
         if not params.force_max_gen_len:  # slots never reached still hold pad_id: not tokens
             rows = [row[: cur + 1 - len(p)] for row, p in zip(rows, prompts, strict=True)]
-        return Generation(rows, sum(len(p) for p in prompts), passes - 1)
+        return Generation(rows, sum(len(p) for p in prompts), passes - 1, positions=computed)
