@@ -167,8 +167,7 @@ def test_the_memory_estimate_takes_the_longest_prompt_kept_whole():
 
 
 def test_a_cut_keeps_bos_first_and_counts_the_prompts_cut():
-    from w2w.measure import cut_prompt, encode_prompts
-    from w2w.tokenizer import Tokenizer
+    from w2w.tokenizer import Tokenizer, cut_prompt, encode_prompts
 
     tokenizer = Tokenizer(TINY_TOKENIZER)
     long_text, short_text = " ".join(["the cat sat on the mat"] * 10), "a cat"

@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
-import os
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +13,20 @@ import torch
 
 from w2w import distributed
 from w2w.cell import Cell
+from w2w.cell_record import (
+    cell_energy,
+    failure,
+    identity,
+    job_segment,
+    responses_block,
+    write_timeline,
+)
 from w2w.data import Prompt
 from w2w.energy.errors import PowerCapError
 from w2w.energy.monitor import EnergyMonitor, Window
 from w2w.energy.phases import PhaseEnergy
 from w2w.energy.powercap import PowerCapper
-from w2w.energy.sampler import summarize, timeline_frame
+from w2w.energy.sampler import summarize
 from w2w.engines.common import (
     DECODE,
     PREFILL,
@@ -32,16 +38,14 @@ from w2w.engines.common import (
 from w2w.model import Transformer
 from w2w.progress import CELL_COUNTS, CellProgress, CellShape, progress_path, sum_batches
 from w2w.records import (
-    SCHEMA_VERSION,
     STATUS_OK,
     Counts,
     Energy,
     RankRecord,
     timeline_path,
-    write_atomic,
 )
-from w2w.responses import Responses, join_response_parts, no_score_reason, response_part_path
-from w2w.tokenizer import TokenizerLike
+from w2w.responses import Responses, response_part_path
+from w2w.tokenizer import TokenizerLike, encode_prompts
 
 log = logging.getLogger("w2w.run")
 WARMUP_TOKENS = 4
@@ -57,33 +61,6 @@ class Loaded:
     tokenizer: TokenizerLike
     engines: dict[str, object]  # engine name -> w2w.engines.<name>.Engine over `model`
     job_energy: dict
-
-
-def cut_prompt(ids: list[int], max_len: int, bos_id: int) -> list[int]:
-    """BOS and the last max_len - 1 tokens (the end is where the question is); without BOS, the last max_len."""
-    if len(ids) <= max_len:
-        return ids
-    if ids[0] != bos_id:
-        return ids[len(ids) - max_len:]
-    return [bos_id, *ids[len(ids) - (max_len - 1):]]
-
-
-def encode_prompts(prompts: list[str], tokenizer: TokenizerLike, max_prompt_len: int | None,
-                   fits: int | None = None) -> tuple[list[list[int]], int]:
-    """The prompts' token ids, each cut to max_prompt_len tokens with BOS kept first (None: kept whole);
-    and how many were cut. fits: the longest a whole prompt may be (ValueError beyond it; --plan says so first)."""
-    encoded, cut = [], 0
-    for text in prompts:
-        ids = tokenizer.encode(text)
-        if max_prompt_len is not None and len(ids) > max_prompt_len:
-            cut += 1
-            ids = cut_prompt(ids, max_prompt_len, tokenizer.bos_id)
-        if fits is not None and len(ids) > fits:
-            raise ValueError(f"a prompt of {len(ids)} tokens does not fit the {fits} that model.max_seq_len - "
-                             "max_gen_len leaves: lower max_gen_len, raise model.max_seq_len, or set "
-                             "dataset.max_prompt_tokens to cut it")
-        encoded.append(ids)
-    return encoded, cut
 
 
 def batch_counts(gen: Generation, texts: list[str], scored: int, correct: int) -> Counts:
@@ -119,45 +96,6 @@ class _BatchResponses:
         if responses.keep:  # before the batch counts as done: a resumed cell finds every earlier batch's part
             responses.write(response_part_path(cell.sweep_dir, cell.id, self.index))
         return responses.scored, responses.correct
-
-
-def _responses_block(cell: Cell, num_batches: int, rank: int) -> dict:
-    """The record's responses block; joins the batches' parts into the responses file (rank 0,
-    save_responses=true), also those of batches that an earlier segment of the cell ran."""
-    saved = cell.save_responses and rank == 0
-    file = join_response_parts(cell.sweep_dir, cell.id, num_batches) if saved else None
-    # saved: this rank wrote the file (rank 0 only); requested: save_responses was set.
-    return {"requested": cell.save_responses, "saved": saved, "file": file,
-            "score_reason": no_score_reason(cell.dataset.name)}
-
-
-def _write_timeline(path: Path | None, window: Window, rank: int) -> str | None:
-    """The cell's sampler rows as Parquet (atomically); returns the file name for the record."""
-    if path is None or not window.samples:
-        return None
-    frame = timeline_frame(window.samples, window.t0, window.start_unix_s, rank)
-    write_atomic(path, frame.to_parquet(index=False))
-    return path.name
-
-
-def _cell_energy(cell: Window, phases: PhaseEnergy, warmup: Window | None, monitor: EnergyMonitor) -> Energy:
-    """The record's energy block for one cell (J; None where there is no figure, with the reason)."""
-    return Energy(
-        source=cell.source,
-        gpu_j=cell.gpu_energy_j,
-        counter_gpu_j=cell.counter_energy_j,
-        integrated_gpu_j=cell.integrated_energy_j,
-        prefill_gpu_j=phases.joules.get(PREFILL),
-        decode_gpu_j=phases.joules.get(DECODE),
-        short_phase_windows=phases.short_windows,
-        warmup_gpu_j=warmup.gpu_energy_j if warmup else None,
-        power_reading=monitor.power_reading,
-        sample_interval_s=monitor.sampler.interval_s if monitor.sampler else None,
-        cpu_j=cell.cpu_energy_j,
-        cpu_zones_j=cell.cpu_zones_j,
-        cpu_reason=monitor.cpu_reason if cell.cpu_energy_j is None else None,
-        reason=cell.reason,
-    )
 
 
 @dataclass
@@ -288,13 +226,13 @@ def run_cell(
     result = {
         "counts": totals["counts"] | {"truncated_prompts": truncated},
         "times": totals["times"] | {"warmup_s": warmup.duration_s if warmup else 0.0},
-        "energy": _cell_energy(window, phases, warmup, monitor).merged(totals["energy"]),
+        "energy": cell_energy(window, phases, warmup, monitor).merged(totals["energy"]),
         "telemetry": summarize(window.samples, monitor.memory_total_mib, list(window.telemetry_errors), window.t0,
                                window.t0 + window.duration_s),
-        "timeline": _write_timeline(timeline, window, rank),
+        "timeline": write_timeline(timeline, window, rank),
         "batches": progress.batches,
         "segments": [s for s in progress.segments if s["segment"] in {b["segment"] for b in progress.batches}],
-        "responses": _responses_block(cell, len(batches), rank),
+        "responses": responses_block(cell, len(batches), rank),
         "graph": loaded.engines[cell.engine].graph,
     }
     errors = ([f"cell: {window.error}"] if window.error else []) + phases.errors + errors
@@ -302,29 +240,6 @@ def run_cell(
         more = f" (and {len(errors) - 1} more window(s))" if len(errors) > 1 else ""
         result |= {"status": "error", "error": f"EnergyError: {errors[0]}{more}"}
     return result
-
-
-def _identity(cell: Cell, info: distributed.DistInfo) -> dict:
-    return {
-        "schema": SCHEMA_VERSION,
-        "sweep_dir": cell.sweep_dir,
-        "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_JOB_ID"),
-        "cell_id": cell.id,
-        "rank": info.rank,
-        "local_rank": info.local_rank,
-        "world_size": info.world_size,
-        "host": info.host,
-        "node": info.node,
-        "device": str(info.device),
-        "params": cell.params(),
-        "config": cell.to_dict(),
-    }
-
-
-def _failure(exc: BaseException) -> dict:
-    # torch.cuda.OutOfMemoryError: torch.OutOfMemoryError's name before torch 2.5 (the floor is 2.1).
-    status = "oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error"
-    return {"status": status, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
 
 
 def _resume(cell: Cell, info: distributed.DistInfo, num_prompts: int) -> CellProgress:
@@ -337,14 +252,6 @@ def _resume(cell: Cell, info: distributed.DistInfo, num_prompts: int) -> CellPro
         log.info("cell %s: resumed at batch %d/%d after %d segment(s)", cell.id, start + 1, shape.num_batches,
                  len(progress.segments))
     return progress
-
-
-def _segment(job_energy: dict) -> dict:
-    """This job attempt: the idle baseline it measured after its (re)start."""
-    env = os.environ
-    return {"job_id": env.get("SLURM_JOB_ID") or env.get("SUBMITIT_JOB_ID"),
-            "restart_count": int(env.get("SLURM_RESTART_COUNT", 0)),
-            "idle_power_w": job_energy.get("idle_power_w"), "idle_s": job_energy.get("idle_s")}
 
 
 def apply_power_cap(capper: PowerCapper, cell: Cell) -> None:
@@ -363,16 +270,16 @@ def measure_cell(
     capper: PowerCapper,
 ) -> tuple[RankRecord, int]:
     """One cell on this rank: its full record, and its outcome for the agreement between ranks."""
-    record = _identity(cell, info)
+    record = identity(cell, info)
     outcome = distributed.CELL_OK
     try:
         apply_power_cap(capper, cell)
         progress = _resume(cell, info, len(rows))
         record |= {"status": STATUS_OK} | run_cell(
             cell, rows, loaded, monitor, timeline=timeline_path(cell.sweep_dir, cell.id, info.rank),
-            rank=info.rank, progress=progress, segment=_segment(loaded.job_energy))
+            rank=info.rank, progress=progress, segment=job_segment(loaded.job_energy))
     except Exception as exc:  # the sweep goes on; the record says what happened
-        record |= _failure(exc)
+        record |= failure(exc)
         outcome = distributed.GROUP_BROKEN if distributed.is_collective_error(exc) else distributed.CELL_FAILED
         monitor.abandon_windows()  # a cell that raised left its windows open
     record["energy"] = record.get("energy", Energy()).merged(loaded.job_energy)

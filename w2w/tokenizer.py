@@ -204,3 +204,30 @@ def build_tiny_tokenizer(path: str | Path = TINY_TOKENIZER) -> Path:
 
 if __name__ == "__main__":
     print(build_tiny_tokenizer())
+
+
+def cut_prompt(ids: list[int], max_len: int, bos_id: int) -> list[int]:
+    """BOS and the last max_len - 1 tokens (the end is where the question is); without BOS, the last max_len."""
+    if len(ids) <= max_len:
+        return ids
+    if ids[0] != bos_id:
+        return ids[len(ids) - max_len:]
+    return [bos_id, *ids[len(ids) - (max_len - 1):]]
+
+
+def encode_prompts(prompts: list[str], tokenizer: TokenizerLike, max_prompt_len: int | None,
+                   fits: int | None = None) -> tuple[list[list[int]], int]:
+    """The prompts' token ids, each cut to max_prompt_len tokens with BOS kept first (None: kept whole);
+    and how many were cut. fits: the longest a whole prompt may be (ValueError beyond it; --plan says so first)."""
+    encoded, cut = [], 0
+    for text in prompts:
+        ids = tokenizer.encode(text)
+        if max_prompt_len is not None and len(ids) > max_prompt_len:
+            cut += 1
+            ids = cut_prompt(ids, max_prompt_len, tokenizer.bos_id)
+        if fits is not None and len(ids) > fits:
+            raise ValueError(f"a prompt of {len(ids)} tokens does not fit the {fits} that model.max_seq_len - "
+                             "max_gen_len leaves: lower max_gen_len, raise model.max_seq_len, or set "
+                             "dataset.max_prompt_tokens to cut it")
+        encoded.append(ids)
+    return encoded, cut

@@ -1,0 +1,88 @@
+"""The record of one cell on one rank: its identity, energy block, failure, segment, responses and timeline files."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+
+import torch
+
+from w2w import distributed
+from w2w.cell import Cell
+from w2w.energy.monitor import EnergyMonitor, Window
+from w2w.energy.phases import PhaseEnergy
+from w2w.energy.sampler import timeline_frame
+from w2w.engines.common import DECODE, PREFILL
+from w2w.records import SCHEMA_VERSION, Energy, write_atomic
+from w2w.responses import join_response_parts, no_score_reason
+
+
+def responses_block(cell: Cell, num_batches: int, rank: int) -> dict:
+    """The record's responses block; joins the batches' parts into the responses file (rank 0,
+    save_responses=true), also those of batches that an earlier segment of the cell ran."""
+    saved = cell.save_responses and rank == 0
+    file = join_response_parts(cell.sweep_dir, cell.id, num_batches) if saved else None
+    # saved: this rank wrote the file (rank 0 only); requested: save_responses was set.
+    return {"requested": cell.save_responses, "saved": saved, "file": file,
+            "score_reason": no_score_reason(cell.dataset.name)}
+
+
+def write_timeline(path: Path | None, window: Window, rank: int) -> str | None:
+    """The cell's sampler rows as Parquet (atomically); returns the file name for the record."""
+    if path is None or not window.samples:
+        return None
+    frame = timeline_frame(window.samples, window.t0, window.start_unix_s, rank)
+    write_atomic(path, frame.to_parquet(index=False))
+    return path.name
+
+
+def cell_energy(cell: Window, phases: PhaseEnergy, warmup: Window | None, monitor: EnergyMonitor) -> Energy:
+    """The record's energy block for one cell (J; None where there is no figure, with the reason)."""
+    return Energy(
+        source=cell.source,
+        gpu_j=cell.gpu_energy_j,
+        counter_gpu_j=cell.counter_energy_j,
+        integrated_gpu_j=cell.integrated_energy_j,
+        prefill_gpu_j=phases.joules.get(PREFILL),
+        decode_gpu_j=phases.joules.get(DECODE),
+        short_phase_windows=phases.short_windows,
+        warmup_gpu_j=warmup.gpu_energy_j if warmup else None,
+        power_reading=monitor.power_reading,
+        sample_interval_s=monitor.sampler.interval_s if monitor.sampler else None,
+        cpu_j=cell.cpu_energy_j,
+        cpu_zones_j=cell.cpu_zones_j,
+        cpu_reason=monitor.cpu_reason if cell.cpu_energy_j is None else None,
+        reason=cell.reason,
+    )
+
+
+def identity(cell: Cell, info: distributed.DistInfo) -> dict:
+    return {
+        "schema": SCHEMA_VERSION,
+        "sweep_dir": cell.sweep_dir,
+        "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_JOB_ID"),
+        "cell_id": cell.id,
+        "rank": info.rank,
+        "local_rank": info.local_rank,
+        "world_size": info.world_size,
+        "host": info.host,
+        "node": info.node,
+        "device": str(info.device),
+        "params": cell.params(),
+        "config": cell.to_dict(),
+    }
+
+
+def failure(exc: BaseException) -> dict:
+    # torch.cuda.OutOfMemoryError: torch.OutOfMemoryError's name before torch 2.5 (the floor is 2.1).
+    status = "oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error"
+    return {"status": status, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
+
+
+def job_segment(job_energy: dict) -> dict:
+    """This job attempt: the idle baseline it measured after its (re)start."""
+    env = os.environ
+    return {"job_id": env.get("SLURM_JOB_ID") or env.get("SUBMITIT_JOB_ID"),
+            "restart_count": int(env.get("SLURM_RESTART_COUNT", 0)),
+            "idle_power_w": job_energy.get("idle_power_w"), "idle_s": job_energy.get("idle_s")}
