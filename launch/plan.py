@@ -11,6 +11,7 @@ from pathlib import Path
 from w2w.cell import Cell
 from w2w.checks import FileChecks
 from w2w.config import compose_grid
+from w2w.engines import RUN_TO_MAX_SEQ_LEN, prompt_room
 from w2w.errors import ConfigError, divisors
 from w2w.records import cell_done
 from w2w.shapes import PRECISION_BYTES, ModelArgs
@@ -36,8 +37,12 @@ def cache_positions(cell: Cell, prompt_tokens: int | None = None) -> int:
     longest prompt as run (None: dataset.max_prompt_tokens, or what max_seq_len leaves where prompts
     are kept whole)."""
     if prompt_tokens is None:
-        prompt_tokens = cell.dataset.max_prompt_tokens or cell.model.max_seq_len - cell.max_gen_len
-    return cell.batch_size * (prompt_tokens + cell.max_gen_len)
+        prompt_tokens = cell.dataset.max_prompt_tokens or prompt_room(cell.engine, cell.model.max_seq_len,
+                                                                      cell.max_gen_len)
+    length = prompt_tokens + cell.max_gen_len
+    if cell.engine in RUN_TO_MAX_SEQ_LEN:  # LLaMA-1 runs to min(max_seq_len, prompt + max_gen_len)
+        length = min(length, cell.model.max_seq_len)
+    return cell.batch_size * length
 
 
 def estimate_memory(cell: Cell, args: ModelArgs, prompt_tokens: int | None = None,

@@ -147,3 +147,18 @@ def test_the_plan_counts_a_mixed_jobs_two_caches():
     assert alone == pytest.approx(4 * (128 + 64) * per_token)
     assert estimate_memory(llama1, shapes, resident_positions=1000).kv_cache_gib == pytest.approx(
         alone + 1000 * per_token)
+
+
+def test_llama1_runs_to_max_seq_len_where_a_prompt_leaves_less_than_max_gen_len(model):
+    """Meta's total_len = min(max_seq_len, longest prompt + max_gen_len): rows end at max_seq_len."""
+    long = SamplingParams(max_gen_len=ARGS.max_seq_len - 3, greedy=True, force_max_gen_len=True)
+    gen = _llama1(model).generate(PROMPTS, long, EOS, 0)
+    assert [len(row) for row in gen.tokens] == [min(long.max_gen_len, ARGS.max_seq_len - len(p)) for p in PROMPTS]
+    with pytest.raises(ValueError, match="exceeds"):  # Meta's later programs need prompt + max_gen_len to fit
+        engines.create("llama2", model).generate(PROMPTS, long, EOS, 0)
+
+
+def test_the_registry_says_which_engines_run_to_max_seq_len(model):
+    for name in engines.ENGINES:
+        assert engines.create(name, model).runs_to_max_seq_len == (name in engines.RUN_TO_MAX_SEQ_LEN), name
+

@@ -144,11 +144,27 @@ def test_a_prompt_that_cannot_fit_fails_at_plan_naming_its_row_and_the_ways_out(
     data.write_text("".join(f'{{"question": "{q}"}}\n' for q in questions))
     grid = ["dataset=gsm8k", f"dataset.path={data}", "dataset.num_prompts=4", "model.max_seq_len=64", "max_gen_len=32"]
     with pytest.raises(ConfigError, match=r"dataset=gsm8k row 2: its prompt is 54 tokens but model.max_seq_len=64 "
-                                          r"- max_gen_len=32 leaves 32: lower max_gen_len to 10 or less, raise "
+                                          r"- max_gen_len=32 leaves 32 \(engine=fast\): lower max_gen_len to 10 or less, raise "
                                           r"model.max_seq_len to 86 or more, or set dataset.max_prompt_tokens=N"):
         make_plan(grid)
     (cut,) = make_plan([*grid, "dataset.max_prompt_tokens=16"]).cells  # asked for: cut on the node, BOS first
     assert cut.memory.kv_cache_gib > 0
+
+
+def test_llama1_runs_a_prompt_that_leaves_less_than_max_gen_len_as_meta_did(tmp_path):
+    """LLaMA-1's code runs to min(max_seq_len, prompt + max_gen_len): the 54-token prompt that fast and
+    llama2 cannot run whole in 64 - 32 positions runs under llama1, and its cache is max_seq_len long."""
+    from w2w.launch.plan import cache_positions
+
+    data = tmp_path / "g.jsonl"
+    questions = ["q0?", "q1?", " ".join(["how many apples are left"] * 4) + "?", "q3?"]
+    data.write_text("".join(f'{{"question": "{q}"}}\n' for q in questions))
+    grid = ["dataset=gsm8k", f"dataset.path={data}", "dataset.num_prompts=4", "model.max_seq_len=64", "max_gen_len=32",
+            "batch_size=2"]
+    with pytest.raises(ConfigError, match=r"row 2: its prompt is 54 tokens .* leaves 32 \(engine=llama2\)"):
+        make_plan([*grid, "engine=llama2"])
+    (planned,) = make_plan([*grid, "engine=llama1"]).cells
+    assert cache_positions(planned.cell, 54) == 2 * 64  # batch x max_seq_len, not x (54 + 32)
 
 
 def test_the_memory_estimate_takes_the_longest_prompt_kept_whole():

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from w2w.cell import Cell, DatasetConfig, ModelConfig
 from w2w.data import check_dataset, plan_prompt_rows
+from w2w.engines import prompt_room
 from w2w.errors import ConfigError
 from w2w.shapes import ModelArgs
 from w2w.tokenizer import TINY_TOKENIZER, TokenizerLike, open_tokenizer
@@ -54,14 +55,14 @@ def prompt_lengths(dataset: DatasetConfig, model: ModelConfig) -> list[tuple[int
 
 def check_prompt_fits(cell: Cell, args: ModelArgs, lengths: list[tuple[int, int]]) -> int:
     """The longest prompt kept whole; ConfigError naming the first row that cannot fit and the ways out."""
-    fits = args.max_seq_len - cell.max_gen_len
+    fits = prompt_room(cell.engine, args.max_seq_len, cell.max_gen_len)
     row, longest = max(lengths, key=lambda rl: rl[1], default=(None, 0))
     if longest > fits:
         shorter = args.max_seq_len - longest
         lower = f"lower max_gen_len to {shorter} or less, " if shorter >= 1 else ""
         raise ConfigError(
             f"dataset={cell.dataset.name} row {row}: its prompt is {longest} tokens but model.max_seq_len="
-            f"{args.max_seq_len} - max_gen_len={cell.max_gen_len} leaves {fits}: {lower}raise model.max_seq_len to "
+            f"{args.max_seq_len} - max_gen_len={cell.max_gen_len} leaves {fits} (engine={cell.engine}): {lower}raise model.max_seq_len to "
             f"{longest + cell.max_gen_len} or more, or set dataset.max_prompt_tokens=N to cut prompts (BOS and the "
             "last N-1 tokens are kept)"
         )
@@ -96,7 +97,7 @@ class FileChecks:
         """Tokens of the cell's longest prompt as the runner runs it; ConfigError where one kept whole
         cannot fit. A cut (dataset.max_prompt_tokens) is taken at its word; a hub dataset, not read
         here, is assumed to fit UNREAD_PROMPT_TOKENS."""
-        fits = args.max_seq_len - cell.max_gen_len
+        fits = prompt_room(cell.engine, args.max_seq_len, cell.max_gen_len)
         if cell.dataset.max_prompt_tokens is not None:
             return min(cell.dataset.max_prompt_tokens, fits)
         key = (cell.dataset, cell.model)

@@ -27,6 +27,7 @@ from w2w.energy.monitor import EnergyMonitor, Window
 from w2w.energy.phases import PhaseEnergy
 from w2w.energy.powercap import PowerCapper
 from w2w.energy.sampler import summarize
+from w2w.engines import prompt_room
 from w2w.engines.common import (
     DECODE,
     PREFILL,
@@ -193,7 +194,7 @@ def run_cell(
     An NVML read error during the cell makes it status error (the rest is still recorded).
     """
     model = loaded.model
-    fits = model.args.max_seq_len - cell.max_gen_len
+    fits = prompt_room(cell.engine, model.args.max_seq_len, cell.max_gen_len)
     cut_to = None if cell.dataset.max_prompt_tokens is None else min(cell.dataset.max_prompt_tokens, fits)
     prompts, truncated = encode_prompts([r.text for r in rows], loaded.tokenizer, cut_to, fits)
     cache_len = max(len(p) for p in prompts) + cell.max_gen_len

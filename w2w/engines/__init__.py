@@ -15,6 +15,17 @@ ENGINES: dict[str, str] = {
     "llama1": "the paper's program: Meta's LLaMA-1 code (llama_v1), schedule, arithmetic and cache layout",
     "llama2": "Meta's Llama 2 llama/generation.py schedule (main branch)",
 }
+# Engines that, as Meta's LLaMA-1 code, run to min(max_seq_len, longest prompt + max_gen_len): a whole
+# prompt needs only to leave one position in max_seq_len, and its row may return fewer than max_gen_len
+# tokens. The others need prompt + max_gen_len to fit.
+RUN_TO_MAX_SEQ_LEN = frozenset({"llama1"})
+
+
+def prompt_room(name: str, max_seq_len: int, max_gen_len: int) -> int:
+    """The longest whole prompt engine `name` runs within max_seq_len."""
+    return max_seq_len - 1 if name in RUN_TO_MAX_SEQ_LEN else max_seq_len - max_gen_len
+
+
 # Names no longer in the registry, and what to write instead.
 RENAMED: dict[str, str] = {
     "reference": "engine=reference was renamed llama2 (Meta's Llama 2 code); the paper's program is llama1",

@@ -103,12 +103,19 @@ def cut_at_eos(rows: list[list[int]], eos_id: int) -> list[list[int]]:
     return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
 
 
-def check_lengths(prompts: list[list[int]], params: SamplingParams, cache_len: int | None) -> int:
-    """The cache length to allocate (default: longest prompt + max_gen_len), after checking the arguments."""
+def check_lengths(prompts: list[list[int]], params: SamplingParams, cache_len: int | None,
+                  cap: int | None = None) -> int:
+    """The cache length to allocate (default: longest prompt + max_gen_len), after checking the arguments.
+    cap: LLaMA-1's rule, run to min(cap, longest prompt + max_gen_len); a prompt must leave one position."""
     if params.eos_check_every < 1:
         raise ValueError(f"eos_check_every={params.eos_check_every}: must be >= 1")
     width = max(len(p) for p in prompts)
     cache_len = cache_len or width + params.max_gen_len
+    if cap is not None:
+        cache_len = min(cache_len, cap)
+        if width >= cache_len:
+            raise ValueError(f"prompt of {width} tokens leaves no position to generate in {cache_len}")
+        return cache_len
     if width + params.max_gen_len > cache_len:
         raise ValueError(f"prompt of {width} tokens + max_gen_len={params.max_gen_len} exceeds cache_len={cache_len}")
     return cache_len
@@ -124,6 +131,7 @@ class Engine(ABC):
     loop; a subclass (one module per engine, named in the registry) supplies only schedule()."""
 
     cache_multiple = 1  # the cache length is rounded up to a multiple of this (capped at max_seq_len)
+    runs_to_max_seq_len = False  # LLaMA-1: min(max_seq_len, prompt + max_gen_len); see RUN_TO_MAX_SEQ_LEN
 
     def __init__(self, model: Transformer):
         self.model = model
@@ -150,7 +158,8 @@ class Engine(ABC):
         passes one stream to all its batches, as Meta seeds once per process); None: a fresh one
         seeded with params.seed, for this batch alone.
         """
-        cache_len = check_lengths(prompts, params, cache_len)
+        cap = self.model.args.max_seq_len if self.runs_to_max_seq_len else None
+        cache_len = check_lengths(prompts, params, cache_len, cap)
         cache_len = min(-(-cache_len // self.cache_multiple) * self.cache_multiple,
                         max(cache_len, self.model.args.max_seq_len))
         self.prepare(len(prompts), cache_len)

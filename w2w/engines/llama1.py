@@ -79,6 +79,8 @@ def check_shapes(model: Transformer) -> None:
 class Engine(common.Engine):
     """LLaMA-1's program; holds its KV cache and rotary table, allocated once per cell shape."""
 
+    runs_to_max_seq_len = True  # as Meta's total_len: a long prompt leaves fewer new tokens
+
     def __init__(self, model: Transformer):
         super().__init__(model)
         check_shapes(model)
