@@ -53,7 +53,7 @@ bench-decode: install
 bench-reduce: install
 	$(PY) -m w2w.bench.reduce_scale
 
-# Both engines vs transformers eager, 7B-shaped fp16 weights drawn on the GPU, batch 1/16/64: tok/s,
+# Every engine vs transformers eager, 7B-shaped fp16 weights drawn on the GPU, batch 1/16/64: tok/s,
 # ratio, decode step vs the HBM roof, W and J/token. No venv and no network: the python that has
 # the project installed (see ../shared/GPU.md). Dry run of the logic: BENCH_GPU_ARGS="--device cpu --tiny".
 BENCH_PY ?= python3

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from w2w import data
 from w2w.cell import Cell, ClusterConfig, DatasetConfig, GpuConfig, ModelConfig
-from w2w.engines import ENGINES, RENAMED
+from w2w.engines import check_name as check_engine_name
 from w2w.errors import ConfigError, divisors
 
 # Site cluster profiles and model presets: folders searched after the packaged configs (os.pathsep-separated).
@@ -368,8 +368,10 @@ def validate(cfg: Cell) -> None:
         f"max_gen_len={cfg.max_gen_len} leaves no room for the prompt in "
         f"model.max_seq_len={m.max_seq_len}: lower max_gen_len or raise model.max_seq_len",
     )
-    _check(cfg.engine not in RENAMED, f"{RENAMED.get(cfg.engine)}: valid are {', '.join(ENGINES)}")
-    _check(cfg.engine in ENGINES, f"engine={cfg.engine}: valid are {', '.join(ENGINES)}")
+    try:
+        check_engine_name(cfg.engine)  # the registry's own message: the valid names, a renamed one's new name
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     _check(
         cfg.engine != "llama1" or n_kv == m.n_heads,
         f"engine=llama1 has no grouped-query attention (LLaMA-1 had none) but model {m.name} has "

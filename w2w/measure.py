@@ -31,6 +31,7 @@ from w2w.engines import prompt_room
 from w2w.engines.common import (
     DECODE,
     PREFILL,
+    Engine,
     Generation,
     PhaseClock,
     SamplingParams,
@@ -60,7 +61,7 @@ class Loaded:
 
     model: Transformer
     tokenizer: TokenizerLike
-    engines: dict[str, object]  # engine name -> w2w.engines.<name>.Engine over `model`
+    engines: dict[str, Engine]  # engine name -> w2w.engines.<name>.Engine over `model`
     job_energy: dict
 
 

@@ -27,9 +27,9 @@ Differences from Meta's llama_v1 code:
   in the model's dtype. The rotary table (2 x the cache length positions, Meta's 2 x max_seq_len)
   is built on that device once; Meta builds it on the host and moves it in every forward call
   (the .to() calls are kept: no-ops, but dispatched, as are Meta's).
-- Sampling is common.next_token: the same nucleus sampling with a generator per batch seeded from
-  the cell (Meta seeds the global generator once per process) and masked_fill where Meta
-  assigns in place.
+- Sampling is common.next_token: the same nucleus sampling, drawn from one generator per cell and
+  rank seeded at the cell's start (Meta seeds the global generator once per process), and
+  masked_fill where Meta assigns in place.
 - Grouped-query attention (n_kv_heads != n_heads) did not exist in LLaMA-1 and is refused;
   so is rope scaling (Llama 3.1).
 - A row whose prompt is shorter than the longest returns only its first max_gen_len new tokens,

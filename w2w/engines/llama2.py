@@ -10,7 +10,8 @@ Differences from Meta's Llama 2 code (`llama/generation.py`, `llama/model.py` of
   once at load and transposed (copied) before the matmuls.
 - total_len is the longest prompt + max_gen_len (checked against model.max_seq_len beforehand),
   where Meta caps it at max_seq_len; no logprobs or echo options.
-- Sampling uses a generator per batch seeded from the cell, where Meta seeds once per process.
+- Sampling draws from one generator per cell and rank, seeded at the cell's start (Meta seeds once per
+  process); a resumed cell restores its state.
 - Renamed from `reference` (records of older sweeps with that name read as llama2).
 
 Each difference from the `fast` engine (w2w/engines/fast.py):
