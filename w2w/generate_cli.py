@@ -71,7 +71,7 @@ def complete(cfg: Cell, prompt: str) -> tuple[str, int]:
     problem = length_problem(len(ids), cfg.max_gen_len, model.args.max_seq_len)
     if problem:
         raise ConfigError(problem)
-    engine = engines.create(cfg.engine, model)
+    engine = engines.create_serving([cfg.engine], model)[cfg.engine]
     start = time.perf_counter()
     gen = engine.generate([ids], SamplingParams.of(cfg), tokenizer.eos_id, tokenizer.pad_id)
     seconds = time.perf_counter() - start

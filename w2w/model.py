@@ -74,8 +74,10 @@ class KVCache(nn.Module):
     def __init__(self, batch: int, max_len: int, heads: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # Keys and values in one buffer (kv[0], kv[1]), each laid out as on its own: the fast step
+        # writes both in one operator.
+        self.register_buffer("kv", torch.zeros((2, *shape), dtype=dtype, device=device), persistent=False)
+        self.k, self.v = self.kv[0], self.kv[1]
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
         """Write at slots start.. (a Python int) and return the filled prefix: shapes grow per step."""

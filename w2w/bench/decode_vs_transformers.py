@@ -45,7 +45,7 @@ def time_w2w(model, prompts: torch.Tensor, new_tokens: int) -> tuple[float, floa
     params = SamplingParams(max_gen_len=new_tokens, greedy=True, force_max_gen_len=True)
     clock = PhaseClock(torch.device("cpu"))
     start = time.perf_counter()
-    out = engines.create("fast", model).generate(prompts.tolist(), params, eos_id=2, pad_id=0, clock=clock)
+    out = engines.create_serving(["fast"], model)["fast"].generate(prompts.tolist(), params, eos_id=2, pad_id=0, clock=clock)
     elapsed = time.perf_counter() - start
     return prompts.shape[0] * new_tokens / elapsed, clock.seconds[DECODE] / out.decode_steps
 

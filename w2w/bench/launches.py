@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from w2w import distributed, engines
 from w2w.engines.common import SamplingParams
+from w2w.engines.fused import fold_norm_gains
 from w2w.model import ModelArgs, build_model, random_state_dict
 
 PROMPTS = [[1, 5, 9, 12, 7, 30], [1, 44, 3, 8]]
@@ -53,10 +54,18 @@ def generate_ops(engine, new_tokens: int) -> Counter[str]:
     return counter.ops
 
 
+# What is traced: (engine, norm gains folded into the GEMMs), as a job runs it. fast folds them
+# where it alone serves the model (w2w.runner); a job shared with llama1/llama2 keeps Meta's weights.
+VARIANTS = {name: (name, False) for name in engines.ENGINES} | {"fast": ("fast", True), "fast-unfolded": ("fast", False)}
+
+
 def ops_per_step(name: str, args: ModelArgs, dtype: torch.dtype) -> Counter[str]:
-    """Operators of one decode step of engine `name`: (LONG run - SHORT run) / (LONG - SHORT)."""
+    """Operators of one decode step of `name` (a VARIANTS key): (LONG run - SHORT run) / (LONG - SHORT)."""
+    engine_name, fold = VARIANTS[name]
     model = build_model(args, random_state_dict(args, 1), torch.device("cpu"), dtype)
-    engine = engines.create(name, model)
+    if fold:
+        fold_norm_gains(model)
+    engine = engines.create(engine_name, model)
     diff = generate_ops(engine, LONG)
     diff.subtract(generate_ops(engine, SHORT))
     return Counter({op: n / (LONG - SHORT) for op, n in diff.items() if n})
@@ -82,19 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     distributed.init("cpu", timeout_s=60)
     distributed.init_model_parallel(1, 1)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    print(f"operators per decode step per layer (ATen calls that compute, world size 1, batch {len(PROMPTS)}):")
+    print(f"operators per decode step per layer (ATen calls that compute, world size 1, batch {len(PROMPTS)}; "
+          "fast: norm gains folded, as a job that runs fast alone; fast-unfolded: a job shared with llama1/llama2):")
     for kv in args.kv_heads:
         shape = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=kv, vocab_size=64, multiple_of=16,
                           max_seq_len=128)
         for dtype in args.dtype:
-            for name in engines.ENGINES:
+            for name in VARIANTS:
                 label = "MHA" if kv == shape.n_heads else f"GQA {shape.n_heads}/{kv}"
                 try:
                     per, outside, layer = per_layer(name, shape, dtypes[dtype])
                 except ValueError as exc:  # an engine that does not run this shape (llama1: no GQA)
-                    print(f"  {name:>10} {label:>9} {dtype}: not run: {exc}", flush=True)
+                    print(f"  {name:>13} {label:>9} {dtype}: not run: {exc}", flush=True)
                     continue
-                print(f"  {name:>10} {label:>9} {dtype}: {per:5.1f} per layer, {outside:5.1f} outside the layers",
+                print(f"  {name:>13} {label:>9} {dtype}: {per:5.1f} per layer, {outside:5.1f} outside the layers",
                       flush=True)
                 if args.breakdown:
                     print("             " + ", ".join(f"{op} {n:g}" for op, n in sorted(layer.items())))

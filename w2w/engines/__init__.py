@@ -44,3 +44,15 @@ def create(name: str, model: Transformer) -> Engine:
     """The engine `name` over `model`; keep it for every batch it serves (fast keeps its graphs, llama1 its cache)."""
     check_name(name)
     return importlib.import_module(f"w2w.engines.{name}").Engine(model)
+
+
+def create_serving(names: list[str], model: Transformer) -> dict[str, Engine]:
+    """One engine per name over one model (a job's). Where fast alone serves it, the RMSNorm gains are
+    first folded into the GEMMs that read them (the same function, two operators fewer per layer in
+    fast's step); next to llama1 or llama2 the model keeps Meta's weights, which they replicate."""
+    names = list(dict.fromkeys(names))
+    if names == ["fast"]:
+        from w2w.engines.fused import fold_norm_gains
+
+        fold_norm_gains(model)
+    return {name: create(name, model) for name in names}

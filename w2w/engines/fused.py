@@ -1,4 +1,4 @@
-"""The fast engine's decode step: one GEMM for Q, K, V and one for W1, W3, hand-fused elementwise work, GQA with no K/V copy."""
+"""The fast engine's decode step: one GEMM for Q, K, V and one for W1, W3, one operator per RMSNorm, GQA with no K/V copy."""
 
 from __future__ import annotations
 
@@ -14,16 +14,23 @@ from torch import nn
 
 from w2w.model import Transformer
 
+# Columns the decode step's residual rows carry past the model dimension: the first holds
+# sqrt(norm_eps * dim), so a row's plain L2 norm is RMSNorm's sqrt(dim * (mean x^2 + eps)); the
+# rest are zeros that keep rows 16-byte aligned for the GEMMs.
+TAIL = 8
+
 
 class DecodeTimeout(RuntimeError):
     """The decode steps did not finish in time: a model-parallel peer stopped answering."""
 
 
-def fuse_rows(*linears: nn.Module) -> torch.Tensor:
-    """One weight holding the linears' rows, which then become views of it: the model's own forward
-    (Meta's layout, used by the other engines and the prefill) reads the same storage, so the fused
-    GEMM costs no memory."""
-    fused = torch.cat([linear.weight.detach() for linear in linears])
+def fuse_rows(*linears: nn.Module, pad: int = 0) -> torch.Tensor:
+    """One weight holding the linears' rows (and `pad` zero rows), which then become views of it:
+    the model's own forward (Meta's layout, used by the other engines and the prefill) reads the
+    same storage, so the fused GEMM costs no memory."""
+    first = linears[0].weight
+    zeros = first.new_zeros(pad, first.shape[1])
+    fused = torch.cat([*(linear.weight.detach() for linear in linears), zeros])
     start = 0
     for linear in linears:
         rows = linear.weight.shape[0]
@@ -32,20 +39,43 @@ def fuse_rows(*linears: nn.Module) -> torch.Tensor:
     return fused
 
 
+@torch.no_grad()
+def fold_norm_gains(model: Transformer) -> None:
+    """Multiply each layer's RMSNorm weights into the GEMMs that read its output (W diag(g)) and set
+    them to 1: the model computes the same function (up to one rounding of each weight), and the
+    fast step skips the gain multiply. Only for a model that fast alone serves: the engines that
+    replicate Meta's code must see Meta's weights."""
+    for layer in model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        for norm, linears in ((layer.attention_norm, (attn.wq, attn.wk, attn.wv)), (layer.ffn_norm, (ffn.w1, ffn.w3))):
+            for linear in linears:
+                linear.weight.mul_(norm.weight)
+            norm.weight.fill_(1.0)
+
+
 @dataclass
 class FusedLayer:
     wqkv: torch.Tensor  # (local q + k + v features, dim)
     w13: torch.Tensor  # (2 * local hidden, dim)
-    wo: torch.Tensor  # (dim, local q features)
-    w2: torch.Tensor  # (dim, local hidden)
-    attn_norm: torch.Tensor  # RMSNorm weights times sqrt(dim) (see rms_norm)
-    ffn_norm: torch.Tensor
+    wo: torch.Tensor  # (dim + TAIL, local q features): zero rows keep the residual's tail
+    w2: torch.Tensor  # (dim + TAIL, local hidden)
+    attn_gain: torch.Tensor | None  # the RMSNorm weights, None where folded into the GEMMs (all 1)
+    ffn_gain: torch.Tensor | None
     heads: int  # local query heads
     kv_heads: int  # local key/value heads
 
 
+def _gain(norm: nn.Module) -> torch.Tensor | None:
+    return None if bool((norm.weight == 1).all()) else norm.weight
+
+
 class FusedDecode:
-    """The decode step of `fast` over a model's weights; the model's KV cache and rope table are used in place."""
+    """The decode step of `fast` over a model's weights; the model's KV cache and rope table are used in place.
+
+    Operators per layer: RMSNorm 1 (2 with unfolded gains), the QKV GEMM, RoPE 2, the K/V cache
+    write 1, attention 1, the output GEMM with the residual add, RMSNorm 1 (2), the W1/W3 GEMM,
+    SiLU, the product, and the W2 GEMM with the residual add: 12 (14).
+    """
 
     def __init__(self, model: Transformer):
         self.model = model
@@ -54,28 +84,34 @@ class FusedDecode:
         # Only one rank adds the residual before the all-reduce, so the sum holds it once.
         self.add_residual = self.world == 1 or fs_init.get_model_parallel_rank() == 0
         dim = model.args.dim
-        # sqrt(sum x^2 + eps * dim) = sqrt(dim) * sqrt(mean x^2 + eps): one hypot of the vector norm.
-        self.eps_root = torch.tensor(math.sqrt(model.args.norm_eps * dim), device=model.device)
+        self.sqrt_dim = math.sqrt(dim)  # RMSNorm's mean is the norm over sqrt(dim): the GEMM's alpha
+        self.tail = torch.zeros(TAIL, dtype=model.norm.weight.dtype, device=model.device)
+        self.tail[0] = math.sqrt(model.args.norm_eps * dim)
+        self.zero = torch.zeros((), dtype=self.tail.dtype, device=model.device)  # addmm's ignored input
         with torch.no_grad():
-            self.layers = [self._fuse(layer, dim) for layer in model.layers]
-        self._cis: torch.Tensor | None = None
+            self.layers = [self._fuse(layer) for layer in model.layers]
+        self._rotations: torch.Tensor | None = None
+        self._ones: dict[int, torch.Tensor] = {}  # weight_norm's per-row gain, one buffer per batch size
         self.wait_s: float | None = None  # host-side limit on a collective (the cell's dist_timeout_s)
 
     @staticmethod
-    def _fuse(layer: nn.Module, dim: int) -> FusedLayer:
+    def _fuse(layer: nn.Module) -> FusedLayer:
         attn, ffn = layer.attention, layer.feed_forward
         return FusedLayer(
             wqkv=fuse_rows(attn.wq, attn.wk, attn.wv), w13=fuse_rows(ffn.w1, ffn.w3),
-            wo=attn.wo.weight, w2=ffn.w2.weight,
-            attn_norm=layer.attention_norm.weight * math.sqrt(dim), ffn_norm=layer.ffn_norm.weight * math.sqrt(dim),
+            wo=fuse_rows(attn.wo, pad=TAIL), w2=fuse_rows(ffn.w2, pad=TAIL),
+            attn_gain=_gain(layer.attention_norm), ffn_gain=_gain(layer.ffn_norm),
             heads=attn.local_heads, kv_heads=attn.local_kv_heads,
         )
 
-    def cis(self, positions: torch.Tensor) -> torch.Tensor:
-        """(B, 1, head_dim / 2) complex rotations of the rows' positions (one gather per step)."""
-        if self._cis is None or self._cis.device != self.model.rope.device:
-            self._cis = torch.view_as_complex(self.model.rope.contiguous())
-        return self._cis[positions][:, None]
+    def rotations(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, 1, head_dim / 2, 2, 2) fp32 rotation matrices [[cos, -sin], [sin, cos]] of the rows'
+        positions (one gather per step)."""
+        rope = self.model.rope
+        if self._rotations is None or self._rotations.device != rope.device:
+            cos, sin = rope[..., 0], rope[..., 1]
+            self._rotations = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+        return self._rotations[positions][:, None]
 
     def mask(self, key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Additive (B, 1, 1, cache_len) mask: 0 where a key is valid, -inf elsewhere. A float mask
@@ -83,30 +119,38 @@ class FusedDecode:
         bias = torch.zeros(key_valid.shape, dtype=dtype, device=key_valid.device)
         return bias.masked_fill_(~key_valid, float("-inf"))[:, None, None]
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Meta's RMSNorm in four operators (about ten as written): weight carries sqrt(dim)."""
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
-        return x / torch.hypot(norm, self.eps_root).to(x.dtype) * weight
+    def rms_norm(self, h: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+        """RMSNorm up to its sqrt(dim) factor (the next GEMM's alpha), in one fused operator:
+        weight_norm divides each row by its L2 norm, and the tail column puts eps in that norm.
+        It computes in fp32 and rounds once, as Meta's does before its gain multiply."""
+        ones = self._ones.get(h.shape[0])
+        if ones is None:
+            ones = self._ones[h.shape[0]] = torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)
+        normed = torch._weight_norm(h, ones, 0)[:, : h.shape[1] - TAIL]
+        return normed if gain is None else normed * gain
 
-    def rope(self, qk: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
-        """Rotate (B, heads, D) interleaved pairs by one complex multiply (in fp32, as Meta does)."""
-        pairs = qk.float().reshape(*qk.shape[:-1], -1, 2)
-        return torch.view_as_real(torch.view_as_complex(pairs) * cis).flatten(-2).to(qk.dtype)
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T * sqrt(dim): the GEMM after an RMSNorm (alpha is exact, a scaled gain would round)."""
+        return torch.addmm(self.zero, x, weight.t(), beta=0, alpha=self.sqrt_dim)
 
-    def attention(self, h: torch.Tensor, layer: FusedLayer, cache, slot, cis, mask) -> torch.Tensor:
+    def rope(self, pairs: torch.Tensor, rotations: torch.Tensor) -> None:
+        """Rotate (B, heads, D / 2, 2) interleaved pairs in place, in fp32 as Meta does and with its
+        arithmetic (x0 cos - x1 sin, x1 cos + x0 sin): the products, then their sums written back."""
+        terms = pairs[..., None, :] * rotations  # (B, heads, D / 2, 2 out, 2 in), fp32
+        torch.add(terms[..., 0], terms[..., 1], out=pairs)
+
+    def attention(self, h: torch.Tensor, layer: FusedLayer, cache, slot, rotations, mask) -> torch.Tensor:
         bsz, hd = h.shape[0], self.model.args.head_dim
-        qkv = F.linear(self.rms_norm(h, layer.attn_norm), layer.wqkv)
-        qk_cols = (layer.heads + layer.kv_heads) * hd
-        rotated = self.rope(qkv[:, :qk_cols].view(bsz, -1, hd), cis)
-        k = rotated[:, layer.heads:, None]  # (B, KV, 1, D)
-        v = qkv[:, qk_cols:].view(bsz, layer.kv_heads, 1, hd)
-        keys, values = cache.k[:bsz], cache.v[:bsz]
-        keys.index_copy_(2, slot, k)
-        values.index_copy_(2, slot, v)
+        qkv = self.linear(self.rms_norm(h, layer.attn_gain), layer.wqkv)
+        q_cols, qk_cols = layer.heads * hd, (layer.heads + layer.kv_heads) * hd
+        self.rope(qkv[:, :qk_cols].view(bsz, -1, hd // 2, 2), rotations)
+        # K and V sit side by side in qkv and in the cache (kv[0] keys, kv[1] values): one write.
+        kv = cache.kv[:, :bsz]
+        kv.index_copy_(3, slot, qkv[:, q_cols:].view(bsz, 2, layer.kv_heads, 1, hd).transpose(0, 1))
         # Grouped-query decode with no K/V copy: the group's query heads are the query positions
         # of their shared K/V head, an ordinary attention over the un-repeated cache.
-        q = rotated[:, : layer.heads].view(bsz, layer.kv_heads, -1, hd)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        q = qkv[:, :q_cols].view(bsz, layer.kv_heads, -1, hd)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
         return self.project(h, out.reshape(bsz, -1), layer.wo)
 
     def project(self, h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -129,15 +173,17 @@ class FusedDecode:
             raise DecodeTimeout(f"Timed out: all-reduce unanswered after {self.wait_s:g} s (dist_timeout_s): {exc}") from exc
 
     def feed_forward(self, h: torch.Tensor, layer: FusedLayer) -> torch.Tensor:
-        gate, up = F.linear(self.rms_norm(h, layer.ffn_norm), layer.w13).chunk(2, dim=-1)
+        gate, up = self.linear(self.rms_norm(h, layer.ffn_gain), layer.w13).chunk(2, dim=-1)
         return self.project(h, F.silu(gate) * up, layer.w2)
 
     def __call__(self, token: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
         """Logits (B, vocab) of one token per row written at cache slot `slot`; mask from mask()."""
-        h = self.model.tok_embeddings(token)
-        cis = self.cis(positions)
+        embedded = self.model.tok_embeddings(token)
+        # The residual rows with their tail (B, dim + TAIL): the output GEMMs' zero rows keep it.
+        h = torch.cat([embedded, self.tail.expand(embedded.shape[0], TAIL)], dim=-1)
+        rotations = self.rotations(positions)
         for layer, block in zip(self.layers, self.model.layers, strict=True):
-            h = self.attention(h, layer, block.attention.cache, slot, cis, mask)
+            h = self.attention(h, layer, block.attention.cache, slot, rotations, mask)
             h = self.feed_forward(h, layer)
-        return self.model.output(self.model.norm(h)).float()
+        return self.model.output(self.model.norm(h[:, :-TAIL])).float()
