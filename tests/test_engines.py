@@ -13,7 +13,7 @@ from w2w import distributed, engines
 from w2w.config import compose_cell
 from w2w.engines.common import PhaseClock, SamplingParams, new_generator
 from w2w.engines.fast import left_pad, prefill
-from w2w.engines.fused import FusedDecode
+from w2w.engines.fused import FusedDecode, fold_norm_gains
 from w2w.model import ModelArgs, Transformer, build_model, random_state_dict
 
 MHA = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=128)
@@ -70,12 +70,19 @@ def _all_paths(world: int) -> dict:
         dynamic, dynamic_logits = _dynamic(model, PROMPTS, GREEDY.max_gen_len, static=False)
         static, static_logits = _dynamic(model, PROMPTS, GREEDY.max_gen_len, static=True)
         fused, fused_logits = _dynamic(model, PROMPTS, GREEDY.max_gen_len, static=True, fused=True)
+        folded_model = _model(args, world)  # fast alone: its norm gains folded into the GEMMs
+        folded = engines.create_serving(["fast"], folded_model)["fast"].generate(PROMPTS, GREEDY, 2, 0).tokens
+        folded_steps, folded_logits = _dynamic(folded_model, PROMPTS, GREEDY.max_gen_len, static=True, fused=True)
         out[name] = {
             "dynamic": dynamic,
             "static": static,
             "fused": fused,
             "logit_gap": (static_logits - dynamic_logits).abs().max().item(),
             "fused_logit_gap": (fused_logits - dynamic_logits).abs().max().item(),
+            "folded": folded,
+            "folded_steps": folded_steps,
+            "folded_logit_gap": (folded_logits - dynamic_logits).abs().max().item(),
+            "gains": [float(layer.ffn_norm.weight.std()) for layer in folded_model.layers],
             **{name: engines.create(name, model).generate(PROMPTS, GREEDY, 2, 0).tokens for name in _serving(args)},
             # not forced: every engine's tokens after the EOS cut (id 2 ends the second row early)
             "cut": {name: engines.create(name, model).generate(PROMPTS, CUT, 2, 0).tokens for name in _serving(args)},
@@ -95,6 +102,9 @@ def test_engines_give_the_dynamic_paths_greedy_tokens(world):
             assert paths["logit_gap"] <= 1e-5, name
             assert paths["fused"] == paths["dynamic"], name
             assert paths["fused_logit_gap"] <= 1e-4, name  # fp32: the fused step is not bit-identical
+            # Folded gains: the same tokens and logits as Meta's weights (llama2's run on them above)
+            assert paths["folded"] == paths["folded_steps"] == paths["llama2"], name
+            assert paths["folded_logit_gap"] <= 1e-4 and paths["gains"] == [0.0, 0.0], name
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +233,19 @@ def test_sampling_params_of_a_cell_reads_its_attributes():
     cell = compose_cell(["max_gen_len=64", "temperature=0.6", "top_p=0.9", "force_max_gen_len=true", "seed=7"])
     assert SamplingParams.of(cell) == SamplingParams(64, 0.6, 0.9, False, True, 7, 8, float(cell.dist_timeout_s))
     assert SamplingParams.of(cell, max_gen_len=4).max_gen_len == 4  # a warm-up's shorter run
+
+
+def test_folding_the_norm_gains_keeps_the_model_function_and_spares_the_others(model):
+    """fast alone folds the gains; next to llama2 the model keeps Meta's weights."""
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    engines.create_serving(["fast", "llama2"], model)
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+    folded = _model(GQA, 1)
+    engines.create_serving(["fast"], folded)
+    assert all(bool((layer.attention_norm.weight == 1).all()) for layer in folded.layers)
+    tokens = torch.tensor([[1, 5, 9, 12]])
+    positions, valid = torch.arange(4)[None], torch.ones(1, 4, dtype=torch.bool)
+    for m in (model, folded):
+        m.setup_caches(1, 8)
+    gap = (model(tokens, 0, positions, valid) - folded(tokens, 0, positions, valid)).abs().max().item()
+    assert 0 < gap <= 1e-5  # one rounding of each folded weight, no more
