@@ -20,6 +20,10 @@ from w2w.model import ModelArgs, build_model, random_state_dict
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=256)
 TAIL_CHARS = 4000  # of each step's output, in the summary
+# The steps' timeouts on a GPU sum under this: the whole run fits a short loan of an H100 (8 minutes).
+BUDGET_S = 480
+# The CPU dry run's timeouts are these times the GPU's: a shared 2-core CI box is not the GPU node.
+CPU_SLACK = 4
 
 
 @dataclass(frozen=True)
@@ -48,14 +52,15 @@ def steps(device: str, gpu: str, out: Path) -> list[Step]:
     bench = ["--device", "cpu", "--tiny", "--batches", "1", "4", "--new-tokens", "8", "--repeats", "1"] if cpu else \
         ["--batches", "1", "64", "--repeats", "2"]
     check = ["--idle-s", "3", "--long-window-s", "20", "--rounds", "2"]
+    slack = CPU_SLACK if cpu else 1
     return [
-        Step("fallback", [*py, "w2w.gpu_accept", "--step", "fallback", "--device", device], 120),
-        Step("launches", [*py, "w2w.bench.launches", "--dtype", "fp32"], 120),
-        Step("gpu-check", [*py, "w2w.gpu_check", *check], 150, gpu_only=True),
-        Step("bench-gpu", [*py, "w2w.bench.gpu_engines", *bench], 180),
-        Step("sweep", sweep, 150),
-        Step("reduce", [*py, "w2w.analysis.reduce", str(out / "sweep")], 60),
-        Step("power-cap", [*py, "w2w.gpu_accept", "--step", "power-cap", "--device", device], 30),
+        Step("fallback", [*py, "w2w.gpu_accept", "--step", "fallback", "--device", device], 40 * slack),
+        Step("launches", [*py, "w2w.bench.launches", "--dtype", "fp32"], 60 * slack),
+        Step("gpu-check", [*py, "w2w.gpu_check", *check], 100 * slack, gpu_only=True),
+        Step("bench-gpu", [*py, "w2w.bench.gpu_engines", *bench], 120 * slack),
+        Step("sweep", sweep, 90 * slack),
+        Step("reduce", [*py, "w2w.analysis.reduce", str(out / "sweep")], 30 * slack),
+        Step("power-cap", [*py, "w2w.gpu_accept", "--step", "power-cap", "--device", device], 20 * slack),
     ]
 
 
