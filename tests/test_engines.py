@@ -13,7 +13,7 @@ from w2w import distributed, engines
 from w2w.config import compose_cell
 from w2w.engines.common import PhaseClock, SamplingParams, new_generator
 from w2w.engines.fast import left_pad, prefill
-from w2w.engines.fused import FusedDecode, fold_norm_gains
+from w2w.engines.fused import FusedDecode
 from w2w.model import ModelArgs, Transformer, build_model, random_state_dict
 
 MHA = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=128)
