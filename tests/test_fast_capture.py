@@ -129,3 +129,14 @@ def test_a_peer_that_stops_answering_ends_the_decode_with_an_error(tmp_path):
     assert error.startswith("DecodeTimeout: decode step 3: a model-parallel peer stopped answering"), error
     assert distributed.is_collective_error(RuntimeError(error))  # the runner then stops the job
     assert waited < 25  # bounded by dist_timeout_s (4 s here), not by the silent peer
+
+
+def test_one_decoder_and_its_graph_serve_every_sampling_setting(model):
+    """Temperature and top-p are read from device tensors: a second setting replays the same graph."""
+    settings = [SamplingParams(max_gen_len=8, temperature=t, top_p=p, seed=3, force_max_gen_len=True)
+                for t, p in ((0.8, 0.95), (1.3, 0.5))]
+    alone = [fast.Engine(model, capture=lambda step: step).generate(PROMPTS, s, 2, 0).tokens for s in settings]
+    engine = fast.Engine(model, capture=lambda step: step)
+    shared = [engine.generate(PROMPTS, s, 2, 0).tokens for s in settings]
+    assert shared == alone and alone[0] != alone[1]
+    assert engine.decoders_built == 1 and engine.graph == "cuda graph"

@@ -6,7 +6,8 @@ device tensor, attends the whole cache under a validity mask kept on the device,
 without a host sync (greedy argmax, or top-p by an exponential race on noise drawn outside the
 step). The step is the fused code of w2w/engines/fused.py (fused GEMMs, few elementwise operators,
 GQA with no K/V copy). On CUDA it is captured once per (batch, cache length, sampling) as a CUDA
-graph and replayed; a failed capture leaves that decoder eager and says why (Engine.graph, in the
+graph and replayed (temperature and top-p are device tensors the graph reads, so one graph serves
+every setting); a failed capture leaves that decoder eager and says why (Engine.graph, in the
 record); on CPU (gloo) the same code runs eagerly, so CI exercises it. The host looks at the
 tokens only every `eos_check_every` steps to stop once every row has ended; the steps run past an
 EOS are real work and are counted, and tokens after an EOS are dropped.
@@ -71,7 +72,7 @@ def prefill(model: Transformer, batch: _Batch) -> torch.Tensor:
     return logits[:, -1]
 
 
-def race_top_p(probs: torch.Tensor, p: float, noise: torch.Tensor) -> torch.Tensor:
+def race_top_p(probs: torch.Tensor, p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Nucleus sampling without a host sync: argmax of prob / Exp(1) noise draws each kept token
     with probability proportional to its mass (noise: (B, V) exponential draws)."""
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
@@ -110,17 +111,19 @@ def warm_up(step: Callable[[], None], device: torch.device) -> None:
 
 
 class StaticDecoder:
-    """Device-resident state of the fast decode step for one (batch, cache length, sampling).
+    """Device-resident state of the fast decode step for one (batch, cache length, greedy or not).
 
     Every buffer keeps its address for the decoder's lifetime, which is what lets a CUDA graph
     captured over step() be replayed for every later batch of that shape.
     """
 
-    def __init__(self, fused: FusedDecode, batch: int, cache_len: int, params: SamplingParams,
-                 capture: Capture | None = None):
+    def __init__(self, fused: FusedDecode, batch: int, cache_len: int, greedy: bool, capture: Capture | None = None):
         model = fused.model
         device, vocab = model.device, model.args.vocab_size
-        self.model, self.fused, self.params, self.capture = model, fused, params, capture
+        self.model, self.fused, self.greedy, self.capture = model, fused, greedy, capture
+        # The sampling settings the step reads, set per batch (set_sampling): not baked into a graph.
+        self.temperature = torch.ones(1, device=device)
+        self.top_p = torch.ones(1, device=device)
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # cache slot of this step
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # rotary position per row
@@ -128,15 +131,21 @@ class StaticDecoder:
         # Additive attention mask (0 valid, -inf not): one fill per step, shared by every layer.
         self.mask = torch.zeros(batch, 1, 1, cache_len, dtype=model.norm.weight.dtype, device=device)
         self.out = torch.full((batch, cache_len), -1, dtype=torch.long, device=device)
-        self.noise = None if params.greedy else torch.ones(batch, vocab, device=device)
+        self.noise = None if greedy else torch.ones(batch, vocab, device=device)
         self.replay: Callable[[], None] | None = None  # the captured step, once captured
         self.graph = "eager"  # what advance() runs: "cuda graph", "eager", or "eager, capture failed: ..."
 
+    def set_sampling(self, params: SamplingParams) -> None:
+        """The batch's temperature and top-p, written where the (captured) step reads them."""
+        if not self.greedy:
+            self.temperature.fill_(params.temperature)
+            self.top_p.fill_(params.top_p)
+
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.params.greedy:
+        if self.greedy:
             return logits.argmax(-1)
-        probs = torch.softmax(logits / self.params.temperature, dim=-1)
-        return race_top_p(probs, self.params.top_p, self.noise)
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        return race_top_p(probs, self.top_p, self.noise)
 
     def draw(self, generator: torch.Generator) -> None:
         """Fresh noise for the next choice: outside the graph, as graphs replay a fixed RNG state."""
@@ -222,9 +231,9 @@ class Engine(common.Engine):
         if self.model.cache_generation != self._cache_generation:  # graphs over freed buffers: drop them
             self.decoders.clear()
             self._cache_generation = self.model.cache_generation
-        key = (batch, cache_len, params.greedy, params.temperature, params.top_p)
+        key = (batch, cache_len, params.greedy)
         if key not in self.decoders:
-            self.decoders[key] = StaticDecoder(self.fused, batch, cache_len, params, self.capture)
+            self.decoders[key] = StaticDecoder(self.fused, batch, cache_len, params.greedy, self.capture)
             self.decoders_built += 1
         return self.decoders[key]
 
@@ -236,6 +245,7 @@ class Engine(common.Engine):
         batch = left_pad(prompts, pad_id, cache_len, self.model.device)
         decoder = self.decoder(len(prompts), cache_len, params)
         self.fused.wait_s = params.deadline_s
+        decoder.set_sampling(params)
         clock.enter(PREFILL)
         decoder.draw(generator)
         decoder.start(batch, decoder.choose(prefill(self.model, batch)), width)
