@@ -31,3 +31,4 @@ def test_dry_run_reports_every_engine_batch_and_target():
             assert "no energy meter" in line  # no NVML on a CPU: no invented watts
     assert "fast at batch 1: " in text and "of the HBM roof (target >= 60%)" in text
     assert text.count("llama2 at batch ") == 2 and "a dry run" in text
+    assert "CUDA kernels per decode step: not counted without a GPU" in text  # never a made-up count

@@ -1,4 +1,4 @@
-"""make bench-gpu: both w2w engines vs transformers eager, same LLaMA-7B-shaped weights, in one run."""
+"""make bench-gpu: every w2w engine vs transformers eager, same LLaMA-7B-shaped weights, in one run, with CUDA kernels per decode step."""
 
 from __future__ import annotations
 
@@ -143,6 +143,31 @@ def hf_run(model, prompts: torch.Tensor, new_tokens: int):
     return work
 
 
+KERNEL_RUNS = (4, 12)  # new tokens of the two profiled runs: their difference is decode steps only
+
+
+def kernels_per_step(device: torch.device, make: Callable[[int], Callable[[], tuple]]) -> float | None:
+    """CUDA kernels (and memcpy/memset) per decode step from the profiler, graph replays included:
+    (long run - short run) / the steps between them. None off CUDA (the CPU count: make bench-launches)."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = []
+    for tokens in KERNEL_RUNS:
+        make(tokens)()  # warm: this length's shapes and graphs exist before the profiled run
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            make(tokens)()
+            synchronize(device)
+        counts.append(sum(1 for event in prof.events() if event.device_type == DeviceType.CUDA))
+    return (counts[1] - counts[0]) / (KERNEL_RUNS[1] - KERNEL_RUNS[0])
+
+
+def _kernels(count: float | None) -> str:
+    return "" if count is None else f", {count:.0f} CUDA kernels per decode step"
+
+
 def _energy(run: Run) -> str:
     if run.joules is None:
         return "no energy meter"
@@ -164,12 +189,15 @@ def bench_batch(batch: int, models: dict[str, Callable], settings: argparse.Name
         for name, make in models.items():
             runs[name].append(metered(monitor, device, make(settings.new_tokens)))
     median = {name: sorted(r, key=lambda x: x.tokens_per_s)[len(r) // 2] for name, r in runs.items()}
+    kernels = {name: kernels_per_step(device, make) for name, make in models.items()}
     hf = median["transformers"]
-    print(f"batch {batch}: transformers {hf.tokens_per_s:.1f} tok/s, {_energy(hf)}", flush=True)
+    print(f"batch {batch}: transformers {hf.tokens_per_s:.1f} tok/s{_kernels(kernels['transformers'])}, {_energy(hf)}",
+          flush=True)
     for engine in ENGINES:
         run = median[engine]
         step = (f", decode step {run.step_s * 1e3:.2f} ms = {roof_s / run.step_s:.0%} of the HBM roof "
                 f"({roof_s * 1e3:.2f} ms)") if run.step_s else ""
+        step += _kernels(kernels[engine])
         print(f"batch {batch}: w2w {engine} {run.tokens_per_s:.1f} tok/s, {run.tokens_per_s / hf.tokens_per_s:.2f}x "
               f"vs transformers{step}, {_energy(run)}; greedy tokens equal transformers' "
               f"{_matching(run.rows, hf.rows)}", flush=True)
@@ -225,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     monitor = EnergyMonitor("auto", device, sampler=False)
     width = torch.finfo(dtype).bits // 8
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if device.type != "cuda":
+        print("CUDA kernels per decode step: not counted without a GPU (operators per step on the CPU: make bench-launches)")
     print(f"model: {args.num_params() / 1e9:.2f} B params {dtype} on {name}; "
           f"greedy, {settings.prompt_len} prompt + {settings.new_tokens} forced tokens; copy bandwidth {gbs:.0f} GB/s; "
           f"energy: {monitor.source if monitor.meter else monitor.reason}; median of {settings.repeats} interleaved runs",
