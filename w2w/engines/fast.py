@@ -5,7 +5,7 @@ shapes every time: it writes one token per row into the full-length KV cache at 
 device tensor, attends the whole cache under a validity mask kept on the device, and samples
 without a host sync (greedy argmax, or top-p by an exponential race on noise drawn outside the
 step). The step is the fused code of w2w/engines/fused.py (fused GEMMs, few elementwise operators,
-GQA with no K/V copy). On CUDA it is captured once per (batch, cache length, sampling) as a CUDA
+GQA with no K/V copy). On CUDA it is captured once per (batch, cache length, greedy) as a CUDA
 graph and replayed (temperature and top-p are device tensors the graph reads, so one graph serves
 every setting); a failed capture leaves that decoder eager and says why (Engine.graph, in the
 record); on CPU (gloo) the same code runs eagerly, so CI exercises it. The host looks at the
