@@ -43,14 +43,16 @@ COUNTS = ("prompts", "responses", "prompt_tokens", "output_tokens", "positions",
 class Runner:
     """One `w2w-run` process; with hold_after=N it waits at its own barrier after a cell's N-th batch."""
 
-    def __init__(self, tmp: Path, name: str, args: list[str], hold_after: int | None = None):
+    def __init__(self, tmp: Path, name: str, args: list[str], hold_after: int | None = None, ranks: int = 1):
         self.name, self.barrier, self.err = name, tmp / f"barrier-{name}", tmp / f"{name}.err"
         env = os.environ | {"SLURM_JOB_ID": name, "PYTHONPATH": os.pathsep.join([str(FAKE_SITE), str(ROOT)]),
                             "OMP_NUM_THREADS": "1"}
         if hold_after is not None:  # the barrier holds only processes with SLURM_JOB_ID, as in a job
             env |= {"W2W_TEST_BARRIER": str(self.barrier), "W2W_TEST_BARRIER_AFTER": f"batches:{hold_after}"}
         with self.err.open("w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "w2w.runner", *args], cwd=ROOT, env=env,
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                      "-m"] if ranks > 1 else [sys.executable, "-m"]
+            self.proc = subprocess.Popen([*launch, "w2w.runner", *args], cwd=ROOT, env=env,
                                          stdout=subprocess.DEVNULL, stderr=err)
 
     def held(self) -> bool:
@@ -133,6 +135,24 @@ def test_killed_runner_is_resumed_by_the_waiting_one_and_each_batch_names_its_jo
         (0, "first", 0), (1, "second", 2)]
     assert {s["pid"] for s in record.segments} == {first.proc.pid, second.proc.pid}
     assert not progress_path(sweep, cid, 0).exists()
+
+
+def test_the_ranks_of_a_second_runner_agree_to_wait_for_a_held_cell(tmp_path):
+    """Model parallel: rank 0 takes the lock for its cell's ranks and they follow its decision (a rank
+    that ran alone would hang in the model's collectives)."""
+    sweep = tmp_path / "sweep"
+    args = [*ONE_CELL, "shards=2", "dist_timeout_s=60", f"sweep_dir={sweep}"]
+    first = Runner(tmp_path, "first", args, hold_after=2, ranks=2)
+    _wait_for(lambda: len(list(tmp_path.glob("barrier-first.held.*"))) == 2, "both ranks at the barrier", first)
+    second = Runner(tmp_path, "second", args, ranks=2)
+    _wait_for(lambda: second.says("held by"), "the second runner to name the holder", second)
+    assert len(second.lines("held by")) == 1  # rank 0 says it once
+    first.release()
+    assert first.wait() == 0 and second.wait() == 0
+    (cid,) = _cell_ids(sweep)
+    assert len(second.lines(f"cell 1/1 {cid}: done already, skipped")) == 2  # both ranks
+    for rank in (0, 1):
+        assert {b["job_id"] for b in read_record(record_path(sweep, cid, rank)).batches} == {"first"}
 
 
 def _record(status: str, **more) -> RankRecord:

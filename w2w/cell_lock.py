@@ -60,7 +60,7 @@ class CellLock:
             raise
         job_id, attempt = job_attempt()
         me = {"pid": os.getpid(), "host": socket.gethostname(), "job_id": job_id, "attempt": attempt,
-              "since_unix_s": time.time(), "command": " ".join(["w2w-run", *sys.argv[1:]])[:300]}
+              "since_unix_s": time.time(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:160]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         self._fd = fd
