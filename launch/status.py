@@ -232,7 +232,8 @@ class SweepStatus:
         ids = list(self.cells if cells is None else cells)
         counts = self.counts(ids)
         order = ("done", "failed", MISSING, "running", "pending", "skipped")
-        return f"{len(ids)} cells: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in order)
+        shown = [k for k in order if k != MISSING or counts.get(k)]  # missing only where a record is
+        return f"{len(ids)} cells: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in shown)
 
     @property
     def active(self) -> list[str]:
