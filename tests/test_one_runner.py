@@ -235,9 +235,10 @@ def _play(tmp: Path, args: list[str], plan: dict) -> None:
         _meet(a, plan["fate_a"])
     b = Runner(tmp, "b", args, hold_after=plan["hold_b"])
     runners.append(b)
-    # B holds at its own barrier, or waits on A's cell (it names A), or has nothing left to do.
+    # B holds at its own barrier, or waits on A's cell (it names A; its fate then meets it waiting, or
+    # in the other cell it runs meanwhile), or has nothing left to do.
     _wait_for(lambda: b.held() or b.says("held by") or b.ended(), "B at its barrier or waiting")
-    fates = [(b, plan["fate_b"] if plan["hold_b"] else "release")]
+    fates = [(b, plan["fate_b"])]
     if plan["b_while_a_held"]:
         fates.insert(1 if plan["b_first"] else 0, (a, plan["fate_a"]))
     for runner, fate in fates:
