@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 from w2w.analysis.metrics import METRIC_NAMES, CellTotals, compute
 from w2w.analysis.tables import markdown
 from w2w.launch.axes import cell_parameters, label, varying_axes
-from w2w.launch.status import completeness
+from w2w.launch.status import completeness, sweep_problems
+from w2w.launch.submit import load_manifest
 
 from w2w.progress import with_batch_totals
 from w2w.records import (
@@ -384,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if complete is not None and not complete.complete:
         print(f"w2w-reduce: warning: {complete.warning()}", file=sys.stderr)
+    manifest = load_manifest(args.sweep_dir) if (args.sweep_dir / MANIFEST).is_file() else None
+    for line in sweep_problems(args.sweep_dir, manifest):
+        print(f"w2w-reduce: warning: {line}", file=sys.stderr)
     unfinished = not (table["status"] == STATUS_OK).all() if complete is None else not complete.complete
     return 1 if args.require_complete and unfinished else 0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 from w2w.analysis import figures, paper, pareto, tables
 from w2w.analysis.reduce import CellRecords, load_cells, reduce_cells, summary_notes
-from w2w.launch.status import completeness
+from w2w.launch.status import completeness, sweep_problems
 
 from w2w.engines import ENGINES
 from w2w.records import MANIFEST, Manifest, ManifestError, RecordError, read_manifest, write_atomic
@@ -386,6 +386,7 @@ def render(sweep: Path, out: Path, max_timelines: int | None = None, target: par
     skipped = read_skipped(manifest)
     facts = read_facts(loaded)
     report.notes += summary_notes(cells)
+    report.notes += sweep_problems(sweep, manifest if (sweep / MANIFEST).is_file() else None)
     rendered_tables = tables.all_tables(cells[cells["model"].notna()], skipped)
     for table in rendered_tables:
         report.files += tables.write_table(table, out / "tables")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -10,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from w2w.launch import process
 from w2w.launch.axes import cell_axes, describe
 from w2w.launch.submit import load_manifest
 
@@ -24,7 +26,9 @@ from w2w.records import (
     read_record,
     record_path,
 )
+from w2w.responses import responses_problem
 
+MISSING = "missing"  # the job ended and wrote the cell's records, but one is not there (deleted)
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
 
 
@@ -63,15 +67,16 @@ def _slurm_state(job_id: str) -> JobState:
     return JobState(queued or "UNKNOWN")
 
 
-def _local_state(job_id: str, folder: str, tasks: int) -> JobState:
-    """submitit's local controller: finished once every task left its result pickle or the pid is gone."""
+def _local_state(job_id: str, folder: str, tasks: int, stamp: str | None = None) -> JobState:
+    """submitit's local controller: finished once every task left its result pickle, or once the
+    process with its PID and start time (or, recorded without one, its command) is gone."""
     if all((Path(folder) / f"{job_id}_{task}_result.pkl").is_file() for task in range(tasks)):
         return JobState("FINISHED")
     try:
-        stat = Path(f"/proc/{int(job_id)}/stat").read_text()
-    except (OSError, ValueError):
+        running, why = process.alive(int(job_id), stamp)
+    except ValueError:
         return JobState("FINISHED")
-    return JobState("FINISHED" if stat.rsplit(")", 1)[1].split()[0] == "Z" else "RUNNING")
+    return JobState("RUNNING") if running else JobState("FINISHED", why)
 
 
 def _job_error(folder: str, job_id: str, state: str) -> str:
@@ -91,8 +96,58 @@ def _job_error(folder: str, job_id: str, state: str) -> str:
         text = log.read_text(errors="replace") if log.is_file() else ""
     else:
         text = ""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    # w2w's own log lines are progress, not the error: a killed job's last one names a cell it ran.
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip() and not LOG_LINE.match(line)]
     return lines[-1] if lines else ""
+
+
+# runner.setup_logging's prefix, and the runner's lines that open and close a cell.
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d \[rank [^\]]*\] ")
+CELL_START = re.compile(r"cell \d+/\d+ (\w+): started$")
+CELL_END = re.compile(r"cell \d+/\d+ (\w+): (ok|oom|error)$")
+
+
+@dataclass(frozen=True)
+class CellLog:
+    """What a job's task logs say of one cell: whether it started, how it ended, its last line."""
+
+    started: bool = False
+    ended: str | None = None  # the status its end line gave (its record was then written)
+    last: str = ""
+
+
+def cell_log(folder: str, job_id: str, tasks: int, cid: str) -> CellLog:
+    """The cell's own lines in the job's task logs (its latest run there): from its start line to the
+    next cell's; never the lines of another cell."""
+    found = CellLog()
+    for task in range(tasks):
+        path = Path(folder) / f"{job_id}_{task}_log.err"
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        mine: list[str] | None = None  # the cell's latest span of lines in this task's log
+        inside = False
+        for line in lines:
+            text = LOG_LINE.sub("", line.strip())
+            start = CELL_START.search(text)
+            if start:
+                inside = start.group(1) == cid
+                mine = [text] if inside else mine
+            elif inside and text and not _names_another_cell(text, cid):
+                mine.append(text)
+        if mine is None:
+            continue
+        ends = [m.group(2) for m in map(CELL_END.search, mine) if m]
+        ended = ends[-1] if ends else None
+        if not found.started or (found.ended and not ended):  # a task that did not end says more
+            found = CellLog(True, ended, mine[-1])
+    return found
+
+
+def _names_another_cell(text: str, cid: str) -> bool:
+    match = CELL_START.search(text) or CELL_END.search(text)
+    return match is not None and match.group(1) != cid
 
 
 def submission_state(entry: ManifestJob, submission: Submission) -> JobState:
@@ -100,7 +155,8 @@ def submission_state(entry: ManifestJob, submission: Submission) -> JobState:
     if entry.backend == "slurm":
         state = _slurm_state(submission.job_id)
     else:
-        state = _local_state(submission.job_id, submission.folder, entry.nodes * entry.tasks_per_node)
+        state = _local_state(submission.job_id, submission.folder, entry.nodes * entry.tasks_per_node,
+                             submission.process_start)
     if not state.active:
         error = _job_error(submission.folder, submission.job_id, state.state)
         if error:
@@ -127,8 +183,10 @@ def cell_records(sweep_dir: Path, cid: str, world_size: int) -> tuple[str | None
     return None, "; ".join([f"{len(records)}/{world_size} ranks written", *problems])
 
 
-def cell_state(sweep_dir: Path, cid: str, cell: ManifestCell, job: JobState | None) -> tuple[str, str]:
-    """(state, reason) of one cell, from its records first, then from the job that last held it."""
+def cell_state(sweep_dir: Path, cid: str, cell: ManifestCell, job: JobState | None,
+               log: CellLog | None = None) -> tuple[str, str]:
+    """(state, reason) of one cell, from its records first, then from the job that last held it and
+    the cell's own lines in that job's logs (log)."""
     if cell.skip_reason:
         return "skipped", cell.skip_reason
     state, progress = cell_records(sweep_dir, cid, cell.world_size)
@@ -138,9 +196,25 @@ def cell_state(sweep_dir: Path, cid: str, cell: ManifestCell, job: JobState | No
         return "pending", "not submitted"
     if job.active:
         return ("running" if job.state == "RUNNING" else "pending"), progress
-    reason = f"job ended {job.state}" + (f": {job.reason}" if job.reason else "")
+    return _ended_without_records(sweep_dir, cid, cell.world_size, job, log or CellLog(), progress)
+
+
+def _ended_without_records(sweep_dir: Path, cid: str, world_size: int, job: JobState, log: CellLog,
+                           progress: str) -> tuple[str, str]:
+    """A cell whose job ended and whose records are not all there: missing where the job wrote them
+    (some rank's file, or its log's end line), else failed with the cell's own last line."""
     problems = progress.split("; ")[1:]
-    return "failed", "; ".join([reason, *problems])
+    absent = [r for r in range(world_size) if not record_path(sweep_dir, cid, r).is_file()]
+    if len(absent) < world_size or log.ended:
+        said = f" (the job's log says it ended {log.ended})" if log.ended else ""
+        names = ", ".join(record_path(sweep_dir, cid, r).name for r in absent)
+        return MISSING, "; ".join([f"record missing: {names}{said}: re-run the sweep's command to run it again",
+                                   *problems])
+    ended = f"job ended {job.state}"
+    if log.started:
+        return "failed", "; ".join([f"{ended} during this cell (its last line: {log.last})", *problems])
+    return "failed", "; ".join([f"{ended} before this cell started" + (f": {job.reason}" if job.reason else ""),
+                                *problems])
 
 
 @dataclass
@@ -157,8 +231,9 @@ class SweepStatus:
     def summary(self, cells: Iterable[str] | None = None) -> str:
         ids = list(self.cells if cells is None else cells)
         counts = self.counts(ids)
-        order = ("done", "failed", "running", "pending", "skipped")
-        return f"{len(ids)} cells: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in order)
+        order = ("done", "failed", MISSING, "running", "pending", "skipped")
+        shown = [k for k in order if k != MISSING or counts.get(k)]  # missing only where a record is
+        return f"{len(ids)} cells: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in shown)
 
     @property
     def active(self) -> list[str]:
@@ -179,7 +254,7 @@ def sweep_status(sweep_dir: Path, manifest: Manifest | None = None) -> SweepStat
     manifest = load_manifest(sweep_dir) if manifest is None else manifest
     status = SweepStatus(manifest, {}, {})
     for cid, cell in manifest.cells.items():
-        job = None
+        job, log = None, None
         if not cell.skip_reason:
             state, reason = cell_records(sweep_dir, cid, cell.world_size)
             if state:
@@ -192,7 +267,9 @@ def sweep_status(sweep_dir: Path, manifest: Manifest | None = None) -> SweepStat
                 if submission.job_id not in status.submissions:
                     status.submissions[submission.job_id] = submission_state(entry, submission)
                 job = status.submissions[submission.job_id]
-        status.cells[cid] = cell_state(sweep_dir, cid, cell, job)
+                if not job.active:
+                    log = cell_log(submission.folder, submission.job_id, entry.nodes * entry.tasks_per_node, cid)
+        status.cells[cid] = cell_state(sweep_dir, cid, cell, job, log)
     for entry in manifest.jobs.values():  # for the listing: each job that last held a cell, and the latest
         holding = {s.job_id for s in map(entry.holder, entry.cells) if s is not None}
         for submission in entry.submissions:
@@ -208,7 +285,7 @@ class Completeness:
 
     sweep_dir: Path
     planned: int  # cells planned to run (the planner's skipped cells excluded)
-    missing: int  # not submitted (or, without job states, no records yet)
+    missing: int  # not submitted (or, without job states, no records yet), or a record missing
     failed: int  # a rank's record says so, or the job ended without the records
     running: int  # queued or running
     note: str = ""  # why job states could not be asked
@@ -243,8 +320,43 @@ def completeness(sweep_dir: Path, manifest: Manifest | None = None) -> Completen
     queued = sum(1 for state, reason in cells.values() if state == "pending" and reason != "not submitted")
     return Completeness(
         sweep_dir, planned=sum(n for state, n in counts.items() if state != "skipped"),
-        missing=counts["pending"] - queued, failed=counts["failed"], running=counts["running"] + queued, note=note,
+        missing=counts["pending"] - queued + counts[MISSING], failed=counts["failed"], running=counts["running"] + queued, note=note,
     )
+
+
+def foreign_cells(sweep_dir: Path, manifest: Manifest) -> list[str]:
+    """Cell folders under cells/ that no command of this sweep planned (copied in from another sweep)."""
+    folders = sorted(f.name for f in (sweep_dir / "cells").glob("*") if f.is_dir())
+    return [cid for cid in folders if cid not in manifest.cells]
+
+
+def damaged_responses(sweep_dir: Path, cids: Iterable[str]) -> dict[str, str]:
+    """Cell id -> why its responses file does not match its rank-0 record's counts."""
+    found = {}
+    for cid in cids:
+        path = record_path(sweep_dir, cid, 0)
+        if not path.is_file():
+            continue
+        try:
+            problem = responses_problem(sweep_dir, read_record(path))
+        except RecordError:
+            continue  # the record's own problem is listed where it is read
+        if problem:
+            found[cid] = problem
+    return found
+
+
+def sweep_problems(sweep_dir: Path, manifest: Manifest | None) -> list[str]:
+    """One line per cell folder that is not this sweep's (manifest None: there is none to judge by)
+    and per damaged responses file: what w2w-status, w2w-reduce and w2w-report list."""
+    folders = sorted(f.name for f in (sweep_dir / "cells").glob("*") if f.is_dir())
+    lines = [f"cell {cid}: not in this sweep's {MANIFEST} (copied in from another sweep?): its row is not from "
+             f"this sweep's plan; move {sweep_dir / 'cells' / cid} out of cells/ to leave it out"
+             for cid in (foreign_cells(sweep_dir, manifest) if manifest is not None else [])]
+    lines += [f"cell {cid}: responses damaged: {problem}: re-run the cell to write them again "
+              f"(move {record_path(sweep_dir, cid, 0).parent} aside first; its records are kept there)"
+              for cid, problem in damaged_responses(sweep_dir, folders).items()]
+    return lines
 
 
 def _axes(manifest: Manifest) -> list[str]:
@@ -295,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"w2w-status: error: {args.sweep_dir} has no {MANIFEST}: give the sweep_dir of a w2w-sweep", file=sys.stderr)
         return 2
     try:
-        print(render(args.sweep_dir, sweep_status(args.sweep_dir)))
+        status = sweep_status(args.sweep_dir)
+        print(render(args.sweep_dir, status))
+        for line in sweep_problems(args.sweep_dir, status.manifest):
+            print(line)
     except (ManifestError, StatusError) as exc:
         print(f"w2w-status: error: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ import submitit
 from w2w.launch.axes import cell_parameters
 from w2w.launch.job import CellsJob
 from w2w.launch.plan import Job, Plan, PlannedCell
+from w2w.launch.process import start_stamp
 
 from w2w.records import (
     MANIFEST,
@@ -159,9 +160,11 @@ def record_plan(manifest: Manifest, plan: Plan, argv: list[str]) -> Manifest:
 
 def record_submission(manifest: Manifest, job: Job, cells: list[PlannedCell], handle: submitit.Job,
                       argv: list[str]) -> None:
+    local = job.cell.cluster.backend == "local"
     manifest.jobs[job.key].submissions.append(Submission(
         job_id=str(handle.job_id), folder=str(handle.paths.folder), submitted_unix_s=time.time(),
         cells=[c.id for c in cells], command=["w2w-sweep", *argv],
+        process_start=start_stamp(int(handle.job_id)) if local else None,
     ))
 
 

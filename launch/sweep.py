@@ -13,7 +13,7 @@ from pathlib import Path
 
 from w2w.launch.axes import cell_axes, cell_parameters, describe
 from w2w.launch.plan import Job, Plan, PlannedCell, make_plan, pending_cells
-from w2w.launch.status import StatusError, render, sweep_status
+from w2w.launch.status import MISSING, StatusError, render, sweep_status
 from w2w.launch.submit import (
     load_manifest,
     locked,
@@ -136,11 +136,11 @@ def wait(sweep_dir: Path, poll_s: float, cells: list[str]) -> int:
     if len(cells) != len(status.cells):
         print(f"this command's {status.summary(cells)}")
         mine = set(cells)
-        others = [cid for cid, (state, _) in status.cells.items() if state == "failed" and cid not in mine]
+        others = [cid for cid, (state, _) in status.cells.items() if state in ("failed", MISSING) and cid not in mine]
         if others:
             print(f"{len(others)} other cell(s) of this sweep failed (listed above): they do not change this "
                   "command's exit status; re-run their command to retry them")
-    return 0 if counts.get("failed", 0) == 0 and counts.get("pending", 0) == 0 else 1
+    return 0 if counts.get("failed", 0) == counts.get("pending", 0) == counts.get(MISSING, 0) == 0 else 1
 
 
 def _stop_local_jobs(sweep_dir: Path) -> list[str]:

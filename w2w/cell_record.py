@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import traceback
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from w2w import distributed
 from w2w.cell import Cell
+from w2w.cell_lock import job_attempt
 from w2w.energy.monitor import EnergyMonitor, Window
 from w2w.energy.phases import PhaseEnergy
 from w2w.energy.sampler import timeline_frame
@@ -82,7 +84,6 @@ def failure(exc: BaseException) -> dict:
 
 def job_segment(job_energy: dict) -> dict:
     """This job attempt: the idle baseline it measured after its (re)start."""
-    env = os.environ
-    return {"job_id": env.get("SLURM_JOB_ID") or env.get("SUBMITIT_JOB_ID"),
-            "restart_count": int(env.get("SLURM_RESTART_COUNT", 0)),
+    job_id, attempt = job_attempt()
+    return {"job_id": job_id, "restart_count": attempt, "pid": os.getpid(), "host": socket.gethostname(),
             "idle_power_w": job_energy.get("idle_power_w"), "idle_s": job_energy.get("idle_s")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from w2w import distributed
 from w2w.cell import Cell
+from w2w.cell_lock import job_attempt
 from w2w.cell_record import (
     cell_energy,
     failure,
@@ -46,7 +48,7 @@ from w2w.records import (
     RankRecord,
     timeline_path,
 )
-from w2w.responses import Responses, response_part_path
+from w2w.responses import Responses, first_missing_part, response_part_path
 from w2w.tokenizer import TokenizerLike, encode_prompts
 
 log = logging.getLogger("w2w.run")
@@ -215,13 +217,15 @@ def run_cell(
     run.clock.enter(None)  # synchronize before the cell's window opens
     monitor.begin_window("cell")
     errors: list[str] = []
+    job_id, attempt = job_attempt()
+    writer = {"job_id": job_id, "attempt": attempt, "pid": os.getpid()}  # who ran each batch
     for index in range(start, len(batches)):
         first = index * size
         entry, error = _run_batch(run, batches[index], _BatchResponses(cell, index, rows[first : first + size], rank))
         if error:
             errors.append(f"batch {index}: {error}")
         # A re-run does not resume after void figures.
-        progress.add_batch(entry, save=not errors, stream_state=stream_state(run.stream))
+        progress.add_batch(entry | writer, save=not errors, stream_state=stream_state(run.stream))
         log.info("cell batch %d/%d: %d output tokens", index + 1, len(batches), entry["counts"]["output_tokens"])
     window: Window = monitor.end_window("cell")
     totals = sum_batches(progress.batches, progress.segments)
@@ -248,7 +252,10 @@ def _resume(cell: Cell, info: distributed.DistInfo, num_prompts: int) -> CellPro
     """The batches of the cell that earlier segments finished on every rank (a preempted job's)."""
     shape = CellShape(cell.id, info.rank, info.world_size, cell.batch_size, math.ceil(num_prompts / cell.batch_size))
     progress = CellProgress.load(progress_path(cell.sweep_dir, cell.id, info.rank), shape)
-    start = distributed.agreed_min(progress.done)  # ranks run batches together: resume where all got to
+    done = progress.done
+    if cell.save_responses and info.rank == 0:  # rank 0 writes responses: not past a batch whose part is gone
+        done = first_missing_part(cell.sweep_dir, cell.id, done)
+    start = distributed.agreed_min(done)  # ranks run batches together: resume where all got to
     progress.resume_at(start)
     if start:
         log.info("cell %s: resumed at batch %d/%d after %d segment(s)", cell.id, start + 1, shape.num_batches,

@@ -391,6 +391,19 @@ def write_record(sweep_dir: str | Path, record: RankRecord) -> Path:
     return path
 
 
+def write_record_unless_worse(sweep_dir: str | Path, record: RankRecord) -> Path | None:
+    """write_record, except over an ok record of the same (cell, rank) when this one is not ok: an error
+    never replaces an ok (None then: the file is left as it was)."""
+    path = record_path(sweep_dir, record.cell_id, record.rank)
+    if not record.ok and path.is_file():
+        try:
+            if read_record(path).ok:
+                return None
+        except RecordError:
+            pass  # an unreadable file holds no result to keep
+    return write_record(sweep_dir, record)
+
+
 def cell_done(sweep_dir: str | Path, cid: str, world_size: int) -> bool:
     """Done: every rank's record exists and says ok."""
     for rank in range(world_size):
@@ -429,13 +442,16 @@ class Command(Schema):
 class Submission(Schema):
     """One job queued for a placement, with the cells it was given to run."""
 
-    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("submitted_unix_s", "command")
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("submitted_unix_s", "command", "process_start")
 
     job_id: str  # SLURM's job id, or the local controller's pid
     folder: str  # submitit's folder of the job (its logs and result pickles)
     submitted_unix_s: float | None = None
     cells: list[str] = field(default_factory=list)  # cell ids
     command: list[str] | None = None  # the argv of the w2w-sweep that submitted it
+    # Local jobs: "<boot id>:<start time>" of the controller process (job_id is its PID, which the
+    # system reuses once it ends; w2w.launch.process).
+    process_start: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from w2w.data import Prompt
-from w2w.records import cell_dir, write_atomic
+from w2w.records import RankRecord, cell_dir, write_atomic
 from w2w.scoring import score_gsm8k
 
 RESPONSES_FILE = "responses.jsonl"
@@ -24,14 +24,21 @@ def response_part_path(sweep_dir: str | Path, cid: str, batch: int) -> Path:
     return cell_dir(sweep_dir, cid) / f"responses-batch-{batch:05d}.part.jsonl"
 
 
+def first_missing_part(sweep_dir: str | Path, cid: str, done: int) -> int:
+    """The first of the `done` batches whose responses part is missing (done where none is): a resumed
+    cell starts there, so that its responses file can be joined whole."""
+    return next((i for i in range(done) if not response_part_path(sweep_dir, cid, i).is_file()), done)
+
+
 def join_response_parts(sweep_dir: str | Path, cid: str, num_batches: int) -> str:
     """The cell's responses file from its batches' parts, in prompt order, atomically; the parts go
     once it exists. Returns the file's name for the record."""
     parts = [response_part_path(sweep_dir, cid, i) for i in range(num_batches)]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
-        raise RuntimeError(f"responses of batch(es) {', '.join(missing)} are missing: run the cell again "
-                           f"(delete {cell_dir(sweep_dir, cid)})")
+        raise RuntimeError(f"responses of batch(es) {', '.join(missing)} are missing from {cell_dir(sweep_dir, cid)} "
+                           f"(removed while the cell ran?): re-run the same command: the cell resumes at the first "
+                           f"batch without its responses; delete nothing, the cell's other results are good")
     path = responses_path(sweep_dir, cid)
     write_atomic(path, b"".join(p.read_bytes() for p in parts))
     for part in parts:
@@ -83,3 +90,30 @@ class Responses:
         """The responses file, atomically; returns its name for the record."""
         write_atomic(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in self.lines).encode())
         return path.name
+
+
+def responses_problem(sweep_dir: str | Path, record: RankRecord) -> str | None:
+    """Why the responses file an ok record says it saved does not match the record's counts
+    (damaged: cut short, edited, from another run), or None where it matches or none was saved."""
+    block = record.responses or {}
+    if not record.ok or not block.get("saved") or record.counts is None:
+        return None
+    path = cell_dir(sweep_dir, record.cell_id) / (block.get("file") or RESPONSES_FILE)
+    try:
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+    except OSError:
+        return f"{path.name} is missing (the record says it was saved)"
+    except ValueError as exc:  # JSON, or text that is not UTF-8
+        return f"{path.name} does not parse ({type(exc).__name__}: {exc})"
+    counts = record.counts
+    if len(lines) != counts.responses:
+        return f"{path.name} has {len(lines)} line(s) where its record counts {counts.responses} response(s)"
+    if not all(isinstance(line, dict) for line in lines):
+        return f"{path.name} has a line that is not a JSON object"
+    ids = [line.get("prompt_id") for line in lines]
+    if len(set(map(str, ids))) != len(ids):
+        return f"{path.name} repeats a prompt_id"
+    correct = sum(1 for line in lines if line.get("correct") is True)
+    if counts.scored and correct != counts.correct:
+        return f"{path.name} marks {correct} response(s) correct where its record counts {counts.correct}"
+    return None

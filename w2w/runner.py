@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from dataclasses import asdict
 
 from w2w import checkpoint, distributed, engines
 from w2w.cell import Cell, DatasetConfig
+from w2w.cell_lock import CellLock
 from w2w.config import compose_grid, split_config_dirs
 from w2w.data import Prompt, check_unchanged, load_prompt_rows
 from w2w.energy.errors import EnergyError
@@ -19,10 +21,12 @@ from w2w.errors import ConfigError
 from w2w.measure import Loaded, measure_cell
 from w2w.model import DTYPES, Transformer, build_model
 from w2w.progress import progress_path
-from w2w.records import STATUS_OK, cell_done, write_record
+from w2w.records import STATUS_OK, cell_done, write_record_unless_worse
 from w2w.tokenizer import TokenizerLike, check_vocab, open_tokenizer
 
 log = logging.getLogger("w2w.run")
+LOCK_POLL_S = 0.25  # how often the ranks ask again for a cell another process holds (one small collective)
+HELD = "held"  # a cell another process runs, put off until the job's other cells are done
 
 
 def load_model(cell: Cell, info: distributed.DistInfo) -> tuple[Transformer, TokenizerLike]:
@@ -105,16 +109,48 @@ def _run_loaded(
     cells: list[Cell], info: distributed.DistInfo, monitor: EnergyMonitor, capper: PowerCapper,
     prompt_sets: dict[DatasetConfig, list[Prompt]],
 ) -> list[str]:
-    statuses = []
+    statuses: dict[int, str] = {}
     try:
         loaded = _load_measured(cells, info, monitor)
-        for index, cell in enumerate(cells):
-            statuses.append(_run_one(cell, f"{index + 1}/{len(cells)}", prompt_sets[cell.dataset], loaded, info,
-                                     monitor, capper))
+        # A cell that another process holds is put off, then waited for once the others are done:
+        # a second runner on the same cells does no harm, and a requeued job whose first attempt
+        # still lives resumes that attempt's cell when it ends.
+        for wait in (False, True):
+            for index, cell in enumerate(cells):
+                if statuses.get(index, HELD) == HELD:
+                    statuses[index] = _run_held(cell, f"{index + 1}/{len(cells)}", prompt_sets[cell.dataset],
+                                                loaded, info, monitor, capper, wait=wait)
     finally:  # also when a cell or the load fails: no GPU is left capped, NVML is shut down
         restore_or_log(capper)
         monitor.close()
-    return statuses
+    return [statuses[i] for i in range(len(cells))]
+
+
+def _take(cell: Cell, place: str, info: distributed.DistInfo, *, wait: bool) -> CellLock | None:
+    """The cell's lock, taken by rank 0 for all ranks (they agree on run or not, or the collectives
+    hang); None where another process holds it and wait is False. One line names the holder."""
+    lock = CellLock(cell.sweep_dir, cell.id)
+    while True:
+        if distributed.broadcast_flag(info.rank == 0 and lock.try_acquire()):
+            return lock
+        if not wait:  # the first pass: said once here, then waited for in silence
+            if info.rank == 0:
+                log.warning("cell %s %s: held by %s: runs after this job's other cells, once it ends", place,
+                            cell.id, lock.holder())
+            return None
+        time.sleep(LOCK_POLL_S)
+
+
+def _run_held(cell: Cell, place: str, rows: list[Prompt], loaded: Loaded, info: distributed.DistInfo,
+              monitor: EnergyMonitor, capper: PowerCapper, *, wait: bool) -> str:
+    """_run_one under the cell's lock, held until every rank has written its record."""
+    lock = _take(cell, place, info, wait=wait)
+    if lock is None:
+        return HELD
+    try:
+        return _run_one(cell, place, rows, loaded, info, monitor, capper)
+    finally:
+        lock.release()
 
 
 def _run_one(cell: Cell, place: str, rows: list[Prompt], loaded: Loaded, info: distributed.DistInfo,
@@ -123,10 +159,13 @@ def _run_one(cell: Cell, place: str, rows: list[Prompt], loaded: Loaded, info: d
     if distributed.broadcast_flag(cell_done(cell.sweep_dir, cell.id, info.world_size)):
         log.info("cell %s %s: done already, skipped", place, cell.id)
         return "skipped"
+    log.info("cell %s %s: started", place, cell.id)  # w2w-status reads a cell's own lines from here
     record, outcome = measure_cell(cell, rows, loaded, info, monitor, capper)
     if not record.ok:
         log.error("cell %s failed: %s", cell.id, record.error)
-    write_record(cell.sweep_dir, record)
+    if write_record_unless_worse(cell.sweep_dir, record) is None:
+        log.warning("cell %s: rank %d's ok record from an earlier run is kept (this run's %s is not written)",
+                    cell.id, info.rank, record.status)
     if record.ok:  # the record holds the batches now; a failed cell resumes
         progress_path(cell.sweep_dir, cell.id, info.rank).unlink(missing_ok=True)
     log.info("cell %s %s: %s", place, cell.id, record.status)
