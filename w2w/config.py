@@ -395,12 +395,13 @@ def validate(cfg: Cell) -> None:
     m = cfg.model
     n_kv = m.n_kv_heads or m.n_heads
     _check(cfg.shards >= 1, f"shards={cfg.shards}: must be >= 1")
-    check_shapes(cfg)
+    _check(m.n_heads >= 1, f"model.n_heads={m.n_heads}: must be >= 1")
     _check(
         m.n_heads % cfg.shards == 0 and n_kv % cfg.shards == 0,
         f"shards={cfg.shards} does not divide model {m.name}'s {m.n_heads} heads / {n_kv} KV heads: "
         f"choose shards from {divisors(math.gcd(m.n_heads, n_kv))}",
     )
+    check_shapes(cfg)
     _check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1")
     _check(cfg.max_gen_len >= 1, f"max_gen_len={cfg.max_gen_len}: must be >= 1")
     _check(
