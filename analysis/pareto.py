@@ -101,6 +101,14 @@ def _common(cells: pd.DataFrame, axes: list[str]) -> str:
                      and not is_missing(first.get(a)))
 
 
+def recommendation_axes(cells: pd.DataFrame, done: pd.DataFrame) -> list[str]:
+    """The axes a recommendation names: AXES and the sweep's other varying axes (seed, temperature, ...,
+    the table's attrs["axes"]), so a winner and runner-up never look alike while differing."""
+    extra = [a for a in cells.attrs.get("axes", []) if a in done and a not in AXES
+             and done[a].dropna().astype(str).nunique() > 1]
+    return varied_axes(done) + extra
+
+
 def recommend(cells: pd.DataFrame, target: Target, cost: str = "energy_per_token_j") -> Recommendation:
     """The cheapest ok cell (by `cost`) that meets the target, and the next cheapest that does."""
     rec = Recommendation(target, cost)
@@ -110,7 +118,7 @@ def recommend(cells: pd.DataFrame, target: Target, cost: str = "energy_per_token
         notes = sorted({n for n in done.get("note", pd.Series(dtype=object)).dropna() if n})
         rec.lines.append(f"No recommendation: no ok cell has {cost} ({'; '.join(notes) or 'no energy reading'}).")
         return rec
-    axes = varied_axes(done)
+    axes = recommendation_axes(cells, done)
     meeting = priced[target.met(priced)].sort_values([cost, "tokens_per_s"], ascending=[True, False], kind="stable")
     if meeting.empty:
         fastest = priced.sort_values("tokens_per_s", ascending=False, kind="stable").iloc[0].to_dict()

@@ -17,6 +17,7 @@ from w2w.launch.axes import cell_parameters, label, varying_axes
 from w2w.launch.status import completeness, sweep_problems
 from w2w.launch.submit import load_manifest
 
+from w2w.exits import quiet_on_broken_pipe
 from w2w.progress import with_batch_totals
 from w2w.records import (
     MANIFEST,
@@ -26,6 +27,7 @@ from w2w.records import (
     RankRecord,
     RecordError,
     read_record,
+    writable_problem,
     write_atomic,
 )
 
@@ -233,6 +235,7 @@ def reduce_cell(cell: CellRecords) -> dict:
         "output_tokens": totals.output_tokens,
         "positions": totals.positions,
         "responses": totals.responses,
+        "truncated_prompts": int(first["counts"].get("truncated_prompts", 0)),  # cut to dataset.max_prompt_tokens
         "note": f"no energy: {reason}" if reason else "",
         **_answer_columns(first, totals),
     }
@@ -290,7 +293,7 @@ def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
     if "engine" in table:  # records of sweeps before the rename: engine=reference was Llama 2's program
         table["engine"] = table["engine"].replace(OLD_ENGINE_NAMES)
     for column in ("cell_id", *PARAM_COLUMNS, *extra, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus",
-                   "nodes", "segments", "note",
+                   "nodes", "segments", "truncated_prompts", "note",
                    "score_note"):
         if column not in table:
             table[column] = None
@@ -308,7 +311,23 @@ TABLE_COLUMNS = ["model", "gpu", "dataset", "shards", "engine", "batch_size", "m
 def table_columns(table: pd.DataFrame) -> list[str]:
     """TABLE_COLUMNS with the sweep's other varying axes before the status."""
     at = TABLE_COLUMNS.index("status")
-    return [*TABLE_COLUMNS[:at], *table.attrs.get("axes", []), *TABLE_COLUMNS[at:]]
+    cut = [] if _cut_prompts(table).empty else ["truncated_prompts"]  # shown where a prompt was cut
+    return [*TABLE_COLUMNS[:at], *table.attrs.get("axes", []), *TABLE_COLUMNS[at:], *cut]
+
+
+def _cut_prompts(table: pd.DataFrame) -> pd.DataFrame:
+    """The ok cells whose prompts were cut to dataset.max_prompt_tokens."""
+    if "truncated_prompts" not in table:
+        return table.iloc[0:0]
+    counts = pd.to_numeric(table["truncated_prompts"], errors="coerce").fillna(0)
+    return table[(table["status"] == STATUS_OK) & (counts > 0)]
+
+
+def truncation_notes(table: pd.DataFrame) -> list[str]:
+    """One note per cell whose prompts were cut: a result measured on shortened prompts says so."""
+    return [f"cell {row['cell_id']}: {int(row['truncated_prompts'])} of {int(row['responses'])} prompts cut to "
+            "dataset.max_prompt_tokens (BOS and the last N-1 tokens kept): its numbers are for the cut prompts"
+            for row in _cut_prompts(table).to_dict("records")]
 
 
 def write_results(table: pd.DataFrame, sweep_dir: Path) -> Path:
@@ -331,7 +350,7 @@ def summary_notes(table: pd.DataFrame) -> list[str]:
     notes.extend(f"cpu_energy_j empty: {reason.removeprefix('no CPU energy: ')}" for reason in sorted(cpu_reasons))
     score_reasons = {row["score_note"] for _, row in table.iterrows() if row["status"] == STATUS_OK and row["score_note"]}
     notes.extend(f"answers: {reason}" for reason in sorted(score_reasons))
-    return notes
+    return notes + truncation_notes(table)
 
 
 def plot_timeline(sweep_dir: Path, cell: str) -> Path:
@@ -351,6 +370,7 @@ def plot_timeline(sweep_dir: Path, cell: str) -> Path:
     return save(rendered, sweep_dir / "results")
 
 
+@quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="w2w-reduce", description=__doc__)
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory (holds cells/)")
@@ -368,7 +388,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"w2w-reduce: error: {exc}", file=sys.stderr)
         return 2
     table = reduce_sweep(args.sweep_dir)
-    out = write_results(table, args.sweep_dir)
+    out = None
+    try:
+        problem = writable_problem(args.sweep_dir / "results")
+        out = write_results(table, args.sweep_dir) if problem is None else None
+    except OSError as exc:  # what the probe cannot foresee (a full disk)
+        problem = f"{exc.strerror or exc} ({exc.filename or args.sweep_dir})"
+    if out is None:
+        print(f"w2w-reduce: error: cannot write the results: {problem}: make {args.sweep_dir / 'results'} a "
+              "folder you can write, or reduce a copy of the sweep", file=sys.stderr)
+        return 2
     print(markdown(table, table_columns(table)))
     for note in summary_notes(table):
         print(note)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,7 +15,16 @@ from w2w.analysis.reduce import CellRecords, load_cells, reduce_cells, summary_n
 from w2w.launch.status import completeness, sweep_problems
 
 from w2w.engines import ENGINES
-from w2w.records import MANIFEST, Manifest, ManifestError, RecordError, read_manifest, write_atomic
+from w2w.exits import quiet_on_broken_pipe
+from w2w.records import (
+    MANIFEST,
+    Manifest,
+    ManifestError,
+    RecordError,
+    read_manifest,
+    writable_problem,
+    write_atomic,
+)
 
 # ours/paper needs a point on both sides; a range is compared by where ours falls in it.
 Span = tuple[float, float]
@@ -321,6 +331,23 @@ def frame_markdown(frame: pd.DataFrame) -> str:
     return tables.markdown(frame) + "\n"
 
 
+class NoOkCellError(Exception):
+    """The sweep has no ok cell yet: there is nothing to report (unfinished work, not bad input)."""
+
+
+def check_some_ok(sweep: Path, cells: pd.DataFrame) -> None:
+    """NoOkCellError naming the cells' states and where to see why, where no cell has finished ok."""
+    if not tables.ok(cells).empty:
+        return
+    states = ", ".join(f"{int(n)} {s}" for s, n in cells["status"].value_counts().items()) if len(cells) else "none"
+    # w2w-status names each planned cell's state and its job's failure; without a manifest, w2w-reduce lists the records.
+    follow = "w2w-status" if (sweep / MANIFEST).is_file() else "w2w-reduce"
+    raise NoOkCellError(
+        f"{sweep} has no ok cell yet (cell records: {states}): a report needs at least one finished cell; "
+        f"see why with: {shlex.join([follow, str(sweep)])}, and run w2w-report again once a cell is done"
+    )
+
+
 @dataclass
 class Report:
     out: Path
@@ -383,6 +410,7 @@ def render(sweep: Path, out: Path, max_timelines: int | None = None, target: par
     report.incomplete = None if complete is None or complete.complete else complete.warning()
     loaded = load_cells(sweep)  # every rank file parsed once, for the table and the facts
     cells = reduce_cells(loaded)
+    check_some_ok(sweep, cells)
     skipped = read_skipped(manifest)
     facts = read_facts(loaded)
     report.notes += summary_notes(cells)
@@ -462,6 +490,7 @@ def _costs_section(costs: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+@quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="w2w-report", description=__doc__)
     parser.add_argument("sweep_dir", type=Path, help="a finished sweep directory (holds cells/)")
@@ -477,16 +506,29 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and not value > 0:
             print(f"w2w-report: error: {option}={value}: must be > 0", file=sys.stderr)
             return 2
-    if not (args.sweep_dir / "cells").is_dir():
+    if not (args.sweep_dir / "cells").is_dir() and not (args.sweep_dir / MANIFEST).is_file():
+        # A planned sweep whose jobs wrote no cell yet has its manifest: that one is a run, without results.
         print(f"w2w-report: error: {args.sweep_dir} has no cells/ folder: give the sweep_dir of a run",
               file=sys.stderr)
         return 2
     out = args.out or args.sweep_dir / "results" / "paper"
+    problem = writable_problem(out)
+    if problem:
+        print(f"w2w-report: error: cannot write the report to {out}: {problem}: give --out a folder you can write",
+              file=sys.stderr)
+        return 2
     target = pareto.Target(args.min_tokens_per_s, args.max_seconds_per_response)
     try:
         report = render(args.sweep_dir, out, args.max_timelines, target)
     except (ManifestError, RecordError) as exc:
         print(f"w2w-report: error: {exc}", file=sys.stderr)
+        return 2
+    except NoOkCellError as exc:
+        print(f"w2w-report: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a read-only sweep_dir or --out, a file where a folder must go
+        print(f"w2w-report: error: cannot write the report to {out}: {exc.strerror or exc} "
+              f"({exc.filename or out}): give --out a folder you can write", file=sys.stderr)
         return 2
     if report.incomplete:
         print(f"w2w-report: warning: {report.incomplete}", file=sys.stderr)

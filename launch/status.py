@@ -15,6 +15,7 @@ from w2w.launch import process
 from w2w.launch.axes import cell_axes, describe
 from w2w.launch.submit import load_manifest
 
+from w2w.exits import quiet_on_broken_pipe
 from w2w.records import (
     MANIFEST,
     Manifest,
@@ -399,6 +400,7 @@ def render(sweep_dir: Path, status: SweepStatus) -> str:
     return "\n".join(lines)
 
 
+@quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="w2w-status", description=__doc__)
     parser.add_argument("sweep_dir", type=Path)

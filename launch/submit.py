@@ -11,6 +11,8 @@ import contextlib
 import fcntl
 import io
 import json
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -108,7 +110,9 @@ def submit_jobs(jobs_and_cells: list[tuple[Job, list[PlannedCell]]], sweep_dir: 
         executor = make_executor(group[0][0], folder)
         chatter = io.StringIO()  # submitit echoes sbatch's stderr; the error line below says it once
         try:
-            with contextlib.redirect_stderr(chatter), executor.batch():
+            local = group[0][0].cell.cluster.backend == "local"
+            quiet = _controller_stderr(sweep_dir / "submitit" / CONTROLLER_LOG) if local else contextlib.nullcontext()
+            with contextlib.redirect_stderr(chatter), quiet, executor.batch():
                 handles = [executor.submit(CellsJob([c.cell for c in cells])) for _, cells in group]
         except Exception as exc:  # sbatch's refusal, whatever submitit wraps it in
             names = "; ".join(job.describe() for job, _ in group)
@@ -116,6 +120,27 @@ def submit_jobs(jobs_and_cells: list[tuple[Job, list[PlannedCell]]], sweep_dir: 
             continue
         on_submitted([(job, cells, handle) for (job, cells), handle in zip(group, handles, strict=True)])
     return errors
+
+
+# Where the local executor's controller processes write their stderr (submitit's own traceback on Ctrl-C).
+CONTROLLER_LOG = "local-controllers.log"
+
+
+@contextlib.contextmanager
+def _controller_stderr(log: Path) -> Iterator[None]:
+    """Point file descriptor 2 at `log` while local jobs start. Their controller inherits it, and a Ctrl-C
+    in the terminal reaches the controller too: its KeyboardInterrupt traceback then goes to the log
+    instead of following w2w-sweep's own message. The tasks' output goes to their own files anyway."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(log, "a") as handle:
+            os.dup2(handle.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def load_manifest(sweep_dir: Path) -> Manifest:

@@ -24,7 +24,8 @@ from w2w.launch.submit import (
 )
 
 from w2w.errors import ConfigError
-from w2w.records import MANIFEST, ManifestError
+from w2w.exits import quiet_on_broken_pipe
+from w2w.records import MANIFEST, ManifestError, writable_problem
 
 USAGE = """w2w-sweep [--plan] [--wait] [key=value ...]
 
@@ -48,31 +49,12 @@ def print_plan(plan: Plan) -> None:
         print(f"  skipped {cell.id} {describe(params[cell.id], axes)}: {cell.skip_reason}")
 
 
-def _writable_problem(path: Path) -> str | None:
-    """Why sweep_dir cannot hold the sweep, judged from it or its nearest existing parent."""
-    probe = path
-    try:
-        while not probe.exists():
-            if probe.is_symlink():
-                return f"{probe} is a broken symbolic link"
-            probe = probe.parent
-    except OSError as exc:  # a parent this user may not enter
-        return f"{probe} cannot be reached ({exc.strerror})"
-    if not probe.is_dir():
-        return f"{probe} is a file, not a folder"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{probe} is not writable by this user"
-    if os.statvfs(probe).f_flag & os.ST_RDONLY:
-        return f"{probe} is on a read-only file system"
-    return None
-
-
 def _sweep_dir(plan: Plan) -> Path:
     dirs = {cell.cell.sweep_dir for cell in plan.cells + plan.skipped}
     if len(dirs) != 1:
         raise ConfigError(f"sweep_dir must be one folder for the whole sweep, got {sorted(dirs)}")
     sweep_dir = Path(dirs.pop())
-    problem = _writable_problem(sweep_dir)
+    problem = writable_problem(sweep_dir)
     if problem:
         raise ConfigError(f"sweep_dir={sweep_dir}: {problem}: give sweep_dir= a folder you can write")
     return sweep_dir
@@ -115,7 +97,7 @@ def submit(plan: Plan, sweep_dir: Path, argv: list[str]) -> int:
         errors = submit_jobs(todo, sweep_dir, on_submitted) if todo else []
     for error in errors:
         print(f"w2w-sweep: error: {error}", file=sys.stderr)
-    print(f"sweep manifest: {sweep_dir / MANIFEST}; follow with: w2w-status {sweep_dir}")
+    print(f"sweep manifest: {sweep_dir / MANIFEST}; follow with: {shlex.join(['w2w-status', str(sweep_dir)])}")
     return len(errors)
 
 
@@ -185,7 +167,7 @@ def _interrupted(plan: Plan, sweep_dir: Path, argv: list[str]) -> int:
         ids = "<job ids>"
         with contextlib.suppress(ManifestError, StatusError):
             ids = " ".join(sweep_status(sweep_dir).active) or ids
-        print(f"\nw2w-sweep: interrupted: the SLURM jobs keep running; follow them with: w2w-status {sweep_dir} "
+        print(f"\nw2w-sweep: interrupted: the SLURM jobs keep running; follow them with: {shlex.join(['w2w-status', str(sweep_dir)])} "
               f"(or {again}); stop them with: scancel {ids}", file=sys.stderr)
     return 130
 
@@ -200,6 +182,7 @@ def positive_float(text: str) -> float:
     return value
 
 
+@quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="w2w-sweep", usage=USAGE, description=__doc__)
     parser.add_argument("--plan", action="store_true", help="print the jobs and cells; submit nothing")

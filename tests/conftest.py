@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # No network in tests: hub dataset names (the paper presets') plan from the datasets cache, as a
 # user without network would run them; tests of the unreachable-hub error unset this.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# ... and the cache holds them: --plan checks that an offline hub name has a copy (w2w.data.hub_cached).
+# Folders only, laid out as datasets files a prepared copy: planning reads no rows of a hub dataset.
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="w2w-hf-cache-")
+    for _prepared in ("openai___gsm8k/main", "tatsu-lab___alpaca/default"):
+        (Path(os.environ["HF_DATASETS_CACHE"]) / _prepared / "0.0.0" / "stub").mkdir(parents=True)
 IN_CI = os.environ.get("CI") == "true"
 FAKE_SITE = ROOT / "tests" / "fake_site"
 

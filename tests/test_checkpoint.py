@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.parallel import run_parallel
-from w2w import checkpoint, distributed, engines, hf
+from w2w import checkpoint, distributed, engines, hf, reshard_cli
 from w2w.cell import ModelConfig
 from w2w.config import compose_cell
 from w2w.distributed import DistInfo
@@ -201,9 +201,9 @@ def _all_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 def test_reshard_round_trip_2_4_1(ckpts, tmp_path, capsys):
     src = _copy(ckpts["meta2"], tmp_path / "two")
     shutil.copyfile(TINY_TOKENIZER, src / "tokenizer.model")
-    assert checkpoint.reshard_main([str(src), str(tmp_path / "four"), "--shards", "4"]) == 0
+    assert reshard_cli.main([str(src), str(tmp_path / "four"), "--shards", "4"]) == 0
     assert sorted(p.name for p in (tmp_path / "four").glob("*.pth")) == [f"consolidated.{i:02d}.pth" for i in range(4)]
-    assert checkpoint.reshard_main([str(tmp_path / "four"), str(tmp_path / "one"), "--shards", "1"]) == 0
+    assert reshard_cli.main([str(tmp_path / "four"), str(tmp_path / "one"), "--shards", "1"]) == 0
     one = torch.load(tmp_path / "one" / "consolidated.00.pth", weights_only=True)
     assert set(one) == set(ckpts["state"])
     for name, tensor in ckpts["state"].items():
@@ -215,7 +215,7 @@ def test_reshard_round_trip_2_4_1(ckpts, tmp_path, capsys):
 
 
 def test_reshard_hf_to_meta_matches_hf_load(ckpts, tmp_path):
-    assert checkpoint.reshard_main([str(ckpts["hf"]), str(tmp_path / "meta"), "--shards", "2", "--dtype", "bf16"]) == 0
+    assert reshard_cli.main([str(ckpts["hf"]), str(tmp_path / "meta"), "--shards", "2", "--dtype", "bf16"]) == 0
     from_hf = load_state(ckpts["hf"], 1, 2)
     from_meta = load_state(tmp_path / "meta", 1, 2)
     for name, tensor in from_hf.items():
@@ -224,9 +224,9 @@ def test_reshard_hf_to_meta_matches_hf_load(ckpts, tmp_path):
 
 
 def test_reshard_refuses_bad_requests(ckpts, tmp_path, capsys):
-    assert checkpoint.reshard_main([str(ckpts["meta2"]), str(tmp_path / "x"), "--shards", "3"]) == 2
+    assert reshard_cli.main([str(ckpts["meta2"]), str(tmp_path / "x"), "--shards", "3"]) == 2
     assert "--shards=3 does not divide" in capsys.readouterr().err
-    assert checkpoint.reshard_main([str(ckpts["meta2"]), str(ckpts["meta2"]), "--shards", "2"]) == 2
+    assert reshard_cli.main([str(ckpts["meta2"]), str(ckpts["meta2"]), "--shards", "2"]) == 2
     assert "is SRC" in capsys.readouterr().err
 
 
@@ -241,7 +241,7 @@ def test_reshard_onto_its_own_source_touches_nothing(ckpts, tmp_path, capsys):
     before = _tree(src)
     for dst in (str(src), f"{src}/", str(tmp_path / "link"), f"{tmp_path}/ck/../ck"):
         for shards in ("2", "1"):
-            assert checkpoint.reshard_main([str(src), dst, "--shards", shards, "--force"]) == 2, dst
+            assert reshard_cli.main([str(src), dst, "--shards", shards, "--force"]) == 2, dst
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and "is SRC" in err and "nothing was changed" in err, err
     assert _tree(src) == before
@@ -251,7 +251,7 @@ def test_reshard_onto_its_own_source_touches_nothing(ckpts, tmp_path, capsys):
 def test_reshard_to_a_regular_file_is_one_line(ckpts, tmp_path, capsys):
     dst = tmp_path / "file"
     dst.write_text("keep me")
-    assert checkpoint.reshard_main([str(ckpts["meta2"]), str(dst), "--shards", "1", "--force"]) == 2
+    assert reshard_cli.main([str(ckpts["meta2"]), str(dst), "--shards", "1", "--force"]) == 2
     err = capsys.readouterr().err
     assert err == f"w2w-reshard: error: DST {dst} is a file, not a folder: give a directory to write the checkpoint into\n"
     assert dst.read_text() == "keep me"

@@ -44,7 +44,9 @@ def test_unfit_cell_is_an_error_without_skip_unfit():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [(["model=llama_65b", "gpu=v100", "cluster=supercloud", "shards=64"], "cluster.max_nodes"),
-     (["shards=3", "model.n_heads=6", "model.dim=48", "cluster=supercloud"], "does not split evenly over 2 nodes"),
+     # vocab_size and multiple_of: a model whose dim, vocabulary and feed-forward width 3 shards can split.
+     (["shards=3", "model.n_heads=6", "model.dim=48", "model.vocab_size=513", "model.multiple_of=3",
+       "cluster=supercloud"], "does not split evenly over 2 nodes"),
      (["model=llama_65b", "shards=16"], r"offers at most 1 \(cluster.max_nodes\)"),
      (["dataset=gsm8k", "dataset.path=/nonexistent/gsm8k.jsonl"], "dataset.path=/nonexistent/gsm8k.jsonl: no such file")],
 )

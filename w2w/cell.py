@@ -54,6 +54,8 @@ class DatasetConfig:
     fewshot_k: int = 0
     # Set by w2w, not an option: sha256 of the local prompt file, so that editing it changes the cell id.
     content_sha256: str | None = None
+    # Set by w2w, not an option: sha256 of dataset.fewshot_path where fewshot_k > 0 (the shots are in every prompt).
+    fewshot_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,7 @@ ID_NEW_DEFAULTS = {
     # content_sha256 is None for hub and synthetic data: they keep their earlier ids.
     # max_prompt_tokens: None (nothing cut) became the default after 128; a cell that sets it keeps its id.
     "dataset": {"prompt_template": "{prompt}", "fewshot_path": None, "fewshot_k": 0, "content_sha256": None,
-                "max_prompt_tokens": None},
+                "max_prompt_tokens": None, "fewshot_sha256": None},
     "model": {"eos_token": None, "rope_scaling_factor": None, "rope_low_freq_factor": 1.0,
               "rope_high_freq_factor": 4.0, "rope_original_max_pos": 8192},
 }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import logging
@@ -434,54 +433,7 @@ def reshard(src: Path, dst: Path, shards: int, dtype: torch.dtype | None = None,
     return written
 
 
-def _stale_shards(dst: Path, shards: int) -> list[Path]:
+def stale_shards(dst: Path, shards: int) -> list[Path]:
     if not dst.is_dir():
         return []
     return [p for p in dst.iterdir() if _META_SHARD.fullmatch(p.name) and int(p.name.split(".")[1]) >= shards]
-
-
-def _check_destination(src: Path, dst: Path) -> None:
-    """DST must be a folder other than SRC (after `dir/`, `..` and symbolic links resolve)."""
-    if dst.exists() and not dst.is_dir():
-        raise ConfigError(f"DST {dst} is a file, not a folder: give a directory to write the checkpoint into")
-    if src.exists() and dst.resolve() == src.resolve():
-        raise ConfigError(f"DST {dst} is SRC {src}: write the resharded checkpoint to a new directory "
-                          "(nothing was changed)")
-
-
-def reshard_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="w2w-reshard",
-        description="Write a checkpoint (Meta's params.json + consolidated.NN.pth, or Hugging Face "
-        "config.json + *.safetensors) as a Meta checkpoint with N shards. Holds one output shard in memory.",
-    )
-    parser.add_argument("src", type=Path, help="checkpoint directory to read")
-    parser.add_argument("dst", type=Path, help="directory to write (created)")
-    parser.add_argument("--shards", type=int, required=True, help="number of output shards (= GPUs)")
-    parser.add_argument("--dtype", choices=[*DTYPES, "keep"], default="keep", help="weight dtype to write")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in DST")
-    opts = parser.parse_args(argv)
-    try:
-        if opts.shards < 1:
-            raise ConfigError(f"--shards={opts.shards}: must be >= 1")
-        _check_destination(opts.src, opts.dst)  # before anything in DST is removed
-        if (opts.dst / PARAMS_JSON).exists() and not opts.force:
-            raise ConfigError(f"{opts.dst / PARAMS_JSON} exists: pass --force to overwrite")
-        stale = _stale_shards(opts.dst, opts.shards)
-        if stale and not opts.force:
-            raise ConfigError(f"{opts.dst} holds {stale[0].name}, beyond --shards={opts.shards}: pass --force")
-        for path in stale:
-            path.unlink()
-        if (opts.dst / PARAMS_JSON).exists():
-            (opts.dst / PARAMS_JSON).unlink()
-        written = reshard(opts.src, opts.dst, opts.shards, None if opts.dtype == "keep" else DTYPES[opts.dtype])
-    except ConfigError as exc:
-        print(f"w2w-reshard: error: {exc}", file=sys.stderr)
-        return 2
-    size = sum(p.stat().st_size for p in written)
-    print(f"wrote {len(written)} shard(s), {size / 2**30:.2f} GiB, to {opts.dst}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(reshard_main())

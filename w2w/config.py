@@ -12,6 +12,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.config_store import ConfigStore
@@ -69,6 +70,8 @@ def config_dirs(extra: Sequence[str | Path] = ()) -> list[Path]:
     dirs = [package_config_dir()]
     for option, value in given:
         path = Path(value).expanduser().resolve()
+        if path in dirs:  # the same folder named twice (--config-dir and W2W_CONFIG_DIR): searched once
+            continue
         if not path.is_dir():
             raise ConfigError(
                 f"{option}={value} is not a directory: point it at a folder of presets laid out like "
@@ -135,6 +138,10 @@ def expand_overrides(overrides: list[str]) -> list[list[str]]:
         _check_sweep_kind(override)
         if override.is_sweep_override():
             values = [f"{key}={v}" for v in override.sweep_string_iterator()]
+            if not values:
+                raise ConfigError(f"{override.input_line}: the sweep has no values (a range(start,stop,step) "
+                                  f"whose stop is not past its start, in the step's direction, is empty): give "
+                                  f"values, e.g. {key}=range(1,5) or {key}=1,2,4")
         else:
             values = [f"{key}={override.get_value_element_as_str()}"]
         axes.append(values)
@@ -163,6 +170,14 @@ def _grid_value(value: Any) -> str:
 def _search_entry(path: Path) -> str:
     """A quoted `file://` entry of hydra.searchpath (a path may hold commas or spaces)."""
     return "'file://" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _yaml_message(exc: yaml.YAMLError) -> str:
+    """One line naming the preset file, the line and column, and PyYAML's reason."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{mark.name} line {mark.line + 1} column {mark.column + 1}" if mark is not None else "a preset file"
+    reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{where}: not valid YAML ({reason}): fix that line (presets are YAML mappings, e.g. name: mysite)"
 
 
 class Composer:
@@ -194,6 +209,8 @@ class Composer:
             raise ConfigError(self._missing_option_message(exc, overrides)) from exc
         except ConfigCompositionException as exc:
             raise ConfigError(self._composition_message(exc)) from exc
+        except yaml.YAMLError as exc:  # a preset (often a site's own, --config-dir) that is not YAML
+            raise ConfigError(_yaml_message(exc)) from None
         finally:
             GlobalHydra.instance().clear()
 
@@ -247,15 +264,17 @@ class Composer:
         return cell
 
     def _stamp_content_hash(self, dataset: DictConfig) -> None:
-        """Put the local prompt file's content hash into the cell (hence into its id)."""
+        """Put the local prompt file's and the few-shot file's content hashes into the cell (hence into its id)."""
         local = data.check_local_path(dataset) if dataset.name != "synthetic" else None
-        if local is None:
-            dataset.content_sha256 = None
-            return
-        key = str(local.resolve())
+        dataset.content_sha256 = None if local is None else self._file_hash(local)
+        fewshot = data.fewshot_file(dataset) if dataset.fewshot_k else None
+        dataset.fewshot_sha256 = None if fewshot is None else self._file_hash(fewshot)
+
+    def _file_hash(self, path: Path) -> str:
+        key = str(path.resolve())
         if key not in self._hashes:
-            self._hashes[key] = data.file_sha256(local)
-        dataset.content_sha256 = self._hashes[key]
+            self._hashes[key] = data.file_sha256(path)
+        return self._hashes[key]
 
     def _fill_from_checkpoint(self, model: DictConfig, given: set[str]) -> None:
         """model=checkpoint (a model config without dim): the architecture comes from the checkpoint's
@@ -351,16 +370,38 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_shapes(cfg: Cell) -> None:
+    """The model's shapes as the node will build them: each rule here was a reshape or FairScale error there."""
+    m = cfg.model
+    for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+        value = getattr(m, key)
+        _check(value >= 1, f"model.{key}={value}: must be >= 1")
+    _check(m.n_kv_heads is None or m.n_kv_heads >= 1, f"model.n_kv_heads={m.n_kv_heads}: must be >= 1, or null")
+    _check(m.dim % m.n_heads == 0, f"model.n_heads={m.n_heads} does not divide model.dim={m.dim}: each head takes "
+           f"dim / n_heads values; choose n_heads from {divisors(m.dim)}")
+    _check(m.head_dim % 2 == 0, f"model.dim={m.dim} / model.n_heads={m.n_heads} = {m.head_dim} values per head, "
+           "which rotary embeddings need even: change model.dim or model.n_heads")
+    _check(m.n_heads % m.kv_heads == 0, f"model.n_kv_heads={m.kv_heads} does not divide model.n_heads={m.n_heads}: "
+           f"each KV head serves a group of query heads; choose n_kv_heads from {divisors(m.n_heads)}")
+    for name, size in (("model.dim", m.dim), ("model.vocab_size", m.vocab_size),
+                       ("the feed-forward width (from model.dim, multiple_of, ffn_dim_multiplier)", m.ffn_hidden)):
+        _check(cfg.shards < 1 or size % cfg.shards == 0,
+               f"shards={cfg.shards} does not divide {name}={size}, which FairScale splits over the shards: "
+               f"choose shards from {[d for d in divisors(math.gcd(m.n_heads, m.kv_heads)) if size % d == 0]}")
+
+
 def validate(cfg: Cell) -> None:
     """Checks that need no files or hardware: done on the login node before submitting."""
     m = cfg.model
     n_kv = m.n_kv_heads or m.n_heads
     _check(cfg.shards >= 1, f"shards={cfg.shards}: must be >= 1")
+    _check(m.n_heads >= 1, f"model.n_heads={m.n_heads}: must be >= 1")
     _check(
         m.n_heads % cfg.shards == 0 and n_kv % cfg.shards == 0,
         f"shards={cfg.shards} does not divide model {m.name}'s {m.n_heads} heads / {n_kv} KV heads: "
         f"choose shards from {divisors(math.gcd(m.n_heads, n_kv))}",
     )
+    check_shapes(cfg)
     _check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1")
     _check(cfg.max_gen_len >= 1, f"max_gen_len={cfg.max_gen_len}: must be >= 1")
     _check(

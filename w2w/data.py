@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,11 @@ def check_unchanged(cfg: DatasetConfig) -> None:
             f"dataset.path={cfg.path} was edited after the sweep was planned: re-run w2w-sweep so that "
             f"its cells get new ids (the results would otherwise be filed under the old data's cells)"
         )
+    if cfg.fewshot_sha256 and file_sha256(fewshot_file(cfg)) != cfg.fewshot_sha256:
+        raise ConfigError(
+            f"dataset.fewshot_path={cfg.fewshot_path} was edited after the sweep was planned: re-run w2w-sweep "
+            f"so that its cells get new ids (the results would otherwise be filed under the old shots' cells)"
+        )
 
 
 Rows = list[tuple[str, object]]  # (where in the file: "line 3" or "row 3", the row)
@@ -168,6 +174,7 @@ def check_rows(cfg: DatasetConfig, path: Path, rows: Rows) -> None:
                 what = "null" if value is None else "empty" if isinstance(value, str) else f"a {type(value).__name__}"
                 raise ConfigError(f"dataset.path={path}: {where} has field '{name}' {what}, not text: "
                                   f"fill it in or remove the row")
+        check_answer(f"dataset.path={path}: {where}", cfg.name, row)
     if cfg.num_prompts > len(rows):
         raise ConfigError(
             f"dataset.num_prompts={cfg.num_prompts} but {path} has {len(rows)} rows: "
@@ -175,13 +182,55 @@ def check_rows(cfg: DatasetConfig, path: Path, rows: Rows) -> None:
         )
 
 
+# Fields that must be text where a row has them: GSM8K's answer is a worked solution ending in '#### N',
+# which scoring and the k-shot prefix read as text (a bare number failed on the node with a TypeError).
+TEXT_FIELDS = {"alpaca": ("input",), "gsm8k": ("answer",)}
+
+
+def check_answer(where: str, name: str, row: dict) -> None:
+    """A row's optional text fields (GSM8K's answer) are text or absent; ConfigError naming the row."""
+    for field_name in TEXT_FIELDS.get(name, ()):
+        value = row.get(field_name)
+        if value is not None and not isinstance(value, str):
+            example = f'"#### {value}"' if field_name == "answer" else f'"{value}"'
+            raise ConfigError(f"{where} has field '{field_name}' {value!r}, a {type(value).__name__}, not text: "
+                              f"write it as text, e.g. {example}" + (" (a worked answer ends in '#### N')"
+                                                                      if field_name == "answer" else ""))
+
+
 def hub_offline() -> bool:
     return any(os.environ.get(v, "").lower() in _TRUE for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _hf_home() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("HF_HOME") or Path(xdg) / "huggingface").expanduser()
+
+
+def hub_cached(name: str) -> bool:
+    """Whether a hub dataset has a copy that `datasets` can load offline: a prepared one in the datasets
+    cache (`NAMESPACE___NAME/CONFIG/VERSION/HASH`, as datasets' own cache lookup globs) or a download
+    in the hub cache (`datasets--NAMESPACE--NAME`). Read from the folders: no datasets import."""
+    parts = name.split("/")
+    # datasets files a name in snake case (camelcase_to_snakecase); for hub names that is lower case.
+    parts[-1] = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", parts[-1]).lower()
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or _hf_home() / "datasets").expanduser()
+    hub_cache = Path(os.environ.get("HF_HUB_CACHE") or _hf_home() / "hub").expanduser()
+    prepared = any(p.is_dir() for p in (datasets_cache / "___".join(parts)).glob("*/*/*"))
+    downloaded = (hub_cache / ("datasets--" + name.replace("/", "--")) / "snapshots").is_dir()
+    return prepared or downloaded
 
 
 def check_hub_reachable(cfg: DatasetConfig) -> None:
     """A hub name needs the hub (one quick connection), unless the user runs from the datasets cache."""
     if hub_offline():
+        if not hub_cached(str(cfg.path)):
+            raise ConfigError(
+                f"dataset.path={cfg.path} is a Hugging Face hub name but HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is "
+                f"set and the datasets cache ({os.environ.get('HF_DATASETS_CACHE') or _hf_home() / 'datasets'}) "
+                f"has no copy: give a local copy, e.g. dataset.path=/data/{cfg.name}.jsonl, or load it once "
+                f"online (unset HF_DATASETS_OFFLINE) to fill the cache"
+            )
         return
     endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
@@ -208,6 +257,7 @@ def check_dataset(cfg: DatasetConfig) -> None:
         check_hub_reachable(cfg)
     else:
         check_rows(cfg, local, local_rows(local))
+    fewshot_prefix(cfg)  # the k-shot file: exists, parses, has k rows of text (a hub dataset's cells too)
 
 
 def _load_rows(cfg: DatasetConfig):
@@ -250,18 +300,32 @@ def check_template(cfg: DatasetConfig) -> None:
         raise ConfigError(f"dataset.fewshot_k={k} needs dataset.fewshot_path: a .jsonl of GSM8K rows to draw shots from")
 
 
+def fewshot_file(cfg: DatasetConfig) -> Path:
+    """dataset.fewshot_path, which must be a file (checked when the cell is composed, and at --plan)."""
+    path = Path(str(cfg.fewshot_path))
+    if not path.is_file():
+        raise ConfigError(f"dataset.fewshot_path={cfg.fewshot_path}: no such file: give a .jsonl of GSM8K rows "
+                          f"(question, answer), or drop dataset.fewshot_k for zero-shot prompts")
+    return path
+
+
 def fewshot_prefix(cfg: DatasetConfig) -> str:
     """The first dataset.fewshot_k rows of dataset.fewshot_path, each as the template filled with
     its question followed by its worked answer (which ends in '#### N')."""
     k = cfg.fewshot_k
     if not k:
         return ""
-    path = Path(cfg.fewshot_path)
+    path = fewshot_file(cfg)
     try:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"dataset.fewshot_path={path}: cannot read it as JSONL: {exc}") from exc
+        raise ConfigError(f"dataset.fewshot_path={path}: cannot read it as JSONL: {exc}") from None
     good = [r for r in rows if isinstance(r, dict) and {"question", "answer"} <= r.keys()]
+    for number, row in enumerate(good[:k], 1):
+        if not isinstance(row["question"], str):
+            raise ConfigError(f"dataset.fewshot_path={path}: shot {number} has field 'question' "
+                              f"{row['question']!r}, not text: write it as text")
+        check_answer(f"dataset.fewshot_path={path}: shot {number}", "gsm8k", row)
     if len(good) < k:
         raise ConfigError(
             f"dataset.fewshot_path={path} has {len(good)} rows with question and answer; "

@@ -7,15 +7,10 @@ import logging
 import sys
 import time
 
-import fairscale.nn.model_parallel.initialize as fs_init
-import torch
-
-from w2w import distributed, engines
 from w2w.cell import Cell
 from w2w.config import compose_cell, expand_overrides
-from w2w.engines.common import SamplingParams
 from w2w.errors import ConfigError
-from w2w.runner import load_model, setup_logging
+from w2w.exits import quiet_on_broken_pipe
 
 log = logging.getLogger("w2w.generate")
 
@@ -61,6 +56,11 @@ def length_problem(prompt_tokens: int, max_gen_len: int, max_seq_len: int) -> st
 
 def complete(cfg: Cell, prompt: str) -> tuple[str, int]:
     """Run on every rank; returns (completion text, rank)."""
+    # Imported here: a bad argument is refused before torch, FairScale and the runner load (seconds).
+    from w2w import distributed, engines
+    from w2w.engines.common import SamplingParams
+    from w2w.runner import load_model
+
     info = distributed.init(cfg.gpu.device, cfg.dist_timeout_s)
     with contextlib.redirect_stdout(sys.stderr):  # FairScale prints its set-up; stdout is the completion's
         distributed.init_model_parallel(cfg.shards, info.world_size)
@@ -83,14 +83,17 @@ def complete(cfg: Cell, prompt: str) -> tuple[str, int]:
 
 def _shutdown() -> None:
     # Leaves the process clean for another main() call (tests) and avoids NCCL's exit warning.
+    import fairscale.nn.model_parallel.initialize as fs_init
+    import torch
+
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
+@quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in args):
         print(__doc__.strip() + "\n\n" + USAGE)
@@ -100,7 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"w2w-generate: error: no prompt given\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        text, rank = complete(compose(overrides), prompt)
+        cell = compose(overrides)
+    except ConfigError as exc:
+        print(f"w2w-generate: error: {exc}", file=sys.stderr)
+        return 2
+    from w2w.runner import setup_logging  # torch: only once the arguments are known to be good
+
+    setup_logging()
+    try:
+        text, rank = complete(cell, prompt)
     except ConfigError as exc:
         print(f"w2w-generate: error: {exc}", file=sys.stderr)
         return 2

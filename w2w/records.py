@@ -584,3 +584,22 @@ def read_manifest(path: Path) -> Manifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is unreadable ({exc}): {_MOVE_AWAY}") from exc
     return parse_manifest(data, str(path))
+
+
+def writable_problem(path: Path) -> str | None:
+    """Why sweep_dir cannot hold the sweep, judged from it or its nearest existing parent."""
+    probe = path
+    try:
+        while not probe.exists():
+            if probe.is_symlink():
+                return f"{probe} is a broken symbolic link"
+            probe = probe.parent
+    except OSError as exc:  # a parent this user may not enter
+        return f"{probe} cannot be reached ({exc.strerror})"
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    if os.statvfs(probe).f_flag & os.ST_RDONLY:
+        return f"{probe} is on a read-only file system"
+    return None
