@@ -430,6 +430,8 @@ def validate(cfg: Cell) -> None:
         cfg.power_cap_w is None or cfg.gpu.device == "cuda",
         f"power_cap_w={cfg.power_cap_w} needs a GPU: set gpu= to a GPU profile or drop power_cap_w",
     )
+    _check(cfg.repeats >= 1, f"repeats={cfg.repeats}: must be >= 1 (runs per cell; 1: each cell once)")
+    _check(cfg.repeat == 0, f"repeat={cfg.repeat}: set by w2w for each run, not an option: use repeats=N")
 
 
 def compose_grid(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> list[Cell]:

@@ -18,6 +18,7 @@ from w2w.engines.common import synchronize
 from w2w.errors import ConfigError
 from w2w.measure import Loaded, measure_cell
 from w2w.model import DTYPES, Transformer, build_model
+from w2w.order import run_order
 from w2w.progress import progress_path
 from w2w.records import STATUS_OK, cell_done, write_record
 from w2w.tokenizer import TokenizerLike, check_vocab, open_tokenizer
@@ -108,8 +109,9 @@ def _run_loaded(
     statuses = []
     try:
         loaded = _load_measured(cells, info, monitor)
-        for index, cell in enumerate(cells):
-            statuses.append(_run_one(cell, f"{index + 1}/{len(cells)}", prompt_sets[cell.dataset], loaded, info,
+        runs = run_order(cells)  # each cell once per repeat, interleaved; the model stays loaded
+        for index, cell in enumerate(runs):
+            statuses.append(_run_one(cell, f"{index + 1}/{len(runs)}", prompt_sets[cell.dataset], loaded, info,
                                      monitor, capper))
     finally:  # also when a cell or the load fails: no GPU is left capped, NVML is shut down
         restore_or_log(capper)
@@ -120,7 +122,9 @@ def _run_loaded(
 def _run_one(cell: Cell, place: str, rows: list[Prompt], loaded: Loaded, info: distributed.DistInfo,
              monitor: EnergyMonitor, capper: PowerCapper) -> str:
     """One cell of the job, unless done already; its record is written; returns its status."""
-    if distributed.broadcast_flag(cell_done(cell.sweep_dir, cell.id, info.world_size)):
+    if cell.repeats > 1:
+        place += f" repeat {cell.repeat + 1}/{cell.repeats}"
+    if distributed.broadcast_flag(cell_done(cell.sweep_dir, cell.id, info.world_size, cell.repeat)):
         log.info("cell %s %s: done already, skipped", place, cell.id)
         return "skipped"
     record, outcome = measure_cell(cell, rows, loaded, info, monitor, capper)
@@ -128,7 +132,7 @@ def _run_one(cell: Cell, place: str, rows: list[Prompt], loaded: Loaded, info: d
         log.error("cell %s failed: %s", cell.id, record.error)
     write_record(cell.sweep_dir, record)
     if record.ok:  # the record holds the batches now; a failed cell resumes
-        progress_path(cell.sweep_dir, cell.id, info.rank).unlink(missing_ok=True)
+        progress_path(cell.sweep_dir, cell.id, info.rank, cell.repeat).unlink(missing_ok=True)
     log.info("cell %s %s: %s", place, cell.id, record.status)
     if distributed.worst_outcome(outcome, info) == distributed.GROUP_BROKEN:
         raise RuntimeError(
