@@ -10,7 +10,7 @@ import pandas as pd
 from w2w.analysis.figures import Rendered, _empty, _new, _title
 from w2w.analysis.metrics import METRICS
 from w2w.analysis.stats import CI95, N, overlap
-from w2w.analysis.tables import is_missing, ok, show
+from w2w.analysis.tables import half_text, is_missing, ok, show
 
 # Every axis a sweep may vary; those with more than one value among the ok cells name each point.
 AXES = ("model", "gpu", "engine", "dataset", "shards", "batch_size", "max_gen_len", "power_cap_w", "precision")
@@ -149,7 +149,7 @@ def distinguishable(best: dict, other: dict, cost: str) -> list[str]:
         return [f"- {cost} has no interval for both cells (run once): run with repeats=3 or more to tell "
                 "whether the difference is real"]
     a, b = _interval(best, cost), _interval(other, cost)
-    shown = f"{a[0]:.4g} ± {a[1]:.2g} vs {b[0]:.4g} ± {b[1]:.2g} {UNITS.get(cost, '')}".rstrip()
+    shown = f"{a[0]:.4g} ± {half_text(a[1])} vs {b[0]:.4g} ± {half_text(b[1])} {UNITS.get(cost, '')}".rstrip()
     if both:
         return [f"- **not distinguishable**: the 95% intervals of {cost} overlap ({shown}; n = "
                 f"{best.get(cost + N)}, {other.get(cost + N)} repeats)"]

@@ -42,7 +42,8 @@ def repeats_lines(cells: pd.DataFrame, table_markdown: str) -> list[str]:
               "cycles, each cycle in an order shuffled by the seed, so drift and heat spread over every cell. "
               "Every figure in the tables is the mean over a cell's runs; ± is the half-width of the 95% "
               "interval of that mean (Student t, n - 1 degrees of freedom); ±% is that as a share of the mean. "
-              f"Per-metric n, std and interval are in the cells table (`<metric>{N}`, `{STD}`, `{CI95}`).", ""]
+              f"Per-metric n, std and interval are in the cells table (`<metric>{N}`, `{STD}`, `{CI95}`). "
+              "An empty entry was not measured (the Notes say why).", ""]
     lines += [table_markdown, ""]
     notes = [f"- cell {r['cell_id']}: {r['repeat_note']}" for r in done.to_dict("records")
              if isinstance(r.get("repeat_note"), str) and r["repeat_note"]]

@@ -342,7 +342,12 @@ def interval_text(row: dict, column: str, fmt: str = "{:.4g}") -> str:
     half = row.get(column + CI95)
     if not text or is_missing(half) or not isinstance(half, float | int):
         return text
-    return f"{text} ± {half:.2g}"
+    return f"{text} ± {half_text(float(half))}"
+
+
+def half_text(half: float) -> str:
+    """An interval's half-width to two significant digits, without an exponent for large ones (350, not 3.5e+02)."""
+    return f"{float(f'{half:.2g}'):g}"
 
 
 def interval_markdown(frame: pd.DataFrame, columns: list[str], fmt: str = "{:.4g}") -> str:

@@ -99,6 +99,29 @@ def test_report_section_and_recommendation_say_when_intervals_overlap(tmp_path):
     assert "## Repeats: spread and 95% intervals" in lines and "TABLE" in lines
 
 
+def _error_bars(figure) -> list:
+    from matplotlib.container import ErrorbarContainer
+
+    return [c for ax in figure.axes for c in ax.containers if isinstance(c, ErrorbarContainer)
+            and any(len(line.get_segments()) for line in c.lines[2])]
+
+
+def test_figures_draw_error_bars_only_for_cells_with_repeats(tmp_path):
+    from w2w.analysis.figures import overview_figure
+    from w2w.analysis.pareto import pareto_figure
+
+    _write(tmp_path / "r", [_record("a", k, t, e, batch_size=4) for k, (t, e) in enumerate(((10, 100), (8, 90), (12, 110)))]
+           + [_record("b", k, t, e, batch_size=8) for k, (t, e) in enumerate(((9, 80), (10, 85), (11, 90)))])
+    cells = reduce_sweep(tmp_path / "r")
+    overview, pareto = overview_figure(cells), pareto_figure(cells)
+    assert _error_bars(overview.figure) and _error_bars(pareto.figure)
+    assert any("error bars: the 95% interval" in n for n in overview.notes + pareto.notes)
+    _write(tmp_path / "once", [_record("a", 0, 10.0, 100.0, repeats=1), _record("b", 0, 9.0, 80.0, repeats=1,
+                                                                                batch_size=8)])
+    once = reduce_sweep(tmp_path / "once")
+    assert not _error_bars(overview_figure(once).figure) and not _error_bars(pareto_figure(once).figure)
+
+
 def test_repeats_do_not_change_the_cell_id_and_bad_values_are_refused():
     assert compose_cell(["repeats=3"]).id == compose_cell([]).id
     with pytest.raises(ConfigError, match=r"repeats=0: must be >= 1"):
