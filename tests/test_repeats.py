@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from w2w.analysis.pareto import Target, recommend
+from w2w.analysis.pareto import Target, distinguishable, frontier_table, recommend
 from w2w.analysis.reduce import reduce_sweep
 from w2w.analysis.repeats import repeats_lines, spread_table
 from w2w.analysis.stats import summarize, t_975
@@ -86,13 +86,22 @@ def test_a_failed_or_missing_repeat_is_left_out_of_the_mean_and_named(tmp_path):
 
 def test_report_section_and_recommendation_say_when_intervals_overlap(tmp_path):
     # a and b: overlapping energy per token; d: clearly dearer.
-    _write(tmp_path, [_record("a", k, 10.0, e, batch_size=4) for k, e in enumerate((100.0, 90.0, 110.0))]
-           + [_record("b", k, 10.0, e, batch_size=8) for k, e in enumerate((104.0, 96.0, 112.0))]
+    # a and b: overlapping energy per token and speed (b a little dearer and faster); d: clearly dearer.
+    _write(tmp_path, [_record("a", k, t, e, batch_size=4) for k, (t, e) in enumerate(((10, 100), (9, 90), (11, 110)))]
+           + [_record("b", k, t, e, batch_size=8) for k, (t, e) in enumerate(((9, 104), (10, 96), (8, 112)))]
            + [_record("d", k, 10.0, e, batch_size=16) for k, e in enumerate((300.0, 301.0, 299.0))])
     cells = reduce_sweep(tmp_path)
     rec = recommend(cells, Target())
     assert rec.best["cell_id"] == "a" and rec.runner_up["cell_id"] == "b"
     assert any("not distinguishable" in line and "overlap" in line for line in rec.lines), rec.lines
+    front = frontier_table(cells)
+    throughput = front[front["speed"] == "tokens_per_s"].set_index("cell_id")
+    assert sorted(throughput.index) == ["a", "b"]  # d is dominated by a's mean
+    assert throughput.loc["a", "overlaps"] == "b" and throughput.loc["b", "overlaps"] == "a"
+    assert (throughput["n"] == 3).all() and throughput["cost_ci95"].notna().all()
+    apart = distinguishable(cells.set_index("cell_id").loc["a"].to_dict(),
+                            cells.set_index("cell_id").loc["d"].to_dict(), "energy_per_token_j")
+    assert apart[0].startswith("- distinguishable: the 95% intervals of energy_per_token_j do not overlap")
     spread = spread_table(cells)
     assert list(spread["n"]) == [3, 3, 3]
     lines = "\n".join(repeats_lines(cells, "TABLE"))
@@ -128,6 +137,8 @@ def test_repeats_do_not_change_the_cell_id_and_bad_values_are_refused():
         compose_cell(["repeats=0"])
     with pytest.raises(ConfigError, match=r"repeat=2: set by w2w .* use repeats=N"):
         compose_cell(["repeat=2"])
+    with pytest.raises(ConfigError, match=r"repeats=1,3: .* not a grid axis"):
+        compose_grid(["repeats=1,3"])
 
 
 def _grid(seed: int):

@@ -294,7 +294,10 @@ class Composer:
         for part in self.subgrids(overrides):
             for point in expand_overrides(part):
                 cell = self.cell(point)
-                cells.setdefault(cell.id, cell)
+                kept = cells.setdefault(cell.id, cell)
+                # repeats is not in the id: two values would make one cell with two counts of runs.
+                _check(kept.repeats == cell.repeats, f"repeats={kept.repeats},{cell.repeats}: repeats is the "
+                       "number of runs of every cell, not a grid axis: give one value")
         return list(cells.values())
 
     def _missing_option_message(self, exc: MissingConfigException, overrides: list[str]) -> str:
