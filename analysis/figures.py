@@ -13,10 +13,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from w2w.analysis import paper
 from w2w.analysis.metrics import METRICS
+from w2w.analysis.stats import CI95
 from w2w.analysis.tables import (
     Choice,
     choose,
     gpu_order,
+    is_missing,
     mean_of,
     model_order,
     ok,
@@ -77,9 +79,21 @@ def _empty(ax, text: str) -> None:
     ax.set_yticks([])
 
 
+def interval_of(cells: pd.DataFrame, metric: str) -> float | None:
+    """The 95% interval half-width over repeats of the one cell a bar or point shows (None: a mean of
+    several cells, or a cell run once)."""
+    column = metric + CI95
+    if len(cells) != 1 or column not in cells:
+        return None
+    half = cells[column].iloc[0]
+    return None if is_missing(half) else float(half)
+
+
 def _bars(ax, groups: list[str], series: list[str], values: dict[tuple[str, str], float | None],
-          labels: dict[tuple[str, str], str] | None = None) -> bool:
-    """Grouped bars; a missing value is no bar (and 'n/a' where it would stand). True if any bar."""
+          labels: dict[tuple[str, str], str] | None = None,
+          errors: dict[tuple[str, str], float | None] | None = None) -> bool:
+    """Grouped bars, each with its error bar (95% interval over repeats) where `errors` has one; a
+    missing value is no bar (and 'n/a' where it would stand). True if any bar."""
     width = 0.8 / max(len(series), 1)
     drawn = False
     for i, name in enumerate(series):
@@ -90,7 +104,9 @@ def _bars(ax, groups: list[str], series: list[str], values: dict[tuple[str, str]
             if value is None:
                 ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=6, rotation=90)
                 continue
-            ax.bar(x, value, width, color=f"C{i}", label=None if labelled else name)
+            error = (errors or {}).get((group, name))
+            ax.bar(x, value, width, color=f"C{i}", label=None if labelled else name,
+                   yerr=error, capsize=2 if error is not None else 0)
             if labels and (group, name) in labels:
                 ax.text(x, value, labels[(group, name)], ha="center", va="bottom", fontsize=6)
             drawn = labelled = True
@@ -142,12 +158,13 @@ def throughput_figure(cells: pd.DataFrame, name: str, metrics: tuple[str, ...], 
     fig, axes = _new(*shape)
     for ax, (dataset, metric) in zip(axes.flat, panels, strict=True):
         here = chosen[chosen["dataset"] == dataset]
-        values, labels = {}, {}
+        values, labels, errors = {}, {}, {}
         for (model, gpu), group in here.groupby(["model", "gpu"]):
             key = (show("model", model), gpu.upper())
             values[key] = mean_of(group, metric)
             labels[key] = f"{int(group['shards'].iloc[0])} GPU"
-        if not _bars(ax, [show("model", m) for m in models], [g.upper() for g in gpus], values, labels):
+            errors[key] = interval_of(group, metric)
+        if not _bars(ax, [show("model", m) for m in models], [g.upper() for g in gpus], values, labels, errors):
             _empty(ax, _no_data_reason(here, metric))
         ax.set_ylabel(axis_label(metric), fontsize=8)
         ax.set_xlabel("model (bar label: GPUs used)", fontsize=8)
@@ -155,7 +172,7 @@ def throughput_figure(cells: pd.DataFrame, name: str, metrics: tuple[str, ...], 
     title = f"{name.replace('fig', 'Fig. ')}: {what} ({_setup(choice)})"
     _title(fig, title)
     _legend(fig, axes, "GPU")
-    notes = choice.notes + repeats_note(chosen, ["model", "gpu", "dataset"], name)
+    notes = choice.notes + repeats_note(chosen, ["model", "gpu", "dataset"], name) + interval_note(chosen, metrics)
     return Rendered(name, title, fig, notes)
 
 
@@ -173,7 +190,8 @@ def shards_figure(cells: pd.DataFrame, name: str) -> Rendered:
         here = chosen[chosen["dataset"] == dataset]
         by_bar = here.groupby(["shards", "batch_size"])
         values = {(str(int(s)), str(int(b))): mean_of(g, metric) for (s, b), g in by_bar}
-        if not _bars(ax, [str(s) for s in shards], [str(b) for b in batches], values):
+        errors = {(str(int(s)), str(int(b))): interval_of(g, metric) for (s, b), g in by_bar}
+        if not _bars(ax, [str(s) for s in shards], [str(b) for b in batches], values, errors=errors):
             _empty(ax, _no_data_reason(here, metric))
         ax.set_ylabel(axis_label(metric), fontsize=8)
         ax.set_xlabel("GPUs (shards)", fontsize=8)
@@ -181,7 +199,7 @@ def shards_figure(cells: pd.DataFrame, name: str) -> Rendered:
     title = f"{name.replace('fig', 'Fig. ')}: {NAMES[metric]} by shard count and batch size ({_setup(choice)})"
     _title(fig, title)
     _legend(fig, axes, "batch size")
-    notes = choice.notes + repeats_note(chosen, ["shards", "batch_size", "dataset"], name)
+    notes = choice.notes + repeats_note(chosen, ["shards", "batch_size", "dataset"], name) + interval_note(chosen, (metric,))
     return Rendered(name, title, fig, notes)
 
 
@@ -198,7 +216,9 @@ def overview_figure(cells: pd.DataFrame) -> Rendered:
                 continue
             values = label if isinstance(label, tuple) else (label,)
             name = ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True)) or "all cells"
-            ax.plot(points["batch_size"], points[metric], marker="o", label=name)
+            half = points.get(metric + CI95)  # 95% interval over repeats
+            ax.errorbar(points["batch_size"], points[metric], yerr=_error_bars(half), marker="o", capsize=2,
+                        label=name)
             drawn = True
         if drawn:
             ax.set_xscale("log", base=2)
@@ -211,7 +231,22 @@ def overview_figure(cells: pd.DataFrame) -> Rendered:
     title = f"{len(done)} ok cell(s): the six metrics by batch size"
     _title(fig, title)
     _legend(fig, axes, "cells")
-    return Rendered("metrics", title, fig)
+    return Rendered("metrics", title, fig, interval_note(done, tuple(NAMES)))
+
+
+def interval_note(cells: pd.DataFrame, metrics: tuple[str, ...]) -> list[str]:
+    """The figure's note on its error bars, where a cell drawn has an interval."""
+    if not any(m + CI95 in cells and cells[m + CI95].notna().any() for m in metrics):
+        return []
+    return ["error bars: the 95% interval (Student t) of each cell's mean over its repeats; n per cell in "
+            "the cells table (repeats)"]
+
+
+def _error_bars(half: pd.Series | None) -> np.ndarray | None:
+    """Error bar lengths for points; 0 for a point without an interval (a cell run once); None: none at all."""
+    if half is None or half.isna().all():
+        return None
+    return half.fillna(0.0).to_numpy(float)
 
 
 def all_figures(cells: pd.DataFrame) -> list[Rendered]:

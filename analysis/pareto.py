@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 from w2w.analysis.figures import Rendered, _empty, _new, _title
 from w2w.analysis.metrics import METRICS
-from w2w.analysis.tables import is_missing, ok, show
+from w2w.analysis.stats import CI95, N, overlap
+from w2w.analysis.tables import half_text, is_missing, ok, show
 
 # Every axis a sweep may vary; those with more than one value among the ok cells name each point.
 AXES = ("model", "gpu", "engine", "dataset", "shards", "batch_size", "max_gen_len", "power_cap_w", "precision")
@@ -135,10 +136,43 @@ def recommend(cells: pd.DataFrame, target: Target, cost: str = "energy_per_token
         extra = rows[1][cost] / rows[0][cost] - 1 if rows[0][cost] else math.nan
         rec.lines.append(f"- runner-up: {_setting(rows[1], axes)}: {_numbers(rows[1])} (cell {rows[1]['cell_id']}; "
                          f"{extra:+.1%} {cost})")
+        rec.lines += distinguishable(rows[0], rows[1], cost)
     else:
         rec.lines.append("- runner-up: none (no other cell meets the target)")
     rec.lines.append(f"- every cell has {_common(done, axes)}")
     return rec
+
+
+def _interval(row: dict, column: str) -> tuple[float | None, float | None]:
+    """(mean, 95% half-width) of a cell's column; the half-width is None for a cell run once."""
+    half = row.get(column + CI95)
+    return row.get(column), None if is_missing(half) else half
+
+
+def distinguishable(best: dict, other: dict, cost: str) -> list[str]:
+    """The recommendation's line on whether the winner is told apart from the runner-up: by the 95%
+    intervals of their means over repeats, or why that cannot be said."""
+    both = overlap(_interval(best, cost), _interval(other, cost))
+    if both is None:
+        return [f"- {cost} has no interval for both cells (run once): run with repeats=3 or more to tell "
+                "whether the difference is real"]
+    a, b = _interval(best, cost), _interval(other, cost)
+    shown = f"{a[0]:.4g} ± {half_text(a[1])} vs {b[0]:.4g} ± {half_text(b[1])} {UNITS.get(cost, '')}".rstrip()
+    if both:
+        return [f"- **not distinguishable**: the 95% intervals of {cost} overlap ({shown}; n = "
+                f"{best.get(cost + N)}, {other.get(cost + N)} repeats)"]
+    return [f"- distinguishable: the 95% intervals of {cost} do not overlap ({shown})"]
+
+
+def _overlapping(front: list[dict], cost: str, speed: str) -> list[str]:
+    """For each frontier point, the other points whose intervals overlap it in both cost and speed."""
+    names = []
+    for row in front:
+        same = [o["cell_id"] for o in front if o is not row
+                and overlap(_interval(row, cost), _interval(o, cost))
+                and overlap(_interval(row, speed), _interval(o, speed))]
+        names.append(", ".join(same))
+    return names
 
 
 def frontier_table(cells: pd.DataFrame) -> pd.DataFrame:
@@ -150,11 +184,25 @@ def frontier_table(cells: pd.DataFrame) -> pd.DataFrame:
         if cost not in done or done[cost].isna().all():
             continue
         for speed, larger in SPEEDS:
-            for row in frontier(done, cost, speed, larger).to_dict("records"):
+            front = frontier(done, cost, speed, larger).to_dict("records")
+            for row, same in zip(front, _overlapping(front, cost, speed), strict=True):
                 rows.append({"setting": label(row, axes) or "(the only setting)", "cost": cost,
                              "cost_value": row[cost], "cost_unit": UNITS[cost], "speed": speed,
-                             "speed_value": row[speed], "speed_unit": UNITS[speed], "cell_id": row["cell_id"]})
+                             "speed_value": row[speed], "speed_unit": UNITS[speed], "cell_id": row["cell_id"]}
+                            | _interval_columns(row, cost, speed) | ({"overlaps": same} if has_intervals(done) else {}))
     return pd.DataFrame(rows)
+
+
+def has_intervals(cells: pd.DataFrame) -> bool:
+    """Whether any cell ran repeats (a cost or speed column has a 95% interval)."""
+    return any(c + CI95 in cells and cells[c + CI95].notna().any() for c in (*COSTS, *(s for s, _ in SPEEDS)))
+
+
+def _interval_columns(row: dict, cost: str, speed: str) -> dict:
+    """The frontier point's 95% half-widths and n over repeats (present only where the sweep has repeats)."""
+    if not any(not is_missing(row.get(c + CI95)) for c in (cost, speed)):
+        return {}
+    return {"cost_ci95": row.get(cost + CI95), "speed_ci95": row.get(speed + CI95), "n": row.get(cost + N)}
 
 
 def missing_reason(cells: pd.DataFrame) -> str | None:
@@ -165,6 +213,12 @@ def missing_reason(cells: pd.DataFrame) -> str | None:
     if done["energy_per_token_j"].isna().all():
         return "no ok cell has an energy reading (energy_per_token_j is empty: see the notes)"
     return None
+
+
+def _half(cells: pd.DataFrame, column: str) -> np.ndarray | None:
+    """Error bar lengths of a column (0 where a cell has no interval), or None where no cell has one."""
+    half = cells.get(column + CI95)
+    return None if half is None or half.isna().all() else half.fillna(0.0).to_numpy(float)
 
 
 def pareto_figure(cells: pd.DataFrame) -> Rendered:
@@ -179,6 +233,9 @@ def pareto_figure(cells: pd.DataFrame) -> Rendered:
             ax = grid[r, c]
             usable = done[done[cost].notna() & done[speed].notna()]
             ax.scatter(usable[speed], usable[cost], s=22, color="0.6", label="cell", zorder=2)
+            if has_intervals(usable):  # each mean's 95% interval over its cell's repeats
+                ax.errorbar(usable[speed], usable[cost], xerr=_half(usable, speed), yerr=_half(usable, cost),
+                            fmt="none", ecolor="0.5", elinewidth=0.8, capsize=2, zorder=1)
             front = frontier(done, cost, speed, larger)
             for row in usable[~usable["cell_id"].isin(front["cell_id"])].to_dict("records"):
                 ax.annotate(label(row, axes), (row[speed], row[cost]), textcoords="offset points",
@@ -196,6 +253,8 @@ def pareto_figure(cells: pd.DataFrame) -> Rendered:
             ax.grid(alpha=0.3)
             ax.margins(x=0.12, y=0.08)  # room for the labels of the outermost points
             ax.legend(loc="best", fontsize="x-small")
+    if has_intervals(done):
+        notes.append("error bars: the 95% interval (Student t) of each cell's mean over its repeats")
     reason = missing_reason(cells)
     if reason:
         for ax in grid.flat:

@@ -12,7 +12,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from w2w.analysis.metrics import METRIC_NAMES, CellTotals, compute
-from w2w.analysis.tables import markdown
+from w2w.analysis.stats import CI95, STD, N, is_number, summarize
+from w2w.analysis.tables import interval_markdown
 from w2w.launch.axes import cell_parameters, label, varying_axes
 from w2w.launch.status import completeness, sweep_problems
 from w2w.launch.submit import load_manifest
@@ -21,6 +22,7 @@ from w2w.exits import quiet_on_broken_pipe
 from w2w.progress import with_batch_totals
 from w2w.records import (
     MANIFEST,
+    REPEAT_PREFIX,
     STATUS_OK,
     Energy,
     ManifestError,
@@ -50,19 +52,22 @@ class CellRecords:
     records: dict[int, RankRecord] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     timeline_samples: int = 0  # rows read from the ranks' timeline files
+    runs: dict[int, CellRecords] = field(default_factory=dict)  # repeat K >= 1 -> that run's records (cells/<id>/repeat-K/)
+    repeats: int = 1  # runs planned for the cell (its config's repeats)
 
 
 # The timeline columns the reducer decodes: a file that does not yield them does not parse.
 TIMELINE_CHECK_COLUMNS = ("t_s", "power_w")
 
 
-def _record_problem(path: Path, record: RankRecord) -> str | None:
+def _record_problem(path: Path, record: RankRecord, cid: str | None = None, repeat: int = 0) -> str | None:
     """Why a parsed record cannot be used (a hand edit, a copy into the wrong folder), or None."""
     rank, world = record.rank, record.world_size
     if not 0 <= rank < world:
         return f"{path}: rank {rank!r} of world_size {world!r} is not a rank"
-    if path.name != f"rank-{rank:05d}.json" or record.cell_id != path.parent.name:
-        return f"{path}: holds cell {record.cell_id!r} rank {rank}, not what its path says"
+    if (path.name != f"rank-{rank:05d}.json" or record.cell_id != (cid or path.parent.name)
+            or record.repeat != repeat):
+        return f"{path}: holds cell {record.cell_id!r} rank {rank} repeat {record.repeat}, not what its path says"
     return None
 
 
@@ -74,15 +79,16 @@ def read_timeline_rows(path: Path) -> tuple[int, str | None]:
         return 0, f"{path}: unreadable timeline ({type(exc).__name__}: {exc})"
 
 
-def _load_cell(folder: Path) -> CellRecords:
-    cell = CellRecords(folder.name)
+def _load_cell(folder: Path, cid: str | None = None, repeat: int = 0) -> CellRecords:
+    """One run's records: the cell's folder (run 0), or its repeat-K subfolder with the cell id given."""
+    cell = CellRecords(cid or folder.name)
     for path in sorted(folder.glob("rank-*.json")):
         try:
             record = read_record(path)
         except RecordError as exc:
             cell.problems.append(str(exc))
             continue
-        problem = _record_problem(path, record)
+        problem = _record_problem(path, record, cid, repeat)
         if problem:
             cell.problems.append(problem)
             continue
@@ -98,7 +104,19 @@ def _load_cell(folder: Path) -> CellRecords:
 def load_cells(sweep_dir: Path) -> dict[str, CellRecords]:
     """Every cell folder's rank records; unreadable files become problems of their cell."""
     folders = [f for f in sorted((sweep_dir / "cells").glob("*")) if f.is_dir()]
-    return {folder.name: _load_cell(folder) for folder in folders}
+    return {folder.name: _with_runs(_load_cell(folder), folder) for folder in folders}
+
+
+def _with_runs(cell: CellRecords, folder: Path) -> CellRecords:
+    """The cell with the records of its repeats (runs 1..K in repeat-K/) and the runs it planned."""
+    for sub in sorted(folder.glob(f"{REPEAT_PREFIX}*")):
+        number = sub.name.removeprefix(REPEAT_PREFIX)
+        if sub.is_dir() and number.isdigit() and int(number) >= 1:
+            cell.runs[int(number)] = _load_cell(sub, cell.cell_id, int(number))
+    configs = [r.get("config") for run in (cell, *cell.runs.values()) for r in run.records.values()]
+    planned = [c.get("repeats") for c in configs if isinstance(c, dict) and isinstance(c.get("repeats"), int)]
+    cell.repeats = max([*planned, 1])
+    return cell
 
 
 def _energy(records: list[RankRecord]) -> tuple[float | None, str | None]:
@@ -269,7 +287,45 @@ def axis_columns(cells: dict[str, CellRecords]) -> dict[str, str]:
     PARAM_COLUMNS lacks (num_prompts, seed, temperature, engine, ...): rows never differ in metrics only."""
     params = {cid: p for cid, cell in cells.items() if (p := _cell_parameters(cell)) is not None}
     known = {_PARAM_KEYS.get(c, c) for c in PARAM_COLUMNS}
-    return {label(key): key for key in varying_axes(params.values()) if key not in known}
+    return {label(key): key for key in varying_axes(params.values()) if key not in known and key not in NOT_AXES}
+
+
+# How many runs a cell has, and which run a record is: not a setting of the result.
+NOT_AXES = ("repeats", "repeat")
+# Numbers of a run's row that describe the cell rather than measure it: no statistics over repeats.
+NOT_MEASURED = frozenset({*PARAM_COLUMNS, "gpus", "nodes", "segments", "responses_saved"})
+
+
+def measured_columns(rows: list[dict]) -> list[str]:
+    """The columns of the runs' rows that hold a measured number in some run (any metric, present or added later)."""
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns |= {k: None for k, v in row.items() if k not in NOT_MEASURED and is_number(v)}
+    return list(columns)
+
+
+def combine_runs(rows: dict[int, dict], planned: int = 1) -> dict:
+    """One row of the cells table from its runs' rows (repeat -> row): each measured column becomes the
+    mean over the ok runs, beside its standard deviation (_std), n (_n) and 95% interval half-width (_ci95).
+    `repeats` counts the ok runs; repeat_note names the runs that failed or are missing."""
+    good = {k: r for k, r in sorted(rows.items()) if r.get("status") == STATUS_OK}
+    missing = sorted(set(range(planned)) - set(rows))
+    notes = [f"repeat {k}: {r.get('status')}: {r.get('note')}" for k, r in sorted(rows.items()) if k not in good]
+    notes += [f"repeat(s) {missing} of {planned} not run" for _ in missing[:1]]
+    if not good:
+        first = rows[min(rows)]
+        return first | {"repeats": 0, "repeat_note": "; ".join(notes) if len(rows) > 1 or missing else ""}
+    row = dict(next(iter(good.values())))
+    for column in measured_columns(list(good.values())):
+        summary = summarize(r.get(column) for r in good.values())
+        row |= {column: summary.mean, column + STD: summary.std, column + N: summary.n, column + CI95: summary.ci95}
+    return row | {"repeats": len(good), "repeat_note": "; ".join(notes)}
+
+
+def reduce_repeats(cell: CellRecords) -> dict:
+    """The cell's row: each of its runs reduced as a cell of its own, then combined (combine_runs)."""
+    runs = {0: cell, **cell.runs} if cell.records or cell.problems or not cell.runs else dict(cell.runs)
+    return combine_runs({k: _reduce_or_report(run) for k, run in runs.items()}, cell.repeats)
 
 
 # Engine names in older records, and the engine they ran (w2w.engines.RENAMED says why).
@@ -286,7 +342,7 @@ def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
     extra = axis_columns(cells)
     rows = []
     for cell in cells.values():
-        row = _reduce_or_report(cell)
+        row = reduce_repeats(cell)
         params = _cell_parameters(cell) or {}
         rows.append(row | {column: params.get(key) for column, key in extra.items()})
     table = pd.DataFrame(rows)
@@ -294,7 +350,7 @@ def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
         table["engine"] = table["engine"].replace(OLD_ENGINE_NAMES)
     for column in ("cell_id", *PARAM_COLUMNS, *extra, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus",
                    "nodes", "segments", "truncated_prompts", "note",
-                   "score_note"):
+                   "score_note", "repeats", "repeat_note"):
         if column not in table:
             table[column] = None
     sort_keys = [c for c in ("model", "gpu", "dataset", "shards", "batch_size", "max_gen_len", *extra)
@@ -309,12 +365,12 @@ TABLE_COLUMNS = ["model", "gpu", "dataset", "shards", "engine", "batch_size", "m
 
 
 def table_columns(table: pd.DataFrame) -> list[str]:
-    """TABLE_COLUMNS with the sweep's other varying axes before the status."""
+    """TABLE_COLUMNS with the sweep's other varying axes before the status (and n, where a cell ran repeats)."""
     at = TABLE_COLUMNS.index("status")
     cut = [] if _cut_prompts(table).empty else ["truncated_prompts"]  # shown where a prompt was cut
-    return [*TABLE_COLUMNS[:at], *table.attrs.get("axes", []), *TABLE_COLUMNS[at:], *cut]
-
-
+    repeats = ["repeats"] if "repeats" in table and (table["repeats"].fillna(0) > 1).any() else []
+    return [*TABLE_COLUMNS[:at], *table.attrs.get("axes", []), *TABLE_COLUMNS[at:at + 1], *repeats,
+            *TABLE_COLUMNS[at + 1:], *cut]
 def _cut_prompts(table: pd.DataFrame) -> pd.DataFrame:
     """The ok cells whose prompts were cut to dataset.max_prompt_tokens."""
     if "truncated_prompts" not in table:
@@ -333,8 +389,8 @@ def truncation_notes(table: pd.DataFrame) -> list[str]:
 def write_results(table: pd.DataFrame, sweep_dir: Path) -> Path:
     out = sweep_dir / "results"
     write_atomic(out / "cells.csv", table.to_csv(index=False).encode())
-    write_atomic(out / "cells.md", (markdown(table, table_columns(table)) + "\n").encode())
-    text = {c: "string" for c in ("note", "energy_source", "cpu_note", "score_note")}
+    write_atomic(out / "cells.md", (interval_markdown(table, table_columns(table)) + "\n").encode())
+    text = {c: "string" for c in ("note", "energy_source", "cpu_note", "score_note", "repeat_note")}
     write_atomic(out / "cells.parquet", table.astype(text).to_parquet(index=False))
     return out
 
@@ -348,6 +404,8 @@ def summary_notes(table: pd.DataFrame) -> list[str]:
     notes.extend(f"energy columns empty: {reason.removeprefix('no energy: ')}" for reason in sorted(energy_reasons))
     cpu_reasons = {row["cpu_note"] for _, row in table.iterrows() if row["status"] == STATUS_OK and row["cpu_note"]}
     notes.extend(f"cpu_energy_j empty: {reason.removeprefix('no CPU energy: ')}" for reason in sorted(cpu_reasons))
+    notes.extend(f"cell {row['cell_id']}: {row['repeat_note']}" for _, row in table.iterrows()
+                 if row["status"] == STATUS_OK and isinstance(row.get("repeat_note"), str) and row["repeat_note"])
     score_reasons = {row["score_note"] for _, row in table.iterrows() if row["status"] == STATUS_OK and row["score_note"]}
     notes.extend(f"answers: {reason}" for reason in sorted(score_reasons))
     return notes + truncation_notes(table)
@@ -398,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"w2w-reduce: error: cannot write the results: {problem}: make {args.sweep_dir / 'results'} a "
               "folder you can write, or reduce a copy of the sweep", file=sys.stderr)
         return 2
-    print(markdown(table, table_columns(table)))
+    print(interval_markdown(table, table_columns(table)))
     for note in summary_notes(table):
         print(note)
     if (table["status"] == STATUS_OK).any():

@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 from w2w.analysis import paper
+from w2w.analysis.stats import CI95
 
 from w2w.records import STATUS_OK, write_atomic
 
@@ -333,6 +334,26 @@ def markdown(frame: pd.DataFrame, columns: list[str] | None = None, fmt: str = "
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(text.replace("|", "/") for text in row) + " |" for row in texts]
     return "\n".join(lines)
+
+
+def interval_text(row: dict, column: str, fmt: str = "{:.4g}") -> str:
+    """A cells-table value as its mean +- 95% interval where the cell ran repeats ("12.3 ± 0.4"), else as is."""
+    text = cell_text(row.get(column), fmt)
+    half = row.get(column + CI95)
+    if not text or is_missing(half) or not isinstance(half, float | int):
+        return text
+    return f"{text} ± {half_text(float(half))}"
+
+
+def half_text(half: float) -> str:
+    """An interval's half-width to two significant digits, without an exponent for large ones (350, not 3.5e+02)."""
+    return f"{float(f'{half:.2g}'):g}"
+
+
+def interval_markdown(frame: pd.DataFrame, columns: list[str], fmt: str = "{:.4g}") -> str:
+    """The cells table as Markdown, each measured value with its 95% interval over the cell's repeats."""
+    texts = [[interval_text(row, c, fmt) for c in columns] for row in frame.to_dict("records")]
+    return markdown(frame, columns, fmt, texts)
 
 
 def to_markdown(table: Table) -> str:

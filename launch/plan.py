@@ -13,7 +13,7 @@ from w2w.checks import FileChecks
 from w2w.config import compose_grid
 from w2w.engines import RUN_TO_MAX_SEQ_LEN, prompt_room
 from w2w.errors import ConfigError, divisors
-from w2w.records import cell_done
+from w2w.records import runs_done
 from w2w.shapes import PRECISION_BYTES, ModelArgs
 
 GIB = 1024**3
@@ -115,6 +115,8 @@ class Job:
         c = self.cell
         return (
             f"job {self.key}: {self.shape()}, {len(self.cells)} cell(s)"
+            + (f" ({runs} runs with repeats)" if (runs := sum(x.cell.repeats for x in self.cells)) > len(self.cells)
+               else "")
             + (f", peak est. {max(x.memory.total_gib for x in self.cells):.1f} GiB/GPU" if c.gpu.device == "cuda" else "")
         )
 
@@ -194,5 +196,5 @@ def make_plan(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> Pl
 
 
 def pending_cells(job: Job) -> list[PlannedCell]:
-    """Cells of the job without a complete set of ok records."""
-    return [c for c in job.cells if not cell_done(c.cell.sweep_dir, c.id, c.cell.shards)]
+    """Cells of the job without a complete set of ok records (in every one of their runs)."""
+    return [c for c in job.cells if not runs_done(c.cell.sweep_dir, c.id, c.cell.shards, c.cell.repeats)]

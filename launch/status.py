@@ -104,8 +104,8 @@ def _job_error(folder: str, job_id: str, state: str) -> str:
 
 # runner.setup_logging's prefix, and the runner's lines that open and close a cell.
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d \[rank [^\]]*\] ")
-CELL_START = re.compile(r"cell \d+/\d+ (\w+): started$")
-CELL_END = re.compile(r"cell \d+/\d+ (\w+): (ok|oom|error)$")
+CELL_START = re.compile(r"cell \d+/\d+(?: repeat \d+/\d+)? (\w+): started$")  # runner._run_one's lines
+CELL_END = re.compile(r"cell \d+/\d+(?: repeat \d+/\d+)? (\w+): (ok|oom|error)$")
 
 
 @dataclass(frozen=True)
@@ -166,11 +166,26 @@ def submission_state(entry: ManifestJob, submission: Submission) -> JobState:
     return state
 
 
-def cell_records(sweep_dir: Path, cid: str, world_size: int) -> tuple[str | None, str]:
-    """(state, reason) that the cell's records alone decide (done or failed), else (None, progress)."""
+def cell_records(sweep_dir: Path, cid: str, world_size: int, repeats: int = 1) -> tuple[str | None, str]:
+    """(state, reason) that the cell's records alone decide: failed when a run failed, done when all
+    its runs (repeats) are; else (None, progress)."""
+    if repeats == 1:
+        return run_records(sweep_dir, cid, world_size)
+    runs = [run_records(sweep_dir, cid, world_size, k) for k in range(repeats)]
+    failed = [f"repeat {k}: {reason}" for k, (state, reason) in enumerate(runs) if state == "failed"]
+    if failed:
+        return "failed", "; ".join(failed)
+    done = sum(state == "done" for state, _ in runs)
+    if done == repeats:
+        return "done", f"{repeats} repeats, " + runs[0][1]
+    return None, "; ".join([f"{done}/{repeats} repeats done", *[r for s, r in runs if s is None and "; " in r]])
+
+
+def run_records(sweep_dir: Path, cid: str, world_size: int, repeat: int = 0) -> tuple[str | None, str]:
+    """(state, reason) of one run of the cell from its records (done or failed), else (None, progress)."""
     records, problems = [], []
     for rank in range(world_size):
-        path = record_path(sweep_dir, cid, rank)
+        path = record_path(sweep_dir, cid, rank, repeat)
         if path.is_file():
             try:
                 records.append(read_record(path))
@@ -184,13 +199,19 @@ def cell_records(sweep_dir: Path, cid: str, world_size: int) -> tuple[str | None
     return None, "; ".join([f"{len(records)}/{world_size} ranks written", *problems])
 
 
+def cell_repeats(cell: ManifestCell) -> int:
+    """The runs planned for the cell (manifests from before repeats: one)."""
+    repeats = cell.params.get("repeats", 1)
+    return repeats if isinstance(repeats, int) and repeats >= 1 else 1
+
+
 def cell_state(sweep_dir: Path, cid: str, cell: ManifestCell, job: JobState | None,
                log: CellLog | None = None) -> tuple[str, str]:
     """(state, reason) of one cell, from its records first, then from the job that last held it and
     the cell's own lines in that job's logs (log)."""
     if cell.skip_reason:
         return "skipped", cell.skip_reason
-    state, progress = cell_records(sweep_dir, cid, cell.world_size)
+    state, progress = cell_records(sweep_dir, cid, cell.world_size, cell_repeats(cell))
     if state:
         return state, progress
     if job is None or job.state == "NOT_SUBMITTED":
@@ -257,7 +278,7 @@ def sweep_status(sweep_dir: Path, manifest: Manifest | None = None) -> SweepStat
     for cid, cell in manifest.cells.items():
         job, log = None, None
         if not cell.skip_reason:
-            state, reason = cell_records(sweep_dir, cid, cell.world_size)
+            state, reason = cell_records(sweep_dir, cid, cell.world_size, cell_repeats(cell))
             if state:
                 status.cells[cid] = (state, reason)
                 continue
@@ -315,7 +336,7 @@ def completeness(sweep_dir: Path, manifest: Manifest | None = None) -> Completen
         note = f"job states unknown: {str(exc).split(':')[0]}"
         cells = {}
         for cid, cell in manifest.cells.items():
-            state = "skipped" if cell.skip_reason else cell_records(sweep_dir, cid, cell.world_size)[0]
+            state = "skipped" if cell.skip_reason else cell_records(sweep_dir, cid, cell.world_size, cell_repeats(cell))[0]
             cells[cid] = (state or "pending", "not submitted")
     counts = Counter(state for state, _ in cells.values())
     queued = sum(1 for state, reason in cells.values() if state == "pending" and reason != "not submitted")

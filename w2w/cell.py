@@ -118,6 +118,12 @@ class Cell:
     dist_timeout_s: int = 600
     skip_unfit: bool = False  # cells that do not fit the GPUs' memory: skipped (true) or an error
     save_responses: bool = False  # rank 0 writes the cell's prompts and responses beside its records
+    # Runs of the cell, interleaved over the job's cells in cycles (w2w/order.py); the reducer reports
+    # mean, standard deviation, n and a 95% interval. Not part of the cell id: raising it adds runs.
+    repeats: int = 1
+    # Which run this is (0 .. repeats-1): set by the runner, never an option. Run 0 writes to
+    # cells/<id>/ as before repeats existed; run K >= 1 to cells/<id>/repeat-K/ (records.run_dir).
+    repeat: int = 0
     # An experiment's grid: {key: "a,b"} or a list of such sub-grids, unioned; the command line wins.
     # Always None in a composed cell (a cell is one point of the grid).
     grid: Any = None
@@ -174,7 +180,7 @@ def _plain(value: Any) -> Any:
 # The keys that decide which job (and model load) a cell belongs to.
 PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
 # Result-neutral keys left out of the cell id, so moving a sweep does not redo its cells.
-ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command")
+ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command", "repeats", "repeat")
 # Options added after sweeps were run, per config section: at their defaults they leave the cell id as it was.
 ID_NEW_DEFAULTS = {
     "": {"save_responses": False},

@@ -24,7 +24,7 @@ def responses_block(cell: Cell, num_batches: int, rank: int) -> dict:
     """The record's responses block; joins the batches' parts into the responses file (rank 0,
     save_responses=true), also those of batches that an earlier segment of the cell ran."""
     saved = cell.save_responses and rank == 0
-    file = join_response_parts(cell.sweep_dir, cell.id, num_batches) if saved else None
+    file = join_response_parts(cell.sweep_dir, cell.id, num_batches, cell.repeat) if saved else None
     # saved: this rank wrote the file (rank 0 only); requested: save_responses was set.
     return {"requested": cell.save_responses, "saved": saved, "file": file,
             "score_reason": no_score_reason(cell.dataset.name)}
@@ -65,6 +65,7 @@ def identity(cell: Cell, info: distributed.DistInfo) -> dict:
         "sweep_dir": cell.sweep_dir,
         "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_JOB_ID"),
         "cell_id": cell.id,
+        "repeat": cell.repeat,
         "rank": info.rank,
         "local_rank": info.local_rank,
         "world_size": info.world_size,

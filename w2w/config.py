@@ -313,7 +313,10 @@ class Composer:
         for part in self.subgrids(overrides):
             for point in expand_overrides(part):
                 cell = self.cell(point)
-                cells.setdefault(cell.id, cell)
+                kept = cells.setdefault(cell.id, cell)
+                # repeats is not in the id: two values would make one cell with two counts of runs.
+                _check(kept.repeats == cell.repeats, f"repeats={kept.repeats},{cell.repeats}: repeats is the "
+                       "number of runs of every cell, not a grid axis: give one value")
         return list(cells.values())
 
     def _missing_option_message(self, exc: MissingConfigException, overrides: list[str]) -> str:
@@ -471,6 +474,8 @@ def validate(cfg: Cell) -> None:
         cfg.power_cap_w is None or cfg.gpu.device == "cuda",
         f"power_cap_w={cfg.power_cap_w} needs a GPU: set gpu= to a GPU profile or drop power_cap_w",
     )
+    _check(cfg.repeats >= 1, f"repeats={cfg.repeats}: must be >= 1 (runs per cell; 1: each cell once)")
+    _check(cfg.repeat == 0, f"repeat={cfg.repeat}: set by w2w for each run, not an option: use repeats=N")
 
 
 def compose_grid(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> list[Cell]:

@@ -98,7 +98,7 @@ class _BatchResponses:
                               keep=cell.save_responses and self.rank == 0)
         responses.add(self.rows, [len(p) for p in batch], outputs, texts)
         if responses.keep:  # before the batch counts as done: a resumed cell finds every earlier batch's part
-            responses.write(response_part_path(cell.sweep_dir, cell.id, self.index))
+            responses.write(response_part_path(cell.sweep_dir, cell.id, self.index, cell.repeat))
         return responses.scored, responses.correct
 
 
@@ -251,10 +251,10 @@ def run_cell(
 def _resume(cell: Cell, info: distributed.DistInfo, num_prompts: int) -> CellProgress:
     """The batches of the cell that earlier segments finished on every rank (a preempted job's)."""
     shape = CellShape(cell.id, info.rank, info.world_size, cell.batch_size, math.ceil(num_prompts / cell.batch_size))
-    progress = CellProgress.load(progress_path(cell.sweep_dir, cell.id, info.rank), shape)
+    progress = CellProgress.load(progress_path(cell.sweep_dir, cell.id, info.rank, cell.repeat), shape)
     done = progress.done
     if cell.save_responses and info.rank == 0:  # rank 0 writes responses: not past a batch whose part is gone
-        done = first_missing_part(cell.sweep_dir, cell.id, done)
+        done = first_missing_part(cell.sweep_dir, cell.id, done, cell.repeat)
     start = distributed.agreed_min(done)  # ranks run batches together: resume where all got to
     progress.resume_at(start)
     if start:
@@ -285,7 +285,7 @@ def measure_cell(
         apply_power_cap(capper, cell)
         progress = _resume(cell, info, len(rows))
         record |= {"status": STATUS_OK} | run_cell(
-            cell, rows, loaded, monitor, timeline=timeline_path(cell.sweep_dir, cell.id, info.rank),
+            cell, rows, loaded, monitor, timeline=timeline_path(cell.sweep_dir, cell.id, info.rank, cell.repeat),
             rank=info.rank, progress=progress, segment=job_segment(loaded.job_energy))
     except Exception as exc:  # the sweep goes on; the record says what happened
         record |= failure(exc)

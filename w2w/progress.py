@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from w2w.records import Counts, RankRecord, cell_dir, write_json
+from w2w.records import Counts, RankRecord, run_dir, write_json
 
 log = logging.getLogger("w2w.progress")
 # 2: the sampling stream's state is saved; a version-1 file cannot resume the stream, so its cell starts over.
@@ -25,9 +25,9 @@ BATCH_TIMES = ("total_s", "prefill_s", "decode_s")
 BATCH_ENERGY = ("gpu_j", "counter_gpu_j", "integrated_gpu_j", "prefill_gpu_j", "decode_gpu_j", "cpu_j")
 
 
-def progress_path(sweep_dir: str | Path, cid: str, rank: int) -> Path:
-    """Beside the rank's record, under a name the record globs (rank-*.json) do not match."""
-    return cell_dir(sweep_dir, cid) / f"progress-rank-{rank:05d}.json"
+def progress_path(sweep_dir: str | Path, cid: str, rank: int, repeat: int = 0) -> Path:
+    """Beside the rank's record (of this run), under a name the record globs (rank-*.json) do not match."""
+    return run_dir(sweep_dir, cid, repeat) / f"progress-rank-{rank:05d}.json"
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,22 @@ def cell_dir(sweep_dir: str | Path, cid: str) -> Path:
     return Path(sweep_dir) / "cells" / cid
 
 
-def record_path(sweep_dir: str | Path, cid: str, rank: int) -> Path:
-    return cell_dir(sweep_dir, cid) / f"rank-{rank:05d}.json"
+REPEAT_PREFIX = "repeat-"
 
 
-def timeline_path(sweep_dir: str | Path, cid: str, rank: int) -> Path:
-    return cell_dir(sweep_dir, cid) / f"rank-{rank:05d}.timeline.parquet"
+def run_dir(sweep_dir: str | Path, cid: str, repeat: int = 0) -> Path:
+    """One run of a cell: run 0 in the cell's folder (where a sweep without repeats writes), run K
+    in its subfolder repeat-K, so that one cell's runs share its id and its folder."""
+    folder = cell_dir(sweep_dir, cid)
+    return folder if repeat == 0 else folder / f"{REPEAT_PREFIX}{repeat}"
+
+
+def record_path(sweep_dir: str | Path, cid: str, rank: int, repeat: int = 0) -> Path:
+    return run_dir(sweep_dir, cid, repeat) / f"rank-{rank:05d}.json"
+
+
+def timeline_path(sweep_dir: str | Path, cid: str, rank: int, repeat: int = 0) -> Path:
+    return run_dir(sweep_dir, cid, repeat) / f"rank-{rank:05d}.timeline.parquet"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -321,6 +331,7 @@ class RankRecord(Schema):
     gpu: dict[str, Any] = field(default_factory=dict)  # NVML identity and power limits, or read_error
     power_cap: dict[str, Any] = field(default_factory=dict)  # requested_w, enforced_w, original_w, ...
     end_unix_s: float | None = None
+    repeat: int = 0  # which run of the cell (0 .. repeats-1); its folder is run_dir(sweep_dir, cell_id, repeat)
     # Per batch: index, segment, counts, times, energy (w2w/progress.py); summed into the sections above.
     batches: list[dict[str, Any]] = field(default_factory=list)
     # Per job attempt that ran the cell: segment, job_id, first_batch, idle baseline, warm-up.
@@ -386,7 +397,7 @@ def read_record(path: Path) -> RankRecord:
 
 
 def write_record(sweep_dir: str | Path, record: RankRecord) -> Path:
-    path = record_path(sweep_dir, record.cell_id, record.rank)
+    path = record_path(sweep_dir, record.cell_id, record.rank, record.repeat)
     write_json(path, record)
     return path
 
@@ -394,7 +405,7 @@ def write_record(sweep_dir: str | Path, record: RankRecord) -> Path:
 def write_record_unless_worse(sweep_dir: str | Path, record: RankRecord) -> Path | None:
     """write_record, except over an ok record of the same (cell, rank) when this one is not ok: an error
     never replaces an ok (None then: the file is left as it was)."""
-    path = record_path(sweep_dir, record.cell_id, record.rank)
+    path = record_path(sweep_dir, record.cell_id, record.rank, record.repeat)
     if not record.ok and path.is_file():
         try:
             if read_record(path).ok:
@@ -404,10 +415,10 @@ def write_record_unless_worse(sweep_dir: str | Path, record: RankRecord) -> Path
     return write_record(sweep_dir, record)
 
 
-def cell_done(sweep_dir: str | Path, cid: str, world_size: int) -> bool:
-    """Done: every rank's record exists and says ok."""
+def cell_done(sweep_dir: str | Path, cid: str, world_size: int, repeat: int = 0) -> bool:
+    """Done (one run of the cell): every rank's record exists and says ok."""
     for rank in range(world_size):
-        path = record_path(sweep_dir, cid, rank)
+        path = record_path(sweep_dir, cid, rank, repeat)
         if not path.is_file():
             return False
         try:
@@ -416,6 +427,11 @@ def cell_done(sweep_dir: str | Path, cid: str, world_size: int) -> bool:
         except RecordError:
             return False
     return True
+
+
+def runs_done(sweep_dir: str | Path, cid: str, world_size: int, repeats: int) -> bool:
+    """A cell is done when every one of its runs is."""
+    return all(cell_done(sweep_dir, cid, world_size, k) for k in range(repeats))
 
 
 # -- the sweep manifest ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from w2w.data import Prompt
-from w2w.records import RankRecord, cell_dir, write_atomic
+from w2w.records import RankRecord, run_dir, write_atomic
 from w2w.scoring import score_gsm8k
 
 RESPONSES_FILE = "responses.jsonl"
@@ -15,31 +15,31 @@ RESPONSES_FILE = "responses.jsonl"
 SCORERS = {"gsm8k": score_gsm8k}
 
 
-def responses_path(sweep_dir: str | Path, cid: str) -> Path:
-    return cell_dir(sweep_dir, cid) / RESPONSES_FILE
+def responses_path(sweep_dir: str | Path, cid: str, repeat: int = 0) -> Path:
+    return run_dir(sweep_dir, cid, repeat) / RESPONSES_FILE
 
 
-def response_part_path(sweep_dir: str | Path, cid: str, batch: int) -> Path:
+def response_part_path(sweep_dir: str | Path, cid: str, batch: int, repeat: int = 0) -> Path:
     """One batch's lines, kept until the cell ends (a resumed cell joins earlier segments' parts)."""
-    return cell_dir(sweep_dir, cid) / f"responses-batch-{batch:05d}.part.jsonl"
+    return run_dir(sweep_dir, cid, repeat) / f"responses-batch-{batch:05d}.part.jsonl"
 
 
-def first_missing_part(sweep_dir: str | Path, cid: str, done: int) -> int:
+def first_missing_part(sweep_dir: str | Path, cid: str, done: int, repeat: int = 0) -> int:
     """The first of the `done` batches whose responses part is missing (done where none is): a resumed
     cell starts there, so that its responses file can be joined whole."""
-    return next((i for i in range(done) if not response_part_path(sweep_dir, cid, i).is_file()), done)
+    return next((i for i in range(done) if not response_part_path(sweep_dir, cid, i, repeat).is_file()), done)
 
 
-def join_response_parts(sweep_dir: str | Path, cid: str, num_batches: int) -> str:
+def join_response_parts(sweep_dir: str | Path, cid: str, num_batches: int, repeat: int = 0) -> str:
     """The cell's responses file from its batches' parts, in prompt order, atomically; the parts go
     once it exists. Returns the file's name for the record."""
-    parts = [response_part_path(sweep_dir, cid, i) for i in range(num_batches)]
+    parts = [response_part_path(sweep_dir, cid, i, repeat) for i in range(num_batches)]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
-        raise RuntimeError(f"responses of batch(es) {', '.join(missing)} are missing from {cell_dir(sweep_dir, cid)} "
+        raise RuntimeError(f"responses of batch(es) {', '.join(missing)} are missing from {run_dir(sweep_dir, cid, repeat)} "
                            f"(removed while the cell ran?): re-run the same command: the cell resumes at the first "
                            f"batch without its responses; delete nothing, the cell's other results are good")
-    path = responses_path(sweep_dir, cid)
+    path = responses_path(sweep_dir, cid, repeat)
     write_atomic(path, b"".join(p.read_bytes() for p in parts))
     for part in parts:
         part.unlink()
@@ -98,7 +98,7 @@ def responses_problem(sweep_dir: str | Path, record: RankRecord) -> str | None:
     block = record.responses or {}
     if not record.ok or not block.get("saved") or record.counts is None:
         return None
-    path = cell_dir(sweep_dir, record.cell_id) / (block.get("file") or RESPONSES_FILE)
+    path = run_dir(sweep_dir, record.cell_id, record.repeat) / (block.get("file") or RESPONSES_FILE)
     try:
         lines = [json.loads(line) for line in path.read_text().splitlines()]
     except OSError:

@@ -20,6 +20,7 @@ from w2w.engines.common import synchronize
 from w2w.errors import ConfigError
 from w2w.measure import Loaded, measure_cell
 from w2w.model import DTYPES, Transformer, build_model
+from w2w.order import run_order
 from w2w.progress import progress_path
 from w2w.records import STATUS_OK, cell_done, write_record_unless_worse
 from w2w.tokenizer import TokenizerLike, check_vocab, open_tokenizer
@@ -112,18 +113,19 @@ def _run_loaded(
     statuses: dict[int, str] = {}
     try:
         loaded = _load_measured(cells, info, monitor)
+        runs = run_order(cells)  # each cell once per repeat, interleaved; the model stays loaded
         # A cell that another process holds is put off, then waited for once the others are done:
         # a second runner on the same cells does no harm, and a requeued job whose first attempt
         # still lives resumes that attempt's cell when it ends.
         for wait in (False, True):
-            for index, cell in enumerate(cells):
+            for index, cell in enumerate(runs):
                 if statuses.get(index, HELD) == HELD:
-                    statuses[index] = _run_held(cell, f"{index + 1}/{len(cells)}", prompt_sets[cell.dataset],
+                    statuses[index] = _run_held(cell, f"{index + 1}/{len(runs)}", prompt_sets[cell.dataset],
                                                 loaded, info, monitor, capper, wait=wait)
     finally:  # also when a cell or the load fails: no GPU is left capped, NVML is shut down
         restore_or_log(capper)
         monitor.close()
-    return [statuses[i] for i in range(len(cells))]
+    return [statuses[i] for i in range(len(statuses))]
 
 
 def _take(cell: Cell, place: str, info: distributed.DistInfo, *, wait: bool) -> CellLock | None:
@@ -156,7 +158,9 @@ def _run_held(cell: Cell, place: str, rows: list[Prompt], loaded: Loaded, info: 
 def _run_one(cell: Cell, place: str, rows: list[Prompt], loaded: Loaded, info: distributed.DistInfo,
              monitor: EnergyMonitor, capper: PowerCapper) -> str:
     """One cell of the job, unless done already; its record is written; returns its status."""
-    if distributed.broadcast_flag(cell_done(cell.sweep_dir, cell.id, info.world_size)):
+    if cell.repeats > 1:
+        place += f" repeat {cell.repeat + 1}/{cell.repeats}"
+    if distributed.broadcast_flag(cell_done(cell.sweep_dir, cell.id, info.world_size, cell.repeat)):
         log.info("cell %s %s: done already, skipped", place, cell.id)
         return "skipped"
     log.info("cell %s %s: started", place, cell.id)  # w2w-status reads a cell's own lines from here
@@ -167,7 +171,7 @@ def _run_one(cell: Cell, place: str, rows: list[Prompt], loaded: Loaded, info: d
         log.warning("cell %s: rank %d's ok record from an earlier run is kept (this run's %s is not written)",
                     cell.id, info.rank, record.status)
     if record.ok:  # the record holds the batches now; a failed cell resumes
-        progress_path(cell.sweep_dir, cell.id, info.rank).unlink(missing_ok=True)
+        progress_path(cell.sweep_dir, cell.id, info.rank, cell.repeat).unlink(missing_ok=True)
     log.info("cell %s %s: %s", place, cell.id, record.status)
     if distributed.worst_outcome(outcome, info) == distributed.GROUP_BROKEN:
         raise RuntimeError(

@@ -1,0 +1,52 @@
+"""The report's section on repeats: each cell's mean, spread, n and 95% interval over its runs."""
+
+from __future__ import annotations
+
+import pandas as pd
+from w2w.analysis.stats import CI95, STD, N
+from w2w.analysis.tables import interval_text, is_missing, ok
+
+# The figures the section shows for every cell, in this order.
+SHOWN = ("energy_per_token_j", "tokens_per_s", "energy_j", "total_s")
+AXES = ("model", "gpu", "dataset", "shards", "engine", "batch_size", "max_gen_len", "power_cap_w")
+
+
+def spread_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """One row per ok cell: its setting, n, and for each shown figure mean ± 95% interval, std and the
+    interval as a share of the mean."""
+    done = ok(cells)
+    axes = [a for a in AXES if a in done and done[a].dropna().astype(str).nunique() > 1]
+    rows = []
+    for row in done.to_dict("records"):
+        out = {a: row.get(a) for a in axes} | {"cell_id": row["cell_id"], "n": row.get("repeats")}
+        for column in SHOWN:
+            mean, half = row.get(column), row.get(column + CI95)
+            out[f"{column} (mean ± 95%)"] = interval_text(row, column)
+            out[f"{column} std"] = row.get(column + STD)
+            out[f"{column} ±%"] = None if is_missing(half) or not mean else 100.0 * half / abs(mean)
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def repeats_lines(cells: pd.DataFrame, table_markdown: str) -> list[str]:
+    """The section's Markdown: how the runs were ordered, the table (already rendered), what failed."""
+    done = ok(cells)
+    runs = done["repeats"] if "repeats" in done else pd.Series(dtype=float)
+    lines = ["## Repeats: spread and 95% intervals", ""]
+    if done.empty:
+        return [*lines, "No ok cells.", ""]
+    if not (runs.fillna(0) > 1).any():
+        return [*lines, "Each cell ran once (repeats=1): no spread or interval can be given, and a difference "
+                "between two cells may be noise. Run with `repeats=3` or more.", ""]
+    lines += [f"Each cell ran up to {int(runs.max())} times (n: its ok runs). A job runs its cells' repeats in "
+              "cycles, each cycle in an order shuffled by the seed, so drift and heat spread over every cell. "
+              "Every figure in the tables is the mean over a cell's runs; ± is the half-width of the 95% "
+              "interval of that mean (Student t, n - 1 degrees of freedom); ±% is that as a share of the mean. "
+              f"Per-metric n, std and interval are in the cells table (`<metric>{N}`, `{STD}`, `{CI95}`). "
+              "An empty entry was not measured (the Notes say why).", ""]
+    lines += [table_markdown, ""]
+    notes = [f"- cell {r['cell_id']}: {r['repeat_note']}" for r in done.to_dict("records")
+             if isinstance(r.get("repeat_note"), str) and r["repeat_note"]]
+    if notes:
+        lines += ["Runs that failed or are missing (the means above leave them out):", "", *notes, ""]
+    return lines
