@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
+from w2w.energy import gpustate
+from w2w.energy.bounds import GpuReading, cpu_bound_j, gpu_bound_j, power_sample_coverage
 from w2w.energy.errors import EnergyError, GpuError, WindowError
 from w2w.energy.nvml import GpuMeter, call, import_nvml, open_gpu_meter
 from w2w.energy.rapl import POWERCAP_ROOT, RAPL_POLL_INTERVAL_S, RaplMeter, RaplPoller, open_rapl
-from w2w.energy.sampler import Row, Sampler, integrate
+from w2w.energy.sampler import Row, Sampler, column, integrate
 
 log = logging.getLogger("w2w.energy")
 # NVML's energy counter updates every 20-100 ms depending on the GPU; shorter windows can read
@@ -50,6 +52,28 @@ class Window:
     samples: tuple[Row, ...] = ()  # sampler rows (t monotonic s, *TELEMETRY_COLUMNS) inside the window
     t0: float = 0.0  # monotonic s when the window opened (the time base of samples)
     telemetry_errors: tuple[str, ...] = ()  # sampler read errors inside the window
+    period_s: float | None = None  # s: the update period of gpu_energy_j's source (None: no figure)
+    gpu_bound_j: float | None = None  # J: worst-case bound on gpu_energy_j (w2w.energy.bounds)
+    cpu_bound_j: float | None = None  # J: worst-case bound on cpu_energy_j
+    cpu_package_j: float | None = None  # J: the RAPL package zones of cpu_energy_j
+    cpu_dram_j: float | None = None  # J: the RAPL DRAM zones of cpu_energy_j
+    state_start: GpuState | None = None  # the GPU when the window opened (None: no GPU meter)
+    state_end: GpuState | None = None
+    clock_events: int | None = None  # NVML clock event reasons seen at the edges or by the sampler (bit mask)
+
+    @property
+    def periods(self) -> float | None:
+        """The window's length in update periods of its energy source."""
+        return self.duration_s / self.period_s if self.period_s else None
+
+
+@dataclass(frozen=True)
+class GpuState:
+    """Temperature, SM clock and clock event reasons of the GPU, read at one instant."""
+
+    temp_c: float | None
+    sm_clock_mhz: float | None
+    clock_events: int | None
 
 
 @dataclass
@@ -59,6 +83,8 @@ class _Open:
     counter_mj: int | None
     cpu_j: dict[str, float] | None
     errors: list[str] = field(default_factory=list)
+    cpu_read_s: float = 0.0  # s the RAPL read at the opening edge took
+    state: GpuState | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +167,7 @@ class EnergyMonitor:
         self.memory_total_mib = self.meter.memory_total_mib if self.meter is not None else None  # MiB
         self.sampler = self._make_sampler(sample_interval_s) if sampler and self.meter is not None else None
         self.source = self._choose_source()
+        self._coverage = self._power_coverage()
         self.counter_period_s = self._counter_period(counter_period_s)  # s; None without a counter
         self.rapl: RaplMeter | None = None
         self.rapl_poller: RaplPoller | None = None
@@ -278,7 +305,10 @@ class EnergyMonitor:
         counter = self._read_counter(errors)
         if self.sampler is not None:
             self.sampler.sample()  # a reading at the edge keeps short windows integrable
-        self._open[name] = _Open(t0, unix, counter, self._read_cpu(), errors)
+        state = self._state()
+        cpu = self._read_cpu()
+        # The RAPL read lands this long after the edge: the read timer of the CPU figure.
+        self._open[name] = _Open(t0, unix, counter, cpu, errors, self._clock() - t0, state)
 
     def end_window(self, name: str, sync: bool = True) -> Window:
         """Close window `name`; sync first waits for the work queued inside it, so it is counted."""
@@ -297,7 +327,9 @@ class EnergyMonitor:
             self.sampler.sample()
             rows = tuple(self.sampler.rows(opened.t0, self._clock()))
             telemetry_errors = self.sampler.errors(opened.t0, self._clock())
+        state_end = self._state()
         cpu_end = self._read_cpu()
+        cpu_read_s = max(opened.cpu_read_s, self._clock() - t1)
         if not self._open:
             self._stop_threads()
         duration = t1 - opened.t0
@@ -318,6 +350,12 @@ class EnergyMonitor:
                 f"({self.counter_period_s * 1000:.0f} ms): its energy is unreliable",
                 stacklevel=2,
             )
+        period = self._period()
+        powers = [row[1] for row in rows if row[1] is not None]
+        reading = GpuReading(self.source, duration, period, counter_j, integrated,
+                             max(powers, default=None), min(powers, default=None), self._coverage)
+        cpu_j = _cpu_total(opened.cpu_j, cpu_end)
+        zones = _cpu_zones(opened.cpu_j, cpu_end)
         return Window(
             name=name,
             start_unix_s=opened.start_unix_s,
@@ -326,15 +364,57 @@ class EnergyMonitor:
             source=self.source,
             counter_energy_j=counter_j,
             integrated_energy_j=integrated,
-            cpu_energy_j=_cpu_total(opened.cpu_j, cpu_end),
-            cpu_zones_j=_cpu_zones(opened.cpu_j, cpu_end),
+            cpu_energy_j=cpu_j,
+            cpu_zones_j=zones,
             reason=error or self.reason,
             error=error,
             short=short,
             samples=rows,
             t0=opened.t0,
             telemetry_errors=tuple(telemetry_errors),
+            period_s=period if gpu is not None else None,
+            gpu_bound_j=gpu_bound_j(reading) if gpu is not None else None,
+            cpu_bound_j=cpu_bound_j(cpu_j, duration, len(zones or {}), cpu_read_s),
+            cpu_package_j=_zone_sum(zones, dram=False),
+            cpu_dram_j=_zone_sum(zones, dram=True),
+            state_start=opened.state,
+            state_end=state_end,
+            clock_events=gpustate.merge_masks([
+                opened.state.clock_events if opened.state else None, state_end.clock_events if state_end else None,
+                *(None if v is None else int(v) for v in column(rows, "throttle_reasons"))]),
         )
+
+    def _power_coverage(self) -> float | None:
+        if self.meter is None:
+            return None
+        try:
+            return power_sample_coverage(self.meter.name())
+        except GpuError:
+            return None  # unknown: the bound leaves the term out
+
+    def _period(self) -> float | None:
+        """The update period of the window figure's source: the counter's, or the sampler's interval."""
+        if self.source == SOURCE_COUNTER:
+            return self.counter_period_s
+        if self.source == SOURCE_INTEGRATED and self.sampler is not None:
+            return self.sampler.interval_s
+        return None
+
+    def _state(self) -> GpuState | None:
+        """The GPU's temperature, SM clock and clock event reasons now; None where there is no meter or a
+        read failed (the state describes the window; it is no part of its energy figure)."""
+        if self.meter is None:
+            return None
+        try:
+            return GpuState(self.meter.temperature_c(), self.meter.sm_clock_mhz(), self.meter.clock_events())
+        except GpuError as exc:
+            log.warning("GPU state unread at a window edge: %s", exc)
+            return None
+
+    def settle(self, seconds: float) -> gpustate.Settled:
+        """Before a cell: wait until this GPU's temperature holds still, at most `seconds`."""
+        read = self.meter.temperature_c if self.meter is not None and self.meter.temperature_c() is not None else None
+        return gpustate.settle(seconds, read, self._clock, self._sleep)
 
     def _figure(self, counter_j: float | None, integrated: float | None, errors: list[str]) -> tuple[float | None, str | None]:
         """The window's energy from the chosen source, or None and the read error."""
@@ -381,6 +461,13 @@ def _cpu_zones(start: dict[str, float] | None, end: dict[str, float] | None) -> 
     if start is None or end is None:
         return None
     return {zone: end[zone] - start[zone] for zone in start}
+
+
+def _zone_sum(zones: dict[str, float] | None, dram: bool) -> float | None:
+    """The package zones' energy, or the DRAM zones' (named "package-N/dram" by w2w.energy.rapl)."""
+    if zones is None:
+        return None
+    return sum(j for name, j in zones.items() if name.endswith("/dram") == dram)
 
 
 def _cpu_total(start: dict[str, float] | None, end: dict[str, float] | None) -> float | None:
