@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from w2w.analysis import ladder
 from w2w.analysis.metrics import METRIC_NAMES, CellTotals, compute
 from w2w.analysis.tables import markdown
 from w2w.launch.axes import cell_parameters, label, varying_axes
@@ -235,7 +236,7 @@ def reduce_cell(cell: CellRecords) -> dict:
         "note": f"no energy: {reason}" if reason else "",
         **_answer_columns(first, totals),
     }
-    return row
+    return row | ladder.cell_columns(records)
 
 
 def _reduce_or_report(cell: CellRecords) -> dict:
@@ -286,6 +287,7 @@ def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
         params = _cell_parameters(cell) or {}
         rows.append(row | {column: params.get(key) for column, key in extra.items()})
     table = pd.DataFrame(rows)
+    table = ladder.add_node_columns(table, {cid: list(cell.records.values()) for cid, cell in cells.items()})
     if "engine" in table:  # records of sweeps before the rename: engine=reference was Llama 2's program
         table["engine"] = table["engine"].replace(OLD_ENGINE_NAMES)
     for column in ("cell_id", *PARAM_COLUMNS, *extra, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus",
@@ -307,7 +309,7 @@ TABLE_COLUMNS = ["model", "gpu", "dataset", "shards", "engine", "batch_size", "m
 def table_columns(table: pd.DataFrame) -> list[str]:
     """TABLE_COLUMNS with the sweep's other varying axes before the status."""
     at = TABLE_COLUMNS.index("status")
-    return [*TABLE_COLUMNS[:at], *table.attrs.get("axes", []), *TABLE_COLUMNS[at:]]
+    return [*TABLE_COLUMNS[:at], *table.attrs.get("axes", []), *TABLE_COLUMNS[at:], *ladder.TABLE_FLAGS]
 
 
 def write_results(table: pd.DataFrame, sweep_dir: Path) -> Path:
@@ -330,6 +332,7 @@ def summary_notes(table: pd.DataFrame) -> list[str]:
     notes.extend(f"cpu_energy_j empty: {reason.removeprefix('no CPU energy: ')}" for reason in sorted(cpu_reasons))
     score_reasons = {row["score_note"] for _, row in table.iterrows() if row["status"] == STATUS_OK and row["score_note"]}
     notes.extend(f"answers: {reason}" for reason in sorted(score_reasons))
+    notes.extend(ladder.notes(table))
     return notes
 
 

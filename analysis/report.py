@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from w2w.analysis import figures, paper, pareto, tables
+from w2w.analysis import figures, ladder, paper, pareto, tables
 from w2w.analysis.reduce import CellRecords, load_cells, reduce_cells, summary_notes
 from w2w.launch.status import completeness
 
@@ -405,6 +405,8 @@ def render(sweep: Path, out: Path, max_timelines: int | None = None, target: par
     _write(report, out / "implementation_costs.md", frame_markdown(costs) if not costs.empty else "")
     page = _page(sweep, cells, rendered_tables, rendered_figures, figure_files, timelines, compared, energy, report)
     page += _costs_section(costs)
+    _write(report, out / "energy_boundaries.csv", ladder.boundaries_frame(cells).to_csv(index=False))
+    page += ladder.report_sections(cells)
     page += "\n" + "\n".join(pareto_section(cells, out, target or pareto.Target(), report)) + "\n"
     _write(report, out / "report.md", page)
     return report
