@@ -221,7 +221,7 @@ def _gpu_state(done: pd.DataFrame) -> list[str]:
              "clock event reasons seen at any window edge or sampler read. Throttled: a power-cap, thermal or "
              "hardware-slowdown reason was seen.", ""]
     if done[list(STATE_COLUMNS[:4])].map(tables.is_missing).all().all():
-        return lines + ["No GPU state: no cell had an NVML meter (the energy notes above say why).", ""]
+        return [*lines, "No GPU state: no cell had an NVML meter (the energy notes above say why).", ""]
     lines += [tables.markdown(done[[*_ID, *STATE_COLUMNS]]), ""]
     throttled = done[done["throttled"] == True]  # noqa: E712 (None is neither)
     lines += [f"- throttled: {r['cell_id']} ({r['throttle_reasons']})" for r in throttled.to_dict("records")]
