@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from w2w.analysis import ladder
 from w2w.analysis.metrics import METRIC_NAMES, CellTotals, compute
 from w2w.analysis.stats import CI95, STD, N, is_number, summarize
 from w2w.analysis.tables import interval_markdown
@@ -257,7 +258,7 @@ def reduce_cell(cell: CellRecords) -> dict:
         "note": f"no energy: {reason}" if reason else "",
         **_answer_columns(first, totals),
     }
-    return row
+    return row | ladder.cell_columns(records)
 
 
 def _reduce_or_report(cell: CellRecords) -> dict:
@@ -346,6 +347,7 @@ def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
         params = _cell_parameters(cell) or {}
         rows.append(row | {column: params.get(key) for column, key in extra.items()})
     table = pd.DataFrame(rows)
+    table = ladder.add_node_columns(table, {cid: list(cell.records.values()) for cid, cell in cells.items()})
     if "engine" in table:  # records of sweeps before the rename: engine=reference was Llama 2's program
         table["engine"] = table["engine"].replace(OLD_ENGINE_NAMES)
     for column in ("cell_id", *PARAM_COLUMNS, *extra, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus",
@@ -370,7 +372,9 @@ def table_columns(table: pd.DataFrame) -> list[str]:
     cut = [] if _cut_prompts(table).empty else ["truncated_prompts"]  # shown where a prompt was cut
     repeats = ["repeats"] if "repeats" in table and (table["repeats"].fillna(0) > 1).any() else []
     return [*TABLE_COLUMNS[:at], *table.attrs.get("axes", []), *TABLE_COLUMNS[at:at + 1], *repeats,
-            *TABLE_COLUMNS[at + 1:], *cut]
+            *TABLE_COLUMNS[at + 1:], *cut, *ladder.TABLE_FLAGS]
+
+
 def _cut_prompts(table: pd.DataFrame) -> pd.DataFrame:
     """The ok cells whose prompts were cut to dataset.max_prompt_tokens."""
     if "truncated_prompts" not in table:
@@ -408,6 +412,7 @@ def summary_notes(table: pd.DataFrame) -> list[str]:
                  if row["status"] == STATUS_OK and isinstance(row.get("repeat_note"), str) and row["repeat_note"])
     score_reasons = {row["score_note"] for _, row in table.iterrows() if row["status"] == STATUS_OK and row["score_note"]}
     notes.extend(f"answers: {reason}" for reason in sorted(score_reasons))
+    notes.extend(ladder.notes(table))
     return notes + truncation_notes(table)
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from w2w.analysis import figures, paper, pareto, repeats, tables
+from w2w.analysis import figures, ladder, paper, pareto, repeats, tables
 from w2w.analysis.reduce import CellRecords, load_cells, reduce_cells, summary_notes
 from w2w.launch.status import completeness, sweep_problems
 
@@ -437,6 +437,8 @@ def render(sweep: Path, out: Path, max_timelines: int | None = None, target: par
     spread = repeats.spread_table(cells)
     _write(report, out / "repeats.csv", spread.to_csv(index=False))
     page += "\n" + "\n".join(repeats.repeats_lines(cells, frame_markdown(spread) if not spread.empty else ""))
+    _write(report, out / "energy_boundaries.csv", ladder.boundaries_frame(cells).to_csv(index=False))
+    page += ladder.report_sections(cells)
     page += "\n" + "\n".join(pareto_section(cells, out, target or pareto.Target(), report)) + "\n"
     _write(report, out / "report.md", page)
     return report

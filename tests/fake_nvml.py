@@ -46,6 +46,9 @@ class FakeGpu:
     site_limit_w: float | None = None  # a limit set elsewhere that wins over ours
     failing: Callable[[float], bool] = lambda t: False  # reads raise NVMLError_Unknown while True
     sm_util: int = 90
+    temp_at: Callable[[float], float] = lambda t: 61.0  # C at time t
+    sm_clock_mhz: float = 1410.0
+    clock_events_at: Callable[[float], int] = lambda t: 0  # NVML clock event reasons (bit mask) at time t
     mem_util: int = 40
     mem_used_mib: float = 20_000.0
     mem_total_mib: float = 81_920.0
@@ -129,8 +132,11 @@ def fake_nvml(gpus: list[FakeGpu], clock: Callable[[], float] = time.perf_counte
     nvml.nvmlDeviceGetMemoryInfo.side_effect = read(
         lambda g: SimpleNamespace(used=int(g.mem_used_mib * MIB), total=int(g.mem_total_mib * MIB),
                                   free=int((g.mem_total_mib - g.mem_used_mib) * MIB)))
-    nvml.nvmlDeviceGetTemperature.side_effect = read(lambda g, sensor: 61)
-    nvml.nvmlDeviceGetClockInfo.side_effect = read(lambda g, kind: 1410)
+    nvml.nvmlDeviceGetTemperature.side_effect = read(lambda g, sensor: round(g.temp_at(clock())))
+    nvml.nvmlDeviceGetClockInfo.side_effect = read(lambda g, kind: round(g.sm_clock_mhz))
+    events = read(lambda g: g.clock_events_at(clock()))
+    nvml.nvmlDeviceGetCurrentClocksEventReasons.side_effect = events
+    nvml.nvmlDeviceGetCurrentClocksThrottleReasons.side_effect = events  # its name before NVML 12.2
     nvml.nvmlDeviceGetPowerManagementLimit.side_effect = read(lambda g: round(g.limit_w * 1000))
     nvml.nvmlDeviceGetPowerManagementDefaultLimit.side_effect = read(lambda g: round(g.default_limit_w * 1000))
     nvml.nvmlDeviceGetPowerManagementLimitConstraints.side_effect = read(

@@ -262,7 +262,7 @@ def test_sampler_thread_samples_at_its_interval():
 
 
 def test_telemetry_summary_and_timeline_frame():
-    rows = [(1.0, 100.0, 80.0, 30.0, 1000.0, 60.0, 1400.0), (1.1, 200.0, 100.0, 50.0, 2000.0, 62.0, 1500.0)]
+    rows = [(1.0, 100.0, 80.0, 30.0, 1000.0, 60.0, 1400.0, 0.0), (1.1, 200.0, 100.0, 50.0, 2000.0, 62.0, 1500.0, 4.0)]
     summary = summarize(rows, memory_total_mib=4000.0, errors=[])
     assert summary["sm_util_avg_pct"] == pytest.approx(90.0) and summary["mem_util_max_pct"] == 50.0
     assert summary["mem_used_max_pct"] == 50.0 and summary["power_max_w"] == 200.0
@@ -291,7 +291,7 @@ def test_config_defaults():
 
 def test_telemetry_averages_are_weighted_by_time_not_by_row():
     # 9 s at 10 % seen by two sampler rows, then a burst of phase-edge rows in the last second.
-    rows = [(t, 200.0, sm, 40.0, 1000.0, 60.0, 1400.0)
+    rows = [(t, 200.0, sm, 40.0, 1000.0, 60.0, 1400.0, 0.0)
             for t, sm in ((0.0, 10.0), (9.0, 10.0), (9.5, 100.0), (9.6, 100.0), (9.7, 100.0), (10.0, 100.0))]
     summary = summarize(rows, None, [], 0.0, 10.0)
     assert summary["sm_util_avg_pct"] == pytest.approx((9 * 10.0 + 0.5 * 55.0 + 0.5 * 100.0) / 10)  # 16.75

@@ -77,6 +77,8 @@ class ClusterConfig:
     setup: list[str] = field(default_factory=list)
     array_parallelism: int = 64
     python: str | None = None  # interpreter on the nodes; None: the one running w2w-sweep
+    # The facility's power usage effectiveness: the node figure x pue is the facility estimate; None: no estimate.
+    pue: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ class EnergyConfig:
     instant_power: bool = True  # sample NVML's instant power field where the GPU offers it
     idle_seconds: float = 5.0  # idle baseline before the first cell; 0: none
     rapl: bool = True  # CPU energy from RAPL, read by local rank 0 of each node
+    # A batch window shorter than this many update periods of its energy source is flagged on its cell.
+    min_window_periods: float = 10.0
+    settle_s: float = 0.0  # before each cell, wait up to this long for the GPU's temperature to hold still
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,8 @@ ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "
 # Options added after sweeps were run, per config section: at their defaults they leave the cell id as it was.
 ID_NEW_DEFAULTS = {
     "": {"save_responses": False},
+    # settle_s: at 0 no wait, as before it existed; min_window_periods only flags.
+    "energy": {"min_window_periods": 10.0, "settle_s": 0.0},
     # content_sha256 is None for hub and synthetic data: they keep their earlier ids.
     # max_prompt_tokens: None (nothing cut) became the default after 128; a cell that sets it keeps its id.
     "dataset": {"prompt_template": "{prompt}", "fewshot_path": None, "fewshot_k": 0, "content_sha256": None,

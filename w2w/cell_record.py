@@ -12,6 +12,7 @@ import torch
 from w2w import distributed
 from w2w.cell import Cell
 from w2w.cell_lock import job_attempt
+from w2w.energy import gpustate
 from w2w.energy.monitor import EnergyMonitor, Window
 from w2w.energy.phases import PhaseEnergy
 from w2w.energy.sampler import timeline_frame
@@ -57,6 +58,48 @@ def cell_energy(cell: Window, phases: PhaseEnergy, warmup: Window | None, monito
         cpu_reason=monitor.cpu_reason if cell.cpu_energy_j is None else None,
         reason=cell.reason,
     )
+
+
+def window_bounds(window: Window) -> dict:
+    """A batch window's uncertainty bounds, its CPU energy by RAPL domain, and its length in update periods."""
+    return {"gpu_bound_j": window.gpu_bound_j, "cpu_bound_j": window.cpu_bound_j,
+            "cpu_package_j": window.cpu_package_j, "cpu_dram_j": window.cpu_dram_j,
+            "period_s": window.period_s, "window_periods": window.periods}
+
+
+def window_state(window: Window) -> dict:
+    """A window's GPU at its edges, and the clock event reasons seen in it (None: no GPU meter)."""
+    start, end = window.state_start, window.state_end
+    return {"temp_start_c": start.temp_c if start else None, "temp_end_c": end.temp_c if end else None,
+            "sm_clock_start_mhz": start.sm_clock_mhz if start else None,
+            "sm_clock_end_mhz": end.sm_clock_mhz if end else None, "clock_events": window.clock_events}
+
+
+def window_flags(batches: list[dict], min_periods: float) -> dict:
+    """How many of the cell's batch windows ran under min_periods update periods of their energy
+    source (None where no window had a period: no energy figure)."""
+    periods = [b["energy"].get("window_periods") for b in batches]
+    known = [p for p in periods if p is not None]
+    steps = [b["energy"].get("period_s") for b in batches if b["energy"].get("period_s") is not None]
+    return {"min_window_periods": min_periods,
+            "short_windows": sum(p < min_periods for p in known) if known else None,
+            "shortest_window_periods": min(known, default=None),
+            "window_period_s": max(steps, default=None)}
+
+
+def gpu_state(cell: Window, batches: list[dict], settled: gpustate.Settled | None) -> dict | None:
+    """The record's gpu_state: the cell window's edges, every reason any window of it saw, the settle."""
+    if cell.state_start is None and cell.state_end is None:
+        return None  # no GPU meter
+    state = window_state(cell)
+    events = gpustate.merge_masks([state.pop("clock_events"), *(b.get("gpu_state", {}).get("clock_events")
+                                                                 for b in batches)])
+    return state | {
+        "clock_events": events, "clock_event_names": gpustate.reason_names(events),
+        "throttled": gpustate.throttled(events),
+        "settle_s": settled.waited_s if settled else None, "settle_temp_c": settled.temp_c if settled else None,
+        "settled": settled.stable if settled else None,
+    }
 
 
 def identity(cell: Cell, info: distributed.DistInfo) -> dict:

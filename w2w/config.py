@@ -453,6 +453,18 @@ def validate(cfg: Cell) -> None:
         f"energy.idle_seconds={cfg.energy.idle_seconds}: must be in [0, 600] (0 skips the idle baseline)",
     )
     _check(
+        cfg.energy.min_window_periods >= 0,
+        f"energy.min_window_periods={cfg.energy.min_window_periods}: must be >= 0 (0 flags no window)",
+    )
+    _check(
+        0 <= cfg.energy.settle_s <= 3600,
+        f"energy.settle_s={cfg.energy.settle_s}: must be in [0, 3600] (0: no wait before a cell)",
+    )
+    _check(
+        cfg.cluster.pue is None or cfg.cluster.pue >= 1,
+        f"cluster.pue={cfg.cluster.pue}: must be >= 1 (facility energy / IT energy), or null for no facility estimate",
+    )
+    _check(
         cfg.power_cap_w is None or cfg.power_cap_w > 0,
         f"power_cap_w={cfg.power_cap_w}: must be > 0 W, or null for the GPU's own limit",
     )

@@ -18,9 +18,13 @@ from w2w.cell_lock import job_attempt
 from w2w.cell_record import (
     cell_energy,
     failure,
+    gpu_state,
     identity,
     job_segment,
     responses_block,
+    window_bounds,
+    window_flags,
+    window_state,
     write_timeline,
 )
 from w2w.data import Prompt
@@ -175,7 +179,8 @@ def _run_batch(run: _CellRun, batch: list[list[int]], responses: _BatchResponses
                   "decode_s": clock.seconds[DECODE] - seconds[DECODE]},
         "energy": {"gpu_j": window.gpu_energy_j, "counter_gpu_j": window.counter_energy_j,
                    "integrated_gpu_j": window.integrated_energy_j, "prefill_gpu_j": joules_in(PREFILL),
-                   "decode_gpu_j": joules_in(DECODE), "cpu_j": window.cpu_energy_j},
+                   "decode_gpu_j": joules_in(DECODE), "cpu_j": window.cpu_energy_j} | window_bounds(window),
+        "gpu_state": window_state(window),
     }
     return entry, window.error
 
@@ -214,6 +219,7 @@ def run_cell(
         "start_unix_s": time.time(), "warmup_s": warmup.duration_s if warmup else 0.0,
         "warmup_gpu_j": warmup.gpu_energy_j if warmup else None,
     })
+    settled = monitor.settle(cell.energy.settle_s) if cell.energy.settle_s > 0 else None
     run.clock.enter(None)  # synchronize before the cell's window opens
     monitor.begin_window("cell")
     errors: list[str] = []
@@ -232,7 +238,9 @@ def run_cell(
     result = {
         "counts": totals["counts"] | {"truncated_prompts": truncated},
         "times": totals["times"] | {"warmup_s": warmup.duration_s if warmup else 0.0},
-        "energy": cell_energy(window, phases, warmup, monitor).merged(totals["energy"]),
+        "energy": cell_energy(window, phases, warmup, monitor).merged(
+            totals["energy"] | window_flags(progress.batches, cell.energy.min_window_periods)),
+        "gpu_state": gpu_state(window, progress.batches, settled),
         "telemetry": summarize(window.samples, monitor.memory_total_mib, list(window.telemetry_errors), window.t0,
                                window.t0 + window.duration_s),
         "timeline": write_timeline(timeline, window, rank),

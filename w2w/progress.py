@@ -22,7 +22,9 @@ BATCH_COUNTS = tuple(f.name for f in fields(Counts) if f.name not in (*CELL_COUN
 # Counts added after records were written: unknown (None) for a cell where any batch lacks them, never 0.
 LATER_COUNTS = ("positions",)
 BATCH_TIMES = ("total_s", "prefill_s", "decode_s")
-BATCH_ENERGY = ("gpu_j", "counter_gpu_j", "integrated_gpu_j", "prefill_gpu_j", "decode_gpu_j", "cpu_j")
+BATCH_ENERGY = ("gpu_j", "counter_gpu_j", "integrated_gpu_j", "prefill_gpu_j", "decode_gpu_j", "cpu_j",
+                # Bounds add linearly (worst case): adjacent windows share edges, and the counter-sample gap is a bias.
+                "gpu_bound_j", "cpu_bound_j", "cpu_package_j", "cpu_dram_j")
 
 
 def progress_path(sweep_dir: str | Path, cid: str, rank: int, repeat: int = 0) -> Path:

@@ -258,6 +258,33 @@ class Energy(Schema):
     idle_reason: str | None = None
     # What this GPU would have drawn at rest over the cell's batches, at each segment's own baseline.
     idle_gpu_j: float | None = None
+    # Worst-case bounds on gpu_j and cpu_j (w2w.energy.bounds), summed linearly over the batch windows.
+    gpu_bound_j: float | None = None
+    cpu_bound_j: float | None = None
+    cpu_package_j: float | None = None  # the RAPL package zones of cpu_j
+    cpu_dram_j: float | None = None  # the RAPL DRAM zones of cpu_j (each zone counted once)
+    window_period_s: float | None = None  # update period of gpu_j's source: counter period or sampler interval
+    min_window_periods: float | None = None  # energy.min_window_periods the cell ran with
+    short_windows: int | None = None  # batch windows under min_window_periods update periods (None: no period)
+    shortest_window_periods: float | None = None  # the shortest batch window, in update periods
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
+
+
+@dataclass
+class GpuState(Schema):
+    """This rank's GPU over the cell: temperature and SM clock at the cell window's edges, clock event
+    (throttle) reasons seen in any of its windows, and the settle before it (None: not read)."""
+
+    temp_start_c: float | None = None
+    temp_end_c: float | None = None
+    sm_clock_start_mhz: float | None = None
+    sm_clock_end_mhz: float | None = None
+    clock_events: int | None = None  # NVML clock event reasons, OR of every read (bit mask)
+    clock_event_names: list[str] | None = None  # the same by name (w2w.energy.gpustate)
+    throttled: bool | None = None  # a power or thermal reason was seen
+    settle_s: float | None = None  # s waited before the cell (energy.settle_s)
+    settle_temp_c: float | None = None
+    settled: bool | None = None  # the temperature held still before the wait ran out
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
 
 
@@ -302,7 +329,7 @@ class RankRecord(Schema):
     """
 
     OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("error", "traceback", "counts", "times", "telemetry", "responses",
-                                               "graph")
+                                               "graph", "gpu_state")
     # Present and typed in every ok record: the reducer relies on them.
     OK_REQUIRED: ClassVar[tuple[str, ...]] = (
         "node", "counts.responses", "counts.output_tokens", "counts.output_words", "times.total_s",
@@ -340,6 +367,7 @@ class RankRecord(Schema):
     responses: dict[str, Any] | None = None
     # fast: how its decode steps ran: "cuda graph", "eager", or "eager, capture failed: <why>".
     graph: str | None = None
+    gpu_state: GpuState | None = None  # temperature, clock and throttle reasons over the cell (no GPU: None)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
 
     @property

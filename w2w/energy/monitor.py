@@ -14,10 +14,13 @@ from typing import Any
 
 import torch
 
+from w2w.energy import gpustate
+from w2w.energy.bounds import GpuReading, cpu_bound_j, gpu_bound_j, power_sample_coverage
 from w2w.energy.errors import EnergyError, GpuError, WindowError
 from w2w.energy.nvml import GpuMeter, call, import_nvml, open_gpu_meter
 from w2w.energy.rapl import POWERCAP_ROOT, RAPL_POLL_INTERVAL_S, RaplMeter, RaplPoller, open_rapl
-from w2w.energy.sampler import Row, Sampler, integrate
+from w2w.energy.sampler import Row, Sampler, column, integrate
+from w2w.energy.window import GpuState, IdleBaseline, Window, cpu_total, cpu_zones, zone_sum
 
 log = logging.getLogger("w2w.energy")
 # NVML's energy counter updates every 20-100 ms depending on the GPU; shorter windows can read
@@ -31,27 +34,6 @@ SOURCE_INTEGRATED = "nvml_integrated"  # the sampler's power readings integrated
 SOURCE_NONE = "none"
 
 
-@dataclass(frozen=True)
-class Window:
-    """One measured interval on this rank. Energies in J, times in s."""
-
-    name: str
-    start_unix_s: float  # s since the epoch, when the window opened
-    duration_s: float  # s
-    gpu_energy_j: float | None  # J from `source`; None: no figure (see reason)
-    source: str  # nvml_counter | nvml_integrated | none
-    counter_energy_j: float | None = None  # J: difference of NVML's total-energy counter
-    integrated_energy_j: float | None = None  # J: sampled power integrated over the window
-    cpu_energy_j: float | None = None  # J: RAPL packages + DRAM of this node (local rank 0 only)
-    cpu_zones_j: dict[str, float] | None = None  # J per RAPL zone ("package-0", "package-0/dram")
-    reason: str | None = None  # why gpu_energy_j is None
-    error: str | None = None  # an NVML read error inside the window that voids gpu_energy_j
-    short: bool = False  # shorter than the counter's update period: gpu_energy_j is unreliable
-    samples: tuple[Row, ...] = ()  # sampler rows (t monotonic s, *TELEMETRY_COLUMNS) inside the window
-    t0: float = 0.0  # monotonic s when the window opened (the time base of samples)
-    telemetry_errors: tuple[str, ...] = ()  # sampler read errors inside the window
-
-
 @dataclass
 class _Open:
     t0: float
@@ -59,17 +41,8 @@ class _Open:
     counter_mj: int | None
     cpu_j: dict[str, float] | None
     errors: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class IdleBaseline:
-    """This rank's GPU at rest with the model loaded, before the first cell."""
-
-    idle_power_w: float | None  # W: window energy / duration; None: no meter or not measured
-    idle_s: float  # s the baseline lasted
-    idle_source: str
-    idle_cpu_power_w: float | None  # W: the node's RAPL (local rank 0 only)
-    idle_reason: str | None
+    cpu_read_s: float = 0.0  # s the RAPL read at the opening edge took
+    state: GpuState | None = None
 
 
 def device_sync(device: torch.device) -> Callable[[], None]:
@@ -141,6 +114,7 @@ class EnergyMonitor:
         self.memory_total_mib = self.meter.memory_total_mib if self.meter is not None else None  # MiB
         self.sampler = self._make_sampler(sample_interval_s) if sampler and self.meter is not None else None
         self.source = self._choose_source()
+        self._coverage = self._power_coverage()
         self.counter_period_s = self._counter_period(counter_period_s)  # s; None without a counter
         self.rapl: RaplMeter | None = None
         self.rapl_poller: RaplPoller | None = None
@@ -278,7 +252,10 @@ class EnergyMonitor:
         counter = self._read_counter(errors)
         if self.sampler is not None:
             self.sampler.sample()  # a reading at the edge keeps short windows integrable
-        self._open[name] = _Open(t0, unix, counter, self._read_cpu(), errors)
+        state = self._state()
+        cpu = self._read_cpu()
+        # The RAPL read lands this long after the edge: the read timer of the CPU figure.
+        self._open[name] = _Open(t0, unix, counter, cpu, errors, self._clock() - t0, state)
 
     def end_window(self, name: str, sync: bool = True) -> Window:
         """Close window `name`; sync first waits for the work queued inside it, so it is counted."""
@@ -297,7 +274,9 @@ class EnergyMonitor:
             self.sampler.sample()
             rows = tuple(self.sampler.rows(opened.t0, self._clock()))
             telemetry_errors = self.sampler.errors(opened.t0, self._clock())
+        state_end = self._state()
         cpu_end = self._read_cpu()
+        cpu_read_s = max(opened.cpu_read_s, self._clock() - t1)
         if not self._open:
             self._stop_threads()
         duration = t1 - opened.t0
@@ -318,6 +297,12 @@ class EnergyMonitor:
                 f"({self.counter_period_s * 1000:.0f} ms): its energy is unreliable",
                 stacklevel=2,
             )
+        period = self._period()
+        powers = [row[1] for row in rows if row[1] is not None]
+        reading = GpuReading(self.source, duration, period, counter_j, integrated,
+                             max(powers, default=None), min(powers, default=None), self._coverage)
+        cpu_j = cpu_total(opened.cpu_j, cpu_end)
+        zones = cpu_zones(opened.cpu_j, cpu_end)
         return Window(
             name=name,
             start_unix_s=opened.start_unix_s,
@@ -326,15 +311,57 @@ class EnergyMonitor:
             source=self.source,
             counter_energy_j=counter_j,
             integrated_energy_j=integrated,
-            cpu_energy_j=_cpu_total(opened.cpu_j, cpu_end),
-            cpu_zones_j=_cpu_zones(opened.cpu_j, cpu_end),
+            cpu_energy_j=cpu_j,
+            cpu_zones_j=zones,
             reason=error or self.reason,
             error=error,
             short=short,
             samples=rows,
             t0=opened.t0,
             telemetry_errors=tuple(telemetry_errors),
+            period_s=period if gpu is not None else None,
+            gpu_bound_j=gpu_bound_j(reading) if gpu is not None else None,
+            cpu_bound_j=cpu_bound_j(cpu_j, duration, len(zones or {}), cpu_read_s),
+            cpu_package_j=zone_sum(zones, dram=False),
+            cpu_dram_j=zone_sum(zones, dram=True),
+            state_start=opened.state,
+            state_end=state_end,
+            clock_events=gpustate.merge_masks([
+                opened.state.clock_events if opened.state else None, state_end.clock_events if state_end else None,
+                *(None if v is None else int(v) for v in column(rows, "throttle_reasons"))]),
         )
+
+    def _power_coverage(self) -> float | None:
+        if self.meter is None:
+            return None
+        try:
+            return power_sample_coverage(self.meter.name())
+        except GpuError:
+            return None  # unknown: the bound leaves the term out
+
+    def _period(self) -> float | None:
+        """The update period of the window figure's source: the counter's, or the sampler's interval."""
+        if self.source == SOURCE_COUNTER:
+            return self.counter_period_s
+        if self.source == SOURCE_INTEGRATED and self.sampler is not None:
+            return self.sampler.interval_s
+        return None
+
+    def _state(self) -> GpuState | None:
+        """The GPU's temperature, SM clock and clock event reasons now; None where there is no meter or a
+        read failed (the state describes the window; it is no part of its energy figure)."""
+        if self.meter is None:
+            return None
+        try:
+            return GpuState(self.meter.temperature_c(), self.meter.sm_clock_mhz(), self.meter.clock_events())
+        except GpuError as exc:
+            log.warning("GPU state unread at a window edge: %s", exc)
+            return None
+
+    def settle(self, seconds: float) -> gpustate.Settled:
+        """Before a cell: wait until this GPU's temperature holds still, at most `seconds`."""
+        read = self.meter.temperature_c if self.meter is not None and self.meter.temperature_c() is not None else None
+        return gpustate.settle(seconds, read, self._clock, self._sleep)
 
     def _figure(self, counter_j: float | None, integrated: float | None, errors: list[str]) -> tuple[float | None, str | None]:
         """The window's energy from the chosen source, or None and the read error."""
@@ -375,14 +402,3 @@ class EnergyMonitor:
             except GpuError as exc:
                 log.warning("%s", exc)
             self.meter = None
-
-
-def _cpu_zones(start: dict[str, float] | None, end: dict[str, float] | None) -> dict[str, float] | None:
-    if start is None or end is None:
-        return None
-    return {zone: end[zone] - start[zone] for zone in start}
-
-
-def _cpu_total(start: dict[str, float] | None, end: dict[str, float] | None) -> float | None:
-    zones = _cpu_zones(start, end)
-    return sum(zones.values()) if zones is not None else None

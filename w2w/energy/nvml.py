@@ -11,8 +11,10 @@ import torch
 
 from w2w.energy.errors import GpuError, GpuNotFoundError, GpuNotSupportedError, gpu_error
 
-# Sampler row after the time stamp: (power W, SM util %, memory util %, memory used MiB, temperature C, SM clock MHz).
-TELEMETRY_COLUMNS = ("power_w", "sm_util_pct", "mem_util_pct", "mem_used_mib", "temp_c", "sm_clock_mhz")
+# Sampler row after the time stamp: (power W, SM util %, memory util %, memory used MiB, temperature C, SM clock MHz,
+# NVML's clock event reasons as a bit mask: w2w.energy.gpustate names them).
+TELEMETRY_COLUMNS = ("power_w", "sm_util_pct", "mem_util_pct", "mem_used_mib", "temp_c", "sm_clock_mhz",
+                     "throttle_reasons")
 MIB = 1024 * 1024
 # nvmlFieldValue_t.valueType -> the union member that holds the value.
 _FIELD_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal"}
@@ -117,6 +119,7 @@ class GpuMeter:
             "memory": self._supported(lambda: call(nvml, "nvmlDeviceGetMemoryInfo", handle)),
             "temperature": self._supported(self._temperature),
             "clock": self._supported(self._sm_clock),
+            "throttle": self._supported(self._clock_events),
         }
         self.memory_total_mib: float | None = None  # MiB
         if self._telemetry["memory"]:
@@ -153,6 +156,23 @@ class GpuMeter:
     def _sm_clock(self) -> float:
         return float(call(self.nvml, "nvmlDeviceGetClockInfo", self.handle, self.nvml.NVML_CLOCK_SM))
 
+    def _clock_events(self) -> int:
+        # Renamed from ...ClocksThrottleReasons in NVML 12.2 (same bits); older bindings have only the old name.
+        name = "nvmlDeviceGetCurrentClocksEventReasons"
+        if not hasattr(self.nvml, name):
+            name = "nvmlDeviceGetCurrentClocksThrottleReasons"
+        return int(call(self.nvml, name, self.handle))
+
+    def temperature_c(self) -> float | None:
+        return self._temperature() if self._telemetry["temperature"] else None
+
+    def sm_clock_mhz(self) -> float | None:
+        return self._sm_clock() if self._telemetry["clock"] else None
+
+    def clock_events(self) -> int | None:
+        """NVML's current clock event (throttle) reasons as a bit mask; None where the GPU does not say."""
+        return self._clock_events() if self._telemetry["throttle"] else None
+
     def telemetry(self) -> tuple[float | None, ...]:
         """One sampler row in TELEMETRY_COLUMNS order; None for what this GPU does not offer."""
         sm = mem = used = None
@@ -161,9 +181,9 @@ class GpuMeter:
             sm, mem = float(rates.gpu), float(rates.memory)
         if self._telemetry["memory"]:
             used = call(self.nvml, "nvmlDeviceGetMemoryInfo", self.handle).used / MIB
-        temp = self._temperature() if self._telemetry["temperature"] else None
-        clock = self._sm_clock() if self._telemetry["clock"] else None
-        return (self.power_w(), sm, mem, used, temp, clock)
+        events = self.clock_events()
+        return (self.power_w(), sm, mem, used, self.temperature_c(), self.sm_clock_mhz(),
+                None if events is None else float(events))
 
     def _limit_w(self, name: str) -> float | None:
         try:
@@ -192,13 +212,16 @@ class GpuMeter:
     def set_power_limit_w(self, watts: float) -> None:
         call(self.nvml, "nvmlDeviceSetPowerManagementLimit", self.handle, round(watts * 1000))
 
+    def name(self) -> str:
+        return _text(call(self.nvml, "nvmlDeviceGetName", self.handle))
+
     def info(self) -> dict[str, Any]:
         """What identifies the GPU in a record."""
         index = None
         with contextlib.suppress(GpuError):  # the index is for people; the UUID identifies
             index = call(self.nvml, "nvmlDeviceGetIndex", self.handle)
         return {
-            "gpu_name": _text(call(self.nvml, "nvmlDeviceGetName", self.handle)),
+            "gpu_name": self.name(),
             "gpu_uuid": _text(call(self.nvml, "nvmlDeviceGetUUID", self.handle)),
             "driver": _text(call(self.nvml, "nvmlSystemGetDriverVersion")),
             "nvml_index": index,

@@ -100,7 +100,7 @@ def _points(rows: Sequence[Row], name: str) -> list[tuple[float, float]]:
     return [(row[0], row[at]) for row in rows if row[at] is not None]
 
 
-def _column(rows: Sequence[Row], name: str) -> list[float]:
+def column(rows: Sequence[Row], name: str) -> list[float]:
     return [value for _, value in _points(rows, name)]
 
 
@@ -128,17 +128,17 @@ def summarize(
 
     Averages are over the window [t0, t1] (monotonic s; default: the rows' span), weighted by time.
     """
-    power, used = _column(rows, "power_w"), _column(rows, "mem_used_mib")
+    power, used = column(rows, "power_w"), column(rows, "mem_used_mib")
     mem_used_max = max(used, default=None)
     return {
         "samples": len(rows),
         "power_avg_w": time_mean(rows, "power_w", t0, t1),
         "power_max_w": max(power, default=None),
         "sm_util_avg_pct": time_mean(rows, "sm_util_pct", t0, t1),
-        "mem_util_max_pct": max(_column(rows, "mem_util_pct"), default=None),
+        "mem_util_max_pct": max(column(rows, "mem_util_pct"), default=None),
         "mem_used_max_mib": mem_used_max,
         "mem_used_max_pct": 100.0 * mem_used_max / memory_total_mib if mem_used_max is not None and memory_total_mib else None,
-        "temp_max_c": max(_column(rows, "temp_c"), default=None),
+        "temp_max_c": max(column(rows, "temp_c"), default=None),
         "sm_clock_avg_mhz": time_mean(rows, "sm_clock_mhz", t0, t1),
         "read_errors": len(errors),
         "first_error": errors[0] if errors else None,
