@@ -642,8 +642,8 @@ def writable_problem(path: Path) -> str | None:
         return f"{probe} cannot be reached ({exc.strerror})"
     if not probe.is_dir():
         return f"{probe} is a file, not a folder"
+    if os.statvfs(probe).f_flag & os.ST_RDONLY:  # first: access() also says no there, less precisely
+        return f"{probe} is on a read-only file system"
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"{probe} is not writable by this user"
-    if os.statvfs(probe).f_flag & os.ST_RDONLY:
-        return f"{probe} is on a read-only file system"
     return None
