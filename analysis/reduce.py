@@ -312,7 +312,8 @@ def combine_runs(rows: dict[int, dict], planned: int = 1) -> dict:
     good = {k: r for k, r in sorted(rows.items()) if r.get("status") == STATUS_OK}
     missing = sorted(set(range(planned)) - set(rows))
     notes = [f"repeat {k}: {r.get('status')}: {r.get('note')}" for k, r in sorted(rows.items()) if k not in good]
-    notes += [f"repeat(s) {missing} of {planned} not run" for _ in missing[:1]]
+    if missing:
+        notes.append(f"repeat(s) {missing} of {planned} not run")
     if not good:
         first = rows[min(rows)]
         return first | {"repeats": 0, "repeat_note": "; ".join(notes) if len(rows) > 1 or missing else ""}

@@ -13,13 +13,14 @@ def run_order(cells: list[Cell]) -> list[Cell]:
 
     repeats=1 everywhere: the planned order, unchanged. Otherwise cycle k runs repeat k of every cell
     that has one, in an order drawn from the seed, so drift and heat spread over all the cells instead
-    of landing on one cell's runs. The order depends only on the cells (by id) and the seed of the
-    first: the same command gives the same order, in a requeued job too.
+    of landing on one cell's runs. The order depends only on the set of cells and their seed (where a
+    job's cells differ in seed: the first by id): the same command gives the same order, in a requeued
+    job too, and another seed another order.
     """
     if all(c.repeats == 1 for c in cells):
         return list(cells)
     ordered = sorted(cells, key=lambda c: c.id)  # independent of how the planner listed them
-    rng = random.Random(f"w2w-repeats:{cells[0].seed}")
+    rng = random.Random(f"w2w-repeats:{ordered[0].seed}")
     runs = []
     for repeat in range(max(c.repeats for c in cells)):
         cycle = [c for c in ordered if repeat < c.repeats]
