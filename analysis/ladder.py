@@ -182,7 +182,7 @@ def report_sections(cells: pd.DataFrame) -> str:
              "each domain once (psys, core/uncore and MMIO duplicates are left out). Node: SLURM's "
              "ConsumedEnergyRaw of the job's steps, apportioned to each cell by its share of the job's wall time. "
              "Facility: the node figure times the cluster profile's PUE, an estimate. Above-idle beside raw where "
-             f"the boundary has an idle baseline (GPU, CPU+DRAM); the node and facility have {NO_IDLE}.", "",
+             "the boundary has an idle baseline (GPU, CPU+DRAM); the node and facility have none.", "",
              tables.markdown(boundaries_frame(cells)), ""]
     notes = {f"GPU (NVML), J empty: {n.removeprefix('no energy: ')}" for n in done["note"] if n}
     notes |= {f"CPU (RAPL) empty: {n.removeprefix('no CPU energy: ')}" for n in done["cpu_note"] if n}
