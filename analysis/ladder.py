@@ -64,8 +64,9 @@ def _window_flag(records: list[RankRecord]) -> dict:
     flag = ""
     if short:
         first = records[0].energy
+        period = f" of {first.window_period_s * 1000:.0f} ms" if first.window_period_s is not None else ""
         flag = (f"{short} of {len(records[0].batches) or '?'} batch windows under {first.min_window_periods:g} update "
-                f"periods of {first.window_period_s * 1000:.0f} ms (shortest {lowest:.1f}): their energy is unreliable")
+                f"periods{period} (shortest {lowest:.1f}): their energy is unreliable")
     return {"short_windows": short, "shortest_window_periods": lowest, "window_flag": flag}
 
 
