@@ -64,8 +64,9 @@ def _window_flag(records: list[RankRecord]) -> dict:
     flag = ""
     if short:
         first = records[0].energy
+        period = f" of {first.window_period_s * 1000:.0f} ms" if first.window_period_s is not None else ""
         flag = (f"{short} of {len(records[0].batches) or '?'} batch windows under {first.min_window_periods:g} update "
-                f"periods of {first.window_period_s * 1000:.0f} ms (shortest {lowest:.1f}): their energy is unreliable")
+                f"periods{period} (shortest {lowest:.1f}): their energy is unreliable")
     return {"short_windows": short, "shortest_window_periods": lowest, "window_flag": flag}
 
 
@@ -182,7 +183,7 @@ def report_sections(cells: pd.DataFrame) -> str:
              "each domain once (psys, core/uncore and MMIO duplicates are left out). Node: SLURM's "
              "ConsumedEnergyRaw of the job's steps, apportioned to each cell by its share of the job's wall time. "
              "Facility: the node figure times the cluster profile's PUE, an estimate. Above-idle beside raw where "
-             f"the boundary has an idle baseline (GPU, CPU+DRAM); the node and facility have {NO_IDLE}.", "",
+             "the boundary has an idle baseline (GPU, CPU+DRAM); the node and facility have none.", "",
              tables.markdown(boundaries_frame(cells)), ""]
     notes = {f"GPU (NVML), J empty: {n.removeprefix('no energy: ')}" for n in done["note"] if n}
     notes |= {f"CPU (RAPL) empty: {n.removeprefix('no CPU energy: ')}" for n in done["cpu_note"] if n}

@@ -276,7 +276,10 @@ def test_telemetry_summary_and_timeline_frame():
     ("override", "message"),
     [("energy.idle_seconds=-1", "energy.idle_seconds=-1"),
      ("power_cap_command='sudo setcap {gpu_index}'", "must contain {watts}"),
-     ("power_cap_command='sudo setcap {watt}'", "unknown or malformed placeholder")],
+     ("power_cap_command='sudo setcap {watt}'", "unknown or malformed placeholder"),
+     ("energy.min_window_periods=-1", "energy.min_window_periods=-1.0: must be >= 0"),
+     ("energy.settle_s=-5", "energy.settle_s=-5.0: must be in"),
+     ("cluster.pue=0.8", "cluster.pue=0.8: must be >= 1")],
 )
 def test_config_rejects_bad_energy_options(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -287,6 +290,7 @@ def test_config_defaults():
     cfg = compose_cell([])
     assert cfg.energy.idle_seconds == 5.0 and cfg.energy.rapl and cfg.energy.sampler and cfg.energy.instant_power
     assert cfg.power_cap_command is None
+    assert cfg.energy.min_window_periods == 10.0 and cfg.energy.settle_s == 0.0 and cfg.cluster.pue is None
 
 
 def test_telemetry_averages_are_weighted_by_time_not_by_row():

@@ -134,6 +134,17 @@ def test_two_ranks_reducer_sums_equal_what_the_fake_gpus_reported(tmp_path, caps
     assert row["sm_util_avg_pct"] == pytest.approx(90.0) and row["mem_util_max_pct"] == pytest.approx(40.0)
     assert row["mem_used_max_pct"] == pytest.approx(100 * 20_000 / 81_920)
     assert row["power_cap_enforced_w"] == 400.0
+    # Issue 19 through the production path: bounds summed over batches and ranks, RAPL by domain, GPU state.
+    for record in records:
+        batches = record["batches"]
+        assert record["energy"]["gpu_bound_j"] == pytest.approx(sum(b["energy"]["gpu_bound_j"] for b in batches))
+        assert all(b["energy"]["gpu_bound_j"] > 0 for b in batches)
+        assert isinstance(record["energy"]["short_windows"], int) and record["energy"]["min_window_periods"] == 10.0
+        state = record["gpu_state"]
+        assert state.temp_start_c == 61.0 and state.sm_clock_end_mhz == 1410.0 and state.throttled is False
+    assert row["energy_bound_j"] == pytest.approx(sum(r["energy"]["gpu_bound_j"] for r in records))
+    assert row["cpu_package_energy_j"] == pytest.approx(10.0) and row["dram_energy_j"] == 0.0
+    assert row["throttled"] is False or row["throttled"] == False  # noqa: E712 (a numpy bool)
 
     for rank, watts in enumerate(ACTIVE_W):
         timeline = pd.read_parquet(sweep / "cells" / row["cell_id"] / f"rank-{rank:05d}.timeline.parquet")

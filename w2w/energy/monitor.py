@@ -265,6 +265,9 @@ class EnergyMonitor:
         if sync:
             self._sync()
         opened = self._open.pop(name)
+        # Read before the counter: the read's time then lies inside the window that closes, counted in
+        # its energy and its seconds alike (what follows the counter read is in no window).
+        state_end = self._state()
         t1 = self._clock()
         errors = opened.errors
         counter_end = self._read_counter(errors)
@@ -274,7 +277,6 @@ class EnergyMonitor:
             self.sampler.sample()
             rows = tuple(self.sampler.rows(opened.t0, self._clock()))
             telemetry_errors = self.sampler.errors(opened.t0, self._clock())
-        state_end = self._state()
         cpu_end = self._read_cpu()
         cpu_read_s = max(opened.cpu_read_s, self._clock() - t1)
         if not self._open:
