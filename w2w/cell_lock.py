@@ -26,6 +26,12 @@ def job_attempt() -> tuple[str | None, int]:
     return env.get("SLURM_JOB_ID") or env.get("SUBMITIT_JOB_ID"), int(env.get("SLURM_RESTART_COUNT", 0) or 0)
 
 
+def batch_writer() -> dict:
+    """Who runs a batch, for its progress entry: a resumed cell's record says which attempt ran what."""
+    job_id, attempt = job_attempt()
+    return {"job_id": job_id, "attempt": attempt, "pid": os.getpid()}
+
+
 def _holder_text(data: dict) -> str:
     job = f"job {data.get('job_id')}, attempt {data.get('attempt')}, " if data.get("job_id") else ""
     since = time.strftime("%H:%M:%S", time.localtime(data["since_unix_s"])) if data.get("since_unix_s") else "?"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 
 from w2w import distributed
 from w2w.cell import Cell
-from w2w.cell_lock import job_attempt
+from w2w.cell_lock import batch_writer
 from w2w.cell_record import (
     cell_energy,
     failure,
@@ -223,8 +222,7 @@ def run_cell(
     run.clock.enter(None)  # synchronize before the cell's window opens
     monitor.begin_window("cell")
     errors: list[str] = []
-    job_id, attempt = job_attempt()
-    writer = {"job_id": job_id, "attempt": attempt, "pid": os.getpid()}  # who ran each batch
+    writer = batch_writer()
     for index in range(start, len(batches)):
         first = index * size
         entry, error = _run_batch(run, batches[index], _BatchResponses(cell, index, rows[first : first + size], rank))
