@@ -20,7 +20,9 @@ def quiet_on_broken_pipe(main: F) -> F:
     @functools.wraps(main)
     def wrapped(*args, **kwargs) -> int:
         try:
-            return main(*args, **kwargs)
+            status = main(*args, **kwargs)
+            sys.stdout.flush()  # a block-buffered stdout (no PYTHONUNBUFFERED) meets the closed pipe here
+            return status
         except BrokenPipeError:
             # Python flushes stdout again at exit, which would fail and print: point it at /dev/null.
             devnull = os.open(os.devnull, os.O_WRONLY)
