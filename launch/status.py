@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import subprocess
 import sys
 from collections import Counter
@@ -24,6 +25,7 @@ from w2w.records import (
     ManifestJob,
     RecordError,
     Submission,
+    cell_dir,
     read_record,
     record_path,
 )
@@ -218,18 +220,23 @@ def cell_state(sweep_dir: Path, cid: str, cell: ManifestCell, job: JobState | No
         return "pending", "not submitted"
     if job.active:
         return ("running" if job.state == "RUNNING" else "pending"), progress
-    return _ended_without_records(sweep_dir, cid, cell.world_size, job, log or CellLog(), progress)
+    return _ended_without_records(sweep_dir, cid, cell.world_size, cell_repeats(cell), job, log or CellLog(),
+                                  progress)
 
 
-def _ended_without_records(sweep_dir: Path, cid: str, world_size: int, job: JobState, log: CellLog,
+def _ended_without_records(sweep_dir: Path, cid: str, world_size: int, repeats: int, job: JobState, log: CellLog,
                            progress: str) -> tuple[str, str]:
     """A cell whose job ended and whose records are not all there: missing where the job wrote them
-    (some rank's file, or its log's end line), else failed with the cell's own last line."""
+    (some rank's file of an unfinished run, or, run once, its log's end line), else failed with the
+    cell's own last line. With repeats the log's end line may be another run's, so it decides nothing."""
     problems = progress.split("; ")[1:]
-    absent = [r for r in range(world_size) if not record_path(sweep_dir, cid, r).is_file()]
-    if len(absent) < world_size or log.ended:
-        said = f" (the job's log says it ended {log.ended})" if log.ended else ""
-        names = ", ".join(record_path(sweep_dir, cid, r).name for r in absent)
+    absent = [record_path(sweep_dir, cid, r, k) for k in range(repeats) for r in range(world_size)]
+    absent = [path for path in absent if not path.is_file()]
+    partial = any(len([p for p in absent if p.parent == run.parent]) < world_size for run in absent)
+    ended = log.ended if repeats == 1 else None
+    if partial or ended:
+        said = f" (the job's log says it ended {ended})" if ended else ""
+        names = ", ".join(str(path.relative_to(cell_dir(sweep_dir, cid))) for path in absent)
         return MISSING, "; ".join([f"record missing: {names}{said}: re-run the sweep's command to run it again",
                                    *problems])
     ended = f"job ended {job.state}"
@@ -320,7 +327,7 @@ class Completeness:
         short = self.missing + self.failed + self.running
         return (f"incomplete sweep: {short} of {self.planned} planned cell(s) have no result: "
                 f"{self.missing} missing, {self.failed} failed, {self.running} running or queued"
-                + (f" ({self.note})" if self.note else "") + f"; see w2w-status {self.sweep_dir}")
+                + (f" ({self.note})" if self.note else "") + f"; see w2w-status {shlex.quote(str(self.sweep_dir))}")
 
 
 def completeness(sweep_dir: Path, manifest: Manifest | None = None) -> Completeness | None:

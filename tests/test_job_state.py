@@ -27,19 +27,19 @@ from w2w.responses import responses_path
 CELLS = ("aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc")
 
 
-def _ok(sweep: Path, cid: str, rank: int = 0, world: int = 1) -> None:
+def _ok(sweep: Path, cid: str, rank: int = 0, world: int = 1, repeat: int = 0) -> None:
     write_record(sweep, RankRecord.from_dict({
-        "cell_id": cid, "rank": rank, "world_size": world, "status": "ok", "node": "n1",
+        "cell_id": cid, "rank": rank, "world_size": world, "repeat": repeat, "status": "ok", "node": "n1",
         "counts": {"responses": 2, "output_tokens": 8, "output_words": 6}, "times": {"total_s": 1.0}}))
 
 
-def _sweep(tmp: Path, pid: int, stamp: str | None, world: int = 1) -> Path:
+def _sweep(tmp: Path, pid: int, stamp: str | None, world: int = 1, repeats: int = 1) -> Path:
     """A sweep of CELLS, all given to one local job (pid, stamp), as w2w-sweep would have recorded it."""
     sweep, folder = tmp / "sweep", tmp / "sweep" / "submitit" / str(pid)
     folder.mkdir(parents=True)
     job = ManifestJob("local", 1, world, shape="model=tiny", cells=list(CELLS), submissions=[
         Submission(str(pid), str(folder), submitted_unix_s=1.0, cells=list(CELLS), process_start=stamp)])
-    manifest = Manifest(jobs={"j": job}, cells={cid: ManifestCell(world_size=world, job="j", params={"seed": i})
+    manifest = Manifest(jobs={"j": job}, cells={cid: ManifestCell(world_size=world, job="j", params={"seed": i, "repeats": repeats})
                                                 for i, cid in enumerate(CELLS)})
     save_manifest(manifest, sweep)
     return sweep
@@ -106,6 +106,30 @@ def test_deleted_rank_file_says_record_missing(tmp_path):
     assert "failed" not in reason and "job ended" not in reason
     assert status.summary().startswith("3 cells: 0 done, 1 failed, 2 missing")
     assert completeness(sweep).missing == 2
+
+
+def test_a_job_killed_among_repeats_is_failed_not_missing(tmp_path):
+    """Runs 0 and 1 of a cell are done and the job died in run 2: no record of run 2 was written, so the
+    cell failed in it (its log's last end line is run 1's); a run with one rank's file gone is missing."""
+    pid = _ended_pid()
+    sweep = _sweep(tmp_path, pid, "0-boot:1", world=2, repeats=3)
+    a, b, _ = CELLS
+    for repeat in (0, 1):
+        for rank in (0, 1):
+            _ok(sweep, a, rank, 2, repeat)
+    for repeat in (0, 1, 2):
+        _ok(sweep, b, 0, 2, repeat)
+        if repeat != 1:  # rank 1's file of run 1 was deleted
+            _ok(sweep, b, 1, 2, repeat)
+    _log(sweep, pid, [f"cell 1/6 repeat 1/3 {b}: started", f"cell 1/6 repeat 1/3 {b}: ok",
+                      f"cell 2/6 repeat 1/3 {a}: started", f"cell 2/6 repeat 1/3 {a}: ok",
+                      f"cell 3/6 repeat 2/3 {a}: started", f"cell 3/6 repeat 2/3 {a}: ok",
+                      f"cell 4/6 repeat 3/3 {a}: started"])
+    status = sweep_status(sweep)
+    assert status.cells[a] == ("failed", f"job ended FINISHED during this cell (its last line: cell 4/6 repeat 3/3 {a}: "
+                                         "started)")
+    state, reason = status.cells[b]
+    assert state == "missing" and reason.startswith("record missing: repeat-1/rank-00001.json:")
 
 
 def test_killed_job_reason_is_own_cell(tmp_path):
