@@ -34,15 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config_dirs, overrides = split_config_dirs(args)
-        check_cells(compose_grid(overrides, config_dirs))
+        cells = compose_grid(overrides, config_dirs)
+        check_cells(cells)
     except ConfigError as exc:
         print(f"w2w-run: error: {exc}", file=sys.stderr)
         return 2
-    from w2w.runner import (
-        main as run,  # torch, FairScale, the model: only for arguments known to be good
-    )
+    # torch, FairScale, the model: only for arguments known to be good; the cells are composed once, here
+    from w2w.runner import run_main
 
-    return run(args)
+    return run_main(cells)
 
 
 if __name__ == "__main__":

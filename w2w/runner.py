@@ -189,8 +189,18 @@ def setup_logging() -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_main(cells: list[Cell]) -> int:
+    """Run composed cells as the w2w-run command does: exit 0 when every cell is ok or done already."""
     setup_logging()
+    try:
+        statuses = run_cells(cells)
+    except (ConfigError, EnergyError) as exc:
+        print(f"w2w-run: error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if all(s in (STATUS_OK, "skipped") for s in statuses) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\nusage: w2w-run [--config-dir DIR] [key=value ...]  (Hydra overrides; "
@@ -199,11 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_dirs, args = split_config_dirs(args)
         cells = compose_grid(args, config_dirs)
-        statuses = run_cells(cells)
-    except (ConfigError, EnergyError) as exc:
+    except ConfigError as exc:
         print(f"w2w-run: error: {exc}", file=sys.stderr)
         return 2
-    return 0 if all(s in (STATUS_OK, "skipped") for s in statuses) else 1
+    return run_main(cells)
 
 
 if __name__ == "__main__":
