@@ -172,12 +172,12 @@ def _reasons(done: pd.DataFrame, column: str, note: str) -> list[str]:
     return sorted({f"{BOUNDARY_COLUMNS[column]} empty: {str(n).split(': ', 1)[-1]}" for n in empty[note] if n})
 
 
-def report_sections(cells: pd.DataFrame) -> str:
-    """The page's sections on energy boundaries, measurement uncertainty and GPU state."""
+def report_sections(cells: pd.DataFrame) -> list[str]:
+    """The page's sections on energy boundaries, measurement uncertainty and GPU state: their lines."""
     done = tables.ok(cells)
     if done.empty:
-        return "\n## Energy boundaries\n\nNo ok cells.\n"
-    lines = ["", "## Energy boundaries", "",
+        return ["## Energy boundaries", "", "No ok cells.", ""]
+    lines = ["## Energy boundaries", "",
              "Each boundary is its own column and none is the sum of others: the node holds the CPUs, DRAM and "
              "GPUs, and the facility holds the node. GPU: every GPU of the cell (NVML). CPU packages and DRAM: RAPL, "
              "each domain once (psys, core/uncore and MMIO duplicates are left out). Node: SLURM's "
@@ -191,8 +191,7 @@ def report_sections(cells: pd.DataFrame) -> str:
     for column, note in (("node_energy_j", "node_note"), ("facility_energy_j_est", "facility_note")):
         notes |= set(_reasons(done, column, note))
     lines += [f"- {n}" for n in sorted(notes)] + [""]
-    lines += _uncertainty(done) + _gpu_state(done)
-    return "\n".join(lines)
+    return lines + _uncertainty(done) + _gpu_state(done)
 
 
 def _uncertainty(done: pd.DataFrame) -> list[str]:

@@ -12,10 +12,11 @@ from w2w.analysis.metrics import METRICS
 from w2w.analysis.stats import CI95, N, overlap
 from w2w.analysis.tables import half_text, is_missing, ok, show
 
+from w2w.cell import SHOWN_AXES
+
 # Every axis a sweep may vary; those with more than one value among the ok cells name each point.
-AXES = ("model", "gpu", "engine", "dataset", "shards", "batch_size", "max_gen_len", "power_cap_w", "precision")
-SHORT = {"model": "", "gpu": "", "engine": "", "dataset": "", "shards": "s", "batch_size": "b",
-         "max_gen_len": "len", "power_cap_w": "cap", "precision": ""}
+AXES = tuple(axis.column for axis in SHOWN_AXES)
+SHORT = {axis.column: axis.short for axis in SHOWN_AXES}
 UNITS = {m.name: m.unit for m in METRICS}
 # Speed: (column, True where larger is better).
 SPEEDS = (("tokens_per_s", True), ("seconds_per_response", False))

@@ -7,18 +7,15 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-from w2w.analysis import ladder
 from w2w.analysis.metrics import METRIC_NAMES, CellTotals, compute
 from w2w.analysis.stats import CI95, STD, N, is_number, summarize
-from w2w.analysis.tables import interval_markdown
 from w2w.launch.axes import cell_parameters, label, varying_axes
 from w2w.launch.status import completeness, sweep_problems
 from w2w.launch.submit import load_manifest
 
+from w2w.cell import SHOWN_AXES
 from w2w.exits import quiet_on_broken_pipe
 from w2w.progress import with_batch_totals
 from w2w.records import (
@@ -34,8 +31,14 @@ from w2w.records import (
     write_atomic,
 )
 
-PARAM_COLUMNS = ("model", "gpu", "dataset", "shards", "precision", "engine", "batch_size", "max_gen_len",
-                 "power_cap_w")
+if TYPE_CHECKING:
+    import pandas as pd
+
+# pandas, pyarrow and the modules built on them (ladder, tables) are imported in the functions that use
+# them: w2w-reduce checks its arguments and the folder first, and --help does not wait for them.
+
+# The axes that are columns of every cells table, whether they vary or not.
+PARAM_COLUMNS = tuple(axis.column for axis in SHOWN_AXES)
 # Measured beside the metrics: GPU energy summed over the cell's GPUs, CPU energy over its nodes.
 ENERGY_COLUMNS = (
     "energy_source", "idle_power_w", "prefill_energy_j", "decode_energy_j", "cpu_energy_j",
@@ -74,6 +77,9 @@ def _record_problem(path: Path, record: RankRecord, cid: str | None = None, repe
 
 def read_timeline_rows(path: Path) -> tuple[int, str | None]:
     """Decode one rank's timeline: its row count, or why it does not parse (torn, hand-edited)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         return pq.read_table(path, columns=list(TIMELINE_CHECK_COLUMNS)).num_rows, None
     except (OSError, pa.ArrowException, ValueError, KeyError) as exc:
@@ -258,6 +264,8 @@ def reduce_cell(cell: CellRecords) -> dict:
         "note": f"no energy: {reason}" if reason else "",
         **_answer_columns(first, totals),
     }
+    from w2w.analysis import ladder
+
     return row | ladder.cell_columns(records)
 
 
@@ -268,10 +276,6 @@ def _reduce_or_report(cell: CellRecords) -> dict:
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
         note = "; ".join([*cell.problems, f"cannot reduce: {type(exc).__name__}: {exc}"])
         return {"cell_id": cell.cell_id, "status": "incomplete", "note": note}
-
-
-# The dotted config key behind each of PARAM_COLUMNS.
-_PARAM_KEYS = {"model": "model.name", "gpu": "gpu.name", "dataset": "dataset.name"}
 
 
 def _cell_parameters(cell: CellRecords) -> dict | None:
@@ -287,7 +291,7 @@ def axis_columns(cells: dict[str, CellRecords]) -> dict[str, str]:
     """Column -> dotted key, for each axis that varies across the sweep's cells and that
     PARAM_COLUMNS lacks (num_prompts, seed, temperature, engine, ...): rows never differ in metrics only."""
     params = {cid: p for cid, cell in cells.items() if (p := _cell_parameters(cell)) is not None}
-    known = {_PARAM_KEYS.get(c, c) for c in PARAM_COLUMNS}
+    known = {axis.key for axis in SHOWN_AXES}
     return {label(key): key for key in varying_axes(params.values()) if key not in known and key not in NOT_AXES}
 
 
@@ -341,6 +345,9 @@ def reduce_sweep(sweep_dir: Path) -> pd.DataFrame:
 def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
     """The cells table from records load_cells already parsed; table.attrs["axes"] names the extra
     columns of the axes that vary."""
+    import pandas as pd
+    from w2w.analysis import ladder
+
     extra = axis_columns(cells)
     rows = []
     for cell in cells.values():
@@ -356,30 +363,41 @@ def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
                    "score_note", "repeats", "repeat_note"):
         if column not in table:
             table[column] = None
-    sort_keys = [c for c in ("model", "gpu", "dataset", "shards", "batch_size", "max_gen_len", *extra)
-                 if table[c].notna().any()]
+    sort_keys = [c for c in (*(axis.column for axis in SHOWN_AXES if axis.sort), *extra) if table[c].notna().any()]
     table = table.sort_values(sort_keys, kind="stable").reset_index(drop=True) if sort_keys else table
     table.attrs["axes"] = list(extra)
     return table
 
 
-TABLE_COLUMNS = ["model", "gpu", "dataset", "shards", "engine", "batch_size", "max_gen_len", "status", *METRIC_NAMES,
-                 "energy_j", "gpus"]
+# The printed table's columns after its axes, the status and n.
+TABLE_COLUMNS = [*METRIC_NAMES, "energy_j", "gpus"]
 
 
 def table_columns(table: pd.DataFrame) -> list[str]:
-    """TABLE_COLUMNS with the sweep's other varying axes before the status (and n, where a cell ran repeats)."""
-    at = TABLE_COLUMNS.index("status")
+    """The shown axes (those without Axis.table only where they vary), the sweep's other varying axes,
+    the status (and n, where a cell ran repeats), then TABLE_COLUMNS."""
+    from w2w.analysis import ladder
+
+    axes = [axis.column for axis in SHOWN_AXES if axis.table or _varies(table, axis.column)]
     cut = [] if _cut_prompts(table).empty else ["truncated_prompts"]  # shown where a prompt was cut
     repeats = ["repeats"] if "repeats" in table and (table["repeats"].fillna(0) > 1).any() else []
-    return [*TABLE_COLUMNS[:at], *table.attrs.get("axes", []), *TABLE_COLUMNS[at:at + 1], *repeats,
-            *TABLE_COLUMNS[at + 1:], *cut, *ladder.TABLE_FLAGS]
+    return [*axes, *table.attrs.get("axes", []), "status", *repeats, *TABLE_COLUMNS, *cut, *ladder.TABLE_FLAGS]
+
+
+def _varies(table: pd.DataFrame, column: str) -> bool:
+    """Whether the cells that have settings (records) differ in the column; no setting (None) is a value."""
+    if column not in table or "model" not in table:
+        return False
+    values = table.loc[table["model"].notna(), column]
+    return values.dropna().astype(str).nunique() + bool(values.isna().any()) > 1
 
 
 def _cut_prompts(table: pd.DataFrame) -> pd.DataFrame:
     """The ok cells whose prompts were cut to dataset.max_prompt_tokens."""
     if "truncated_prompts" not in table:
         return table.iloc[0:0]
+    import pandas as pd
+
     counts = pd.to_numeric(table["truncated_prompts"], errors="coerce").fillna(0)
     return table[(table["status"] == STATUS_OK) & (counts > 0)]
 
@@ -392,6 +410,8 @@ def truncation_notes(table: pd.DataFrame) -> list[str]:
 
 
 def write_results(table: pd.DataFrame, sweep_dir: Path) -> Path:
+    from w2w.analysis.tables import interval_markdown
+
     out = sweep_dir / "results"
     write_atomic(out / "cells.csv", table.to_csv(index=False).encode())
     write_atomic(out / "cells.md", (interval_markdown(table, table_columns(table)) + "\n").encode())
@@ -401,6 +421,8 @@ def write_results(table: pd.DataFrame, sweep_dir: Path) -> Path:
 
 
 def summary_notes(table: pd.DataFrame) -> list[str]:
+    from w2w.analysis import ladder
+
     notes = []
     for _, row in table.iterrows():
         if row["status"] != STATUS_OK:
@@ -462,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"w2w-reduce: error: cannot write the results: {problem}: make {args.sweep_dir / 'results'} a "
               "folder you can write, or reduce a copy of the sweep", file=sys.stderr)
         return 2
+    from w2w.analysis.tables import interval_markdown
+
     print(interval_markdown(table, table_columns(table)))
     for note in summary_notes(table):
         print(note)

@@ -6,9 +6,12 @@ import pandas as pd
 from w2w.analysis.stats import CI95, STD, N
 from w2w.analysis.tables import interval_text, is_missing, ok
 
+from w2w.cell import SHOWN_AXES
+
 # The figures the section shows for every cell, in this order.
 SHOWN = ("energy_per_token_j", "tokens_per_s", "energy_j", "total_s")
-AXES = ("model", "gpu", "dataset", "shards", "engine", "batch_size", "max_gen_len", "power_cap_w")
+# The axes that name a cell in the table where they vary.
+AXES = tuple(axis.column for axis in SHOWN_AXES)
 
 
 def spread_table(cells: pd.DataFrame) -> pd.DataFrame:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from w2w.cell import PLACEMENT_KEYS, Cell
+from w2w.cell import PLACEMENT_KEYS, SHOWN_AXES, Cell
 
 # Not parameters of a cell's result: where it is written, and the grid that made it.
 NOT_PARAMETERS = ("sweep_dir", "grid")
 # Config groups: a key inside one that only follows the group's choice is shown as the choice.
 GROUPS = ("model", "gpu", "dataset", "cluster")
-# Shown for every cell, whether they vary or not.
-CELL_AXES = ("dataset.name", "engine", "batch_size", "max_gen_len", "power_cap_w")
+# Shown for every cell, whether they vary or not (the placement's are on its job's line).
+CELL_AXES = tuple(axis.key for axis in SHOWN_AXES if not axis.placement)
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

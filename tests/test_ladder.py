@@ -149,7 +149,7 @@ def test_report_lists_flagged_and_throttled_cells_and_raw_beside_above_idle(tmp_
     assert row["energy_j_above_idle"] == pytest.approx(100.0 - 20.0 * 1.0)
     assert row["cpu_energy_j_above_idle"] == pytest.approx(60.0 - 10.0 * 1.0)
     assert row["throttled"] is True or row["throttled"] == True  # noqa: E712
-    page = ladder.report_sections(reduce_sweep(tmp_path))
+    page = "\n".join(ladder.report_sections(reduce_sweep(tmp_path)))
     assert "## Energy boundaries" in page and "## Measurement uncertainty" in page and "## GPU state" in page
     assert "- a (tiny, batch_size=4): 2 of 2 batch windows under 10 update periods of 100 ms" in page
     assert "- throttled: a (power cap (SW), thermal (SW))" in page

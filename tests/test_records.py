@@ -11,8 +11,8 @@ from unittest import mock
 
 import pytest
 from w2w.analysis import reduce as reduce_module
+from w2w.analysis.page import render
 from w2w.analysis.reduce import reduce_sweep
-from w2w.analysis.report import render
 from w2w.launch import status as status_module
 from w2w.launch import sweep as sweep_module
 from w2w.launch.plan import make_plan

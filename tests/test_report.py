@@ -140,7 +140,7 @@ def _record(engine: str, batch: int, seconds: float, energy_j: float | None, pos
 
 
 def test_implementation_costs_show_every_engine_of_each_setting(tmp_path):
-    from w2w.analysis.report import _costs_section, implementation_costs
+    from w2w.analysis.page import costs_section, implementation_costs
 
     first, second, *rest = ENGINES  # whatever the registry names: the table follows it
     records = [
@@ -169,8 +169,8 @@ def test_implementation_costs_show_every_engine_of_each_setting(tmp_path):
     old = costs.loc["8"]
     assert old[f"{first} J/token"] == pytest.approx(100 / 800) and pd.isna(old[f"{first} J/position"])
     assert old[f"{second} J/position"] == pytest.approx(100 / 800)
-    section = _costs_section(costs.reset_index())
+    section = "\n".join(costs_section(costs.reset_index()))
     assert "## What the implementation costs" in section and "J/position is per computed position" in section
     assert all(f"`{e}`" in section for e in ENGINES)
     alone = implementation_costs(reduce_sweep(tmp_path).query(f"engine == '{first}'"))
-    assert f"sweep with `engine={','.join(ENGINES)}`" in _costs_section(alone)
+    assert f"sweep with `engine={','.join(ENGINES)}`" in "\n".join(costs_section(alone))

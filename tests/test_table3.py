@@ -8,8 +8,9 @@ import math
 import pandas as pd
 import pytest
 from w2w.analysis import paper, tables
+from w2w.analysis.compare import comparison, read_facts
+from w2w.analysis.page import read_skipped
 from w2w.analysis.reduce import reduce_sweep
-from w2w.analysis.report import comparison, read_facts, read_skipped
 
 from w2w.records import record_path, write_json
 

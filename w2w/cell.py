@@ -138,26 +138,9 @@ class Cell:
         return dataclasses.asdict(self)
 
     def params(self) -> dict[str, Any]:
-        """The settings every table shows, flat: the record's `params` (all of them are in `config`)."""
-        return {
-            "model": self.model.name,
-            "gpu": self.gpu.name,
-            "dataset": self.dataset.name,
-            "shards": self.shards,
-            "precision": self.precision,
-            "engine": self.engine,
-            "eos_check_every": self.eos_check_every,
-            "batch_size": self.batch_size,
-            "max_gen_len": self.max_gen_len,
-            "num_prompts": self.dataset.num_prompts,
-            "power_cap_w": self.power_cap_w,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "greedy": self.greedy,
-            "force_max_gen_len": self.force_max_gen_len,
-            "seed": self.seed,
-            "save_responses": self.save_responses,
-        }
+        """The settings every table may show, flat, by column (AXES): the record's `params` (all of them
+        are in `config`)."""
+        return {axis.column: axis.of(self) for axis in AXES}
 
     @functools.cached_property
     def id(self) -> str:
@@ -181,6 +164,50 @@ class Cell:
 def _plain(value: Any) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
+
+@dataclass(frozen=True)
+class Axis:
+    """A setting of a cell that the tables name: its column, its dotted config key, where it shows."""
+
+    column: str  # its name in a record's params and in every table
+    key: str  # its dotted config key: the path of attributes on a Cell
+    shown: bool = False  # a column of every cells table, and an axis of Pareto, repeats and the report
+    table: bool = False  # in the printed cells table (cells.md) even where every cell has the same value
+    sort: bool = False  # the cells table's rows are sorted by it, in this order
+    short: str = ""  # its prefix in a Pareto point's label (b=8); "": the value alone
+
+    def of(self, cell: Cell) -> Any:
+        return functools.reduce(getattr, self.key.split("."), cell)
+
+    @property
+    def placement(self) -> bool:
+        """Whether it decides the job (PLACEMENT_KEYS): shown on the job's line, not each cell's."""
+        return self.key.split(".", 1)[0] in PLACEMENT_KEYS
+
+
+# The cell axes, in the order of a record's params and of every table's columns. Every list of axes
+# (launch.axes.CELL_AXES, the reducer's columns, Pareto, repeats, the report) is derived from this one.
+AXES = (
+    Axis("model", "model.name", shown=True, table=True, sort=True),
+    Axis("gpu", "gpu.name", shown=True, table=True, sort=True),
+    Axis("dataset", "dataset.name", shown=True, table=True, sort=True),
+    Axis("shards", "shards", shown=True, table=True, sort=True, short="s"),
+    Axis("precision", "precision", shown=True),
+    Axis("engine", "engine", shown=True, table=True),
+    Axis("eos_check_every", "eos_check_every"),
+    Axis("batch_size", "batch_size", shown=True, table=True, sort=True, short="b"),
+    Axis("max_gen_len", "max_gen_len", shown=True, table=True, sort=True, short="len"),
+    Axis("num_prompts", "dataset.num_prompts"),
+    Axis("power_cap_w", "power_cap_w", shown=True, short="cap"),
+    Axis("temperature", "temperature"),
+    Axis("top_p", "top_p"),
+    Axis("greedy", "greedy"),
+    Axis("force_max_gen_len", "force_max_gen_len"),
+    Axis("seed", "seed"),
+    Axis("save_responses", "save_responses"),
+)
+# The axes every table shows, whether they vary or not (the others show where they vary).
+SHOWN_AXES = tuple(axis for axis in AXES if axis.shown)
 
 # The keys that decide which job (and model load) a cell belongs to.
 PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
