@@ -246,3 +246,13 @@ def test_every_engine_names_its_decode_step_from_its_spec(model):
     for name in GQA_ENGINES:
         engine = engines.create(name, model)
         assert engine.spec is engines.SPECS[name] and engine.decode_step == engines.SPECS[name].decode_step
+
+
+def test_the_fused_norm_before_torch_2_4_is_f_rms_norm(monkeypatch):
+    """torch < 2.4 has no F.rms_norm: the fallback computes the same function (x / rms * gain)."""
+    from w2w.engines.fused import rms_norm
+
+    x, gain = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)), torch.rand(64) + 0.5
+    public = rms_norm(x, gain, 1e-5)
+    monkeypatch.delattr(torch.nn.functional, "rms_norm")
+    assert torch.allclose(rms_norm(x, gain, 1e-5), public, atol=1e-6)
