@@ -161,7 +161,10 @@ def test_llama1_runs_to_max_seq_len_where_a_prompt_leaves_less_than_max_gen_len(
 def test_each_engine_reads_its_rules_from_its_spec(model):
     """One home per engine fact: the Engine class points at its registry row, which the login node reads."""
     for name in engines.ENGINES:
-        assert engines.create(name, model).spec is engines.SPECS[name], name
+        engine = engines.create(name, model)
+        assert engine.spec is engines.SPECS[name], name
+        # own_cache tells the planner a second cache stays allocated: true where the engine keeps one itself
+        assert (type(engine).prepare is not engines.common.Engine.prepare) == engine.spec.own_cache, name
     assert [n for n, s in engines.SPECS.items() if s.runs_to_max_seq_len] == ["llama1"]
 
 
