@@ -11,7 +11,7 @@ from pathlib import Path
 from w2w.cell import Cell
 from w2w.checks import FileChecks
 from w2w.config import compose_grid
-from w2w.engines import RUN_TO_MAX_SEQ_LEN, prompt_room
+from w2w.engines import SPECS
 from w2w.errors import ConfigError, divisors
 from w2w.records import runs_done
 from w2w.shapes import PRECISION_BYTES, ModelArgs
@@ -33,23 +33,20 @@ class MemoryEstimate:
 
 
 def cache_positions(cell: Cell, prompt_tokens: int | None = None) -> int:
-    """KV positions a cell's cache holds: batch x (longest prompt + max_gen_len). prompt_tokens: the
-    longest prompt as run (None: dataset.max_prompt_tokens, or what max_seq_len leaves where prompts
-    are kept whole)."""
+    """KV positions a cell's cache holds: batch x the length its engine allocates for the longest
+    prompt + max_gen_len (EngineSpec.cache_len). prompt_tokens: the longest prompt as run (None:
+    dataset.max_prompt_tokens, or what max_seq_len leaves where prompts are kept whole)."""
+    spec, max_seq_len = SPECS[cell.engine], cell.model.max_seq_len
     if prompt_tokens is None:
-        prompt_tokens = cell.dataset.max_prompt_tokens or prompt_room(cell.engine, cell.model.max_seq_len,
-                                                                      cell.max_gen_len)
-    length = prompt_tokens + cell.max_gen_len
-    if cell.engine in RUN_TO_MAX_SEQ_LEN:  # LLaMA-1 runs to min(max_seq_len, prompt + max_gen_len)
-        length = min(length, cell.model.max_seq_len)
-    return cell.batch_size * length
+        prompt_tokens = cell.dataset.max_prompt_tokens or spec.prompt_room(max_seq_len, cell.max_gen_len)
+    return cell.batch_size * spec.cache_len(prompt_tokens + cell.max_gen_len, max_seq_len)
 
 
 def estimate_memory(cell: Cell, args: ModelArgs, prompt_tokens: int | None = None,
                     resident_positions: int = 0) -> MemoryEstimate:
     """From the shapes alone; nothing is loaded on the login node.
 
-    The cell's own KV cache: the model's (fast, llama2) or the llama1 engine's, the same size.
+    The cell's own KV cache: the model's, or its engine's (EngineSpec.own_cache), the same size.
     prompt_tokens: see cache_positions. resident_positions: a cache another engine of the job
     keeps allocated meanwhile (see resident_positions()).
     """
@@ -61,10 +58,11 @@ def estimate_memory(cell: Cell, args: ModelArgs, prompt_tokens: int | None = Non
 
 
 def resident_positions(cell: Cell, job_cells: list[Cell]) -> int:
-    """The other cache of a job that runs llama1 beside fast or llama2: llama1 keeps its engine's
-    cache while the others run, and the model keeps theirs while llama1 runs; bounded by the
-    largest of the other kind's cells (skipped cells included: an overestimate)."""
-    others = [c for c in job_cells if (c.engine == "llama1") != (cell.engine == "llama1")]
+    """The other cache of a job that runs an engine with a cache of its own (EngineSpec.own_cache) beside
+    one that uses the model's: each keeps its cache while the other kind runs; bounded by the largest
+    of the other kind's cells (skipped cells included: an overestimate)."""
+    own = SPECS[cell.engine].own_cache
+    others = [c for c in job_cells if SPECS[c.engine].own_cache != own]
     return max(map(cache_positions, others), default=0)
 
 

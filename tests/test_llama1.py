@@ -125,7 +125,7 @@ def test_llama1_refuses_grouped_query_attention():
     distributed.init("cpu", timeout_s=60)
     distributed.init_model_parallel(1, 1)
     model = build_model(gqa, random_state_dict(gqa, SEED), torch.device("cpu"), torch.float32)
-    with pytest.raises(ValueError, match="n_kv_heads=2 != n_heads=4; use engine=llama2 or fast"):
+    with pytest.raises(ValueError, match=r"n_kv_heads=2 != n_heads=4; use engine=fast or llama2$"):
         engines.create("llama1", model)
     with pytest.raises(ConfigError, match=r"engine=llama1 has no grouped-query attention .* model.n_kv_heads=8"):
         compose_cell(["model=llama2_70b", "engine=llama1"])
@@ -158,7 +158,18 @@ def test_llama1_runs_to_max_seq_len_where_a_prompt_leaves_less_than_max_gen_len(
         engines.create("llama2", model).generate(PROMPTS, long, EOS, 0)
 
 
-def test_the_registry_says_which_engines_run_to_max_seq_len(model):
+def test_each_engine_reads_its_rules_from_its_spec(model):
+    """One home per engine fact: the Engine class points at its registry row, which the login node reads."""
     for name in engines.ENGINES:
-        assert engines.create(name, model).runs_to_max_seq_len == (name in engines.RUN_TO_MAX_SEQ_LEN), name
+        engine = engines.create(name, model)
+        assert engine.spec is engines.SPECS[name], name
+        # own_cache tells the planner a second cache stays allocated: true where the engine keeps one itself
+        assert (type(engine).prepare is not engines.common.Engine.prepare) == engine.spec.own_cache, name
+    assert [n for n, s in engines.SPECS.items() if s.runs_to_max_seq_len] == ["llama1"]
+
+
+def test_llama1_refuses_rope_scaling_at_composition():
+    with pytest.raises(ConfigError, match=r"engine=llama1 has no rope scaling \(LLaMA-1 had none\): "
+                                          r"model.rope_scaling_factor=8.0; use engine=fast or llama2$"):
+        compose_cell(["model=llama3_1_8b", "engine=llama1", "model.n_kv_heads=null"])
 

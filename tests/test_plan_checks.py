@@ -179,7 +179,21 @@ def test_the_memory_estimate_takes_the_longest_prompt_kept_whole():
     longest = max(len(Tokenizer(TINY_TOKENIZER).encode(p)) for p in load_prompts(compose_cell(grid).dataset))
     shapes = planned.cell.model.shapes()
     assert planned.memory == estimate_memory(planned.cell, shapes, longest)
-    assert planned.memory != estimate_memory(planned.cell, shapes, longest + 1)
+    # fast (the default engine) allocates a multiple of 64 positions: one more row of 64 is more memory
+    assert planned.memory != estimate_memory(planned.cell, shapes, longest + 64)
+
+
+def test_the_memory_estimate_allocates_what_the_engine_does():
+    """The planner's cache length is the engine's own rule (EngineSpec.cache_len): fast rounds up to 64,
+    llama1 stops at max_seq_len, llama2 takes prompt + max_gen_len as it is."""
+    from w2w.launch.plan import cache_positions
+
+    from w2w.config import compose_cell
+
+    grid = ["batch_size=2", "max_gen_len=8", "model.max_seq_len=100"]
+    assert [cache_positions(compose_cell([*grid, f"engine={e}"]), 90) for e in ("fast", "llama1", "llama2")] == [
+        2 * 100, 2 * 98, 2 * 98]
+    assert [cache_positions(compose_cell([*grid, f"engine={e}"]), 95) for e in ("fast", "llama1")] == [2 * 103, 2 * 100]
 
 
 def test_a_cut_keeps_bos_first_and_counts_the_prompts_cut():

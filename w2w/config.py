@@ -7,7 +7,7 @@ import itertools
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from w2w import data
 from w2w.cell import Cell, ClusterConfig, DatasetConfig, GpuConfig, ModelConfig
 from w2w.engines import check_name as check_engine_name
+from w2w.engines import refusal as engine_refusal
 from w2w.errors import ConfigError, divisors
 
 # Site cluster profiles and model presets: folders searched after the packaged configs (os.pathsep-separated).
@@ -373,121 +374,156 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def check_shapes(cfg: Cell) -> None:
+# A check reads one section of a cell and returns its first problem, naming the option and the fix, or
+# None; validate() runs them in order (a later check may rely on an earlier one: shards >= 1 before a
+# division by shards).
+Check = Callable[[Cell], str | None]
+
+
+def _first(rules: Iterable[tuple[bool, str]]) -> str | None:
+    """The message of the first rule whose condition is false."""
+    return next((message for ok, message in rules if not ok), None)
+
+
+def shards_split_heads(cfg: Cell) -> str | None:
+    m = cfg.model
+    return _first([
+        (cfg.shards >= 1, f"shards={cfg.shards}: must be >= 1"),
+        (m.n_heads >= 1, f"model.n_heads={m.n_heads}: must be >= 1"),
+    ]) or _first([(
+        m.n_heads % cfg.shards == 0 and m.kv_heads % cfg.shards == 0,
+        f"shards={cfg.shards} does not divide model {m.name}'s {m.n_heads} heads / {m.kv_heads} KV heads: "
+        f"choose shards from {divisors(math.gcd(m.n_heads, m.kv_heads))}",
+    )])
+
+
+def model_shapes(cfg: Cell) -> str | None:
     """The model's shapes as the node will build them: each rule here was a reshape or FairScale error there."""
     m = cfg.model
-    for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
-        value = getattr(m, key)
-        _check(value >= 1, f"model.{key}={value}: must be >= 1")
-    _check(m.n_kv_heads is None or m.n_kv_heads >= 1, f"model.n_kv_heads={m.n_kv_heads}: must be >= 1, or null")
-    _check(m.dim % m.n_heads == 0, f"model.n_heads={m.n_heads} does not divide model.dim={m.dim}: each head takes "
-           f"dim / n_heads values; choose n_heads from {divisors(m.dim)}")
-    _check(m.head_dim % 2 == 0, f"model.dim={m.dim} / model.n_heads={m.n_heads} = {m.head_dim} values per head, "
-           "which rotary embeddings need even: change model.dim or model.n_heads")
-    _check(m.n_heads % m.kv_heads == 0, f"model.n_kv_heads={m.kv_heads} does not divide model.n_heads={m.n_heads}: "
-           f"each KV head serves a group of query heads; choose n_kv_heads from {divisors(m.n_heads)}")
-    for name, size in (("model.dim", m.dim), ("model.vocab_size", m.vocab_size),
-                       ("the feed-forward width (from model.dim, multiple_of, ffn_dim_multiplier)", m.ffn_hidden)):
-        _check(cfg.shards < 1 or size % cfg.shards == 0,
-               f"shards={cfg.shards} does not divide {name}={size}, which FairScale splits over the shards: "
-               f"choose shards from {[d for d in divisors(math.gcd(m.n_heads, m.kv_heads)) if size % d == 0]}")
+    positive = _first([(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)}: must be >= 1")
+                       for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len")])
+    if positive:
+        return positive
+    if m.n_kv_heads is not None and m.n_kv_heads < 1:
+        return f"model.n_kv_heads={m.n_kv_heads}: must be >= 1, or null"
+    if m.dim % m.n_heads:
+        return (f"model.n_heads={m.n_heads} does not divide model.dim={m.dim}: each head takes dim / n_heads "
+                f"values; choose n_heads from {divisors(m.dim)}")
+    return _first([
+        (m.head_dim % 2 == 0, f"model.dim={m.dim} / model.n_heads={m.n_heads} = {m.head_dim} values per head, "
+         "which rotary embeddings need even: change model.dim or model.n_heads"),
+        (m.n_heads % m.kv_heads == 0, f"model.n_kv_heads={m.kv_heads} does not divide model.n_heads={m.n_heads}: "
+         f"each KV head serves a group of query heads; choose n_kv_heads from {divisors(m.n_heads)}"),
+        *((size % cfg.shards == 0,
+           f"shards={cfg.shards} does not divide {name}={size}, which FairScale splits over the shards: "
+           f"choose shards from {[d for d in divisors(math.gcd(m.n_heads, m.kv_heads)) if size % d == 0]}")
+          for name, size in (("model.dim", m.dim), ("model.vocab_size", m.vocab_size),
+                             ("the feed-forward width (from model.dim, multiple_of, ffn_dim_multiplier)",
+                              m.ffn_hidden))),
+    ])
 
 
-def validate(cfg: Cell) -> None:
-    """Checks that need no files or hardware: done on the login node before submitting."""
+def lengths(cfg: Cell) -> str | None:
     m = cfg.model
-    n_kv = m.n_kv_heads or m.n_heads
-    _check(cfg.shards >= 1, f"shards={cfg.shards}: must be >= 1")
-    _check(m.n_heads >= 1, f"model.n_heads={m.n_heads}: must be >= 1")
-    _check(
-        m.n_heads % cfg.shards == 0 and n_kv % cfg.shards == 0,
-        f"shards={cfg.shards} does not divide model {m.name}'s {m.n_heads} heads / {n_kv} KV heads: "
-        f"choose shards from {divisors(math.gcd(m.n_heads, n_kv))}",
-    )
-    check_shapes(cfg)
-    _check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1")
-    _check(cfg.max_gen_len >= 1, f"max_gen_len={cfg.max_gen_len}: must be >= 1")
-    _check(
-        cfg.max_gen_len < m.max_seq_len,
-        f"max_gen_len={cfg.max_gen_len} leaves no room for the prompt in "
-        f"model.max_seq_len={m.max_seq_len}: lower max_gen_len or raise model.max_seq_len",
-    )
+    return _first([
+        (cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1"),
+        (cfg.max_gen_len >= 1, f"max_gen_len={cfg.max_gen_len}: must be >= 1"),
+        (cfg.max_gen_len < m.max_seq_len, f"max_gen_len={cfg.max_gen_len} leaves no room for the prompt in "
+         f"model.max_seq_len={m.max_seq_len}: lower max_gen_len or raise model.max_seq_len"),
+        (cfg.eos_check_every >= 1, f"eos_check_every={cfg.eos_check_every}: must be >= 1"),
+    ])
+
+
+def engine_runs_model(cfg: Cell) -> str | None:
+    """The engine's name, and the model shapes its spec supports (w2w.engines.SPECS)."""
     try:
         check_engine_name(cfg.engine)  # the registry's own message: the valid names, a renamed one's new name
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    _check(
-        cfg.engine != "llama1" or n_kv == m.n_heads,
-        f"engine=llama1 has no grouped-query attention (LLaMA-1 had none) but model {m.name} has "
-        f"model.n_kv_heads={n_kv} != n_heads={m.n_heads}: use engine=llama2 or fast",
-    )
-    _check(
-        cfg.engine != "llama1" or m.rope_scaling_factor is None,
-        f"engine=llama1 has no rope scaling (LLaMA-1 had none) but model {m.name} sets "
-        f"model.rope_scaling_factor={m.rope_scaling_factor}: use engine=llama2 or fast",
-    )
-    _check(cfg.eos_check_every >= 1, f"eos_check_every={cfg.eos_check_every}: must be >= 1")
-    _check(cfg.precision in PRECISIONS, f"precision={cfg.precision}: valid are {', '.join(PRECISIONS)}")
-    _check(
-        cfg.precision != "bf16" or cfg.gpu.bf16,
-        f"precision=bf16 but gpu={cfg.gpu.name} has no bf16 arithmetic: use precision=fp16",
-    )
-    _check(
-        cfg.energy.backend in ENERGY_BACKENDS,
-        f"energy.backend={cfg.energy.backend}: valid are {', '.join(ENERGY_BACKENDS)}",
-    )
-    _check(
-        cfg.energy.sample_interval_s > 0,
-        f"energy.sample_interval_s={cfg.energy.sample_interval_s}: must be > 0",
-    )
-    _check(
-        cfg.dataset.max_prompt_tokens is None or cfg.dataset.max_prompt_tokens >= 1,
-        f"dataset.max_prompt_tokens={cfg.dataset.max_prompt_tokens}: must be >= 1, or null to keep prompts whole",
-    )
-    _check(
-        cfg.energy.backend != "nvml" or cfg.gpu.device == "cuda",
-        "energy.backend=nvml needs a GPU: set gpu= to a GPU profile or energy.backend=auto",
-    )
-    _check(
-        0 <= cfg.energy.idle_seconds <= 600,
-        f"energy.idle_seconds={cfg.energy.idle_seconds}: must be in [0, 600] (0 skips the idle baseline)",
-    )
-    _check(
-        cfg.energy.min_window_periods >= 0,
-        f"energy.min_window_periods={cfg.energy.min_window_periods}: must be >= 0 (0 flags no window)",
-    )
-    _check(
-        0 <= cfg.energy.settle_s <= 3600,
-        f"energy.settle_s={cfg.energy.settle_s}: must be in [0, 3600] (0: no wait before a cell)",
-    )
-    _check(
-        cfg.cluster.pue is None or cfg.cluster.pue >= 1,
-        f"cluster.pue={cfg.cluster.pue}: must be >= 1 (facility energy / IT energy), or null for no facility estimate",
-    )
-    _check(
-        cfg.power_cap_w is None or cfg.power_cap_w > 0,
-        f"power_cap_w={cfg.power_cap_w}: must be > 0 W, or null for the GPU's own limit",
-    )
-    if cfg.power_cap_command is not None:
-        problem = check_command(cfg.power_cap_command)
-        _check(problem is None, f"power_cap_command={cfg.power_cap_command!r}: {problem}")
+        return str(exc)
+    m = cfg.model
+    problem = engine_refusal(cfg.engine, m.n_heads, m.kv_heads, m.rope_scaling_factor)
+    return f"model {m.name}: {problem}" if problem else None
+
+
+def precision(cfg: Cell) -> str | None:
+    return _first([
+        (cfg.precision in PRECISIONS, f"precision={cfg.precision}: valid are {', '.join(PRECISIONS)}"),
+        (cfg.precision != "bf16" or cfg.gpu.bf16,
+         f"precision=bf16 but gpu={cfg.gpu.name} has no bf16 arithmetic: use precision=fp16"),
+    ])
+
+
+def energy(cfg: Cell) -> str | None:
+    e = cfg.energy
+    return _first([
+        (e.backend in ENERGY_BACKENDS, f"energy.backend={e.backend}: valid are {', '.join(ENERGY_BACKENDS)}"),
+        (e.sample_interval_s > 0, f"energy.sample_interval_s={e.sample_interval_s}: must be > 0"),
+        (e.backend != "nvml" or cfg.gpu.device == "cuda",
+         "energy.backend=nvml needs a GPU: set gpu= to a GPU profile or energy.backend=auto"),
+        (0 <= e.idle_seconds <= 600,
+         f"energy.idle_seconds={e.idle_seconds}: must be in [0, 600] (0 skips the idle baseline)"),
+        (e.min_window_periods >= 0,
+         f"energy.min_window_periods={e.min_window_periods}: must be >= 0 (0 flags no window)"),
+        (0 <= e.settle_s <= 3600, f"energy.settle_s={e.settle_s}: must be in [0, 3600] (0: no wait before a cell)"),
+        (cfg.cluster.pue is None or cfg.cluster.pue >= 1, f"cluster.pue={cfg.cluster.pue}: must be >= 1 "
+         "(facility energy / IT energy), or null for no facility estimate"),
+    ])
+
+
+def power_cap(cfg: Cell) -> str | None:
+    problem = None if cfg.power_cap_command is None else check_command(cfg.power_cap_command)
+    return _first([
+        (cfg.power_cap_w is None or cfg.power_cap_w > 0,
+         f"power_cap_w={cfg.power_cap_w}: must be > 0 W, or null for the GPU's own limit"),
+        (problem is None, f"power_cap_command={cfg.power_cap_command!r}: {problem}"),
+    ])
+
+
+def dataset(cfg: Cell) -> str | None:
+    """The prompt template (data.check_template raises its own ConfigError), the row counts and cut."""
     data.check_template(cfg.dataset)
-    _check(cfg.dataset.num_prompts >= 1, f"dataset.num_prompts={cfg.dataset.num_prompts}: must be >= 1")
-    _check(0.0 < cfg.top_p <= 1.0, f"top_p={cfg.top_p}: must be in (0, 1]")
-    _check(cfg.temperature > 0 or cfg.greedy, f"temperature={cfg.temperature}: must be > 0, or set greedy=true")
-    _check(
-        cfg.gpu.device in ("cuda", "cpu"), f"gpu.device={cfg.gpu.device}: valid are cuda, cpu"
-    )
-    _check(
-        cfg.cluster.backend in ("local", "slurm"),
-        f"cluster.backend={cfg.cluster.backend}: valid are local, slurm",
-    )
-    _check(
-        cfg.power_cap_w is None or cfg.gpu.device == "cuda",
-        f"power_cap_w={cfg.power_cap_w} needs a GPU: set gpu= to a GPU profile or drop power_cap_w",
-    )
-    _check(cfg.repeats >= 1, f"repeats={cfg.repeats}: must be >= 1 (runs per cell; 1: each cell once)")
-    _check(cfg.repeat == 0, f"repeat={cfg.repeat}: set by w2w for each run, not an option: use repeats=N")
+    d = cfg.dataset
+    return _first([
+        (d.max_prompt_tokens is None or d.max_prompt_tokens >= 1,
+         f"dataset.max_prompt_tokens={d.max_prompt_tokens}: must be >= 1, or null to keep prompts whole"),
+        (d.num_prompts >= 1, f"dataset.num_prompts={d.num_prompts}: must be >= 1"),
+    ])
+
+
+def sampling(cfg: Cell) -> str | None:
+    return _first([
+        (0.0 < cfg.top_p <= 1.0, f"top_p={cfg.top_p}: must be in (0, 1]"),
+        (cfg.temperature > 0 or cfg.greedy, f"temperature={cfg.temperature}: must be > 0, or set greedy=true"),
+    ])
+
+
+def hardware(cfg: Cell) -> str | None:
+    return _first([
+        (cfg.gpu.device in ("cuda", "cpu"), f"gpu.device={cfg.gpu.device}: valid are cuda, cpu"),
+        (cfg.cluster.backend in ("local", "slurm"), f"cluster.backend={cfg.cluster.backend}: valid are local, slurm"),
+        (cfg.power_cap_w is None or cfg.gpu.device == "cuda",
+         f"power_cap_w={cfg.power_cap_w} needs a GPU: set gpu= to a GPU profile or drop power_cap_w"),
+    ])
+
+
+def repeats(cfg: Cell) -> str | None:
+    return _first([
+        (cfg.repeats >= 1, f"repeats={cfg.repeats}: must be >= 1 (runs per cell; 1: each cell once)"),
+        (cfg.repeat == 0, f"repeat={cfg.repeat}: set by w2w for each run, not an option: use repeats=N"),
+    ])
+
+
+CHECKS: tuple[Check, ...] = (shards_split_heads, model_shapes, lengths, engine_runs_model, precision, energy,
+                             power_cap, dataset, sampling, hardware, repeats)
+
+
+def validate(cfg: Cell) -> None:
+    """Checks that need no files or hardware, done on the login node before submitting: ConfigError
+    with the first problem of the first check (CHECKS) that finds one."""
+    for check in CHECKS:
+        problem = check(cfg)
+        if problem:
+            raise ConfigError(problem)
 
 
 def compose_grid(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> list[Cell]:

@@ -47,7 +47,7 @@ def steps(device: str, gpu: str, out: Path) -> list[Step]:
     """The acceptance steps; on the CPU each is its dry run (tiny model, short windows)."""
     py, cpu = [sys.executable, "-m"], device == "cpu"
     sweep = [*py, "w2w.launch.sweep", "--wait", "--poll", "2", f"sweep_dir={out / 'sweep'}", "model=tiny",
-             "shards=1", "engine=llama1,llama2,fast", "batch_size=1,8", "max_gen_len=32", "dataset.num_prompts=16",
+             "shards=1", f"engine={','.join(engines.ENGINES)}", "batch_size=1,8", "max_gen_len=32", "dataset.num_prompts=16",
              "greedy=true", f"gpu={'cpu' if cpu else gpu}", f"precision={'fp32' if cpu else 'fp16'}"]
     bench = ["--device", "cpu", "--tiny", "--batches", "1", "4", "--new-tokens", "8", "--repeats", "1"] if cpu else \
         ["--batches", "1", "64", "--repeats", "2"]

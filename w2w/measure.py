@@ -246,6 +246,7 @@ def run_cell(
         "segments": [s for s in progress.segments if s["segment"] in {b["segment"] for b in progress.batches}],
         "responses": responses_block(cell, len(batches), rank),
         "graph": loaded.engines[cell.engine].graph,
+        "decode_step": loaded.engines[cell.engine].decode_step,
     }
     errors = ([f"cell: {window.error}"] if window.error else []) + phases.errors + errors
     if errors:  # the figures are void; later cells still try

@@ -1,30 +1,39 @@
-"""The engine registry: each generation engine's name, its description, and how to build one over a model."""
+"""The engine registry: each generation engine's name and spec (torch-free), and how to build one over a model."""
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
 
+from w2w.engines.spec import EngineSpec
+
 if TYPE_CHECKING:  # common imports torch, which the login node must not load to validate engine=
     from w2w.engines.common import Engine
     from w2w.model import Transformer
 
-# One module w2w/engines/<name>.py per entry, each defining `Engine(model)`.
-ENGINES: dict[str, str] = {
-    "fast": "left-padded prefill, then a static-shape decode step (a CUDA graph on GPUs)",
-    "llama1": "the paper's program: Meta's LLaMA-1 code (llama_v1), schedule, arithmetic and cache layout",
-    "llama2": "Meta's Llama 2 llama/generation.py schedule (main branch)",
-}
-# Engines that, as Meta's LLaMA-1 code, run to min(max_seq_len, longest prompt + max_gen_len): a whole
-# prompt needs only to leave one position in max_seq_len, and its row may return fewer than max_gen_len
-# tokens. The others need prompt + max_gen_len to fit.
-RUN_TO_MAX_SEQ_LEN = frozenset({"llama1"})
-
-
-def prompt_room(name: str, max_seq_len: int, max_gen_len: int) -> int:
-    """The longest whole prompt engine `name` runs within max_seq_len."""
-    return max_seq_len - 1 if name in RUN_TO_MAX_SEQ_LEN else max_seq_len - max_gen_len
-
+# One module w2w/engines/<name>.py per entry, each defining `Engine(model)` whose `spec` is its row here:
+# the one home of the engine's rules, which config.validate, launch/plan.py and the engine read.
+SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in (
+    EngineSpec(
+        name="fast",
+        description="left-padded prefill, then a static-shape decode step (a CUDA graph on GPUs)",
+        decode_step="fused: F.rms_norm with its gain, one QKV and one W1/W3 GEMM, in-place RoPE, one cache write",
+        cache_multiple=64,  # aligned rows for the attention kernels, and fewer distinct graphs
+    ),
+    EngineSpec(
+        name="llama1",
+        description="the paper's program: Meta's LLaMA-1 code (llama_v1), schedule, arithmetic and cache layout",
+        decode_step="LLaMA-1's forward (llama_v1 llama/model.py)",
+        grouped_query=False, rope_scaling=False, refused_because="LLaMA-1 had none",
+        runs_to_max_seq_len=True, own_cache=True,
+    ),
+    EngineSpec(
+        name="llama2",
+        description="Meta's Llama 2 llama/generation.py schedule (main branch)",
+        decode_step="the model's forward (meta=True)",
+    ),
+)}
+ENGINES: dict[str, str] = {name: spec.description for name, spec in SPECS.items()}
 
 # Names no longer in the registry, and what to write instead.
 RENAMED: dict[str, str] = {
@@ -40,6 +49,17 @@ def check_name(name: str) -> None:
         raise ValueError(f"engine={name}: valid are {', '.join(ENGINES)}")
 
 
+def prompt_room(name: str, max_seq_len: int, max_gen_len: int) -> int:
+    """The longest whole prompt engine `name` runs within max_seq_len."""
+    return SPECS[name].prompt_room(max_seq_len, max_gen_len)
+
+
+def refusal(name: str, n_heads: int, kv_heads: int, rope_scaling_factor: float | None) -> str | None:
+    """Why engine `name` cannot run a model of these shapes, naming the engines that can; None where it can."""
+    others = [o for o, spec in SPECS.items() if o != name and spec.refusal(n_heads, kv_heads, rope_scaling_factor, []) is None]
+    return SPECS[name].refusal(n_heads, kv_heads, rope_scaling_factor, others)
+
+
 def create(name: str, model: Transformer) -> Engine:
     """The engine `name` over `model`; keep it for every batch it serves (fast keeps its graphs, llama1 its cache)."""
     check_name(name)
@@ -47,12 +67,6 @@ def create(name: str, model: Transformer) -> Engine:
 
 
 def create_serving(names: list[str], model: Transformer) -> dict[str, Engine]:
-    """One engine per name over one model (a job's). Where fast alone serves it, the RMSNorm gains are
-    first folded into the GEMMs that read them (the same function, two operators fewer per layer in
-    fast's step); next to llama1 or llama2 the model keeps Meta's weights, which they replicate."""
-    names = list(dict.fromkeys(names))
-    if names == ["fast"]:
-        from w2w.engines.fused import fold_norm_gains
-
-        fold_norm_gains(model)
-    return {name: create(name, model) for name in names}
+    """One engine per name over one model (a job's). Each engine's program is its own: none changes
+    the model's weights, so a cell runs the same step whichever cells share its job."""
+    return {name: create(name, model) for name in dict.fromkeys(names)}

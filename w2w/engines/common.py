@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from w2w.cell import Cell
+from w2w.engines import refusal
+from w2w.engines.spec import EngineSpec
 from w2w.model import Transformer
 
 # The phases an engine's PhaseClock enters; energy windows and the runner's times use these names.
@@ -103,6 +105,17 @@ def cut_at_eos(rows: list[list[int]], eos_id: int) -> list[list[int]]:
     return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
 
 
+def right_pad(prompts: list[list[int]], pad_id: int, total_len: int,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (B, total_len) right-padded, prompt mask (B, total_len) True on prompt tokens): Meta's layout."""
+    tokens = torch.full((len(prompts), total_len), pad_id, dtype=torch.long)
+    is_prompt = torch.zeros((len(prompts), total_len), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = torch.tensor(prompt)
+        is_prompt[row, : len(prompt)] = True
+    return tokens.to(device), is_prompt.to(device)
+
+
 def check_lengths(prompts: list[list[int]], params: SamplingParams, cache_len: int | None,
                   cap: int | None = None) -> int:
     """The cache length to allocate (default: longest prompt + max_gen_len), after checking the arguments.
@@ -128,12 +141,16 @@ def new_generator(device: torch.device, seed: int) -> torch.Generator:
 
 class Engine(ABC):
     """A generation schedule over one model. generate() does what every engine needs around its
-    loop; a subclass (one module per engine, named in the registry) supplies only schedule()."""
+    loop; a subclass (one module per engine, named in the registry) supplies only schedule(), and
+    points `spec` at its registry row (w2w.engines.SPECS), whose rules generate() applies."""
 
-    cache_multiple = 1  # the cache length is rounded up to a multiple of this (capped at max_seq_len)
-    runs_to_max_seq_len = False  # LLaMA-1: min(max_seq_len, prompt + max_gen_len); see RUN_TO_MAX_SEQ_LEN
+    spec: EngineSpec
 
     def __init__(self, model: Transformer):
+        args = model.args
+        problem = refusal(self.spec.name, args.n_heads, args.kv_heads, args.rope_scaling_factor)
+        if problem:
+            raise ValueError(problem)
         self.model = model
 
     def prepare(self, batch: int, cache_len: int) -> None:
@@ -158,10 +175,9 @@ class Engine(ABC):
         passes one stream to all its batches, as Meta seeds once per process); None: a fresh one
         seeded with params.seed, for this batch alone.
         """
-        cap = self.model.args.max_seq_len if self.runs_to_max_seq_len else None
-        cache_len = check_lengths(prompts, params, cache_len, cap)
-        cache_len = min(-(-cache_len // self.cache_multiple) * self.cache_multiple,
-                        max(cache_len, self.model.args.max_seq_len))
+        max_seq_len = self.model.args.max_seq_len
+        cache_len = check_lengths(prompts, params, cache_len, max_seq_len if self.spec.runs_to_max_seq_len else None)
+        cache_len = self.spec.cache_len(cache_len, max_seq_len)
         self.prepare(len(prompts), cache_len)
         if generator is None:
             generator = new_generator(self.model.device, params.seed)
@@ -171,6 +187,11 @@ class Engine(ABC):
         if not params.force_max_gen_len:
             gen.tokens = cut_at_eos(gen.tokens, eos_id)
         return gen
+
+    @property
+    def decode_step(self) -> str:
+        """The decode step's program, as the record names it."""
+        return self.spec.decode_step
 
     @property
     def graph(self) -> str | None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from w2w import distributed
-from w2w.engines import common
+from w2w.engines import SPECS, common
 from w2w.engines.common import DECODE, PREFILL, Generation, PhaseClock, SamplingParams
 from w2w.engines.fused import DecodeTimeout, FusedDecode
 from w2w.model import Transformer
@@ -209,8 +209,7 @@ def wait_for(event, deadline_s: float, poll_s: float = 1e-4) -> None:
 class Engine(common.Engine):
     """The fast schedule; keeps one StaticDecoder (and its CUDA graph) per shape it has served."""
 
-    # Cache slots a multiple of 64: aligned rows for the attention kernels, and fewer distinct graphs.
-    cache_multiple = 64
+    spec = SPECS["fast"]  # cache slots a multiple of 64
 
     def __init__(self, model: Transformer, capture: Capture | None = None):
         super().__init__(model)

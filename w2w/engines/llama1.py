@@ -43,9 +43,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from w2w.engines import common
-from w2w.engines.common import DECODE, PREFILL, Generation, PhaseClock, SamplingParams, next_token
-from w2w.engines.llama2 import right_pad
+from w2w.engines import SPECS, common
+from w2w.engines.common import (
+    DECODE,
+    PREFILL,
+    Generation,
+    PhaseClock,
+    SamplingParams,
+    next_token,
+    right_pad,
+)
 from w2w.model import RMSNorm, Transformer
 
 
@@ -67,23 +74,13 @@ def rotate(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor) -> tuple[torch
     return q_out.type_as(q), k_out.type_as(k)
 
 
-def check_shapes(model: Transformer) -> None:
-    args = model.args
-    if args.kv_heads != args.n_heads:
-        raise ValueError(f"engine=llama1 has no grouped-query attention (LLaMA-1 had none): model n_kv_heads="
-                         f"{args.kv_heads} != n_heads={args.n_heads}; use engine=llama2 or fast")
-    if args.rope_scaling is not None:
-        raise ValueError("engine=llama1 has no rope scaling (LLaMA-1 had none): use engine=llama2 or fast")
-
-
 class Engine(common.Engine):
     """LLaMA-1's program; holds its KV cache and rotary table, allocated once per cell shape."""
 
-    runs_to_max_seq_len = True  # as Meta's total_len: a long prompt leaves fewer new tokens
+    spec = SPECS["llama1"]  # no GQA, no rope scaling; runs to max_seq_len as Meta's total_len; its own cache
 
     def __init__(self, model: Transformer):
         super().__init__(model)
-        check_shapes(model)
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.table: torch.Tensor | None = None
 

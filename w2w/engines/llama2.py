@@ -38,22 +38,22 @@ from __future__ import annotations
 
 import torch
 
-from w2w.engines import common
-from w2w.engines.common import DECODE, PREFILL, Generation, PhaseClock, SamplingParams, next_token
-
-
-def right_pad(prompts: list[list[int]], pad_id: int, total_len: int, device: torch.device):
-    """(tokens (B, total_len) right-padded, prompt mask (B, total_len) True on prompt tokens)."""
-    tokens = torch.full((len(prompts), total_len), pad_id, dtype=torch.long)
-    is_prompt = torch.zeros((len(prompts), total_len), dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        tokens[row, : len(prompt)] = torch.tensor(prompt)
-        is_prompt[row, : len(prompt)] = True
-    return tokens.to(device), is_prompt.to(device)
+from w2w.engines import SPECS, common
+from w2w.engines.common import (
+    DECODE,
+    PREFILL,
+    Generation,
+    PhaseClock,
+    SamplingParams,
+    next_token,
+    right_pad,
+)
 
 
 class Engine(common.Engine):
     """Meta's schedule; holds no state of its own between batches."""
+
+    spec = SPECS["llama2"]
 
     def schedule(
         self, prompts: list[list[int]], params: SamplingParams, eos_id: int, pad_id: int, cache_len: int,
