@@ -82,7 +82,7 @@ def test_the_guard_reads_targets_and_prerequisites():
 @pytest.mark.slow
 def test_bench_runs_its_four_parts_in_a_tiny_mode():
     out = _ok(make("bench", "BENCH_LAUNCHES_ARGS=--kv-heads 4 --dtype fp32",
-                   "BENCH_DECODE_ARGS=--dim 64 --layers 1 --heads 2 --ffn 128 --vocab 128 --prompt-len 4 "
+                   "BENCH_DECODE_ARGS=--dim 64 --layers 1 --heads 2 --ffn 256 --vocab 128 --prompt-len 4 "
                    "--new-tokens 2 --batches 1 --repeats 1 --copy-mb 1",
                    "BENCH_REDUCE_ARGS=--cells 1 --ranks 1 --minutes 0.01",
                    "BENCH_PLAN_ARGS=--sample 1 --repeats 1"))
