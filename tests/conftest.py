@@ -4,6 +4,7 @@ every process a test starts."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -33,17 +34,15 @@ FAKE_SITE = ROOT / "tests" / "fake_site"
 _STARTED: list[subprocess.Popen] = []
 
 
-def _sigint_as_at_a_terminal() -> None:
-    """preexec_fn: SIGINT at its default. pytest started as a background job of a script (`make test &`,
-    `nohup ... &`) runs with SIGINT ignored and every child inherits that; a test that interrupts a
-    process must see it obey, as it does started from a terminal."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def spawn(argv: list[str], **kwargs) -> subprocess.Popen:
+def spawn(argv: list[str], sigint: signal.Handlers = signal.SIG_DFL, **kwargs) -> subprocess.Popen:
     """subprocess.Popen in a session of its own with SIGINT at its default; whatever it and its children
-    (local jobs included) still run when the test ends is killed then, pass or fail."""
-    proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=_sigint_as_at_a_terminal, **kwargs)
+    (local jobs included) still run when the test ends is killed then, pass or fail.
+
+    pytest started as a background job of a script (`make test &`, `nohup ... &`) runs with SIGINT
+    ignored and every child inherits that; a test that interrupts a process must see it obey, as it
+    does started from a terminal. sigint=signal.SIG_IGN starts it as such a background job instead."""
+    proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=functools.partial(signal.signal, signal.SIGINT,
+                                                                                       sigint), **kwargs)
     _STARTED.append(proc)
     return proc
 

@@ -105,6 +105,23 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _ignores_sigint(pid: int) -> bool:
+    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+def test_local_jobs_obey_sigint_when_w2w_sweep_runs_in_the_background(tmp_path):
+    """A background job of a script (`w2w-sweep ... &`, nohup) starts with SIGINT ignored; w2w-sweep keeps
+    that for itself, but the local jobs it starts obey SIGINT: it stops them with SIGINT."""
+    sweep, log = tmp_path / "sweep", (tmp_path / "sweep.log").open("w")
+    proc = spawn([sys.executable, "-m", "w2w.launch.sweep", *LONG, f"sweep_dir={sweep}"], sigint=signal.SIG_IGN,
+                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    assert proc.wait(timeout=600) == 0, (tmp_path / "sweep.log").read_text()
+    (submission,) = _submissions(sweep)
+    controller = int(submission["job_id"])
+    assert _alive(controller) and not _ignores_sigint(controller)  # the test's end stops the job
+
+
 def test_interrupted_local_sweep_then_partial_results_say_so(tmp_path):
     """10.12 (local): Ctrl-C during --wait: no traceback, the local job stops, how to resume is said.
     10.4: the failed cell it leaves does not fail a later --wait of other cells, and is listed.
