@@ -43,15 +43,20 @@ lint: install
 bench: bench-launches bench-decode bench-reduce bench-plan
 
 # Operators per decode step per layer for each engine (ATen calls traced on the CPU): launches on a GPU.
+# BENCH_*_ARGS: more arguments for one benchmark (the tests run each in a tiny mode through them).
+BENCH_LAUNCHES_ARGS ?=
+BENCH_DECODE_ARGS ?=
+BENCH_REDUCE_ARGS ?=
+BENCH_PLAN_ARGS ?=
 bench-launches: install
-	$(PY) -m w2w.bench.launches
+	$(PY) -m w2w.bench.launches $(BENCH_LAUNCHES_ARGS)
 
 bench-decode: install
-	$(PY) -m w2w.bench.decode_vs_transformers
+	$(PY) -m w2w.bench.decode_vs_transformers $(BENCH_DECODE_ARGS)
 
 # The reducer on 200 cells x 32 ranks with 10-minute 100 ms timelines: records/s, samples/s, < 60 s.
 bench-reduce: install
-	$(PY) -m w2w.bench.reduce_scale
+	$(PY) -m w2w.bench.reduce_scale $(BENCH_REDUCE_ARGS)
 
 # Every engine vs transformers eager, 7B-shaped fp16 weights drawn on the GPU, batch 1/16/64: tok/s,
 # ratio, decode step vs the HBM roof, W and J/token. No venv and no network: the python that has
@@ -63,7 +68,7 @@ bench-gpu:
 
 # Login-node speed: Hydra composition per cell vs cached, planning imports with vs without torch.
 bench-plan: install
-	$(PY) -m w2w.bench.plan_speed
+	$(PY) -m w2w.bench.plan_speed $(BENCH_PLAN_ARGS)
 
 # The python that has the project installed and sees the CUDA torch, offline (../shared/GPU.md).
 gpu-check:
@@ -84,8 +89,10 @@ slurm-down:
 slurm-status:
 	bash launch/slurm_local.sh status
 
+# TINY_TOKENIZER_OUT=FILE writes it there instead of over the bundled one.
+TINY_TOKENIZER_OUT ?=
 tiny-tokenizer: install
-	$(PY) -m w2w.tokenizer
+	$(PY) -m w2w.tokenizer $(TINY_TOKENIZER_OUT)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

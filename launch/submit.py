@@ -12,6 +12,7 @@ import fcntl
 import io
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -112,7 +113,8 @@ def submit_jobs(jobs_and_cells: list[tuple[Job, list[PlannedCell]]], sweep_dir: 
         try:
             local = group[0][0].cell.cluster.backend == "local"
             quiet = _controller_stderr(sweep_dir / "submitit" / CONTROLLER_LOG) if local else contextlib.nullcontext()
-            with contextlib.redirect_stderr(chatter), quiet, executor.batch():
+            obeying = _children_obey_sigint() if local else contextlib.nullcontext()
+            with contextlib.redirect_stderr(chatter), quiet, obeying, executor.batch():
                 handles = [executor.submit(CellsJob([c.cell for c in cells])) for _, cells in group]
         except Exception as exc:  # sbatch's refusal, whatever submitit wraps it in
             names = "; ".join(job.describe() for job, _ in group)
@@ -120,6 +122,22 @@ def submit_jobs(jobs_and_cells: list[tuple[Job, list[PlannedCell]]], sweep_dir: 
             continue
         on_submitted([(job, cells, handle) for (job, cells), handle in zip(group, handles, strict=True)])
     return errors
+
+
+@contextlib.contextmanager
+def _children_obey_sigint() -> Iterator[None]:
+    """Local jobs started here obey SIGINT, which w2w-sweep sends them to stop them (and submitit's cancel
+    sends their controller), even when w2w-sweep itself runs with SIGINT ignored, as a background job of a
+    script or `nohup ... &` does. An ignored signal stays ignored across exec, a handled one is reset to its
+    default: while the jobs start, this process handles SIGINT by doing nothing, so it stays immune itself."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # Where the local executor's controller processes write their stderr (submitit's own traceback on Ctrl-C).

@@ -1,8 +1,12 @@
-"""Shared fixtures: the local SLURM (provisioned by launch/slurm_local.sh), CLI runners."""
+"""Shared fixtures: the local SLURM (provisioned by launch/slurm_local.sh), CLI runners, and the reaping of
+every process a test starts."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,10 +30,48 @@ IN_CI = os.environ.get("CI") == "true"
 FAKE_SITE = ROOT / "tests" / "fake_site"
 
 
+# Every process started by spawn() (cli() included) during the current test: its group is ended at teardown.
+_STARTED: list[subprocess.Popen] = []
+
+
+def spawn(argv: list[str], sigint: signal.Handlers = signal.SIG_DFL, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen in a session of its own with SIGINT at its default; whatever it and its children
+    (local jobs included) still run when the test ends is killed then, pass or fail.
+
+    pytest started as a background job of a script (`make test &`, `nohup ... &`) runs with SIGINT
+    ignored and every child inherits that; a test that interrupts a process must see it obey, as it
+    does started from a terminal. sigint=signal.SIG_IGN starts it as such a background job instead."""
+    proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=functools.partial(signal.signal, signal.SIGINT,
+                                                                                       sigint), **kwargs)
+    _STARTED.append(proc)
+    return proc
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the process group spawn() gave proc (it outlives proc while a child of proc runs), then reap proc."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def _reap_started() -> Iterator[None]:
+    """No process a test started outlives it (a failed test used to leave runners resuming cells later)."""
+    yield
+    while _STARTED:
+        kill_group(_STARTED.pop())
+
+
 def cli(module: str, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run a w2w command-line entry point as a user would, in a fresh interpreter."""
-    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                            timeout=timeout, cwd=ROOT)
+    proc = spawn([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                 cwd=ROOT)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{module} {' '.join(args)} exited {result.returncode}\n"
                              f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}")

@@ -129,7 +129,7 @@ def test_status_without_sacct_is_one_line(tmp_path):
 
 
 def test_w2w_run_shards_2_without_torchrun_is_one_line(tmp_path):
-    line = _one_line_error(cli("w2w.runner", "shards=2", *FAST[1:], f"sweep_dir={tmp_path}", check=False), "w2w-run")
+    line = _one_line_error(cli("w2w.run_cli", "shards=2", *FAST[1:], f"sweep_dir={tmp_path}", check=False), "w2w-run")
     assert "shards=2 but 1 process(es) started" in line and "torchrun --nproc-per-node 2" in line
 
 
@@ -139,7 +139,7 @@ def test_w2w_run_on_a_gpu_profile_without_a_gpu_is_one_line(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible here")
-    line = _one_line_error(cli("w2w.runner", "gpu=v100", *FAST, f"sweep_dir={tmp_path}", check=False), "w2w-run")
+    line = _one_line_error(cli("w2w.run_cli", "gpu=v100", *FAST, f"sweep_dir={tmp_path}", check=False), "w2w-run")
     assert "no GPU is visible: set gpu=cpu" in line
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, spawn
 
 COMMON = ["shards=1", "precision=fp32", "energy.idle_seconds=0"]
 FAST = [*COMMON, "max_gen_len=4", "dataset.num_prompts=2"]
@@ -24,8 +24,8 @@ def _sweep_returns(tmp_path: Path, *args: str) -> str:
     jobs it starts inherit its stdout and would hold a pipe open until they end."""
     log = tmp_path / f"sweep-{time.monotonic_ns()}.log"
     with log.open("w") as out:
-        code = subprocess.run([sys.executable, "-m", "w2w.launch.sweep", *args], cwd=ROOT, stdout=out,
-                              stderr=subprocess.STDOUT, timeout=600).returncode
+        code = spawn([sys.executable, "-m", "w2w.launch.sweep", *args], cwd=ROOT, stdout=out,
+                     stderr=subprocess.STDOUT).wait(timeout=600)
     assert code == 0, log.read_text()
     return log.read_text()
 
@@ -75,8 +75,8 @@ def test_concurrent_sweeps_on_one_sweep_dir_lose_no_submission(tmp_path):
     so a later run neither forgets nor re-submits either cell."""
     sweep = tmp_path / "sweep"
     logs = [(tmp_path / f"sweep-{seed}.log").open("w") for seed in (1, 2)]
-    procs = [subprocess.Popen([sys.executable, "-m", "w2w.launch.sweep", *FAST, f"seed={seed}",
-                               f"sweep_dir={sweep}"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    procs = [spawn([sys.executable, "-m", "w2w.launch.sweep", *FAST, f"seed={seed}", f"sweep_dir={sweep}"],
+                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
              for seed, log in zip((1, 2), logs, strict=True)]
     for proc, log in zip(procs, logs, strict=True):
         assert proc.wait(timeout=600) == 0, Path(log.name).read_text()
@@ -105,6 +105,23 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _ignores_sigint(pid: int) -> bool:
+    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+def test_local_jobs_obey_sigint_when_w2w_sweep_runs_in_the_background(tmp_path):
+    """A background job of a script (`w2w-sweep ... &`, nohup) starts with SIGINT ignored; w2w-sweep keeps
+    that for itself, but the local jobs it starts obey SIGINT: it stops them with SIGINT."""
+    sweep, log = tmp_path / "sweep", (tmp_path / "sweep.log").open("w")
+    proc = spawn([sys.executable, "-m", "w2w.launch.sweep", *LONG, f"sweep_dir={sweep}"], sigint=signal.SIG_IGN,
+                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    assert proc.wait(timeout=600) == 0, (tmp_path / "sweep.log").read_text()
+    (submission,) = _submissions(sweep)
+    controller = int(submission["job_id"])
+    assert _alive(controller) and not _ignores_sigint(controller)  # the test's end stops the job
+
+
 def test_interrupted_local_sweep_then_partial_results_say_so(tmp_path):
     """10.12 (local): Ctrl-C during --wait: no traceback, the local job stops, how to resume is said.
     10.4: the failed cell it leaves does not fail a later --wait of other cells, and is listed.
@@ -113,8 +130,9 @@ def test_interrupted_local_sweep_then_partial_results_say_so(tmp_path):
     sweep = tmp_path / "sweep"
     args = [*SLOW, "seed=1", f"sweep_dir={sweep}"]
     out, err_log = (tmp_path / "wait.out").open("w"), tmp_path / "wait.err"
-    proc = subprocess.Popen([sys.executable, "-m", "w2w.launch.sweep", "--wait", "--poll", "0.5", *args], cwd=ROOT,
-                            stdout=out, stderr=err_log.open("w"))
+    # spawn: SIGINT at its default even when pytest runs in the background, where it is ignored.
+    proc = spawn([sys.executable, "-m", "w2w.launch.sweep", "--wait", "--poll", "0.5", *args], cwd=ROOT,
+                 stdout=out, stderr=err_log.open("w"))
     _wait_for(lambda: (sweep / "manifest.json").is_file() and _submissions(sweep), 300, "the submission")
     job_pid = int(_submissions(sweep)[0]["job_id"])
     # Once the cell runs (its task has a log), as a user would see it; only w2w-sweep gets the signal.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from unittest import mock
@@ -30,6 +31,7 @@ from w2w.energy.monitor import (
     device_sync,
 )
 from w2w.energy.nvml import call
+from w2w.energy.periodic import PeriodicThread
 from w2w.energy.sampler import Sampler, integrate, summarize, timeline_frame
 from w2w.errors import ConfigError
 
@@ -95,16 +97,22 @@ def test_long_window_does_not_warn():
 
 
 def test_counter_missing_integrates_the_samples_and_says_so():
+    clock = FakeClock()
     gpu = FakeGpu(power_w=180.0, counter=False)
-    monitor, _ = monitor_for([gpu], sampler=True, sample_interval_s=0.01)
+    # An hour's interval: the thread reads once as it starts, then waits for its stop; the test reads instead.
+    monitor, _ = monitor_for([gpu], clock, sampler=True, sample_interval_s=3600.0)
     assert monitor.source == SOURCE_INTEGRATED
     monitor.begin_window("cell")
-    time.sleep(0.15)
+    for _ in range(10):
+        clock.sleep(0.01)
+        monitor.sampler.sample()  # what the thread does at each of its deadlines
     window = monitor.end_window("cell")
     monitor.close()
     assert window.source == SOURCE_INTEGRATED and window.counter_energy_j is None
-    assert window.gpu_energy_j == pytest.approx(180.0 * window.duration_s, rel=1e-9)
-    assert len(window.samples) >= 5  # the thread sampled, not only the two edges
+    assert window.duration_s == pytest.approx(0.1)
+    assert window.gpu_energy_j == pytest.approx(180.0 * 0.1, rel=1e-9)
+    fed = {round(0.01 * k, 6) for k in range(1, 11)}
+    assert fed <= {round(row[0] - 1000.0, 6) for row in window.samples}  # the samples between the edges count
 
 
 def test_instant_power_preferred_average_otherwise():
@@ -251,14 +259,42 @@ def test_sampler_keeps_rows_in_time_order_and_errors_apart():
     assert sampler.rows(10.05, 10.15) == [(pytest.approx(10.1), 2.0)]
 
 
-def test_sampler_thread_samples_at_its_interval():
-    sampler = Sampler(lambda: (1.0,), 0.01)
+def test_periodic_thread_ticks_on_a_grid_of_deadlines_that_a_slow_tick_does_not_shift():
+    clock, ticks, waits = FakeClock(0.0), [], []
+    took = iter([0.002, 0.015, 0.001, 0.001, 0.0, 0.0])  # the second tick overruns its 10 ms period
+
+    def tick():
+        ticks.append(clock())
+        clock.sleep(next(took))
+
+    def wait(seconds: float) -> bool:  # the stop event's wait, on the fake clock
+        waits.append(seconds)
+        clock.sleep(seconds)
+        return len(ticks) == 6
+
+    PeriodicThread(tick, 0.01, "test", clock).run(wait)
+    assert ticks == pytest.approx([0.0, 0.01, 0.025, 0.03, 0.04, 0.05])  # late once, then back on the grid
+    assert waits == pytest.approx([0.008, 0.0, 0.004, 0.009, 0.01, 0.01])
+
+
+def test_sampler_thread_reads_until_stopped_and_keeps_every_reading():
+    calls, third = [], threading.Event()
+
+    def read() -> tuple[float]:
+        calls.append(1)
+        if len(calls) == 3:
+            third.set()
+        return (1.0,)
+
+    sampler = Sampler(read, 0.001)
     sampler.start()
-    time.sleep(0.2)
+    assert sampler.running
+    assert third.wait(timeout=60)  # an event, not a wall-clock bound: the thread keeps reading
     sampler.stop()
-    rows = sampler.rows(0.0, float("inf"))
-    assert 5 <= len(rows) <= 25
     assert not sampler.running
+    rows = sampler.rows(0.0, float("inf"))
+    assert len(rows) == len(calls) >= 3  # one row per reading, none read after the stop
+    assert [row[0] for row in rows] == sorted(row[0] for row in rows)
 
 
 def test_telemetry_summary_and_timeline_frame():

@@ -15,7 +15,7 @@ from w2w.analysis.reduce import reduce_sweep, summary_notes, table_columns
 from w2w.launch.plan import make_plan
 from w2w.launch.submit import _controller_stderr, load_manifest, record_plan, save_manifest
 
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, spawn
 from tests.test_bookkeeping_errors import FAST, _one_line_error
 from w2w.config import compose_cell
 from w2w.data import check_unchanged
@@ -208,7 +208,7 @@ def test_malformed_site_yaml_is_one_line(tmp_path):
 
 def _closed_reader(args: list[str]) -> subprocess.CompletedProcess:
     """Run a command whose stdout is a pipe nobody reads: the reader is gone before the first write."""
-    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc = spawn([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     proc.stdout.close()
     err = proc.stderr.read().decode()
     proc.stderr.close()

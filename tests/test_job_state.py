@@ -161,7 +161,7 @@ def odd_sweep(tmp_path_factory) -> tuple[Path, str, str, dict[str, str]]:
             "save_responses=true", f"sweep_dir={sweep}"]
     plan = make_plan([*grid, "seed=1"])
     save_manifest(record_plan(load_manifest(sweep), plan, [*grid, "seed=1"]), sweep)
-    cli("w2w.runner", *grid, "seed=1,2")
+    cli("w2w.run_cli", *grid, "seed=1,2")
     (mine,) = [c.id for c in plan.cells]
     (foreign,) = [p.name for p in (sweep / "cells").iterdir() if p.name != mine]
     path = responses_path(sweep, mine)

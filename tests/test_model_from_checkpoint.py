@@ -105,7 +105,7 @@ def test_without_a_checkpoint_dir_the_error_says_what_to_pass():
 
 def test_a_meta_checkpoint_runs_as_model_checkpoint(ckpts, tmp_path):
     ckpt, _ = ckpts["meta"]
-    cli("w2w.runner", "model=checkpoint", f"model.checkpoint_dir={ckpt}", f"model.tokenizer_path={TINY_TOKENIZER}",
+    cli("w2w.run_cli", "model=checkpoint", f"model.checkpoint_dir={ckpt}", f"model.tokenizer_path={TINY_TOKENIZER}",
         "precision=fp32", "max_gen_len=4", "dataset.num_prompts=2", "batch_size=2", "energy.idle_seconds=0",
         f"sweep_dir={tmp_path}")
     (cell,) = (tmp_path / "cells").iterdir()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAKE_SITE, ROOT
+from tests.conftest import FAKE_SITE, ROOT, spawn
 from w2w.cell_lock import CellLock
 from w2w.progress import progress_path
 from w2w.records import (
@@ -52,8 +52,9 @@ class Runner:
         with self.err.open("w") as err:
             launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                       "-m"] if ranks > 1 else [sys.executable, "-m"]
-            self.proc = subprocess.Popen([*launch, "w2w.runner", *args], cwd=ROOT, env=env,
-                                         stdout=subprocess.DEVNULL, stderr=err)
+            # spawn: SIGINT obeyed however pytest was started; the test's end kills whatever is left.
+            self.proc = spawn([*launch, "w2w.run_cli", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=err)
 
     def held(self) -> bool:
         return bool(list(self.barrier.parent.glob(f"{self.barrier.name}.held.*")))

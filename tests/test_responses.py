@@ -66,7 +66,7 @@ def test_responses_score_gsm8k_and_say_how_each_ended():
 
 
 def test_w2w_run_saves_responses_on_rank_0_and_the_reducer_adds_accuracy(tmp_path):
-    cli("w2w.runner", "dataset=gsm8k", f"dataset.path={ROWS}", "dataset.num_prompts=6", "dataset.max_prompt_tokens=400",
+    cli("w2w.run_cli", "dataset=gsm8k", f"dataset.path={ROWS}", "dataset.num_prompts=6", "dataset.max_prompt_tokens=400",
         f"dataset.prompt_template={TEMPLATE!r}", "save_responses=true", "precision=fp32", "max_gen_len=6",
         "batch_size=4", "greedy=true", f"sweep_dir={tmp_path}")
     (folder,) = (tmp_path / "cells").iterdir()
@@ -90,7 +90,7 @@ def test_alpaca_cells_have_no_accuracy_and_say_why(tmp_path):
     alpaca = tmp_path / "alpaca.jsonl"
     alpaca.write_text("".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": str(i)}) + "\n"
                               for i in range(3)))
-    cli("w2w.runner", "dataset=alpaca", f"dataset.path={alpaca}", "dataset.num_prompts=3", "precision=fp32",
+    cli("w2w.run_cli", "dataset=alpaca", f"dataset.path={alpaca}", "dataset.num_prompts=3", "precision=fp32",
         "max_gen_len=4", f"sweep_dir={tmp_path}")
     assert not list(tmp_path.glob("cells/*/responses.jsonl"))  # off by default
     (row,) = reduce_sweep(tmp_path).to_dict("records")

@@ -63,23 +63,23 @@ def test_a_failure_on_one_rank_stops_the_job_on_every_rank_quickly(tmp_path):
 def test_w2w_run_skips_done_cells_and_rejects_bad_prompt_files_before_loading(tmp_path):
     # max_gen_len below the warm-up's length: the warm-up must fit the cell's cache too.
     args = ["precision=fp32", "max_gen_len=2", "dataset.num_prompts=2", "batch_size=1,2", f"sweep_dir={tmp_path}"]
-    cli("w2w.runner", *args)
+    cli("w2w.run_cli", *args)
     records = sorted(tmp_path.glob("cells/*/rank-00000.json"))
     assert len(records) == 2
     mtimes = [p.stat().st_mtime_ns for p in records]
-    out = cli("w2w.runner", *args)
+    out = cli("w2w.run_cli", *args)
     assert out.stderr.count("done already, skipped") == 2
     assert [p.stat().st_mtime_ns for p in records] == mtimes
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    bad = cli("w2w.runner", "dataset=gsm8k", f"dataset.path={empty}", f"sweep_dir={tmp_path}/b", check=False)
+    bad = cli("w2w.run_cli", "dataset=gsm8k", f"dataset.path={empty}", f"sweep_dir={tmp_path}/b", check=False)
     assert bad.returncode == 2 and "dataset.path" in bad.stderr and "empty" in bad.stderr
     assert "loaded in" not in bad.stderr  # stopped before the model
 
 
 @pytest.mark.parametrize(("option", "fragment"), [("batch_size=0", "batch_size=0"), ("model=llama_1b", "unknown model")])
 def test_w2w_run_bad_options_exit_2_with_the_option_named(tmp_path, option, fragment):
-    bad = cli("w2w.runner", option, f"sweep_dir={tmp_path}", check=False)
+    bad = cli("w2w.run_cli", option, f"sweep_dir={tmp_path}", check=False)
     assert bad.returncode == 2 and fragment in bad.stderr and "Traceback" not in bad.stderr
 

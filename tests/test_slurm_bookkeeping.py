@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, spawn
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("local_slurm")]
 
@@ -105,11 +105,10 @@ def test_ctrl_c_while_following_leaves_slurm_jobs_running(tmp_path, hold_at_barr
     """10.12 (SLURM): no traceback; the jobs keep running, and the message says how to follow them."""
     sweep = tmp_path / "sweep"
     hold_at_barrier("cells:1")  # the job is still running when Ctrl-C comes, however fast its cell was
-    # SIGINT as at a terminal even when pytest runs in the background (nohup, `&`), where it is ignored:
-    # a Python started with SIGINT ignored never raises KeyboardInterrupt.
-    proc = subprocess.Popen([sys.executable, "-m", "w2w.launch.sweep", "--wait", "--poll", "0.5", *FAST,
-                             f"sweep_dir={sweep}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # spawn: SIGINT as at a terminal even when pytest runs in the background (nohup, `&`), where it is
+    # ignored: a Python started with SIGINT ignored never raises KeyboardInterrupt.
+    proc = spawn([sys.executable, "-m", "w2w.launch.sweep", "--wait", "--poll", "0.5", *FAST, f"sweep_dir={sweep}"],
+                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _read_until(proc, "[", 300)  # the first progress line: it is following
     (submission,) = _submissions(sweep)
     proc.send_signal(signal.SIGINT)

@@ -1,4 +1,4 @@
-"""w2w-run: run one placement's cells on this rank and write a record file per (cell, rank)."""
+"""One placement's cells on this rank (w2w-run, w2w.run_cli, and the jobs of w2w-sweep): a record file per (cell, rank)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from dataclasses import asdict
 from w2w import checkpoint, distributed, engines
 from w2w.cell import Cell, DatasetConfig
 from w2w.cell_lock import CellLock
-from w2w.config import compose_grid, split_config_dirs
 from w2w.data import Prompt, check_unchanged, load_prompt_rows
 from w2w.energy.errors import EnergyError
 from w2w.energy.monitor import EnergyMonitor
@@ -199,21 +198,3 @@ def run_main(cells: list[Cell]) -> int:
         return 2
     return 0 if all(s in (STATUS_OK, "skipped") for s in statuses) else 1
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in ("-h", "--help"):
-        print(__doc__.strip() + "\n\nusage: w2w-run [--config-dir DIR] [key=value ...]  (Hydra overrides; "
-              "a,b lists make a grid; DIR: more presets, also W2W_CONFIG_DIR)")
-        return 0
-    try:
-        config_dirs, args = split_config_dirs(args)
-        cells = compose_grid(args, config_dirs)
-    except ConfigError as exc:
-        print(f"w2w-run: error: {exc}", file=sys.stderr)
-        return 2
-    return run_main(cells)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

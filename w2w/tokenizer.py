@@ -203,7 +203,10 @@ def build_tiny_tokenizer(path: str | Path = TINY_TOKENIZER) -> Path:
 
 
 if __name__ == "__main__":
-    print(build_tiny_tokenizer())
+    import sys
+
+    # `make tiny-tokenizer [TINY_TOKENIZER_OUT=FILE]`: the bundled file, or FILE.
+    print(build_tiny_tokenizer(*sys.argv[1:2]))
 
 
 def cut_prompt(ids: list[int], max_len: int, bos_id: int) -> list[int]:

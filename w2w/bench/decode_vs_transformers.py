@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--copy-mb", type=int, default=512, help="size of the copy that measures bandwidth")
     args = parser.parse_args(argv)
     distributed.init("cpu", timeout_s=60)
     distributed.init_model_parallel(1, 1)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {batch}: w2w fast {ours_rate:.1f} tok/s, transformers {hf_rate:.1f} tok/s, "
               f"{ours_rate / hf_rate:.2f}x vs transformers", flush=True)
         if batch == 1:
-            bandwidth = copy_bandwidth_gbs()
+            bandwidth = copy_bandwidth_gbs(args.copy_mb)
             roof = bandwidth * 1e9 / (n_params * 4)
             decode_rate = 1 / statistics.median(step_s)
             print(f"batch 1 decode: {decode_rate:.1f} steps/s = {decode_rate / roof:.0%} of the memory-bandwidth "

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from w2w.analysis.reduce import reduce_sweep
 from w2w.config import compose_cell
 from w2w.energy.nvml import TELEMETRY_COLUMNS
+from w2w.energy.sampler import timeline_frame
 from w2w.records import SCHEMA_VERSION, STATUS_OK, record_path, timeline_path
 
 TARGET_S = 60.0  # the issue's bound for the whole reduction on 2 cores
@@ -57,20 +58,29 @@ def _record(config: dict, cid: str, rank: int, world: int, samples: int, interva
 
 
 def _timeline(rank: int, samples: int, interval_s: float, noise: np.ndarray) -> pa.Table:
-    """The runner's timeline columns (rank, t_s, unix_s, then TELEMETRY_COLUMNS) for one rank."""
+    """The runner's timeline for one rank, built by the runner's own timeline_frame from sampler rows.
+
+    Rows follow TELEMETRY_COLUMNS, so a column the sampler gains appears here too: plausible values
+    for the columns named below, None (what a GPU does not offer) for any other.
+    """
     t = np.arange(samples, dtype="float64") * interval_s
     base = np.roll(noise[:samples], rank)
     values = {"power_w": 180.0 + 30.0 * base, "sm_util_pct": np.round(95 + 4 * base),
               "mem_util_pct": np.round(24 + 3 * base), "mem_used_mib": np.full(samples, 19_660.0),
-              "temp_c": np.round(60 + 5 * base), "sm_clock_mhz": np.full(samples, 1380.0)}
-    columns = {"rank": pa.array(np.full(samples, rank, dtype="int32")), "t_s": t, "unix_s": 1.7e9 + t}
-    return pa.table(columns | {name: values[name] for name in TELEMETRY_COLUMNS})
+              "temp_c": np.round(60 + 5 * base), "sm_clock_mhz": np.full(samples, 1380.0),
+              "throttle_reasons": np.zeros(samples)}
+    none = [None] * samples
+    columns = [values.get(name, none) for name in TELEMETRY_COLUMNS]
+    rows = list(zip(t, *columns, strict=True))
+    return pa.Table.from_pandas(timeline_frame(rows, 0.0, 1.7e9, rank), preserve_index=False)
 
 
 def synthesize(sweep: Path, cells: int, ranks: int, samples: int, interval_s: float) -> int:
     """Write the sweep; returns its size in bytes."""
     config = _config()
     noise = np.random.default_rng(0).standard_normal(samples + ranks)
+    # A rank's timeline is the same in every cell: built once per rank, written per cell.
+    timelines = [_timeline(rank, samples, interval_s, noise) for rank in range(ranks)]
     size = 0
     for index in range(cells):
         cid = f"{index:012x}"
@@ -81,7 +91,7 @@ def synthesize(sweep: Path, cells: int, ranks: int, samples: int, interval_s: fl
             path.write_text(json.dumps(_record(config, cid, rank, ranks, samples, interval_s), indent=1,
                                        sort_keys=True, default=str) + "\n")
             timeline = timeline_path(sweep, cid, rank)
-            pq.write_table(_timeline(rank, samples, interval_s, noise), timeline)
+            pq.write_table(timelines[rank], timeline)
             size += path.stat().st_size + timeline.stat().st_size
     return size
 

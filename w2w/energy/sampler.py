@@ -34,7 +34,7 @@ class Sampler:
         self._times: list[float] = []
         self._rows: list[Row] = []
         self._errors: list[tuple[float, str]] = []
-        self._thread = PeriodicThread(self.sample, interval_s, "w2w-energy-sampler")
+        self._thread = PeriodicThread(self.sample, interval_s, "w2w-energy-sampler", clock)
 
     @property
     def running(self) -> bool:
