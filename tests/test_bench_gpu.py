@@ -55,3 +55,20 @@ def test_the_roof_reads_the_weights_but_the_embedding_and_the_rated_bandwidth_co
     assert bench.kv_read_len("fast", 128, 128, 256) == 256 and bench.kv_read_len("llama2", 128, 128, 256) == 192
     roof = bench.Roof(weights + kv, 3350.0, 3000.0)
     assert roof.share(roof.rated_s / 0.5) == pytest.approx(0.5)
+
+
+def test_a_missed_target_is_a_miss_and_a_non_zero_exit_on_a_gpu_and_only_shown_on_a_dry_run(capsys):
+    from w2w.bench import gpu_engines as bench
+
+    def run(tokens_per_s: float, step_s: float | None = None) -> bench.Run:
+        return bench.Run(tokens_per_s, step_s, None, 1.0, 1, [[1]])
+
+    results = {1: {"transformers": run(100.0), "llama1": run(90.0), "llama2": run(100.0), "fast": run(150.0, 0.02)}}
+    roofs = {1: bench.Roof(13e9, 3350.0, 3000.0)}  # 3.9 ms of a 20 ms step: 19% of the roof
+    judged = bench.targets(results, roofs, judged=True)
+    assert judged == ["MISS fast at batch 1: 19% of the HBM roof (target >= 60%)",
+                      "MISS fast at batch 1: 1.50x transformers (target >= 2x)",
+                      "PASS llama2 at batch 1: 1.00x transformers (target within ±20%)"]
+    assert bench.verdict(judged) == 1 and "bench-gpu: 2 target(s) missed" in capsys.readouterr().out
+    shown = bench.targets(results, roofs, judged=False)
+    assert all(line.startswith("DRY ") for line in shown) and bench.verdict(shown) == 0

@@ -67,9 +67,10 @@ def test_a_capture_that_fails_midway_leaves_the_tokens_of_the_eager_path(model):
     assert engine.decode_path == engine.graph  # the report says why it is eager
 
 
-def test_after_a_failed_capture_no_other_shape_captures_again(model):
-    """One fallback for the engine: a new batch shape (and a new cache) runs eagerly with no capture."""
+def test_after_a_failed_capture_no_other_shape_captures_again(model, caplog):
+    """One fallback for the engine, said once: a new batch shape (and a new cache) runs eagerly with no capture."""
     calls: list = []
+    caplog.set_level("WARNING", logger="w2w.run")
     engine = fast.Engine(model, capture=_capture_failing_midway(calls))
     engine.generate(PROMPTS, GREEDY, 2, 0)
     first = engine.graph
@@ -79,6 +80,8 @@ def test_after_a_failed_capture_no_other_shape_captures_again(model):
     for prompts, params in ((other_shape, GREEDY), (PROMPTS, longer)):
         assert engine.generate(prompts, params, 2, 0).tokens == eager.generate(prompts, params, 2, 0).tokens
     assert len(calls) == 1 and engine.decoders_built == 3 and engine.graph == first
+    said = [r.getMessage() for r in caplog.records if "capture failed" in r.getMessage()]
+    assert said == [f"fast: {first}; this engine's decode steps run eagerly from now on, every shape"]
 
 
 def test_the_end_of_a_forced_decode_waits_under_the_eos_check_deadline(model, monkeypatch):

@@ -349,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     worst = min(r["fast"].tokens_per_s / r["transformers"].tokens_per_s for r in results.values())
     print(f"min ratio fast/transformers {worst:.2f}x"
           f" ({'one run' if judged else 'a dry run: the targets are for an H100, not judged here'})")
+    return verdict(lines)
+
+
+def verdict(lines: list[str]) -> int:
+    """The exit status: 1 where a target was missed (each MISS line names it), else 0."""
     missed = sum(line.startswith("MISS") for line in lines)
     if missed:
         print(f"bench-gpu: {missed} target(s) missed")

@@ -33,6 +33,7 @@ Meta's programs are the engines llama1 and llama2.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ from w2w.engines import common
 from w2w.engines.common import DECODE, PREFILL, Generation, PhaseClock, SamplingParams
 from w2w.engines.fused import DecodeTimeout, FusedDecode
 from w2w.model import Transformer
+
+log = logging.getLogger("w2w.run")
 
 
 @dataclass
@@ -261,6 +264,7 @@ class Engine(common.Engine):
             return self.capture(step)
         except Exception as exc:  # whatever failed, the engine runs eagerly from now on, and says why once
             self.capture_failed = f"eager, capture failed: {type(exc).__name__}: {exc}"
+            log.warning("fast: %s; this engine's decode steps run eagerly from now on, every shape", self.capture_failed)
             return None
 
     def decoder(self, batch: int, cache_len: int, params: SamplingParams) -> StaticDecoder:
