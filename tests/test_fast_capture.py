@@ -43,6 +43,62 @@ def test_a_failed_capture_falls_back_to_eager_once_and_says_why(model):
     assert engine.graph == "eager, capture failed: RuntimeError: operation not permitted when stream is capturing"
 
 
+def _capture_failing_midway(calls: list):
+    """A capture that runs the step until its 12th torch call, then fails: what a sync inside a CUDA
+    capture does (the calls before it have written the mask and the first layer's cache slot)."""
+    from w2w.gpu_accept import SyncMidway
+
+    def capture(step):
+        calls.append(step)
+        with SyncMidway(after=12):
+            step()
+        raise AssertionError("the step should have failed midway")
+
+    return capture
+
+
+def test_a_capture_that_fails_midway_leaves_the_tokens_of_the_eager_path(model):
+    calls: list = []
+    eager = engines.create("fast", model).generate(PROMPTS, GREEDY, 2, 0).tokens
+    engine = fast.Engine(model, capture=_capture_failing_midway(calls))
+    assert engine.generate(PROMPTS, GREEDY, 2, 0).tokens == eager
+    assert len(calls) == 1
+    assert engine.graph.startswith("eager, capture failed: RuntimeError: ") and "capturing" in engine.graph
+    assert engine.decode_path == engine.graph  # the report says why it is eager
+
+
+def test_after_a_failed_capture_no_other_shape_captures_again(model, caplog):
+    """One fallback for the engine, said once: a new batch shape (and a new cache) runs eagerly with no capture."""
+    calls: list = []
+    caplog.set_level("WARNING", logger="w2w.run")
+    engine = fast.Engine(model, capture=_capture_failing_midway(calls))
+    engine.generate(PROMPTS, GREEDY, 2, 0)
+    first = engine.graph
+    other_shape = [PROMPTS[0], PROMPTS[2]]
+    longer = SamplingParams(max_gen_len=70, greedy=True, force_max_gen_len=True)  # a cache of 128 slots, not 64
+    eager = engines.create("fast", model)
+    for prompts, params in ((other_shape, GREEDY), (PROMPTS, longer)):
+        assert engine.generate(prompts, params, 2, 0).tokens == eager.generate(prompts, params, 2, 0).tokens
+    assert len(calls) == 1 and engine.decoders_built == 3 and engine.graph == first
+    said = [r.getMessage() for r in caplog.records if "capture failed" in r.getMessage()]
+    assert said == [f"fast: {first}; this engine's decode steps run eagerly from now on, every shape"]
+
+
+def test_the_end_of_a_forced_decode_waits_under_the_eos_check_deadline(model, monkeypatch):
+    """With force_max_gen_len there is no EOS check: the last wait, for every step, has the deadline."""
+    class NeverDone:  # a CUDA event behind a collective whose peer died
+        def record(self):
+            pass
+
+        def query(self):
+            return False
+
+    monkeypatch.setattr(fast, "new_event", lambda device: NeverDone())
+    params = SamplingParams(max_gen_len=4, greedy=True, force_max_gen_len=True, deadline_s=0.2)
+    with pytest.raises(fast.DecodeTimeout, match=r"Timed out: decode steps unfinished after 0\.2 s"):
+        fast.Engine(model).generate(PROMPTS, params, 2, 0)
+
+
 def test_a_capture_replays_the_recorded_step(model):
     """A stand-in capture (the step itself) exercises the replay path on the CPU."""
     eager = engines.create("fast", model).generate(PROMPTS, GREEDY, 2, 0).tokens

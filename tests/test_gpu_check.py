@@ -75,3 +75,28 @@ def test_a_raising_check_fails_and_the_later_checks_still_report():
     for part in ("batch 1 llama1", "batch 1 llama2", "batch 1 fast", "batch 2 llama2", "batch 2 fast", "J/token", " W, "):
         assert part in engines
     assert "FAIL  idle power: raised RuntimeError" in gpu_check.report(checks, 1.0)
+
+
+def _built_and_reallocated_inside_the_long_window() -> tuple[int, int]:
+    """The long window's warm-up, then one measured decode: decoders built and caches allocated in it."""
+    from dataclasses import replace
+
+    from w2w import engines
+    from w2w.energy.monitor import EnergyMonitor
+
+    distributed.init("cpu", timeout_s=60)
+    distributed.init_model_parallel(1, 1)
+    # 8 + 120 tokens: a cache of 128, where the 4-token warm-up alone would allocate 64.
+    workload = replace(TINY, args=replace(TINY.args, max_seq_len=256), gen_len=120)
+    device = torch.device("cpu")
+    engine = engines.create("fast", gpu_check.build_random_model(workload, device))
+    monitor = EnergyMonitor("auto", device, sampler=False, nvml=fake_nvml([FakeGpu()]))
+    gpu_check.warm_up(engine, workload, monitor)
+    built, generation = engine.decoders_built, engine.model.cache_generation
+    gpu_check.decode_run(engine, workload, monitor)
+    monitor.close()
+    return engine.decoders_built - built, engine.model.cache_generation - generation
+
+
+def test_the_long_window_warm_up_uses_the_measured_cache_so_nothing_is_allocated_or_captured_inside():
+    assert run_parallel(1, _built_and_reallocated_inside_the_long_window)[0] == (0, 0)

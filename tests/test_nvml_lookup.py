@@ -34,3 +34,30 @@ def test_an_index_only_where_no_gpu_uuid_exists_and_located_by_says_so(monkeypat
     monkeypatch.setattr(nvml_mod, "_torch_uuid", lambda device: uuid)
     handle, located_by = nvml_mod.find_handle(fake_nvml(gpus), CUDA1, 0)
     assert handle is gpus[1] and located_by == 1
+
+
+class _Props:  # torch's device properties: a bare UUID, as the CUDA runtime gives it
+    uuid = "7f3c0000-0000-0000-0000-00000000000a"
+
+
+def test_a_mig_instance_is_found_by_its_uuid_and_refused_with_the_reason(monkeypatch):
+    """torch spells no prefix: the bare UUID is tried as NVML's GPU-... and then MIG-..., so a MIG
+    slice reaches its branch, which refuses it (NVML has no per-instance energy or power)."""
+    from w2w.energy.errors import GpuNotSupportedError
+
+    mig = FakeGpu(uuid=f"MIG-{_Props.uuid}")
+    nvml = fake_nvml([FakeGpu(uuid="GPU-0"), mig])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _Props())
+    handle, located_by = nvml_mod.find_handle(nvml, CUDA1, 0)
+    assert handle is mig and located_by == f"MIG-{_Props.uuid}"
+    with pytest.raises(GpuNotSupportedError, match="is a MIG instance or runs in MIG mode: NVML reports no energy"):
+        nvml_mod.open_gpu_meter(nvml, CUDA1, 0, instant_power=True)
+    nvml.nvmlDeviceGetHandleByIndex.assert_not_called()
+
+
+def test_a_bare_uuid_of_a_whole_gpu_is_found_as_gpu_and_an_unknown_one_fails_naming_both(monkeypatch):
+    gpu = FakeGpu(uuid=f"GPU-{_Props.uuid}")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _Props())
+    assert nvml_mod.find_handle(fake_nvml([gpu]), CUDA1, 0) == (gpu, f"GPU-{_Props.uuid}")
+    with pytest.raises(GpuNotFoundError, match=f"UUID GPU-{_Props.uuid} or MIG-{_Props.uuid}"):
+        nvml_mod.find_handle(fake_nvml([FakeGpu(uuid="GPU-0")]), CUDA1, 0)

@@ -101,13 +101,16 @@ def test_alpaca_cells_have_no_accuracy_and_say_why(tmp_path):
 def test_new_options_at_their_defaults_keep_the_cell_ids_of_older_sweeps():
     import hashlib
 
-    from w2w.cell import ID_EXCLUDED, ID_NEW_DEFAULTS
+    from w2w.cell import ID_EXCLUDED, ID_EXCLUDED_IN, ID_NEW_DEFAULTS
     from w2w.config import compose_cell
 
     cfg = compose_cell(["dataset.num_prompts=4"])
     data = cfg.to_dict()
     for key in ID_EXCLUDED:
         data.pop(key, None)
+    for section, keys in ID_EXCLUDED_IN.items():  # facts of the hardware (gpu.hbm_gbs), not settings
+        for key in keys:
+            data[section].pop(key)
     for section, defaults in ID_NEW_DEFAULTS.items():  # what a config from before these options held
         for key in defaults:
             (data[section] if section else data).pop(key)
@@ -117,3 +120,5 @@ def test_new_options_at_their_defaults_keep_the_cell_ids_of_older_sweeps():
                ["model.rope_scaling_factor=8"]]
     ids = {compose_cell(["dataset.num_prompts=4", *extra]).id for extra in changed}
     assert older not in ids and len(ids) == len(changed)
+    h100 = compose_cell(["dataset.num_prompts=4", "gpu=h100"])
+    assert h100.gpu.hbm_gbs == 3350 and compose_cell(["dataset.num_prompts=4", "gpu=h100", "gpu.hbm_gbs=1"]).id == h100.id

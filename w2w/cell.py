@@ -36,6 +36,7 @@ class GpuConfig:
     memory_gib: float = 0.0  # per GPU, for the fit check; 0 = unknown, no check
     bf16: bool = True  # native bf16 arithmetic (Ampere and newer)
     tdp_w: float | None = None
+    hbm_gbs: float | None = None  # rated memory bandwidth (GB/s): make bench-gpu's decode roof
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,9 @@ class Cell:
     def id(self) -> str:
         """Stable hash of the cell's settings, result-neutral keys excluded: its folder's name."""
         data = {k: v for k, v in self.to_dict().items() if k not in ID_EXCLUDED}
+        for section, keys in ID_EXCLUDED_IN.items():
+            for key in keys:
+                data[section].pop(key, None)
         for section, defaults in ID_NEW_DEFAULTS.items():
             table = data.get(section, {}) if section else data
             for key, default in defaults.items():
@@ -213,6 +217,8 @@ SHOWN_AXES = tuple(axis for axis in AXES if axis.shown)
 PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
 # Result-neutral keys left out of the cell id, so moving a sweep does not redo its cells.
 ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command", "repeats", "repeat")
+# Facts about the hardware, not settings, per config section: left out of the cell id.
+ID_EXCLUDED_IN = {"gpu": ("hbm_gbs",)}
 # Options added after sweeps were run, per config section: at their defaults they leave the cell id as it was.
 ID_NEW_DEFAULTS = {
     "": {"save_responses": False},

@@ -50,12 +50,16 @@ def nvml_index(cuda_index: int) -> int | str:
 
 
 def _torch_uuid(device: torch.device) -> str | None:
-    """The CUDA runtime's UUID of this device, in NVML's spelling; None where torch does not say."""
+    """The CUDA runtime's UUID of this device as torch spells it (bare, no GPU-/MIG- prefix); None where torch does not say."""
     try:
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        return str(torch.cuda.get_device_properties(device).uuid)
     except (AttributeError, RuntimeError, AssertionError):
         return None
-    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+
+
+def _spellings(uuid: str) -> list[str]:
+    """NVML's spellings of a CUDA UUID: a bare one is a whole GPU's (GPU-...) or a MIG instance's (MIG-...)."""
+    return [uuid] if uuid.startswith(("GPU-", "MIG-")) else [f"GPU-{uuid}", f"MIG-{uuid}"]
 
 
 def find_handle(nvml: ModuleType, device: torch.device, local_rank: int) -> tuple[Any, int | str]:
@@ -71,12 +75,15 @@ def find_handle(nvml: ModuleType, device: torch.device, local_rank: int) -> tupl
     if device.type == "cuda":
         uuid = _torch_uuid(device)
         if uuid is not None:
-            try:
-                return call(nvml, "nvmlDeviceGetHandleByUUID", uuid), uuid
-            except GpuError as exc:
-                if not uuid.startswith("MIG-"):
-                    raise GpuNotFoundError(f"{device}: NVML has no GPU with the CUDA runtime's UUID {uuid} "
-                                           f"({exc}); not guessing by index") from exc
+            spellings, errors = _spellings(uuid), []
+            for spelled in spellings:
+                try:
+                    return call(nvml, "nvmlDeviceGetHandleByUUID", spelled), spelled
+                except GpuError as exc:
+                    errors.append(exc)
+            if not uuid.startswith("MIG-"):  # a MIG instance NVML does not know by UUID: its CUDA index below
+                raise GpuNotFoundError(f"{device}: NVML has no GPU with the CUDA runtime's UUID "
+                                       f"{' or '.join(spellings)} ({errors[0]}); not guessing by index") from errors[0]
         cuda_index = device.index or 0
     else:
         cuda_index = local_rank

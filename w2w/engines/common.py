@@ -198,6 +198,11 @@ class Engine(ABC):
         """How the decode steps ran, for engines that capture them (fast); None for the others."""
         return None
 
+    @property
+    def decode_path(self) -> str:
+        """The decode path for a report: "cuda graph", or eager and why."""
+        return "eager (a Python loop over the model's forward: this engine captures nothing)"
+
     @abstractmethod
     def schedule(
         self, prompts: list[list[int]], params: SamplingParams, eos_id: int, pad_id: int, cache_len: int,

@@ -7,8 +7,10 @@ without a host sync (greedy argmax, or top-p by an exponential race on noise dra
 step). The step is the fused code of w2w/engines/fused.py (fused GEMMs, few elementwise operators,
 GQA with no K/V copy). On CUDA it is captured once per (batch, cache length, greedy) as a CUDA
 graph and replayed (temperature and top-p are device tensors the graph reads, so one graph serves
-every setting); a failed capture leaves that decoder eager and says why (Engine.graph, in the
-record); on CPU (gloo) the same code runs eagerly, so CI exercises it. The host looks at the
+every setting); a capture that fails, before or midway, makes the whole engine eager from then on
+(no capture is tried again for any shape: a capture that failed midway can leave CUDA's caching
+allocator with a stale capture entry, and every retry would add one) and says why, once
+(Engine.graph, in the record); on CPU (gloo) the same code runs eagerly, so CI exercises it. The host looks at the
 tokens only every `eos_check_every` steps to stop once every row has ended; the steps run past an
 EOS are real work and are counted, and tokens after an EOS are dropped.
 
@@ -31,6 +33,7 @@ Meta's programs are the engines llama1 and llama2.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +45,8 @@ from w2w.engines import SPECS, common
 from w2w.engines.common import DECODE, PREFILL, Generation, PhaseClock, SamplingParams
 from w2w.engines.fused import DecodeTimeout, FusedDecode
 from w2w.model import Transformer
+
+log = logging.getLogger("w2w.run")
 
 
 @dataclass
@@ -83,6 +88,8 @@ def race_top_p(probs: torch.Tensor, p: torch.Tensor, noise: torch.Tensor) -> tor
 
 # Records one call of a step and returns what replays it (a CUDA graph on GPUs); tests inject others.
 Capture = Callable[[Callable[[], None]], Callable[[], None]]
+# A decoder's view of its engine's capture: None where the engine no longer captures (it runs eagerly).
+MaybeCapture = Callable[[Callable[[], None]], Callable[[], None] | None]
 
 
 def cuda_capture(step: Callable[[], None]) -> Callable[[], None]:
@@ -117,7 +124,8 @@ class StaticDecoder:
     captured over step() be replayed for every later batch of that shape.
     """
 
-    def __init__(self, fused: FusedDecode, batch: int, cache_len: int, greedy: bool, capture: Capture | None = None):
+    def __init__(self, fused: FusedDecode, batch: int, cache_len: int, greedy: bool,
+                 capture: MaybeCapture | None = None):
         model = fused.model
         device, vocab = model.device, model.args.vocab_size
         self.model, self.fused, self.greedy, self.capture = model, fused, greedy, capture
@@ -133,7 +141,7 @@ class StaticDecoder:
         self.out = torch.full((batch, cache_len), -1, dtype=torch.long, device=device)
         self.noise = None if greedy else torch.ones(batch, vocab, device=device)
         self.replay: Callable[[], None] | None = None  # the captured step, once captured
-        self.graph = "eager"  # what advance() runs: "cuda graph", "eager", or "eager, capture failed: ..."
+        self.tried = False  # a capture is tried once per decoder (and not at all once the engine's failed)
 
     def set_sampling(self, params: SamplingParams) -> None:
         """The batch's temperature and top-p, written where the (captured) step reads them."""
@@ -176,21 +184,32 @@ class StaticDecoder:
         if self.replay is not None:
             self.replay()
             return
-        if self.capture is None or self.graph != "eager":
+        if self.capture is None or self.tried:
             self.step()
             return
         warm_up(self.step, self.model.device)
-        try:  # records the next step without running it
-            self.replay = self.capture(self.step)
-            self.graph = "cuda graph"
-        except Exception as exc:  # whatever failed, this decoder stays eager and says why
-            self.graph = f"eager, capture failed: {type(exc).__name__}: {exc}"
+        self.tried = True
+        self.replay = self.capture(self.step)  # records the next step without running it; None: stays eager
+
+    @property
+    def graph(self) -> str:
+        return "cuda graph" if self.replay is not None else "eager"
 
     def all_ended(self, eos_id: int, columns: int, deadline_s: float | None = None) -> bool:
         ended = (self.out[:, :columns] == eos_id).any(-1).all()
-        if deadline_s is not None and self.model.device.type == "cuda":
-            wait_for(torch.cuda.Event(), deadline_s)
+        self.settle(deadline_s)
         return bool(ended)
+
+    def settle(self, deadline_s: float | None) -> None:
+        """Wait for the queued steps, for at most deadline_s on CUDA (an EOS check, and the end of the decode)."""
+        event = new_event(self.model.device)
+        if deadline_s is not None and event is not None:
+            wait_for(event, deadline_s)
+
+
+def new_event(device: torch.device):
+    """A CUDA event to wait on with a deadline; None off CUDA, where a collective times out on the host (gloo)."""
+    return torch.cuda.Event() if device.type == "cuda" else None
 
 
 def wait_for(event, deadline_s: float, poll_s: float = 1e-4) -> None:
@@ -216,15 +235,36 @@ class Engine(common.Engine):
         self.fused = FusedDecode(model)
         self.capture = capture if capture is not None else (cuda_capture if model.device.type == "cuda" else None)
         self.decoders: dict[tuple, StaticDecoder] = {}
+        self.capture_failed: str | None = None  # the first failure, after which nothing is captured
         self.decoders_built = 0  # a new shape costs a first eager step and a capture: warm-up should pay it
         self._cache_generation = model.cache_generation  # the KV cache the decoders point into
 
     @property
     def graph(self) -> str:
         """How the decode steps ran: "cuda graph", "eager", or the first "eager, capture failed: ..."."""
-        states = [d.graph for d in self.decoders.values()]
-        failed = [g for g in states if g.startswith("eager, capture failed")]
-        return failed[0] if failed else ("cuda graph" if "cuda graph" in states else "eager")
+        if self.capture_failed is not None:
+            return self.capture_failed
+        return "cuda graph" if any(d.graph == "cuda graph" for d in self.decoders.values()) else "eager"
+
+    @property
+    def decode_path(self) -> str:
+        graph = self.graph
+        if graph != "eager":
+            return graph  # "cuda graph", or "eager, capture failed: <why>"
+        if self.capture is None:
+            return f"eager (no CUDA graph on {self.model.device.type})"
+        return "eager (no decode step has run yet)"
+
+    def _capture(self, step: Callable[[], None]) -> Callable[[], None] | None:
+        """The engine's capture of one decoder's step; None (eager) once any capture of this engine failed."""
+        if self.capture_failed is not None or self.capture is None:
+            return None
+        try:
+            return self.capture(step)
+        except Exception as exc:  # whatever failed, the engine runs eagerly from now on, and says why once
+            self.capture_failed = f"eager, capture failed: {type(exc).__name__}: {exc}"
+            log.warning("fast: %s; this engine's decode steps run eagerly from now on, every shape", self.capture_failed)
+            return None
 
     def decoder(self, batch: int, cache_len: int, params: SamplingParams) -> StaticDecoder:
         if self.model.cache_generation != self._cache_generation:  # graphs over freed buffers: drop them
@@ -232,7 +272,8 @@ class Engine(common.Engine):
             self._cache_generation = self.model.cache_generation
         key = (batch, cache_len, params.greedy)
         if key not in self.decoders:
-            self.decoders[key] = StaticDecoder(self.fused, batch, cache_len, params.greedy, self.capture)
+            capture = self._capture if self.capture is not None and self.capture_failed is None else None
+            self.decoders[key] = StaticDecoder(self.fused, batch, cache_len, params.greedy, capture)
             self.decoders_built += 1
         return self.decoders[key]
 
@@ -263,6 +304,7 @@ class Engine(common.Engine):
                 raise DecodeTimeout(f"decode step {steps + 1}: a model-parallel peer stopped answering "
                                     f"({exc})") from exc
             steps += 1
+        decoder.settle(params.deadline_s)  # the last steps (all of them when forced) under the same deadline
         clock.enter(None)
         rows = len(prompts)
         return Generation(decoder.out[:, : steps + 1].tolist(), sum(len(p) for p in prompts), steps,
