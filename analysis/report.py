@@ -16,15 +16,9 @@ from w2w.launch.status import completeness, sweep_problems
 
 from w2w.engines import ENGINES
 from w2w.exits import quiet_on_broken_pipe
-from w2w.records import (
-    MANIFEST,
-    Manifest,
-    ManifestError,
-    RecordError,
-    read_manifest,
-    writable_problem,
-    write_atomic,
-)
+from w2w.files import writable_problem, write_atomic
+from w2w.manifest import MANIFEST, Manifest, ManifestError, read_manifest
+from w2w.schema import RecordError
 
 # ours/paper needs a point on both sides; a range is compared by where ours falls in it.
 Span = tuple[float, float]

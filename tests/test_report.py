@@ -13,7 +13,8 @@ from w2w.analysis.reduce import reduce_sweep
 
 from tests.conftest import ROOT, cli
 from w2w.engines import ENGINES
-from w2w.records import record_path, write_json
+from w2w.files import write_json
+from w2w.records import record_path
 
 # Two shard counts (Figs 4-9's axis) x two batch sizes x two lengths.
 GRID = ["shards=1,2", "precision=fp32", "batch_size=2,4", "max_gen_len=4,8", "dataset.num_prompts=4",
