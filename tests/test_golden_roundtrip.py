@@ -1,5 +1,5 @@
 """The JSON on disk is pinned: records, a progress file and manifests written by the main before the typed
-batches (tests/golden/records) read with today's types and written back byte-identical."""
+batches (tests/golden/records, from commit cc1766c) read with today's types and written back byte-identical."""
 
 from __future__ import annotations
 
@@ -54,10 +54,10 @@ def test_the_progress_file_totalled_is_the_records_sections():
     progress = CellProgress.load(GOLDEN / "progress-rank0.json", _shape("record-ok-rank0.json"))
     record = read_record(GOLDEN / "record-ok-rank0.json")
     totals = Totals.of(progress.batches, progress.segments)
-    counts, times, energy = record.counts.to_dict(), record.times.to_dict(), record.energy.to_dict()
-    assert totals.counts == {k: counts[k] for k in totals.counts}
-    assert totals.times == {k: times[k] for k in totals.times}
-    assert totals.energy == {k: energy[k] for k in totals.energy}
+    assert totals.counts == {k: getattr(record.counts, k) for k in totals.counts}
+    assert totals.times == {k: getattr(record.times, k) for k in totals.times}
+    assert totals.energy == {k: getattr(record.energy, k) for k in totals.energy}
+    assert totals.energy["gpu_j"] is not None and totals.energy["idle_gpu_j"] is not None
     assert set(totals.counts) == {*BatchCounts.__dataclass_fields__, "batches"} - {"extra"}
     assert set(totals.times) == set(BatchTimes.__dataclass_fields__) - {"extra"}
     assert with_batch_totals(record) == record  # the record already holds its batches' totals

@@ -19,7 +19,8 @@ S = TypeVar("S", bound="Schema")
 ADD = "add"  # the sum; None where any batch has no figure (or there is no batch): never a partial sum
 MIN = "min"  # the smallest (None: no batch)
 MAX = "max"  # the largest (None: no batch)
-LATER = "later"  # a count added after records were written: the sum, None where any batch lacks it, never 0
+LATER = "later"  # a figure added after files were written: the sum, None where any batch lacks it (never 0);
+# left out of the JSON while None
 CELL = "cell"  # the whole cell's, set once by the cell: never summed from its batches
 
 
@@ -147,8 +148,8 @@ class Schema:
             if f.name == "extra":
                 continue
             value = getattr(self, f.name)
-            if value is None and f.name in self.OMIT_IF_NONE:
-                continue
+            if value is None and (f.name in self.OMIT_IF_NONE or f.metadata.get("total") == LATER):
+                continue  # a LATER field is absent from files written before it: they read and write back the same
             out[f.name] = _plain(value)
         return out | _plain(self.extra)
 
