@@ -118,7 +118,8 @@ def test_corrupt_and_partial_input_is_reported_by_file_and_cell(sweep, tmp_path)
     for cell in (torn, edited, gap, garbled):
         assert table.loc[cell.name, "status"] == "incomplete"
     assert f"{torn.name}/rank-00001.json: unreadable record" in notes[torn.name]
-    assert f"{edited.name}/rank-00000.json: field 'counts.output_tokens' is 'many'" in notes[edited.name]
+    # The first "output_tokens" in the sorted file is its first batch's: batches are typed too.
+    assert f"{edited.name}/rank-00000.json: field 'batches[0].counts.output_tokens' is 'many'" in notes[edited.name]
     assert "missing rank(s) [1] of 2" in notes[gap.name]
     assert f"{garbled.name}/rank-00000.timeline.parquet: unreadable timeline" in notes[garbled.name]
     assert (table["status"] == "ok").sum() == CELLS - 4
