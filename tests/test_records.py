@@ -277,3 +277,26 @@ def test_the_report_reads_each_rank_file_and_the_manifest_once(sweep, tmp_path):
     assert "Cells: 2 (1 ok, 1 error)" in page and report.files
     assert "65B on v100: no cell ran (1 GPU(s) batch 2: skipped)" in page  # the manifest's skipped cell
     assert "| Setup | prompts per dataset | every cell | 4096 |  | 4 |" in page  # the records' params
+
+
+def test_each_field_is_totalled_by_the_rule_it_carries():
+    from dataclasses import dataclass, field
+
+    from w2w.schema import ADD, CELL, LATER, MAX, MIN, Schema, rule, total
+
+    @dataclass
+    class Part(Schema):
+        n: int = rule(ADD, 0)
+        j: float | None = rule(ADD)
+        first_s: float | None = rule(MIN)
+        peak_w: float | None = rule(MAX)
+        later: int | None = rule(LATER)
+        whole: int = rule(CELL, 7)
+        kept: str = "not summed"
+        extra: dict = field(default_factory=dict)
+
+    parts = [Part(n=1, j=1.5, first_s=3.0, peak_w=2.0, later=4), Part(n=2, j=2.5, first_s=1.0, peak_w=5.0)]
+    assert total(parts, Part) == {"n": 3, "j": 4.0, "first_s": 1.0, "peak_w": 5.0, "later": None}
+    assert total(parts[:1], Part)["later"] == 4 and total([Part(j=None), *parts], Part)["j"] is None
+    assert total([], Part) == {"n": 0, "j": None, "first_s": None, "peak_w": None, "later": None}
+    assert "later" not in Part().to_dict() and Part(later=1).to_dict()["later"] == 1  # absent while None
