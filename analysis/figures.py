@@ -26,7 +26,7 @@ from w2w.analysis.tables import (
     show,
 )
 
-from w2w.records import write_atomic
+from w2w.files import write_atomic
 
 UNITS = {m.name: m.unit for m in METRICS}
 NAMES = {

@@ -14,7 +14,8 @@ from w2w.launch.status import completeness, sweep_problems
 
 from w2w.cell import SHOWN_AXES
 from w2w.engines import ENGINES
-from w2w.records import MANIFEST, Manifest, read_manifest, write_atomic
+from w2w.files import write_atomic
+from w2w.manifest import MANIFEST, Manifest, read_manifest
 
 
 def read_skipped(manifest: Manifest | Path) -> pd.DataFrame:

@@ -17,19 +17,10 @@ from w2w.launch.submit import load_manifest
 
 from w2w.cell import SHOWN_AXES
 from w2w.exits import quiet_on_broken_pipe
-from w2w.progress import with_batch_totals
-from w2w.records import (
-    MANIFEST,
-    REPEAT_PREFIX,
-    STATUS_OK,
-    Energy,
-    ManifestError,
-    RankRecord,
-    RecordError,
-    read_record,
-    writable_problem,
-    write_atomic,
-)
+from w2w.files import writable_problem, write_atomic
+from w2w.manifest import MANIFEST, ManifestError
+from w2w.records import REPEAT_PREFIX, STATUS_OK, Energy, RankRecord, read_record, with_batch_totals
+from w2w.schema import RecordError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -120,7 +111,7 @@ def _with_runs(cell: CellRecords, folder: Path) -> CellRecords:
         number = sub.name.removeprefix(REPEAT_PREFIX)
         if sub.is_dir() and number.isdigit() and int(number) >= 1:
             cell.runs[int(number)] = _load_cell(sub, cell.cell_id, int(number))
-    configs = [r.get("config") for run in (cell, *cell.runs.values()) for r in run.records.values()]
+    configs = [r.config for run in (cell, *cell.runs.values()) for r in run.records.values()]
     planned = [c.get("repeats") for c in configs if isinstance(c, dict) and isinstance(c.get("repeats"), int)]
     cell.repeats = max([*planned, 1])
     return cell
@@ -202,9 +193,9 @@ def _energy_columns(records: list[RankRecord], energy_j: float | None) -> dict:
     }
 
 
-def _answer_columns(first: dict, totals: CellTotals) -> dict:
+def _answer_columns(first: RankRecord, totals: CellTotals) -> dict:
     """Scored/correct counts, whether responses were saved, and why accuracy is empty if it is."""
-    block = first.get("responses") or {}
+    block = first.responses or {}
     if totals.scored == 0:
         note = "accuracy, energy_per_correct_j empty: " + (block.get("score_reason") or "no scored responses")
     elif totals.correct == 0:
@@ -244,9 +235,9 @@ def reduce_cell(cell: CellRecords) -> dict:
         output_words=first.counts.output_words,
         energy_j=energy_j,
         idle_energy_j=_idle_energy(records) if idle_power_w is not None else None,
-        scored=int(first["counts"].get("scored", 0)),
-        correct=int(first["counts"].get("correct", 0)),
-        batches=int(first["counts"].get("batches", 0)),
+        scored=first.counts.scored,
+        correct=first.counts.correct,
+        batches=first.counts.batches,
         positions=first.counts.positions,
     )
     row |= {"status": STATUS_OK, **compute(totals), "idle_power_w": idle_power_w, **_energy_columns(records, energy_j)}
@@ -260,7 +251,7 @@ def reduce_cell(cell: CellRecords) -> dict:
         "output_tokens": totals.output_tokens,
         "positions": totals.positions,
         "responses": totals.responses,
-        "truncated_prompts": int(first["counts"].get("truncated_prompts", 0)),  # cut to dataset.max_prompt_tokens
+        "truncated_prompts": first.counts.truncated_prompts,  # cut to dataset.max_prompt_tokens
         "note": f"no energy: {reason}" if reason else "",
         **_answer_columns(first, totals),
     }
@@ -281,7 +272,7 @@ def _reduce_or_report(cell: CellRecords) -> dict:
 def _cell_parameters(cell: CellRecords) -> dict | None:
     """Every leaf of the cell's config, from the first of its records that has one."""
     for rank in sorted(cell.records):
-        config = cell.records[rank].get("config")
+        config = cell.records[rank].config
         if isinstance(config, dict):
             return cell_parameters(config)
     return None

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 from w2w.exits import quiet_on_broken_pipe
-from w2w.records import MANIFEST, ManifestError, RecordError, writable_problem
+from w2w.files import writable_problem
+from w2w.manifest import MANIFEST, ManifestError
+from w2w.schema import RecordError
 
 # Every name past the argument checks comes from w2w.analysis.page, imported there: it loads pandas,
 # matplotlib and pyarrow, which --help and a wrong folder need not wait for.

@@ -92,12 +92,12 @@ def no_energy_reason(job: str, plugin: str | None) -> str:
 
 def cell_seconds_by_job(record: RankRecord) -> dict[str, float]:
     """The cell's wall time in each job that ran it (its batches of each segment; older records: the whole cell)."""
-    jobs = {s.get("segment"): s.get("job_id") for s in record.segments}
+    jobs = {s.segment: s.job_id for s in record.segments}
     seconds: dict[str, float] = {}
     for batch in record.batches:
-        job = jobs.get(batch.get("segment"))
+        job = jobs.get(batch.segment)
         if job is not None:
-            seconds[str(job)] = seconds.get(str(job), 0.0) + float(batch["times"]["total_s"])
+            seconds[str(job)] = seconds.get(str(job), 0.0) + float(batch.times.total_s or 0.0)
     if not seconds and record.job_id is not None and record.times is not None and record.times.total_s is not None:
         seconds[str(record.job_id)] = record.times.total_s
     return seconds

@@ -12,7 +12,8 @@ import pandas as pd
 from w2w.analysis import paper
 from w2w.analysis.stats import CI95
 
-from w2w.records import STATUS_OK, write_atomic
+from w2w.files import write_atomic
+from w2w.records import STATUS_OK
 
 STATUS_OOM = "oom"  # the runner's status for torch.OutOfMemoryError
 

@@ -17,19 +17,10 @@ from w2w.launch.axes import cell_axes, describe
 from w2w.launch.submit import load_manifest
 
 from w2w.exits import quiet_on_broken_pipe
-from w2w.records import (
-    MANIFEST,
-    Manifest,
-    ManifestCell,
-    ManifestError,
-    ManifestJob,
-    RecordError,
-    Submission,
-    cell_dir,
-    read_record,
-    record_path,
-)
+from w2w.manifest import MANIFEST, Manifest, ManifestCell, ManifestError, ManifestJob, Submission
+from w2w.records import cell_dir, read_record, record_path
 from w2w.responses import responses_problem
+from w2w.schema import RecordError
 
 MISSING = "missing"  # the job ended and wrote the cell's records, but one is not there (deleted)
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
@@ -193,11 +184,11 @@ def run_records(sweep_dir: Path, cid: str, world_size: int, repeat: int = 0) -> 
                 records.append(read_record(path))
             except RecordError as exc:
                 problems.append(str(exc))
-    failed = [r for r in records if r["status"] != "ok"]
+    failed = [r for r in records if not r.ok]
     if failed:
-        return "failed", "; ".join(f"rank {r['rank']}: {r['status']}: {r.get('error', '')}" for r in failed)
+        return "failed", "; ".join(f"rank {r.rank}: {r.status}: {r.error or ''}" for r in failed)
     if len(records) == world_size:
-        return "done", "on " + ",".join(sorted({str(r.get("node")) for r in records}))
+        return "done", "on " + ",".join(sorted({str(r.node) for r in records}))
     return None, "; ".join([f"{len(records)}/{world_size} ranks written", *problems])
 
 

@@ -25,7 +25,8 @@ from w2w.launch.job import CellsJob
 from w2w.launch.plan import Job, Plan, PlannedCell
 from w2w.launch.process import start_stamp
 
-from w2w.records import (
+from w2w.files import write_json
+from w2w.manifest import (
     MANIFEST,
     Command,
     Manifest,
@@ -33,7 +34,6 @@ from w2w.records import (
     ManifestJob,
     Submission,
     read_manifest,
-    write_json,
 )
 
 LOCK = ".manifest.lock"

@@ -25,7 +25,8 @@ from w2w.launch.submit import (
 
 from w2w.errors import ConfigError
 from w2w.exits import quiet_on_broken_pipe
-from w2w.records import MANIFEST, ManifestError, writable_problem
+from w2w.files import writable_problem
+from w2w.manifest import MANIFEST, ManifestError
 
 USAGE = """w2w-sweep [--plan] [--wait] [key=value ...]
 

@@ -53,8 +53,8 @@ def test_counter_window_follows_the_fake_clock():
     clock.sleep(4.0)
     window = monitor.end_window("cell")
     assert isinstance(window, Window)
-    assert window.gpu_energy_j == pytest.approx(1000.0)
-    assert window.counter_energy_j == window.gpu_energy_j
+    assert window.gpu_j == pytest.approx(1000.0)
+    assert window.counter_gpu_j == window.gpu_j
     assert window.duration_s == pytest.approx(4.0)
     assert window.source == SOURCE_COUNTER and window.error is None and not window.short
 
@@ -69,10 +69,10 @@ def test_nested_phase_windows_add_up_to_the_cell():
         gpu.set_power(watts, clock())
         monitor.begin_window(phase)
         clock.sleep(seconds)
-        phases[phase] = monitor.end_window(phase).gpu_energy_j
+        phases[phase] = monitor.end_window(phase).gpu_j
     cell = monitor.end_window("cell")
     assert phases == {"prefill": pytest.approx(150.0), "decode": pytest.approx(400.0)}
-    assert cell.gpu_energy_j == pytest.approx(550.0)
+    assert cell.gpu_j == pytest.approx(550.0)
 
 
 def test_window_shorter_than_the_counter_period_warns():
@@ -83,7 +83,7 @@ def test_window_shorter_than_the_counter_period_warns():
     with pytest.warns(UserWarning, match="shorter than NVML's energy counter update period"):
         window = monitor.end_window("prefill")
     assert window.short
-    assert window.gpu_energy_j == 0.0  # what a real counter reads inside one update period
+    assert window.gpu_j == 0.0  # what a real counter reads inside one update period
 
 
 def test_long_window_does_not_warn():
@@ -108,9 +108,9 @@ def test_counter_missing_integrates_the_samples_and_says_so():
         monitor.sampler.sample()  # what the thread does at each of its deadlines
     window = monitor.end_window("cell")
     monitor.close()
-    assert window.source == SOURCE_INTEGRATED and window.counter_energy_j is None
+    assert window.source == SOURCE_INTEGRATED and window.counter_gpu_j is None
     assert window.duration_s == pytest.approx(0.1)
-    assert window.gpu_energy_j == pytest.approx(180.0 * 0.1, rel=1e-9)
+    assert window.gpu_j == pytest.approx(180.0 * 0.1, rel=1e-9)
     fed = {round(0.01 * k, 6) for k in range(1, 11)}
     assert fed <= {round(row[0] - 1000.0, 6) for row in window.samples}  # the samples between the edges count
 
@@ -130,12 +130,12 @@ def test_read_error_mid_run_voids_that_window_and_later_windows_still_measure():
     monitor.begin_window("cell-1")
     clock.sleep(1.5)  # the end read lands inside the failure
     broken = monitor.end_window("cell-1")
-    assert broken.gpu_energy_j is None
+    assert broken.gpu_j is None
     assert "NVML read error" in broken.error and "nvmlDeviceGetTotalEnergyConsumption" in broken.error
     clock.sleep(1.0)
     monitor.begin_window("cell-2")
     clock.sleep(1.0)
-    assert monitor.end_window("cell-2").gpu_energy_j == pytest.approx(100.0)
+    assert monitor.end_window("cell-2").gpu_j == pytest.approx(100.0)
 
 
 def test_sampler_errors_void_an_integrated_window():
@@ -147,7 +147,7 @@ def test_sampler_errors_void_an_integrated_window():
     monitor.sampler.sample()  # a reading inside the failure
     clock.sleep(0.6)
     window = monitor.end_window("cell")
-    assert window.gpu_energy_j is None and "NVML read error" in window.error
+    assert window.gpu_j is None and "NVML read error" in window.error
     assert window.telemetry_errors
 
 
@@ -157,7 +157,7 @@ def test_mig_is_reported_unsupported_not_a_crash():
     assert "MIG" in monitor.reason
     monitor.begin_window("cell")
     window = monitor.end_window("cell")
-    assert window.gpu_energy_j is None and "MIG" in window.reason
+    assert window.gpu_j is None and "MIG" in window.reason
     with pytest.raises(EnergyError, match="MIG"):
         EnergyMonitor("nvml", CPU, nvml=fake_nvml([FakeGpu(mig=True)]))
 
@@ -225,7 +225,7 @@ def test_no_meter_never_invents_a_number():
     monitor = EnergyMonitor("none", CPU)
     monitor.begin_window("cell")
     window = monitor.end_window("cell")
-    assert window.gpu_energy_j is None and window.source == SOURCE_NONE and window.reason == "energy.backend=none"
+    assert window.gpu_j is None and window.source == SOURCE_NONE and window.reason == "energy.backend=none"
     start = time.perf_counter()
     idle = monitor.measure_idle(5.0)
     assert idle.idle_power_w is None and idle.idle_reason == "energy.backend=none"
@@ -382,7 +382,7 @@ def test_a_duplicate_or_unknown_window_name_is_a_typed_error_and_changes_nothing
     with pytest.raises(WindowError, match=r"energy window 'decode' was never begun \(open windows: 'cell'\)"):
         monitor.end_window("decode")  # before: a bare KeyError
     clock.sleep(1.0)
-    assert monitor.end_window("cell").gpu_energy_j == pytest.approx(200.0)  # the first begin still counts
+    assert monitor.end_window("cell").gpu_j == pytest.approx(200.0)  # the first begin still counts
     with pytest.raises(WindowError, match=r"'cell' was never begun \(open windows: none\)"):
         monitor.end_window("cell")
 
@@ -400,7 +400,7 @@ def test_windows_sync_the_device_at_both_edges_unless_told_not_to():
     clock.sleep(1.0)
     window = monitor.end_window("cell")  # the window's own queued work is counted in it
     assert synced.call_count == 2
-    assert window.duration_s == pytest.approx(1.0 + queued_s) and window.gpu_energy_j == pytest.approx(150.0)
+    assert window.duration_s == pytest.approx(1.0 + queued_s) and window.gpu_j == pytest.approx(150.0)
     monitor.begin_window("raw", sync=False)
     with pytest.warns(UserWarning, match="update period"):  # 0 s long
         monitor.end_window("raw", sync=False)

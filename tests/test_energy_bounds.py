@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.fake_nvml import FakeClock, FakeGpu, fake_nvml
-from w2w.cell_record import gpu_state, window_bounds, window_flags, window_state
+from w2w.cell_record import batch_energy, gpu_state, window_flags, window_state
 from w2w.energy import gpustate
 from w2w.energy.bounds import (
     NVML_COUNTER_RESOLUTION_J,
@@ -16,7 +16,7 @@ from w2w.energy.bounds import (
     gpu_bound_j,
 )
 from w2w.energy.monitor import EnergyMonitor
-from w2w.progress import sum_batches
+from w2w.records import Batch, BatchEnergy, Segment, Totals
 
 CPU = torch.device("cpu")
 
@@ -32,9 +32,9 @@ def test_counter_window_bound_is_resolution_and_one_period_of_peak_power_per_edg
     monitor.begin_window("batch")
     clock.sleep(4.0)
     window = monitor.end_window("batch")
-    assert window.gpu_energy_j == pytest.approx(1000.0) and window.period_s == 0.1
+    assert window.gpu_j == pytest.approx(1000.0) and window.period_s == 0.1
     assert window.gpu_bound_j == pytest.approx(2 * NVML_COUNTER_RESOLUTION_J + 2 * 250.0 * 0.1)
-    assert window.periods == pytest.approx(40.0)
+    assert window.window_periods == pytest.approx(40.0)
 
 
 def test_bound_adds_the_gap_between_counter_and_samples_and_the_unsampled_share():
@@ -58,15 +58,15 @@ def test_rapl_bound_counts_the_read_timer_at_both_edges():
 
 def test_the_uncertainty_is_carried_through_a_sum():
     def batch(gpu_j, bound):
-        return {"segment": 0, "counts": {}, "times": {"total_s": 1.0, "prefill_s": 0.1, "decode_s": 0.9,
-                                                       "start_unix_s": 1.0},
-                "energy": {"gpu_j": gpu_j, "gpu_bound_j": bound, "cpu_j": None}}
+        return Batch.from_dict({"index": 0, "segment": 0, "counts": {},
+                                "times": {"total_s": 1.0, "prefill_s": 0.1, "decode_s": 0.9, "start_unix_s": 1.0},
+                                "energy": {"gpu_j": gpu_j, "gpu_bound_j": bound, "cpu_j": None}})
 
-    totals = sum_batches([batch(100.0, 1.5), batch(200.0, 2.5), batch(50.0, 0.25)], [{"segment": 0}])
-    assert totals["energy"]["gpu_j"] == pytest.approx(350.0)
-    assert totals["energy"]["gpu_bound_j"] == pytest.approx(4.25)  # linear: the worst case, not sqrt of squares
-    partial = sum_batches([batch(100.0, 1.5), batch(200.0, None)], [{"segment": 0}])
-    assert partial["energy"]["gpu_bound_j"] is None  # never a partial bound
+    totals = Totals.of([batch(100.0, 1.5), batch(200.0, 2.5), batch(50.0, 0.25)], [Segment(segment=0)])
+    assert totals.energy["gpu_j"] == pytest.approx(350.0)
+    assert totals.energy["gpu_bound_j"] == pytest.approx(4.25)  # linear: the worst case, not sqrt of squares
+    partial = Totals.of([batch(100.0, 1.5), batch(200.0, None)], [Segment(segment=0)])
+    assert partial.energy["gpu_bound_j"] is None  # never a partial bound
 
 
 def test_short_windows_are_flagged():
@@ -76,12 +76,12 @@ def test_short_windows_are_flagged():
     for seconds in (0.5, 2.0, 0.95):  # 5, 20 and 9.5 periods
         monitor.begin_window("batch")
         clock.sleep(seconds)
-        batches.append({"energy": window_bounds(monitor.end_window("batch"))})
+        batches.append(Batch(0, 0, energy=batch_energy(monitor.end_window("batch"), None, None)))
     flags = window_flags(batches, min_periods=10.0)
     assert flags["short_windows"] == 2 and flags["shortest_window_periods"] == pytest.approx(5.0)
     assert flags["window_period_s"] == 0.1
     assert window_flags(batches, min_periods=0.0)["short_windows"] == 0
-    assert window_flags([{"energy": {"window_periods": None}}], 10.0)["short_windows"] is None  # no meter: unknown
+    assert window_flags([Batch(0, 0, energy=BatchEnergy())], 10.0)["short_windows"] is None  # no meter: unknown
 
 
 def test_throttle_reasons_are_read_through_the_fake_nvml():
@@ -99,9 +99,9 @@ def test_throttle_reasons_are_read_through_the_fake_nvml():
     assert window.state_start.temp_c == 50.0 and window.state_end.temp_c == 53.0
     assert window.state_start.sm_clock_mhz == 1410.0 and window.state_end.sm_clock_mhz == 1410.0
     assert window.clock_events == 0x1 | 0x4 | 0x40
-    state = gpu_state(window, [{"gpu_state": window_state(window)}], None)
-    assert state["throttled"] is True and state["clock_event_names"] == ["power cap (SW)", "thermal (HW)"]
-    assert state["temp_start_c"] == 50.0 and state["temp_end_c"] == 53.0
+    state = gpu_state(window, [Batch(0, 0, gpu_state=window_state(window))], None)
+    assert state.throttled is True and state.clock_event_names == ["power cap (SW)", "thermal (HW)"]
+    assert state.temp_start_c == 50.0 and state.temp_end_c == 53.0
     monitor.begin_window("quiet")
     clock.sleep(1.0)
     quiet = monitor.end_window("quiet")

@@ -16,7 +16,8 @@ from tests.fake_nvml import FakeGpu, fake_nvml
 from tests.parallel import run_parallel
 from w2w.cell import Cell
 from w2w.config import compose_grid
-from w2w.records import STATUS_OK, read_record, write_atomic
+from w2w.files import write_atomic
+from w2w.records import STATUS_OK, read_record
 
 ACTIVE_W = [120.0, 180.0]  # what each rank's fake GPU draws while the model runs
 IDLE_W = [40.0, 70.0]  # ... and at rest during the idle baseline
@@ -95,7 +96,7 @@ def _rank(cells: list[Cell], tree: Path, denied_rank: int | None, failing_run: i
 
 
 def _records(sweep: Path, cid: str) -> list[dict]:
-    return [read_record(p) for p in sorted((sweep / "cells" / cid).glob("rank-*.json"))]
+    return [read_record(p).to_dict() for p in sorted((sweep / "cells" / cid).glob("rank-*.json"))]
 
 
 def test_two_ranks_reducer_sums_equal_what_the_fake_gpus_reported(tmp_path, capsys):
@@ -141,7 +142,7 @@ def test_two_ranks_reducer_sums_equal_what_the_fake_gpus_reported(tmp_path, caps
         assert all(b["energy"]["gpu_bound_j"] > 0 for b in batches)
         assert isinstance(record["energy"]["short_windows"], int) and record["energy"]["min_window_periods"] == 10.0
         state = record["gpu_state"]
-        assert state.temp_start_c == 61.0 and state.sm_clock_end_mhz == 1410.0 and state.throttled is False
+        assert state["temp_start_c"] == 61.0 and state["sm_clock_end_mhz"] == 1410.0 and state["throttled"] is False
     assert row["energy_bound_j"] == pytest.approx(sum(r["energy"]["gpu_bound_j"] for r in records))
     assert row["cpu_package_energy_j"] == pytest.approx(10.0) and row["dram_energy_j"] == 0.0
     assert row["throttled"] is False or row["throttled"] == False  # noqa: E712 (a numpy bool)

@@ -150,7 +150,7 @@ def test_every_batch_shape_is_warmed_up_outside_the_cell_windows(tmp_path):
     [(during, sizes)] = run_parallel(1, _decoders_built_per_batch, tmp_path)
     assert sizes == [2, 2, 1] and during == [0, 0, 0]
     record = read_record(record_path(tmp_path, _cells(tmp_path)[0].id, 0))
-    assert record["status"] == "ok" and record["graph"] == "eager"  # no capture on the CPU
+    assert record.status == "ok" and record.graph == "eager"  # no capture on the CPU
 
 
 def _one_rank_stops(stop_rank: int) -> tuple[str, float]:

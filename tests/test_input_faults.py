@@ -21,7 +21,8 @@ from w2w.config import compose_cell
 from w2w.data import check_unchanged
 from w2w.errors import ConfigError
 from w2w.exits import EXIT_BROKEN_PIPE
-from w2w.records import record_path, write_json
+from w2w.files import write_json
+from w2w.records import record_path
 
 ROWS = ROOT / "tests" / "data" / "gsm8k_rows.jsonl"
 

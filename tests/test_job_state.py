@@ -13,15 +13,8 @@ from w2w.launch.status import completeness, render, sweep_problems, sweep_status
 from w2w.launch.submit import load_manifest, record_plan, save_manifest
 
 from tests.conftest import cli
-from w2w.records import (
-    Manifest,
-    ManifestCell,
-    ManifestJob,
-    RankRecord,
-    Submission,
-    record_path,
-    write_record,
-)
+from w2w.manifest import Manifest, ManifestCell, ManifestJob, Submission
+from w2w.records import RankRecord, record_path, write_record
 from w2w.responses import responses_path
 
 CELLS = ("aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc")

@@ -16,7 +16,8 @@ from w2w.analysis.sacct import parse_sacct
 
 from tests.test_rapl import bump, powercap  # noqa: F401 (the fixture)
 from w2w.energy.monitor import EnergyMonitor
-from w2w.records import parse_record, record_path, write_json
+from w2w.files import write_json
+from w2w.records import parse_record, record_path
 
 SACCT_OUT = """\
 501|0|70
@@ -126,7 +127,7 @@ def test_rapl_domains_are_never_double_counted(powercap):  # noqa: F811 (the fix
         bump(powercap["root"] / zone / "energy_uj", 70_000_000)
     window = monitor.end_window("cell")
     assert window.cpu_package_j == pytest.approx(15.0) and window.cpu_dram_j == pytest.approx(3.0)
-    assert window.cpu_energy_j == pytest.approx(18.0)  # packages + DRAM, nothing of core, psys or MMIO
+    assert window.cpu_j == pytest.approx(18.0)  # packages + DRAM, nothing of core, psys or MMIO
     # Two ranks on one node: the node's figure is its local rank 0's, once.
     figures = {"cpu_j": 18.0, "cpu_package_j": 15.0, "cpu_dram_j": 3.0, "cpu_bound_j": 0.5}
     records = [_record("a", 0, "n1", local_rank=0, world=2, gpu_j=1.0, **figures),

@@ -110,4 +110,4 @@ def test_a_meta_checkpoint_runs_as_model_checkpoint(ckpts, tmp_path):
         f"sweep_dir={tmp_path}")
     (cell,) = (tmp_path / "cells").iterdir()
     record = read_record(record_path(tmp_path, cell.name, 0))
-    assert record["status"] == "ok" and record["config"]["model"]["dim"] == META.dim
+    assert record.status == "ok" and record.config["model"]["dim"] == META.dim

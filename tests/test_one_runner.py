@@ -116,8 +116,8 @@ def test_second_runner_on_same_cell_waits_naming_holder(tmp_path):
     (cid,) = _cell_ids(sweep)
     assert second.says(f"cell 1/1 {cid}: done already, skipped") and not second.says(": started")
     record = read_record(record_path(sweep, cid, 0))
-    assert record.ok and [s["job_id"] for s in record.segments] == ["first"]
-    assert {b["job_id"] for b in record.batches} == {"first"} and record.counts.batches == 4
+    assert record.ok and [s.job_id for s in record.segments] == ["first"]
+    assert {b.job_id for b in record.batches} == {"first"} and record.counts.batches == 4
     assert len(responses_path(sweep, cid).read_text().splitlines()) == 4
 
 
@@ -130,11 +130,11 @@ def test_killed_runner_is_resumed_by_the_waiting_one_and_each_batch_names_its_jo
     (cid,) = _cell_ids(sweep)
     assert second.says(f"cell {cid}: resumed at batch 3/4 after 1 segment(s)")
     record = read_record(record_path(sweep, cid, 0))
-    assert [(b["index"], b["job_id"], b["attempt"]) for b in record.batches] == [
+    assert [(b.index, b.job_id, b.attempt) for b in record.batches] == [
         (0, "first", 0), (1, "first", 0), (2, "second", 0), (3, "second", 0)]
-    assert [(s["segment"], s["job_id"], s["first_batch"]) for s in record.segments] == [
+    assert [(s.segment, s.job_id, s.first_batch) for s in record.segments] == [
         (0, "first", 0), (1, "second", 2)]
-    assert {s["pid"] for s in record.segments} == {first.proc.pid, second.proc.pid}
+    assert {s.pid for s in record.segments} == {first.proc.pid, second.proc.pid}
     assert not progress_path(sweep, cid, 0).exists()
 
 
@@ -153,7 +153,7 @@ def test_the_ranks_of_a_second_runner_agree_to_wait_for_a_held_cell(tmp_path):
     (cid,) = _cell_ids(sweep)
     assert len(second.lines(f"cell 1/1 {cid}: done already, skipped")) == 2  # both ranks
     for rank in (0, 1):
-        assert {b["job_id"] for b in read_record(record_path(sweep, cid, rank)).batches} == {"first"}
+        assert {b.job_id for b in read_record(record_path(sweep, cid, rank)).batches} == {"first"}
 
 
 def _record(status: str, **more) -> RankRecord:
@@ -258,11 +258,11 @@ def _check_like_reference(sweep: Path, reference: Path) -> None:
         assert record.ok, record.error
         for key in COUNTS:
             assert getattr(record.counts, key) == getattr(whole.counts, key), (cid, key)
-        assert [b["index"] for b in record.batches] == list(range(whole.counts.batches))  # none lost or doubled
-        by_segment = {s["segment"]: s for s in record.segments}
+        assert [b.index for b in record.batches] == list(range(whole.counts.batches))  # none lost or doubled
+        by_segment = {s.segment: s for s in record.segments}
         for batch in record.batches:  # not mixed: each batch ran in its segment's job
-            assert batch["job_id"] == by_segment[batch["segment"]]["job_id"]
-            assert batch["pid"] == by_segment[batch["segment"]]["pid"]
+            assert batch.job_id == by_segment[batch.segment].job_id
+            assert batch.pid == by_segment[batch.segment].pid
         assert responses_path(sweep, cid).read_text() == responses_path(reference, cid).read_text()
         assert not progress_path(sweep, cid, 0).exists()
         assert not list((sweep / "cells" / cid).glob("*.part.jsonl"))

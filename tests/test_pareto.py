@@ -7,7 +7,7 @@ import pytest
 from w2w.analysis import pareto
 from w2w.analysis.report import main as report_main
 
-from w2w.records import write_json
+from w2w.files import write_json
 
 # (shards, batch, power cap) -> (tokens/s, J/token). Built so the frontier of J/token vs tokens/s is
 # exactly FRONT: each other cell is dominated by a named frontier cell (slower and dearer).

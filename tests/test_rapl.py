@@ -13,7 +13,7 @@ from tests.fake_nvml import FakeGpu, fake_nvml
 from w2w.energy import rapl as rapl_module
 from w2w.energy.monitor import EnergyMonitor
 from w2w.energy.rapl import open_rapl
-from w2w.records import write_atomic
+from w2w.files import write_atomic
 
 MAX_RANGE_UJ = 262_143_328_850
 
@@ -72,9 +72,9 @@ def test_monitor_window_reports_node_cpu_energy_with_a_wrap_inside(powercap):
     bump(powercap["package-0"], 120_000_000)
     bump(powercap["package-1"], 80_000_000)  # wraps
     window = monitor.end_window("cell")
-    assert window.cpu_energy_j == pytest.approx(200.0) and window.cpu_energy_j > 0
+    assert window.cpu_j == pytest.approx(200.0) and window.cpu_j > 0
     assert window.cpu_zones_j == {"package-0": pytest.approx(120.0), "package-0/dram": 0.0, "package-1": pytest.approx(80.0)}
-    assert window.gpu_energy_j is None  # the CPU figure stands alone
+    assert window.gpu_j is None  # the CPU figure stands alone
 
 
 def test_permission_denied_gives_the_fix(powercap):
@@ -85,7 +85,7 @@ def test_permission_denied_gives_the_fix(powercap):
     assert "permission denied" in monitor.cpu_reason and "chmod" in monitor.cpu_reason
     assert "energy.rapl=false" in monitor.cpu_reason and "GPU figures are unaffected" in monitor.cpu_reason
     monitor.begin_window("cell")
-    assert monitor.end_window("cell").cpu_energy_j is None
+    assert monitor.end_window("cell").cpu_j is None
 
 
 def test_no_powercap_tree(tmp_path):

@@ -18,28 +18,29 @@ from w2w.launch import sweep as sweep_module
 from w2w.launch.plan import make_plan
 from w2w.launch.submit import load_manifest, record_plan, record_submission, save_manifest
 
-from w2w import records as records_module
-from w2w.records import (
+from w2w import manifest as manifest_module
+from w2w.manifest import (
     MANIFEST,
     MANIFEST_VERSION,
-    SCHEMA_VERSION,
     Command,
-    Counts,
-    Energy,
     Manifest,
     ManifestCell,
     ManifestError,
     ManifestJob,
-    NewerSchemaError,
-    RankRecord,
-    RecordError,
     Submission,
-    parse_record,
     read_manifest,
+)
+from w2w.records import (
+    SCHEMA_VERSION,
+    Counts,
+    Energy,
+    RankRecord,
+    parse_record,
     read_record,
     record_path,
     write_record,
 )
+from w2w.schema import NewerSchemaError, RecordError
 
 GOLDEN = Path(__file__).parent / "golden" / "schema1_sweep"  # written by w2w before the typed schema
 OK_CELL, FAILED_CELL = "162cd50076bb", "fb0b5404180b"
@@ -110,7 +111,7 @@ def _added(new: dict, old: dict, prefix: str = "") -> dict:
     return added
 
 
-def test_unknown_fields_survive_a_round_trip_and_read_by_key(tmp_path):
+def test_unknown_fields_survive_a_round_trip(tmp_path):
     raw = record.to_dict() if (record := read_record(record_path(GOLDEN, OK_CELL, 0))) else {}
     raw |= {"future_section": [{"batch": 0, "total_s": 1.5}]}
     raw["counts"] = raw["counts"] | {"future_count": 3}
@@ -118,8 +119,8 @@ def test_unknown_fields_survive_a_round_trip_and_read_by_key(tmp_path):
     record = parse_record(raw)
     assert record.extra == {"future_section": [{"batch": 0, "total_s": 1.5}]}
     assert record.counts.extra == {"future_count": 3}
-    assert record["counts"]["future_count"] == 3 and record["counts"]["output_tokens"] == raw["counts"]["output_tokens"]
-    assert record.params["engine"] == "fairscale" and record.get("absent") is None
+    assert record.counts.output_tokens == raw["counts"]["output_tokens"] and record.params["engine"] == "fairscale"
+    assert not hasattr(record, "__getitem__")  # typed fields only: no reads by key
     path = write_record(tmp_path, record)
     assert json.loads(path.read_text()) == raw
 
@@ -267,8 +268,8 @@ def test_status_reads_schema_1_records():
 
 def test_the_report_reads_each_rank_file_and_the_manifest_once(sweep, tmp_path):
     with mock.patch.object(reduce_module, "read_record", autospec=True, side_effect=read_record) as reads, \
-            mock.patch.object(records_module, "parse_manifest", autospec=True,
-                              side_effect=records_module.parse_manifest) as manifests:
+            mock.patch.object(manifest_module, "parse_manifest", autospec=True,
+                              side_effect=manifest_module.parse_manifest) as manifests:
         report = render(sweep, tmp_path / "out", max_timelines=0)
     assert reads.call_count == len(list(sweep.glob("cells/*/rank-*.json"))) == 4
     assert manifests.call_count == 1
@@ -276,3 +277,26 @@ def test_the_report_reads_each_rank_file_and_the_manifest_once(sweep, tmp_path):
     assert "Cells: 2 (1 ok, 1 error)" in page and report.files
     assert "65B on v100: no cell ran (1 GPU(s) batch 2: skipped)" in page  # the manifest's skipped cell
     assert "| Setup | prompts per dataset | every cell | 4096 |  | 4 |" in page  # the records' params
+
+
+def test_each_field_is_totalled_by_the_rule_it_carries():
+    from dataclasses import dataclass, field
+
+    from w2w.schema import ADD, CELL, LATER, MAX, MIN, Schema, rule, total
+
+    @dataclass
+    class Part(Schema):
+        n: int = rule(ADD, 0)
+        j: float | None = rule(ADD)
+        first_s: float | None = rule(MIN)
+        peak_w: float | None = rule(MAX)
+        later: int | None = rule(LATER)
+        whole: int = rule(CELL, 7)
+        kept: str = "not summed"
+        extra: dict = field(default_factory=dict)
+
+    parts = [Part(n=1, j=1.5, first_s=3.0, peak_w=2.0, later=4), Part(n=2, j=2.5, first_s=1.0, peak_w=5.0)]
+    assert total(parts, Part) == {"n": 3, "j": 4.0, "first_s": 1.0, "peak_w": 5.0, "later": None}
+    assert total(parts[:1], Part)["later"] == 4 and total([Part(j=None), *parts], Part)["j"] is None
+    assert total([], Part) == {"n": 0, "j": None, "first_s": None, "peak_w": None, "later": None}
+    assert "later" not in Part().to_dict() and Part(later=1).to_dict()["later"] == 1  # absent while None

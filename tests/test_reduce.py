@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from w2w.analysis.reduce import reduce_sweep
 
-from w2w.progress import sum_batches
-from w2w.records import record_path, write_json
+from w2w.files import write_json
+from w2w.records import Batch, Totals, record_path
 
 
 def _record(cid, rank, world, node, energy, total_s=10.0, status="ok"):
@@ -55,12 +55,13 @@ def test_energy_per_position_counts_work_and_is_empty_without_positions(tmp_path
 
 
 def test_positions_of_a_cell_are_unknown_where_a_batch_has_none():
-    batch = {"segment": 0, "times": {"start_unix_s": 0.0, "total_s": 1.0, "prefill_s": 0.5, "decode_s": 0.5},
-             "energy": {}}
-    new, old = batch | {"counts": {"output_tokens": 3, "positions": 9}}, batch | {"counts": {"output_tokens": 3}}
-    assert sum_batches([new, new], [])["counts"]["positions"] == 18
-    assert sum_batches([new, old], [])["counts"]["positions"] is None  # never a partial sum
-    assert sum_batches([new, old], [])["counts"]["output_tokens"] == 6
+    batch = {"index": 0, "segment": 0, "energy": {},
+             "times": {"start_unix_s": 0.0, "total_s": 1.0, "prefill_s": 0.5, "decode_s": 0.5}}
+    new = Batch.from_dict(batch | {"counts": {"output_tokens": 3, "positions": 9}})
+    old = Batch.from_dict(batch | {"counts": {"output_tokens": 3}})
+    assert Totals.of([new, new], []).counts["positions"] == 18
+    assert Totals.of([new, old], []).counts["positions"] is None  # never a partial sum
+    assert Totals.of([new, old], []).counts["output_tokens"] == 6
 
 
 def test_no_meter_gives_empty_energy_and_a_reason(tmp_path):

@@ -17,9 +17,10 @@ from tests.conftest import cli
 from tests.parallel import run_parallel
 from w2w.config import compose_cell, compose_grid
 from w2w.errors import ConfigError
+from w2w.files import write_json
 from w2w.order import run_order
 from w2w.progress import progress_path
-from w2w.records import record_path, run_dir, runs_done, write_json
+from w2w.records import record_path, run_dir, runs_done
 
 
 def _record(cid, repeat, total_s, energy, repeats=3, status="ok", batch_size=4):

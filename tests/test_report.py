@@ -13,7 +13,8 @@ from w2w.analysis.reduce import reduce_sweep
 
 from tests.conftest import ROOT, cli
 from w2w.engines import ENGINES
-from w2w.records import record_path, write_json
+from w2w.files import write_json
+from w2w.records import record_path
 
 # Two shard counts (Figs 4-9's axis) x two batch sizes x two lengths.
 GRID = ["shards=1,2", "precision=fp32", "batch_size=2,4", "max_gen_len=4,8", "dataset.num_prompts=4",
@@ -117,7 +118,8 @@ def test_corrupt_and_partial_input_is_reported_by_file_and_cell(sweep, tmp_path)
     for cell in (torn, edited, gap, garbled):
         assert table.loc[cell.name, "status"] == "incomplete"
     assert f"{torn.name}/rank-00001.json: unreadable record" in notes[torn.name]
-    assert f"{edited.name}/rank-00000.json: field 'counts.output_tokens' is 'many'" in notes[edited.name]
+    # The first "output_tokens" in the sorted file is its first batch's: batches are typed too.
+    assert f"{edited.name}/rank-00000.json: field 'batches[0].counts.output_tokens' is 'many'" in notes[edited.name]
     assert "missing rank(s) [1] of 2" in notes[gap.name]
     assert f"{garbled.name}/rank-00000.timeline.parquet: unreadable timeline" in notes[garbled.name]
     assert (table["status"] == "ok").sum() == CELLS - 4

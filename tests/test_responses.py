@@ -71,17 +71,17 @@ def test_w2w_run_saves_responses_on_rank_0_and_the_reducer_adds_accuracy(tmp_pat
         "batch_size=4", "greedy=true", f"sweep_dir={tmp_path}")
     (folder,) = (tmp_path / "cells").iterdir()
     record = read_record(folder / "rank-00000.json")
-    assert record["responses"] == {"requested": True, "saved": True, "file": "responses.jsonl", "score_reason": None}
-    assert record["params"]["save_responses"] is True
+    assert record.responses == {"requested": True, "saved": True, "file": "responses.jsonl", "score_reason": None}
+    assert record.params["save_responses"] is True
     lines = [json.loads(line) for line in (folder / "responses.jsonl").read_text().splitlines()]
-    assert len(lines) == 6 and record["counts"]["scored"] == 6
-    assert record["counts"]["correct"] == sum(line["correct"] for line in lines)
+    assert len(lines) == 6 and record.counts.scored == 6
+    assert record.counts.correct == sum(line["correct"] for line in lines)
     tokenizer = Tokenizer(TINY_TOKENIZER)
     for line in lines:
         assert line["prompt"].startswith("Question: ") and line["prompt"].endswith("\nAnswer:")
         assert line["prompt_tokens"] == len(tokenizer.encode(line["prompt"]))  # the template counts
         assert line["ended_by"] in ("eos", "length") and set(line) >= {"prompt_id", "response", "output_tokens"}
-    assert record["counts"]["prompt_tokens"] == sum(line["prompt_tokens"] for line in lines)
+    assert record.counts.prompt_tokens == sum(line["prompt_tokens"] for line in lines)
     (row,) = reduce_sweep(tmp_path).to_dict("records")
     assert row["scored"] == 6 and row["accuracy"] == row["correct"] / 6 and row["responses_saved"]
 

@@ -10,7 +10,7 @@ from w2w.analysis.reduce import reduce_sweep
 from tests.parallel import run_parallel
 from w2w.config import compose_grid
 from w2w.progress import CellProgress, CellShape, progress_path
-from w2w.records import read_record, record_path
+from w2w.records import Batch, BatchTimes, Segment, read_record, record_path
 
 MAX_GEN_LEN = 6  # not the warm-up's length: the fake below tells the two apart
 
@@ -72,7 +72,7 @@ def test_a_preempted_cell_runs_only_its_unfinished_batches_and_matches_an_uninte
         assert [state for _, state in resumed_calls[1:]] == [state for _, state in batches[2:]]  # restored
 
     for rank in (0, 1):
-        resumed, whole = read_record(record_path(sweep, cid, rank)), read_record(record_path(reference, cid, rank))
+        resumed, whole = (read_record(record_path(d, cid, rank)).to_dict() for d in (sweep, reference))
         assert not progress_path(sweep, cid, rank).exists()  # the record holds the batches now
         assert [(b["index"], b["segment"]) for b in resumed["batches"]] == [(0, 0), (1, 0), (2, 1), (3, 1)]
         assert [s["first_batch"] for s in resumed["segments"]] == [0, 2]
@@ -101,9 +101,9 @@ def _shape(**changes) -> CellShape:
 
 def _saved(tmp_path, batches: int) -> CellProgress:
     progress = CellProgress(_shape(), tmp_path / "progress-rank-00000.json")
-    progress.begin_segment({"idle_power_w": 50.0})
+    progress.begin_segment(Segment(segment=0, idle_power_w=50.0))
     for _ in range(batches):
-        progress.add_batch({"counts": {}, "times": {"start_unix_s": 0.0, "total_s": 1.0}, "energy": {}})
+        progress.add_batch(Batch(index=0, segment=0, times=BatchTimes(start_unix_s=0.0, total_s=1.0)))
     return progress
 
 
@@ -123,11 +123,11 @@ def test_progress_resumes_only_what_matches_this_cell_and_batching(tmp_path):
 def test_ranks_agree_on_the_fewest_finished_batches_and_a_new_segment_follows(tmp_path):
     progress = CellProgress.load(_saved(tmp_path, 3).path, _shape())
     progress.resume_at(1)  # another rank had finished only one batch
-    progress.begin_segment({"idle_power_w": 60.0})
-    progress.add_batch({"counts": {}, "times": {"start_unix_s": 1.0, "total_s": 2.0}, "energy": {}})
+    progress.begin_segment(Segment(segment=0, idle_power_w=60.0))
+    progress.add_batch(Batch(index=0, segment=0, times=BatchTimes(start_unix_s=1.0, total_s=2.0)))
     again = CellProgress.load(progress.path, _shape())
-    assert [(b["index"], b["segment"]) for b in again.batches] == [(0, 0), (1, 1)]
-    assert [(s["segment"], s["first_batch"]) for s in again.segments] == [(0, 0), (1, 1)]
+    assert [(b.index, b.segment) for b in again.batches] == [(0, 0), (1, 1)]
+    assert [(s.segment, s.first_batch, s.idle_power_w) for s in again.segments] == [(0, 0, 50.0), (1, 1, 60.0)]
 
 
 ACTIVE_W = 150.0  # each fake GPU's draw while the model runs
@@ -170,7 +170,7 @@ def test_a_resumed_cell_sums_the_energy_windows_of_its_batches_at_each_segments_
         assert outcome == ["ok"]
     cid = _cells(sweep, "greedy=true", "energy.idle_seconds=0.3", "energy.rapl=false")[0].id
     for rank in (0, 1):
-        record = read_record(record_path(sweep, cid, rank))
+        record = read_record(record_path(sweep, cid, rank)).to_dict()
         batches, energy = record["batches"], record["energy"]
         assert [b["segment"] for b in batches] == [0, 1, 1, 1]
         assert [s["idle_power_w"] for s in record["segments"]] == [pytest.approx(w, rel=0.05) for w in IDLE_W]
@@ -182,7 +182,7 @@ def test_a_resumed_cell_sums_the_energy_windows_of_its_batches_at_each_segments_
         assert energy["idle_gpu_j"] == pytest.approx(idle, rel=0.05)
     row = reduce_sweep(sweep).iloc[0]
     assert row["segments"] == 2
-    records = [read_record(record_path(sweep, cid, rank)) for rank in (0, 1)]
+    records = [read_record(record_path(sweep, cid, rank)).to_dict() for rank in (0, 1)]
     assert row["energy_j"] == pytest.approx(sum(r["energy"]["gpu_j"] for r in records), rel=1e-12)
     above = sum(r["energy"]["gpu_j"] - r["energy"]["idle_gpu_j"] for r in records)
     assert row["energy_j_above_idle"] == pytest.approx(above, rel=1e-9)

@@ -45,7 +45,7 @@ def test_a_failure_on_every_rank_is_recorded_and_the_job_goes_on(tmp_path):
     first = _cells(tmp_path)[0]
     for rank in (0, 1):
         record = read_record(record_path(tmp_path, first.id, rank))
-        assert record["status"] == "error" and f"injected failure on rank {rank}" in record["error"]
+        assert record.status == "error" and f"injected failure on rank {rank}" in record.error
 
 
 def test_a_failure_on_one_rank_stops_the_job_on_every_rank_quickly(tmp_path):
@@ -55,8 +55,8 @@ def test_a_failure_on_one_rank_stops_the_job_on_every_rank_quickly(tmp_path):
     for statuses, error in results:
         assert statuses is None and ("job stops" in error or "did not finish the cell" in error)
     cid = _cells(tmp_path)[0].id
-    assert "injected failure on rank 1" in read_record(record_path(tmp_path, cid, 1))["error"]
-    assert read_record(record_path(tmp_path, cid, 0))["status"] == "error"  # its collective broke
+    assert "injected failure on rank 1" in read_record(record_path(tmp_path, cid, 1)).error
+    assert read_record(record_path(tmp_path, cid, 0)).status == "error"  # its collective broke
     assert not list(tmp_path.glob(f"cells/{_cells(tmp_path)[1].id}/*.json"))  # the job stopped
 
 

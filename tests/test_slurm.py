@@ -20,7 +20,7 @@ BASE = ["cluster=local_slurm", "gpu=cpu", "precision=fp32", "dist_timeout_s=60"]
 def _records(sweep: Path) -> dict[str, list[dict]]:
     cells: dict[str, list[dict]] = {}
     for path in sorted(sweep.glob("cells/*/rank-*.json")):
-        cells.setdefault(path.parent.name, []).append(read_record(path))
+        cells.setdefault(path.parent.name, []).append(read_record(path).to_dict())
     return cells
 
 

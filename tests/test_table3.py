@@ -12,7 +12,8 @@ from w2w.analysis.compare import comparison, read_facts
 from w2w.analysis.page import read_skipped
 from w2w.analysis.reduce import reduce_sweep
 
-from w2w.records import record_path, write_json
+from w2w.files import write_json
+from w2w.records import record_path
 
 BASE_S, BASE_RATE, BASE_J = 1000.0, 500.0, 800_000.0  # at 250 W: run time, tokens/s, energy of all 4 GPUs
 

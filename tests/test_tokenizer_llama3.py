@@ -114,6 +114,6 @@ def test_w2w_run_with_a_llama3_tokenizer(ranks_file, tmp_path):
     cli("w2w.run_cli", f"model.tokenizer_path={ranks_file}", f"model.vocab_size={vocab}", "model.rope_theta=500000",
         "precision=fp32", "max_gen_len=4", "dataset.num_prompts=2", "batch_size=2", f"sweep_dir={tmp_path}")
     (record,) = [read_record(p) for p in tmp_path.glob("cells/*/rank-00000.json")]
-    assert record["status"] == "ok" and record["counts"]["responses"] == 2
+    assert record.status == "ok" and record.counts.responses == 2
     tok = TiktokenTokenizer(ranks_file)
-    assert record["counts"]["prompt_tokens"] > 0 and tok.vocab_size == vocab
+    assert record.counts.prompt_tokens > 0 and tok.vocab_size == vocab

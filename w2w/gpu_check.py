@@ -134,7 +134,7 @@ def check_long_window(engine: Engine, workload: Workload, monitor: EnergyMonitor
     while time.perf_counter() - start < settings.long_window_s:
         decode_run(engine, workload, monitor)
     window = monitor.end_window("long")
-    counter, integrated = window.counter_energy_j, window.integrated_energy_j
+    counter, integrated = window.counter_gpu_j, window.integrated_gpu_j
     if integrated is None:
         return Check("counter vs integrated", False, f"no power samples: {window.reason}")
     mean_w = integrated / window.duration_s
@@ -198,7 +198,7 @@ def engine_run(engine: Engine, workload: Workload, monitor: EnergyMonitor,
                           cache_len=workload.prompt_len + workload.gen_len)
     synchronize(engine.model.device)
     window = monitor.end_window("engine")
-    return sum(len(row) for row in gen.tokens), window.duration_s, window.gpu_energy_j
+    return sum(len(row) for row in gen.tokens), window.duration_s, window.gpu_j
 
 
 def check_engines(by_name: dict[str, Engine], workload: Workload, monitor: EnergyMonitor) -> Check:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import math
 import time
@@ -15,13 +16,13 @@ from w2w import distributed
 from w2w.cell import Cell
 from w2w.cell_lock import batch_writer
 from w2w.cell_record import (
+    batch_energy,
     cell_energy,
-    failure,
+    failed,
     gpu_state,
     identity,
     job_segment,
     responses_block,
-    window_bounds,
     window_flags,
     window_state,
     write_timeline,
@@ -43,12 +44,20 @@ from w2w.engines.common import (
     new_generator,
 )
 from w2w.model import Transformer
-from w2w.progress import CELL_COUNTS, CellProgress, CellShape, progress_path, sum_batches
+from w2w.progress import CellProgress, CellShape, progress_path
 from w2w.records import (
     STATUS_OK,
+    Batch,
+    BatchCounts,
+    BatchTimes,
     Counts,
     Energy,
+    GpuState,
     RankRecord,
+    Segment,
+    Telemetry,
+    Times,
+    Totals,
     timeline_path,
 )
 from w2w.responses import Responses, first_missing_part, response_part_path
@@ -70,9 +79,9 @@ class Loaded:
     job_energy: dict
 
 
-def batch_counts(gen: Generation, texts: list[str], scored: int, correct: int) -> Counts:
-    """What one batch produced (its `batches` and `truncated_prompts` belong to the whole cell)."""
-    return Counts(
+def batch_counts(gen: Generation, texts: list[str], scored: int, correct: int) -> BatchCounts:
+    """What one batch produced (`batches` and `truncated_prompts` belong to the whole cell's Counts)."""
+    return BatchCounts(
         prompts=len(gen.tokens),
         responses=len(gen.tokens),
         prompt_tokens=gen.prompt_tokens,
@@ -157,31 +166,58 @@ def _warm_up(run: _CellRun, batches: list[list[list[int]]], monitor: EnergyMonit
     return monitor.end_window("warmup")
 
 
-def _run_batch(run: _CellRun, batch: list[list[int]], responses: _BatchResponses) -> tuple[dict, str | None]:
-    """One batch in an energy window of its own: its entry for the progress file, and its window's error."""
+def _run_batch(run: _CellRun, batch: list[list[int]], responses: _BatchResponses) -> tuple[Batch, str | None]:
+    """One batch in an energy window of its own: its entry for the progress file (numbered there), and
+    its window's error."""
     clock, phases = run.clock, run.phases
     seconds, joules = dict(clock.seconds), dict(phases.joules)
     phases.monitor.begin_window("batch")
     gen = run.generate(batch, clock=clock, generator=run.stream)
     window = phases.monitor.end_window("batch")
     texts = [run.loaded.tokenizer.decode(t) for t in gen.tokens]
-    counts = batch_counts(gen, texts, *responses.score(batch, gen.tokens, texts))
 
     def joules_in(phase: str) -> float | None:
         now, then = phases.joules.get(phase), joules.get(phase, 0.0)
         return None if now is None or then is None else now - then
 
-    entry = {
-        "counts": {k: v for k, v in counts.to_dict().items() if k not in CELL_COUNTS},
-        "times": {"start_unix_s": window.start_unix_s, "total_s": window.duration_s,
-                  "prefill_s": clock.seconds[PREFILL] - seconds[PREFILL],
-                  "decode_s": clock.seconds[DECODE] - seconds[DECODE]},
-        "energy": {"gpu_j": window.gpu_energy_j, "counter_gpu_j": window.counter_energy_j,
-                   "integrated_gpu_j": window.integrated_energy_j, "prefill_gpu_j": joules_in(PREFILL),
-                   "decode_gpu_j": joules_in(DECODE), "cpu_j": window.cpu_energy_j} | window_bounds(window),
-        "gpu_state": window_state(window),
-    }
+    entry = Batch(
+        index=0, segment=0,
+        counts=batch_counts(gen, texts, *responses.score(batch, gen.tokens, texts)),
+        times=BatchTimes(start_unix_s=window.start_unix_s, total_s=window.duration_s,
+                         prefill_s=clock.seconds[PREFILL] - seconds[PREFILL],
+                         decode_s=clock.seconds[DECODE] - seconds[DECODE]),
+        energy=batch_energy(window, joules_in(PREFILL), joules_in(DECODE)),
+        gpu_state=window_state(window),
+        **batch_writer(),
+    )
     return entry, window.error
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """What run_cell measured on this rank: the record's measured sections, summed over the batches of
+    every segment (job attempt) that ran the cell, and the first error that voids them (None: ok)."""
+
+    counts: Counts
+    times: Times
+    energy: Energy
+    gpu_state: GpuState | None
+    telemetry: Telemetry
+    timeline: str | None  # the timeline file's name, beside the record
+    batches: list[Batch]
+    segments: list[Segment]
+    responses: dict
+    graph: str | None
+    decode_step: str | None  # the decode-step variant that ran (the engine's spec)
+    error: str | None = None
+
+    def onto(self, record: RankRecord) -> RankRecord:
+        """`record` (the cell's identity) with these sections, status ok or error."""
+        return dataclasses.replace(
+            record, status=STATUS_OK if self.error is None else "error", error=self.error, counts=self.counts,
+            times=self.times, energy=self.energy, gpu_state=self.gpu_state, telemetry=self.telemetry,
+            timeline=self.timeline, batches=self.batches, segments=self.segments, responses=self.responses,
+            graph=self.graph, decode_step=self.decode_step)
 
 
 def run_cell(
@@ -193,10 +229,9 @@ def run_cell(
     timeline: Path | None = None,
     rank: int = 0,
     progress: CellProgress | None = None,
-    segment: dict | None = None,
-) -> dict:
-    """Run the cell's prompt rows from progress's first unfinished batch; returns the measured
-    part of the record, summed over the batches of every segment (job attempt) that ran the cell.
+    segment: Segment | None = None,
+) -> CellResult:
+    """Run the cell's prompt rows from progress's first unfinished batch; returns what it measured.
 
     An NVML read error during the cell makes it status error (the rest is still recorded).
     """
@@ -214,45 +249,42 @@ def run_cell(
                    cell_stream(cell, model.device, progress))
     start = progress.done
     warmup = _warm_up(run, batches[start:], monitor) if start < len(batches) else None
-    progress.begin_segment((segment or {}) | {
-        "start_unix_s": time.time(), "warmup_s": warmup.duration_s if warmup else 0.0,
-        "warmup_gpu_j": warmup.gpu_energy_j if warmup else None,
-    })
+    progress.begin_segment(dataclasses.replace(
+        segment or Segment(segment=0), start_unix_s=time.time(), warmup_s=warmup.duration_s if warmup else 0.0,
+        warmup_gpu_j=warmup.gpu_j if warmup else None))
     settled = monitor.settle(cell.energy.settle_s) if cell.energy.settle_s > 0 else None
     run.clock.enter(None)  # synchronize before the cell's window opens
     monitor.begin_window("cell")
     errors: list[str] = []
-    writer = batch_writer()
     for index in range(start, len(batches)):
         first = index * size
         entry, error = _run_batch(run, batches[index], _BatchResponses(cell, index, rows[first : first + size], rank))
         if error:
             errors.append(f"batch {index}: {error}")
         # A re-run does not resume after void figures.
-        progress.add_batch(entry | writer, save=not errors, stream_state=stream_state(run.stream))
-        log.info("cell batch %d/%d: %d output tokens", index + 1, len(batches), entry["counts"]["output_tokens"])
+        progress.add_batch(entry, save=not errors, stream_state=stream_state(run.stream))
+        log.info("cell batch %d/%d: %d output tokens", index + 1, len(batches), entry.counts.output_tokens)
     window: Window = monitor.end_window("cell")
-    totals = sum_batches(progress.batches, progress.segments)
-    result = {
-        "counts": totals["counts"] | {"truncated_prompts": truncated},
-        "times": totals["times"] | {"warmup_s": warmup.duration_s if warmup else 0.0},
-        "energy": cell_energy(window, phases, warmup, monitor).merged(
-            totals["energy"] | window_flags(progress.batches, cell.energy.min_window_periods)),
-        "gpu_state": gpu_state(window, progress.batches, settled),
-        "telemetry": summarize(window.samples, monitor.memory_total_mib, list(window.telemetry_errors), window.t0,
-                               window.t0 + window.duration_s),
-        "timeline": write_timeline(timeline, window, rank),
-        "batches": progress.batches,
-        "segments": [s for s in progress.segments if s["segment"] in {b["segment"] for b in progress.batches}],
-        "responses": responses_block(cell, len(batches), rank),
-        "graph": loaded.engines[cell.engine].graph,
-        "decode_step": loaded.engines[cell.engine].decode_step,
-    }
+    totals = Totals.of(progress.batches, progress.segments)
     errors = ([f"cell: {window.error}"] if window.error else []) + phases.errors + errors
-    if errors:  # the figures are void; later cells still try
-        more = f" (and {len(errors) - 1} more window(s))" if len(errors) > 1 else ""
-        result |= {"status": "error", "error": f"EnergyError: {errors[0]}{more}"}
-    return result
+    more = f" (and {len(errors) - 1} more window(s))" if len(errors) > 1 else ""
+    return CellResult(  # with an error the figures are void; later cells still try
+        counts=Counts(**totals.counts, truncated_prompts=truncated),
+        times=Times(**totals.times, warmup_s=warmup.duration_s if warmup else 0.0),
+        energy=dataclasses.replace(cell_energy(window, phases, warmup, monitor), **totals.energy,
+                                   **window_flags(progress.batches, cell.energy.min_window_periods)),
+        gpu_state=gpu_state(window, progress.batches, settled),
+        telemetry=Telemetry.from_dict(summarize(window.samples, monitor.memory_total_mib,
+                                                list(window.telemetry_errors), window.t0_monotonic_s,
+                                                window.t0_monotonic_s + window.duration_s)),
+        timeline=write_timeline(timeline, window, rank),
+        batches=list(progress.batches),
+        segments=progress.used_segments(),
+        responses=responses_block(cell, len(batches), rank),
+        graph=loaded.engines[cell.engine].graph,
+        decode_step=loaded.engines[cell.engine].decode_step,
+        error=f"EnergyError: {errors[0]}{more}" if errors else None,
+    )
 
 
 def _resume(cell: Cell, info: distributed.DistInfo, num_prompts: int) -> CellProgress:
@@ -291,15 +323,13 @@ def measure_cell(
     try:
         apply_power_cap(capper, cell)
         progress = _resume(cell, info, len(rows))
-        record |= {"status": STATUS_OK} | run_cell(
+        record = run_cell(
             cell, rows, loaded, monitor, timeline=timeline_path(cell.sweep_dir, cell.id, info.rank, cell.repeat),
-            rank=info.rank, progress=progress, segment=job_segment(loaded.job_energy))
+            rank=info.rank, progress=progress, segment=job_segment(loaded.job_energy)).onto(record)
     except Exception as exc:  # the sweep goes on; the record says what happened
-        record |= failure(exc)
+        record = failed(record, exc)
         outcome = distributed.GROUP_BROKEN if distributed.is_collective_error(exc) else distributed.CELL_FAILED
         monitor.abandon_windows()  # a cell that raised left its windows open
-    record["energy"] = record.get("energy", Energy()).merged(loaded.job_energy)
-    record["gpu"] = monitor.gpu_record()
-    record["power_cap"] = capper.state(cell.power_cap_w)
-    record["end_unix_s"] = time.time()
-    return RankRecord.from_dict(record), outcome
+    return dataclasses.replace(
+        record, energy=record.energy.merged(loaded.job_energy), gpu=monitor.gpu_record(),
+        power_cap=capper.state(cell.power_cap_w), end_unix_s=time.time()), outcome

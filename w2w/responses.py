@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from w2w.data import Prompt
-from w2w.records import RankRecord, run_dir, write_atomic
+from w2w.files import write_atomic
+from w2w.records import RankRecord, run_dir
 from w2w.scoring import score_gsm8k
 
 RESPONSES_FILE = "responses.jsonl"

@@ -10,7 +10,7 @@ from w2w.config import compose_grid, split_config_dirs
 from w2w.data import check_dataset
 from w2w.errors import ConfigError
 from w2w.exits import quiet_on_broken_pipe
-from w2w.records import writable_problem
+from w2w.files import writable_problem
 
 USAGE = ("usage: w2w-run [--config-dir DIR] [key=value ...]  (Hydra overrides; a,b lists make a grid; DIR: more "
          "presets, also W2W_CONFIG_DIR)")

@@ -80,7 +80,7 @@ def _load_measured(cells: list[Cell], info: distributed.DistInfo, monitor: Energ
     idle = monitor.measure_idle(first.energy.idle_seconds)
     if info.rank == 0 and idle.idle_power_w is not None:
         log.info("idle baseline: %.1f W over %.1f s (rank 0's GPU)", idle.idle_power_w, idle.idle_s)
-    job = {"load_gpu_j": load.gpu_energy_j, "load_s": load.duration_s, "load_cpu_j": load.cpu_energy_j}
+    job = {"load_gpu_j": load.gpu_j, "load_s": load.duration_s, "load_cpu_j": load.cpu_j}
     # One engine per name for the whole job: what an engine keeps (CUDA graphs) serves every cell.
     by_name = engines.create_serving([c.engine for c in cells], model)
     return Loaded(model, tokenizer, by_name, job | asdict(idle))

@@ -171,7 +171,7 @@ def metered(monitor: EnergyMonitor, device: torch.device, work: Callable[[], tup
     tokens, step_s, rows = work()
     synchronize(device)
     window = monitor.end_window("bench")
-    return Run(tokens / window.duration_s, step_s, window.gpu_energy_j, window.duration_s, tokens, rows)
+    return Run(tokens / window.duration_s, step_s, window.gpu_j, window.duration_s, tokens, rows)
 
 
 def w2w_run(engine: Engine, prompts: torch.Tensor, new_tokens: int, cache_len: int):

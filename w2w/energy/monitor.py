@@ -36,7 +36,7 @@ SOURCE_NONE = "none"
 
 @dataclass
 class _Open:
-    t0: float
+    t0_monotonic_s: float
     start_unix_s: float
     counter_mj: int | None
     cpu_j: dict[str, float] | None
@@ -275,20 +275,20 @@ class EnergyMonitor:
         telemetry_errors: list[str] = []
         if self.sampler is not None:
             self.sampler.sample()
-            rows = tuple(self.sampler.rows(opened.t0, self._clock()))
-            telemetry_errors = self.sampler.errors(opened.t0, self._clock())
+            rows = tuple(self.sampler.rows(opened.t0_monotonic_s, self._clock()))
+            telemetry_errors = self.sampler.errors(opened.t0_monotonic_s, self._clock())
         cpu_end = self._read_cpu()
         cpu_read_s = max(opened.cpu_read_s, self._clock() - t1)
         if not self._open:
             self._stop_threads()
-        duration = t1 - opened.t0
+        duration = t1 - opened.t0_monotonic_s
         counter_j = None
         if opened.counter_mj is not None and counter_end is not None:
             counter_j = (counter_end - opened.counter_mj) / 1000.0
             if counter_j < 0:
                 errors.append(f"NVML energy counter went backwards by {-counter_j:.3f} J (driver reloaded?)")
                 counter_j = None
-        integrated = integrate(rows, opened.t0, t1)
+        integrated = integrate(rows, opened.t0_monotonic_s, t1)
         if self.source == SOURCE_INTEGRATED:
             errors.extend(telemetry_errors)
         gpu, error = self._figure(counter_j, integrated, errors)
@@ -309,17 +309,17 @@ class EnergyMonitor:
             name=name,
             start_unix_s=opened.start_unix_s,
             duration_s=duration,
-            gpu_energy_j=gpu,
+            gpu_j=gpu,
             source=self.source,
-            counter_energy_j=counter_j,
-            integrated_energy_j=integrated,
-            cpu_energy_j=cpu_j,
+            counter_gpu_j=counter_j,
+            integrated_gpu_j=integrated,
+            cpu_j=cpu_j,
             cpu_zones_j=zones,
             reason=error or self.reason,
             error=error,
             short=short,
             samples=rows,
-            t0=opened.t0,
+            t0_monotonic_s=opened.t0_monotonic_s,
             telemetry_errors=tuple(telemetry_errors),
             period_s=period if gpu is not None else None,
             gpu_bound_j=gpu_bound_j(reading) if gpu is not None else None,
@@ -387,8 +387,8 @@ class EnergyMonitor:
         self.begin_window("idle")
         self._sleep(seconds)
         window = self.end_window("idle")
-        power = window.gpu_energy_j / window.duration_s if window.gpu_energy_j is not None else None
-        cpu = window.cpu_energy_j / window.duration_s if window.cpu_energy_j is not None else None
+        power = window.gpu_j / window.duration_s if window.gpu_j is not None else None
+        cpu = window.cpu_j / window.duration_s if window.cpu_j is not None else None
         return IdleBaseline(power, window.duration_s, window.source, cpu, window.reason)
 
     def abandon_windows(self) -> None:

@@ -20,7 +20,7 @@ class PhaseEnergy:
         if previous is not None:
             window = self.monitor.end_window(previous)
             total = self.joules.get(previous, 0.0)
-            self.joules[previous] = None if total is None or window.gpu_energy_j is None else total + window.gpu_energy_j
+            self.joules[previous] = None if total is None or window.gpu_j is None else total + window.gpu_j
             if window.error:
                 self.errors.append(f"{previous}: {window.error}")
             self.short_windows[previous] = self.short_windows.get(previous, 0) + int(window.short)

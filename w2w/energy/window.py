@@ -14,29 +14,29 @@ class Window:
     name: str
     start_unix_s: float  # s since the epoch, when the window opened
     duration_s: float  # s
-    gpu_energy_j: float | None  # J from `source`; None: no figure (see reason)
+    gpu_j: float | None  # J from `source`; None: no figure (see reason)
     source: str  # nvml_counter | nvml_integrated | none
-    counter_energy_j: float | None = None  # J: difference of NVML's total-energy counter
-    integrated_energy_j: float | None = None  # J: sampled power integrated over the window
-    cpu_energy_j: float | None = None  # J: RAPL packages + DRAM of this node (local rank 0 only)
+    counter_gpu_j: float | None = None  # J: difference of NVML's total-energy counter
+    integrated_gpu_j: float | None = None  # J: sampled power integrated over the window
+    cpu_j: float | None = None  # J: RAPL packages + DRAM of this node (local rank 0 only)
     cpu_zones_j: dict[str, float] | None = None  # J per RAPL zone ("package-0", "package-0/dram")
-    reason: str | None = None  # why gpu_energy_j is None
-    error: str | None = None  # an NVML read error inside the window that voids gpu_energy_j
-    short: bool = False  # shorter than the counter's update period: gpu_energy_j is unreliable
+    reason: str | None = None  # why gpu_j is None
+    error: str | None = None  # an NVML read error inside the window that voids gpu_j
+    short: bool = False  # shorter than the counter's update period: gpu_j is unreliable
     samples: tuple[Row, ...] = ()  # sampler rows (t monotonic s, *TELEMETRY_COLUMNS) inside the window
-    t0: float = 0.0  # monotonic s when the window opened (the time base of samples)
+    t0_monotonic_s: float = 0.0  # when the window opened (the time base of samples)
     telemetry_errors: tuple[str, ...] = ()  # sampler read errors inside the window
-    period_s: float | None = None  # s: the update period of gpu_energy_j's source (None: no figure)
-    gpu_bound_j: float | None = None  # J: worst-case bound on gpu_energy_j (w2w.energy.bounds)
-    cpu_bound_j: float | None = None  # J: worst-case bound on cpu_energy_j
-    cpu_package_j: float | None = None  # J: the RAPL package zones of cpu_energy_j
-    cpu_dram_j: float | None = None  # J: the RAPL DRAM zones of cpu_energy_j
+    period_s: float | None = None  # s: the update period of gpu_j's source (None: no figure)
+    gpu_bound_j: float | None = None  # J: worst-case bound on gpu_j (w2w.energy.bounds)
+    cpu_bound_j: float | None = None  # J: worst-case bound on cpu_j
+    cpu_package_j: float | None = None  # J: the RAPL package zones of cpu_j
+    cpu_dram_j: float | None = None  # J: the RAPL DRAM zones of cpu_j
     state_start: GpuState | None = None  # the GPU when the window opened (None: no GPU meter)
     state_end: GpuState | None = None
     clock_events: int | None = None  # NVML clock event reasons seen at the edges or by the sampler (bit mask)
 
     @property
-    def periods(self) -> float | None:
+    def window_periods(self) -> float | None:
         """The window's length in update periods of its energy source."""
         return self.duration_s / self.period_s if self.period_s else None
 
