@@ -21,6 +21,9 @@ class CellTotals:
     batches: int = 0  # generate() calls; a response waits for its whole batch
     # Rows of every forward call (prompt rows, rows past EOS included); None: not recorded (older records).
     positions: int | None = None
+    # Static: each GPU's loaded-and-waiting power x its time; dynamic: the rest (None: not measured).
+    static_energy_j: float | None = None
+    dynamic_energy_j: float | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("energy_per_response_j", "J/response", "energy of all GPUs / responses", _energy_per(lambda c: c.responses)),
     Metric("energy_j_above_idle", "J", "energy of all GPUs - each GPU's idle power x its run time",
            lambda c: c.energy_j - c.idle_energy_j if c.energy_j is not None and c.idle_energy_j is not None else None),
+    Metric("static_energy_per_token_j", "J/token", "static energy (each GPU's power loaded and waiting, "
+           "measured per cell after its warm-up, x its time) / returned tokens",
+           lambda c: c.static_energy_j / c.output_tokens if c.static_energy_j is not None and c.output_tokens else None),
+    Metric("dynamic_energy_per_token_j", "J/token", "energy of all GPUs - their static energy, / returned tokens",
+           lambda c: c.dynamic_energy_j / c.output_tokens
+           if c.dynamic_energy_j is not None and c.output_tokens else None),
     Metric("seconds_per_response", "s/response", "total run time / batches: how long a response waits for "
            "its batch (prefill and decode)", lambda c: c.total_s / c.batches if c.batches > 0 else None),
     Metric("accuracy", "fraction", "correct answers / scored responses (GSM8K: w2w.scoring)",

@@ -239,6 +239,8 @@ def reduce_cell(cell: CellRecords) -> dict:
         correct=first.counts.correct,
         batches=first.counts.batches,
         positions=first.counts.positions,
+        static_energy_j=_energy_sum(records, "static_gpu_j") if energy_j is not None else None,
+        dynamic_energy_j=_energy_sum(records, "dynamic_gpu_j") if energy_j is not None else None,
     )
     row |= {"status": STATUS_OK, **compute(totals), "idle_power_w": idle_power_w, **_energy_columns(records, energy_j)}
     row |= {
@@ -255,9 +257,10 @@ def reduce_cell(cell: CellRecords) -> dict:
         "note": f"no energy: {reason}" if reason else "",
         **_answer_columns(first, totals),
     }
-    from w2w.analysis import ladder
+    from w2w.analysis import ladder, roof
 
-    return row | ladder.cell_columns(records)
+    return row | ladder.cell_columns(records) | roof.roof_columns(records) | {
+        "static_energy_j": totals.static_energy_j, "dynamic_energy_j": totals.dynamic_energy_j}
 
 
 def _reduce_or_report(cell: CellRecords) -> dict:
@@ -337,7 +340,7 @@ def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
     """The cells table from records load_cells already parsed; table.attrs["axes"] names the extra
     columns of the axes that vary."""
     import pandas as pd
-    from w2w.analysis import ladder
+    from w2w.analysis import ladder, selfcheck
 
     extra = axis_columns(cells)
     rows = []
@@ -347,6 +350,7 @@ def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
         rows.append(row | {column: params.get(key) for column, key in extra.items()})
     table = pd.DataFrame(rows)
     table = ladder.add_node_columns(table, {cid: list(cell.records.values()) for cid, cell in cells.items()})
+    table = selfcheck.add_flags(table, {cid: list(cell.records.values()) for cid, cell in cells.items()})
     if "engine" in table:  # records of sweeps before the rename: engine=reference was Llama 2's program
         table["engine"] = table["engine"].replace(OLD_ENGINE_NAMES)
     for column in ("cell_id", *PARAM_COLUMNS, *extra, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus",

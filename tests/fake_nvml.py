@@ -36,6 +36,11 @@ class FakeGpu:
     power_w: float = 100.0
     counter: bool = True  # offers nvmlDeviceGetTotalEnergyConsumption
     instant: bool = True  # offers NVML_FI_DEV_POWER_INSTANT
+    average: bool = True  # offers nvmlDeviceGetPowerUsage (the 1 s average on Ampere and newer)
+    # What each power reading reports, where it differs from the draw the counter counts (None: power_w):
+    # a meter that disagrees by a known amount.
+    instant_w: float | None = None
+    average_w: float | None = None
     counter_period_s: float = 0.0  # > 0: the counter only moves every period, as NVML's does
     mig: bool = False
     may_set_limit: bool = True
@@ -48,6 +53,11 @@ class FakeGpu:
     sm_util: int = 90
     temp_at: Callable[[float], float] = lambda t: 61.0  # C at time t
     sm_clock_mhz: float = 1410.0
+    default_sm_clock_mhz: float = 1410.0  # where nvmlDeviceResetGpuLockedClocks brings it back
+    may_set_clocks: bool = True  # False: nvmlDeviceSetGpuLockedClocks raises NoPermission
+    lockable: bool = True  # False: locked clocks NotSupported (a GPU before Volta)
+    locked_mhz: tuple[int, int] | None = None  # (min, max) in force
+    clock_calls: list[tuple[int, int] | None] = field(default_factory=list)  # set (min, max) and reset (None)
     clock_events_at: Callable[[float], int] = lambda t: 0  # NVML clock event reasons (bit mask) at time t
     mem_util: int = 40
     mem_used_mib: float = 20_000.0
@@ -105,8 +115,25 @@ def fake_nvml(gpus: list[FakeGpu], clock: Callable[[], float] = time.perf_counte
 
     def field_values(gpu: FakeGpu, ids: list[int]) -> list[SimpleNamespace]:
         status = pynvml.NVML_SUCCESS if gpu.instant else pynvml.NVML_ERROR_NOT_SUPPORTED
+        watts = gpu.power_w if gpu.instant_w is None else gpu.instant_w
         return [SimpleNamespace(nvmlReturn=status, valueType=pynvml.NVML_VALUE_TYPE_UNSIGNED_INT,
-                                value=SimpleNamespace(uiVal=round(gpu.power_w * 1000))) for _ in ids]
+                                value=SimpleNamespace(uiVal=round(watts * 1000))) for _ in ids]
+
+    def lock_clocks(gpu: FakeGpu, low_mhz: int, high_mhz: int) -> None:
+        if not gpu.lockable:
+            raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        if not gpu.may_set_clocks:
+            raise nvml_error(pynvml.NVML_ERROR_NO_PERMISSION)
+        gpu.clock_calls.append((low_mhz, high_mhz))
+        gpu.locked_mhz, gpu.sm_clock_mhz = (low_mhz, high_mhz), float(high_mhz)
+
+    def reset_clocks(gpu: FakeGpu) -> None:
+        if not gpu.lockable:
+            raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        if not gpu.may_set_clocks:
+            raise nvml_error(pynvml.NVML_ERROR_NO_PERMISSION)
+        gpu.clock_calls.append(None)
+        gpu.locked_mhz, gpu.sm_clock_mhz = None, gpu.default_sm_clock_mhz
 
     def set_limit(gpu: FakeGpu, milliwatts: int) -> None:
         if not gpu.may_set_limit:
@@ -126,7 +153,8 @@ def fake_nvml(gpus: list[FakeGpu], clock: Callable[[], float] = time.perf_counte
     nvml.nvmlDeviceIsMigDeviceHandle.side_effect = lambda g: g.uuid.startswith("MIG-")  # a MIG instance's handle
     nvml.nvmlDeviceGetMigMode.side_effect = lambda g: [int(g.mig), int(g.mig)]
     nvml.nvmlDeviceGetTotalEnergyConsumption.side_effect = read(lambda g: g.counter_mj(clock()), "counter")
-    nvml.nvmlDeviceGetPowerUsage.side_effect = read(lambda g: round(g.power_w * 1000))
+    nvml.nvmlDeviceGetPowerUsage.side_effect = read(
+        lambda g: round((g.power_w if g.average_w is None else g.average_w) * 1000), "average")
     nvml.nvmlDeviceGetFieldValues.side_effect = read(field_values)
     nvml.nvmlDeviceGetUtilizationRates.side_effect = read(lambda g: SimpleNamespace(gpu=g.sm_util, memory=g.mem_util))
     nvml.nvmlDeviceGetMemoryInfo.side_effect = read(
@@ -143,4 +171,6 @@ def fake_nvml(gpus: list[FakeGpu], clock: Callable[[], float] = time.perf_counte
         lambda g: [round(g.min_limit_w * 1000), round(g.max_limit_w * 1000)])
     nvml.nvmlDeviceGetEnforcedPowerLimit.side_effect = read(lambda g: round(g.enforced_w() * 1000))
     nvml.nvmlDeviceSetPowerManagementLimit.side_effect = set_limit
+    nvml.nvmlDeviceSetGpuLockedClocks.side_effect = read(lock_clocks)
+    nvml.nvmlDeviceResetGpuLockedClocks.side_effect = read(reset_clocks)
     return nvml

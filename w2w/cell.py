@@ -37,6 +37,7 @@ class GpuConfig:
     bf16: bool = True  # native bf16 arithmetic (Ampere and newer)
     tdp_w: float | None = None
     hbm_gbs: float | None = None  # rated memory bandwidth (GB/s): make bench-gpu's decode roof
+    peak_tflops: float | None = None  # rated dense fp16/bf16 tensor TFLOP/s: the roof's ridge (analysis/roof.py)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ class EnergyConfig:
     # A batch window shorter than this many update periods of its energy source is flagged on its cell.
     min_window_periods: float = 10.0
     settle_s: float = 0.0  # before each cell, wait up to this long for the GPU's temperature to hold still
+    # After each cell's warm-up: this long with the model loaded and no work, the GPU's active-state
+    # power (static energy = that power x the cell's time; issue 27). 0: no split.
+    active_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,8 @@ class Cell:
     # Where users may not call NVML's setter: a site wrapper run as
     # power_cap_command.format(watts=..., gpu_index=..., gpu_uuid=...); None: NVML.
     power_cap_command: str | None = None
+    # SM clock locked through NVML for the cell (MHz; min = max), restored after; None: the GPU's own (issue 27).
+    gpu_clock_mhz: int | None = None
     sweep_dir: str = "runs/default"
     dist_timeout_s: int = 600
     skip_unfit: bool = False  # cells that do not fit the GPUs' memory: skipped (true) or an error
@@ -203,6 +209,7 @@ AXES = (
     Axis("max_gen_len", "max_gen_len", shown=True, table=True, sort=True, short="len"),
     Axis("num_prompts", "dataset.num_prompts"),
     Axis("power_cap_w", "power_cap_w", shown=True, short="cap"),
+    Axis("gpu_clock_mhz", "gpu_clock_mhz", short="clk"),
     Axis("temperature", "temperature"),
     Axis("top_p", "top_p"),
     Axis("greedy", "greedy"),
@@ -218,12 +225,13 @@ PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
 # Result-neutral keys left out of the cell id, so moving a sweep does not redo its cells.
 ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command", "repeats", "repeat")
 # Facts about the hardware, not settings, per config section: left out of the cell id.
-ID_EXCLUDED_IN = {"gpu": ("hbm_gbs",)}
+ID_EXCLUDED_IN = {"gpu": ("hbm_gbs", "peak_tflops")}
 # Options added after sweeps were run, per config section: at their defaults they leave the cell id as it was.
 ID_NEW_DEFAULTS = {
-    "": {"save_responses": False},
-    # settle_s: at 0 no wait, as before it existed; min_window_periods only flags.
-    "energy": {"min_window_periods": 10.0, "settle_s": 0.0},
+    "": {"save_responses": False, "gpu_clock_mhz": None},
+    # settle_s: at 0 no wait, as before it existed; min_window_periods only flags; active_s is measured
+    # outside the cell's window.
+    "energy": {"min_window_periods": 10.0, "settle_s": 0.0, "active_s": 0.5},
     # content_sha256 is None for hub and synthetic data: they keep their earlier ids.
     # max_prompt_tokens: None (nothing cut) became the default after 128; a cell that sets it keeps its id.
     "dataset": {"prompt_template": "{prompt}", "fewshot_path": None, "fewshot_k": 0, "content_sha256": None,

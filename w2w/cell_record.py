@@ -14,6 +14,7 @@ from w2w import distributed
 from w2w.cell import Cell
 from w2w.cell_lock import job_attempt
 from w2w.energy import gpustate
+from w2w.energy.bounds import disagreement
 from w2w.energy.monitor import EnergyMonitor, Window
 from w2w.energy.phases import PhaseEnergy
 from w2w.energy.sampler import timeline_frame
@@ -70,6 +71,21 @@ def cell_energy(cell: Window, phases: PhaseEnergy, warmup: Window | None, monito
         cpu_reason=monitor.cpu_reason if cell.cpu_j is None else None,
         reason=cell.reason,
     )
+
+
+def checked_energy(energy: Energy, missing: dict[str, str] | None, active: Window | None,
+                   cell_s: float | None) -> Energy:
+    """The cell's energy with issue 27's checks: its three readings compared (the readings where they
+    disagree by more than their bound), each missing reading and why, and the split into static
+    (the loaded, waiting GPU's power x the cell's time) and dynamic energy."""
+    flag = disagreement(energy.counter_gpu_j, energy.instant_gpu_j, energy.average_gpu_j, energy.agreement_bound_j)
+    active_w = active.gpu_j / active.duration_s if active is not None and active.gpu_j is not None \
+        and active.duration_s > 0 else None
+    static = active_w * cell_s if active_w is not None and cell_s is not None and energy.gpu_j is not None else None
+    return dataclasses.replace(
+        energy, readings_flag=flag, missing_readings=missing, active_power_w=active_w,
+        active_s=active.duration_s if active is not None else None, static_gpu_j=static,
+        dynamic_gpu_j=energy.gpu_j - static if static is not None else None)
 
 
 def batch_energy(window: Window, prefill_gpu_j: float | None, decode_gpu_j: float | None) -> BatchEnergy:

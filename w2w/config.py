@@ -465,6 +465,7 @@ def energy(cfg: Cell) -> str | None:
         (e.min_window_periods >= 0,
          f"energy.min_window_periods={e.min_window_periods}: must be >= 0 (0 flags no window)"),
         (0 <= e.settle_s <= 3600, f"energy.settle_s={e.settle_s}: must be in [0, 3600] (0: no wait before a cell)"),
+        (0 <= e.active_s <= 600, f"energy.active_s={e.active_s}: must be in [0, 600] (0: no static/dynamic split)"),
         (cfg.cluster.pue is None or cfg.cluster.pue >= 1, f"cluster.pue={cfg.cluster.pue}: must be >= 1 "
          "(facility energy / IT energy), or null for no facility estimate"),
     ])
@@ -476,6 +477,16 @@ def power_cap(cfg: Cell) -> str | None:
         (cfg.power_cap_w is None or cfg.power_cap_w > 0,
          f"power_cap_w={cfg.power_cap_w}: must be > 0 W, or null for the GPU's own limit"),
         (problem is None, f"power_cap_command={cfg.power_cap_command!r}: {problem}"),
+    ])
+
+
+def gpu_clock(cfg: Cell) -> str | None:
+    mhz = cfg.gpu_clock_mhz
+    return _first([
+        (mhz is None or (isinstance(mhz, int) and mhz > 0),
+         f"gpu_clock_mhz={mhz}: must be a whole number of MHz > 0, or null for the GPU's own clocks"),
+        (mhz is None or cfg.gpu.device == "cuda",
+         f"gpu_clock_mhz={mhz} needs a GPU: set gpu= to a GPU profile or drop gpu_clock_mhz"),
     ])
 
 
@@ -514,7 +525,7 @@ def repeats(cfg: Cell) -> str | None:
 
 
 CHECKS: tuple[Check, ...] = (shards_split_heads, model_shapes, lengths, engine_runs_model, precision, energy,
-                             power_cap, dataset, sampling, hardware, repeats)
+                             power_cap, gpu_clock, dataset, sampling, hardware, repeats)
 
 
 def validate(cfg: Cell) -> None:

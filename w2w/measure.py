@@ -18,6 +18,7 @@ from w2w.cell_lock import batch_writer
 from w2w.cell_record import (
     batch_energy,
     cell_energy,
+    checked_energy,
     failed,
     gpu_state,
     identity,
@@ -28,7 +29,7 @@ from w2w.cell_record import (
     write_timeline,
 )
 from w2w.data import Prompt
-from w2w.energy.errors import PowerCapError
+from w2w.energy.errors import ClockError, PowerCapError
 from w2w.energy.monitor import EnergyMonitor, Window
 from w2w.energy.phases import PhaseEnergy
 from w2w.energy.powercap import PowerCapper
@@ -79,7 +80,26 @@ class Loaded:
     job_energy: dict
 
 
-def batch_counts(gen: Generation, texts: list[str], scored: int, correct: int) -> BatchCounts:
+def weight_bytes(model: Transformer) -> int:
+    """Bytes of this rank's shard that every decode step reads: every parameter but the embedding table
+    (a step reads only its batch's rows of it)."""
+    table = {id(p) for p in model.tok_embeddings.parameters()}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in table)
+
+
+def decode_read_bytes(model: Transformer, weights_b: int, rows: int, prompt_len: int, steps: int) -> float:
+    """Bytes the batch's decode steps read on this rank: the weights once per step, and the KV cache of
+    every row up to the step's position (step t reads prompt_len + t + 1 positions). An estimate: it
+    leaves out activations and what the caches hold past those positions."""
+    args = model.args
+    element = next(model.parameters()).element_size()
+    per_position = 2 * args.n_layers * model.layers[0].attention.local_kv_heads * (args.dim // args.n_heads) * element
+    positions = steps * prompt_len + steps * (steps + 1) // 2
+    return float(steps * weights_b + per_position * rows * positions)
+
+
+def batch_counts(gen: Generation, texts: list[str], scored: int, correct: int,
+                 decode_read_b: float | None = None) -> BatchCounts:
     """What one batch produced (`batches` and `truncated_prompts` belong to the whole cell's Counts)."""
     return BatchCounts(
         prompts=len(gen.tokens),
@@ -90,6 +110,8 @@ def batch_counts(gen: Generation, texts: list[str], scored: int, correct: int) -
         output_words=sum(len(text.split()) for text in texts),  # the paper's words: split on whitespace
         scored=scored,
         correct=correct,
+        decode_steps=gen.decode_steps,
+        decode_read_bytes=decode_read_b,
     )
 
 
@@ -124,6 +146,7 @@ class _CellRun:
     clock: PhaseClock
     phases: PhaseEnergy
     stream: torch.Generator  # the cell's sampling stream on this rank, drawn by its batches in turn
+    weights_b: int = 0  # bytes of this rank's weights a decode step reads (weight_bytes)
 
     def generate(self, batch: list[list[int]], max_gen_len: int | None = None,
                  clock: PhaseClock | None = None, generator: torch.Generator | None = None) -> Generation:
@@ -182,7 +205,9 @@ def _run_batch(run: _CellRun, batch: list[list[int]], responses: _BatchResponses
 
     entry = Batch(
         index=0, segment=0,
-        counts=batch_counts(gen, texts, *responses.score(batch, gen.tokens, texts)),
+        counts=batch_counts(gen, texts, *responses.score(batch, gen.tokens, texts),
+                            decode_read_bytes(run.loaded.model, run.weights_b, len(batch), max(map(len, batch)),
+                                              gen.decode_steps)),
         times=BatchTimes(start_unix_s=window.start_unix_s, total_s=window.duration_s,
                          prefill_s=clock.seconds[PREFILL] - seconds[PREFILL],
                          decode_s=clock.seconds[DECODE] - seconds[DECODE]),
@@ -246,13 +271,15 @@ def run_cell(
         progress = CellProgress(CellShape(cell.id, rank, 1, size, len(batches)), None)
     phases = PhaseEnergy(monitor)
     run = _CellRun(cell, loaded, cache_len, PhaseClock(model.device, phases.on_boundary), phases,
-                   cell_stream(cell, model.device, progress))
+                   cell_stream(cell, model.device, progress), weight_bytes(model))
     start = progress.done
     warmup = _warm_up(run, batches[start:], monitor) if start < len(batches) else None
     progress.begin_segment(dataclasses.replace(
         segment or Segment(segment=0), start_unix_s=time.time(), warmup_s=warmup.duration_s if warmup else 0.0,
         warmup_gpu_j=warmup.gpu_j if warmup else None))
     settled = monitor.settle(cell.energy.settle_s) if cell.energy.settle_s > 0 else None
+    # Warmed up and waiting: the GPU's active-state power, for the static part of the cell's energy.
+    active = monitor.measure_active(cell.energy.active_s) if start < len(batches) else None
     run.clock.enter(None)  # synchronize before the cell's window opens
     monitor.begin_window("cell")
     errors: list[str] = []
@@ -268,11 +295,12 @@ def run_cell(
     totals = Totals.of(progress.batches, progress.segments)
     errors = ([f"cell: {window.error}"] if window.error else []) + phases.errors + errors
     more = f" (and {len(errors) - 1} more window(s))" if len(errors) > 1 else ""
+    energy = dataclasses.replace(cell_energy(window, phases, warmup, monitor), **totals.energy,
+                                 **window_flags(progress.batches, cell.energy.min_window_periods))
     return CellResult(  # with an error the figures are void; later cells still try
         counts=Counts(**totals.counts, truncated_prompts=truncated),
         times=Times(**totals.times, warmup_s=warmup.duration_s if warmup else 0.0),
-        energy=dataclasses.replace(cell_energy(window, phases, warmup, monitor), **totals.energy,
-                                   **window_flags(progress.batches, cell.energy.min_window_periods)),
+        energy=checked_energy(energy, monitor.missing_readings(), active, totals.times["total_s"]),
         gpu_state=gpu_state(window, progress.batches, settled),
         telemetry=Telemetry.from_dict(summarize(window.samples, monitor.memory_total_mib,
                                                 list(window.telemetry_errors), window.t0_monotonic_s,
@@ -303,14 +331,17 @@ def _resume(cell: Cell, info: distributed.DistInfo, num_prompts: int) -> CellPro
 
 
 def apply_power_cap(capper: PowerCapper, cell: Cell) -> None:
-    """Set the cell's cap on every rank, or fail the cell on every rank (never run it uncapped)."""
+    """Set the cell's cap and locked clock on every rank, or fail the cell on every rank (never run it
+    uncapped or at other clocks)."""
     error = None
     try:
         capper.apply(cell.power_cap_w, cell.power_cap_command)
-    except PowerCapError as exc:
+        capper.clocks.apply(cell.gpu_clock_mhz)
+    except (PowerCapError, ClockError) as exc:
         error = exc
     if not distributed.all_ok(error is None):
-        raise error or PowerCapError("the power cap could not be set on another rank of this cell (see its record)")
+        raise error or PowerCapError("the power cap or clock could not be set on another rank of this cell "
+                                     "(see its record)")
 
 
 def measure_cell(
@@ -332,4 +363,5 @@ def measure_cell(
         monitor.abandon_windows()  # a cell that raised left its windows open
     return dataclasses.replace(
         record, energy=record.energy.merged(loaded.job_energy), gpu=monitor.gpu_record(),
-        power_cap=capper.state(cell.power_cap_w), end_unix_s=time.time()), outcome
+        power_cap=capper.state(cell.power_cap_w), gpu_clock=capper.clocks.state(cell.gpu_clock_mhz),
+        end_unix_s=time.time()), outcome

@@ -55,6 +55,10 @@ class BatchCounts(Schema):
     output_words: int = rule(ADD, 0)  # the response text split on whitespace (the paper's words)
     scored: int = rule(ADD, 0)  # responses with a reference answer to score against (GSM8K)
     correct: int = rule(ADD, 0)  # of those, the ones whose final number matches the reference
+    # Issue 27's roof: decode forward passes, and the bytes they read on this rank (estimated: the
+    # shard's weights once per step, the KV cache up to each step's position; measure.decode_read_bytes).
+    decode_steps: int | None = rule(LATER)
+    decode_read_bytes: float | None = rule(LATER)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
 
 
@@ -100,6 +104,11 @@ class EnergyFigures(Schema):
     cpu_bound_j: float | None = rule(ADD)
     cpu_package_j: float | None = rule(ADD)  # the RAPL package zones of cpu_j
     cpu_dram_j: float | None = rule(ADD)  # the RAPL DRAM zones of cpu_j (each zone counted once)
+    # Issue 27: both sampled powers integrated beside the counter, and how far apart the three may lie
+    # (w2w.energy.bounds.agreement_bound_j; bounds add linearly as gpu_bound_j's do).
+    instant_gpu_j: float | None = rule(LATER)
+    average_gpu_j: float | None = rule(LATER)
+    agreement_bound_j: float | None = rule(LATER)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
 
 
@@ -114,6 +123,10 @@ class BatchEnergy(EnergyFigures):
 @dataclass
 class Energy(EnergyFigures):
     """This rank's GPU energy in J (None: no figure, see reason), its job's load and idle baseline."""
+
+    # Issue 27's fields: absent from files written before them (they read and write back the same).
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = (
+        "readings_flag", "missing_readings", "active_power_w", "active_s", "static_gpu_j", "dynamic_gpu_j")
 
     source: str | None = None  # nvml_counter | nvml_integrated | none
     short_phase_windows: dict[str, int] | None = None  # per phase: windows under the counter's period
@@ -138,6 +151,14 @@ class Energy(EnergyFigures):
     min_window_periods: float | None = None  # energy.min_window_periods the cell ran with
     short_windows: int | None = None  # batch windows under min_window_periods update periods (None: no period)
     shortest_window_periods: float | None = None  # the shortest batch window, in update periods
+    # The three readings checked against each other (bounds.disagreement): the readings where they disagree.
+    readings_flag: str | None = None
+    missing_readings: dict[str, str] | None = None  # reading -> why this GPU lacks it (never a silent zero)
+    # Static and dynamic energy: the GPU loaded and waiting (a window after the warm-up with no work).
+    active_power_w: float | None = None  # W: that window's energy / its duration
+    active_s: float | None = None  # s it lasted
+    static_gpu_j: float | None = None  # J: active_power_w x the cell's batch time
+    dynamic_gpu_j: float | None = None  # J: gpu_j - static_gpu_j
 
 
 @dataclass
@@ -269,7 +290,7 @@ class RankRecord(Schema):
     """
 
     OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("error", "traceback", "counts", "times", "telemetry", "responses",
-                                               "graph", "decode_step", "gpu_state")
+                                               "graph", "decode_step", "gpu_state", "gpu_clock")
     # Present and typed in every ok record: the reducer relies on them.
     OK_REQUIRED: ClassVar[tuple[str, ...]] = (
         "node", "counts.responses", "counts.output_tokens", "counts.output_words", "times.total_s",
@@ -297,6 +318,7 @@ class RankRecord(Schema):
     timeline: str | None = None  # the timeline file's name, beside the record
     gpu: dict[str, Any] = field(default_factory=dict)  # NVML identity and power limits, or read_error
     power_cap: dict[str, Any] = field(default_factory=dict)  # requested_w, enforced_w, original_w, ...
+    gpu_clock: dict[str, Any] | None = None  # requested_mhz, locked_mhz, read_back_mhz, refused (gpu_clock_mhz set)
     end_unix_s: float | None = None
     repeat: int = 0  # which run of the cell (0 .. repeats-1); its folder is run_dir(sweep_dir, cell_id, repeat)
     # Per batch (w2w/progress.py), summed into the sections above (Totals).

@@ -14,6 +14,7 @@ from w2w.cell_lock import CellLock
 from w2w.data import Prompt, check_unchanged, load_prompt_rows
 from w2w.energy.errors import EnergyError
 from w2w.energy.monitor import EnergyMonitor
+from w2w.energy.clocks import restore_clocks_on_sigterm, restore_clocks_or_log
 from w2w.energy.powercap import PowerCapper, restore_cap_on_sigterm, restore_or_log
 from w2w.engines.common import synchronize
 from w2w.errors import ConfigError
@@ -99,7 +100,7 @@ def run_cells(cells: list[Cell]) -> list[str]:
     distributed.init_model_parallel(first.shards, info.world_size)
     monitor = _open_monitor(first, info)
     capper = PowerCapper(monitor.meter, monitor.reason)
-    with restore_cap_on_sigterm(capper):
+    with restore_cap_on_sigterm(capper), restore_clocks_on_sigterm(capper.clocks):
         statuses = _run_loaded(cells, info, monitor, capper, prompt_sets)
     distributed.shutdown()  # only after a clean end: a broken group's teardown could block
     return statuses
@@ -121,8 +122,9 @@ def _run_loaded(
                 if statuses.get(index, HELD) == HELD:
                     statuses[index] = _run_held(cell, f"{index + 1}/{len(runs)}", prompt_sets[cell.dataset],
                                                 loaded, info, monitor, capper, wait=wait)
-    finally:  # also when a cell or the load fails: no GPU is left capped, NVML is shut down
+    finally:  # also when a cell or the load fails: no GPU is left capped or clock-locked, NVML is shut down
         restore_or_log(capper)
+        restore_clocks_or_log(capper.clocks)
         monitor.close()
     return [statuses[i] for i in range(len(statuses))]
 

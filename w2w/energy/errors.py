@@ -65,3 +65,7 @@ _CODE_TO_ERROR: dict[int, type[GpuError]] = {
 
 def gpu_error(code: int | None, message: str) -> GpuError:
     return _CODE_TO_ERROR.get(code, GpuReadError)(message, code)
+
+
+class ClockError(EnergyError):
+    """Locked SM clocks could not be set or restored; the cell must not run at the GPU's own clocks."""

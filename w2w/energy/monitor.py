@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from w2w.energy import gpustate
-from w2w.energy.bounds import GpuReading, cpu_bound_j, gpu_bound_j, power_sample_coverage
+from w2w.energy.bounds import GpuReading, Readings, agreement_bound_j, cpu_bound_j, gpu_bound_j, power_sample_coverage
 from w2w.energy.errors import EnergyError, GpuError, WindowError
 from w2w.energy.nvml import GpuMeter, call, import_nvml, open_gpu_meter
 from w2w.energy.rapl import POWERCAP_ROOT, RAPL_POLL_INTERVAL_S, RaplMeter, RaplPoller, open_rapl
-from w2w.energy.sampler import Row, Sampler, column, integrate
+from w2w.energy.sampler import Row, Sampler, column, integrate, integrate_column
 from w2w.energy.window import GpuState, IdleBaseline, Window, cpu_total, cpu_zones, zone_sum
 
 log = logging.getLogger("w2w.energy")
@@ -305,6 +305,13 @@ class EnergyMonitor:
                              max(powers, default=None), min(powers, default=None), self._coverage)
         cpu_j = cpu_total(opened.cpu_j, cpu_end)
         zones = cpu_zones(opened.cpu_j, cpu_end)
+        voided = bool(errors) or bool(telemetry_errors)  # a read error leaves no reading to compare
+        instant = None if voided else integrate_column(rows, "instant_power_w", opened.t0_monotonic_s, t1)
+        average = None if voided else integrate_column(rows, "average_power_w", opened.t0_monotonic_s, t1)
+        agreement = agreement_bound_j(Readings(
+            counter_j, instant, average, duration, self.counter_period_s,
+            self.sampler.interval_s if self.sampler else None, reading.power_max_w, reading.power_min_w,
+            self._coverage))
         return Window(
             name=name,
             start_unix_s=opened.start_unix_s,
@@ -331,6 +338,9 @@ class EnergyMonitor:
             clock_events=gpustate.merge_masks([
                 opened.state.clock_events if opened.state else None, state_end.clock_events if state_end else None,
                 *(None if v is None else int(v) for v in column(rows, "throttle_reasons"))]),
+            instant_gpu_j=instant,
+            average_gpu_j=average,
+            agreement_bound_j=agreement,
         )
 
     def _power_coverage(self) -> float | None:
@@ -390,6 +400,25 @@ class EnergyMonitor:
         power = window.gpu_j / window.duration_s if window.gpu_j is not None else None
         cpu = window.cpu_j / window.duration_s if window.cpu_j is not None else None
         return IdleBaseline(power, window.duration_s, window.source, cpu, window.reason)
+
+    def measure_active(self, seconds: float) -> Window | None:
+        """A window of `seconds` with the model loaded and warmed up and no work queued: the GPU's active
+        (not idle) power state, the static part of a cell's energy. None: not asked for, or no meter."""
+        if seconds <= 0 or not self.available:
+            return None
+        self.begin_window("active")
+        self._sleep(seconds)
+        return self.end_window("active")
+
+    def missing_readings(self) -> dict[str, str] | None:
+        """Each GPU reading a window lacks, and why (None: all three, or no GPU meter: `reason` says)."""
+        if self.meter is None:
+            return None
+        missing = dict(self.meter.missing)
+        if self.sampler is None:
+            for reading in ("instant", "average"):
+                missing.setdefault(reading, "energy.sampler=false: power is not sampled")
+        return missing or None
 
     def abandon_windows(self) -> None:
         """Drop windows left open by a failed cell, so the next window starts a fresh recording."""

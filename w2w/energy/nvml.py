@@ -9,12 +9,16 @@ from typing import Any
 
 import torch
 
-from w2w.energy.errors import GpuError, GpuNotFoundError, GpuNotSupportedError, gpu_error
+from w2w.energy.errors import GpuError, GpuNoPermissionError, GpuNotFoundError, GpuNotSupportedError, gpu_error
 
 # Sampler row after the time stamp: (power W, SM util %, memory util %, memory used MiB, temperature C, SM clock MHz,
 # NVML's clock event reasons as a bit mask: w2w.energy.gpustate names them).
+# power_w is the primary reading (instant where chosen and offered, else the average); the last two are
+# both readings as read, each None where the GPU lacks it (GpuMeter.missing says why).
 TELEMETRY_COLUMNS = ("power_w", "sm_util_pct", "mem_util_pct", "mem_used_mib", "temp_c", "sm_clock_mhz",
-                     "throttle_reasons")
+                     "throttle_reasons", "instant_power_w", "average_power_w")
+# The three GPU readings of a window, by name in GpuMeter.missing and in the record.
+READINGS = ("counter", "instant", "average")
 MIB = 1024 * 1024
 # nvmlFieldValue_t.valueType -> the union member that holds the value.
 _FIELD_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal"}
@@ -115,12 +119,16 @@ class GpuMeter:
         self.nvml = nvml
         self.handle = handle
         self.located_by = located_by
-        self.has_counter = self._supported(self.energy_mj)
-        self._instant = instant_power and self._supported(self._instant_mw)
-        has_average = self._instant or self._supported(lambda: call(nvml, "nvmlDeviceGetPowerUsage", handle))
+        # Each reading this GPU lacks, and why (never a silent zero): NVML's answer to the probe.
+        self.missing: dict[str, str] = {}
+        self.has_counter = self._probe("counter", self.energy_mj)
+        self.has_instant = self._probe("instant", self._instant_mw)
+        self.has_average = self._probe("average", self._average_mw)
         # instant: NVML_FI_DEV_POWER_INSTANT; average: nvmlDeviceGetPowerUsage, a 1 s average
-        # on Ampere and newer (except GA100), instantaneous on older GPUs.
-        self.power_reading: str | None = "instant" if self._instant else "average" if has_average else None
+        # on Ampere and newer (except GA100), instantaneous on older GPUs. Both are sampled where
+        # offered; instant_power picks which one is the primary power_w.
+        self._instant = instant_power and self.has_instant
+        self.power_reading: str | None = "instant" if self._instant else "average" if self.has_average else None
         self._telemetry = {
             "utilization": self._supported(lambda: call(nvml, "nvmlDeviceGetUtilizationRates", handle)),
             "memory": self._supported(lambda: call(nvml, "nvmlDeviceGetMemoryInfo", handle)),
@@ -131,6 +139,14 @@ class GpuMeter:
         self.memory_total_mib: float | None = None  # MiB
         if self._telemetry["memory"]:
             self.memory_total_mib = call(nvml, "nvmlDeviceGetMemoryInfo", handle).total / MIB
+
+    def _probe(self, reading: str, read) -> bool:
+        try:
+            read()
+        except (GpuNotSupportedError, GpuNoPermissionError) as exc:
+            self.missing[reading] = str(exc)
+            return False
+        return True
 
     @staticmethod
     def _supported(read) -> bool:
@@ -150,11 +166,20 @@ class GpuMeter:
             raise gpu_error(value.nvmlReturn, f"NVML_FI_DEV_POWER_INSTANT: NVML error {value.nvmlReturn}")
         return float(getattr(value.value, _FIELD_MEMBERS.get(value.valueType, "uiVal")))
 
+    def _average_mw(self) -> float:
+        return float(call(self.nvml, "nvmlDeviceGetPowerUsage", self.handle))
+
+    def powers_w(self) -> tuple[float | None, float | None]:
+        """(instant, 1 s average) power in W, each None where this GPU lacks it."""
+        instant = self._instant_mw() / 1000.0 if self.has_instant else None
+        average = self._average_mw() / 1000.0 if self.has_average else None
+        return instant, average
+
     def power_w(self) -> float | None:
         if self._instant:
             return self._instant_mw() / 1000.0
         if self.power_reading == "average":
-            return call(self.nvml, "nvmlDeviceGetPowerUsage", self.handle) / 1000.0
+            return self._average_mw() / 1000.0
         return None
 
     def _temperature(self) -> float:
@@ -189,8 +214,21 @@ class GpuMeter:
         if self._telemetry["memory"]:
             used = call(self.nvml, "nvmlDeviceGetMemoryInfo", self.handle).used / MIB
         events = self.clock_events()
-        return (self.power_w(), sm, mem, used, self.temperature_c(), self.sm_clock_mhz(),
-                None if events is None else float(events))
+        instant, average = self.powers_w()
+        power = instant if self._instant else average
+        return (power, sm, mem, used, self.temperature_c(), self.sm_clock_mhz(),
+                None if events is None else float(events), instant, average)
+
+    def lock_sm_clocks_mhz(self, mhz: int) -> None:
+        """Lock the SM clock at `mhz` (min = max); needs administrator rights."""
+        call(self.nvml, "nvmlDeviceSetGpuLockedClocks", self.handle, mhz, mhz)
+
+    def reset_sm_clocks(self) -> None:
+        call(self.nvml, "nvmlDeviceResetGpuLockedClocks", self.handle)
+
+    def read_sm_clock_mhz(self) -> float:
+        """The SM clock now, read whether or not the sampler reads it (raises GpuError)."""
+        return self._sm_clock()
 
     def _limit_w(self, name: str) -> float | None:
         try:
@@ -235,6 +273,7 @@ class GpuMeter:
             "located_by": self.located_by,
             "energy_counter": self.has_counter,
             "power_reading": self.power_reading,
+            "missing_readings": dict(self.missing) or None,
             "memory_total_mib": self.memory_total_mib,
         }
 

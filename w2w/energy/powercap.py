@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from w2w.energy.clocks import ClockLocker
 from w2w.energy.errors import GpuError, GpuNoPermissionError, PowerCapError
 from w2w.energy.nvml import GpuMeter
 
@@ -31,6 +32,8 @@ class PowerCapper:
         self._command: str | None = None  # how the current cap was set; None: NVML
         self._changed = False
         self.method: str | None = None
+        # The cell's other GPU setting (gpu_clock_mhz), travelling with the cap to every cell.
+        self.clocks = ClockLocker(meter, reason)
 
     def apply(self, watts: float | None, command: str | None = None) -> None:
         """Cap at `watts` (None: the original limit) and verify the enforced limit; PowerCapError if not."""

@@ -97,7 +97,12 @@ def integrate(rows: Sequence[Row], t0: float, t1: float) -> float | None:
 
 def _points(rows: Sequence[Row], name: str) -> list[tuple[float, float]]:
     at = 1 + TELEMETRY_COLUMNS.index(name)
-    return [(row[0], row[at]) for row in rows if row[at] is not None]
+    return [(row[0], row[at]) for row in rows if len(row) > at and row[at] is not None]
+
+
+def integrate_column(rows: Sequence[Row], name: str, t0: float, t1: float) -> float | None:
+    """Energy in J over [t0, t1] from one power column (instant_power_w or average_power_w), as integrate()."""
+    return _time_integral(_points(rows, name), t0, t1)
 
 
 def column(rows: Sequence[Row], name: str) -> list[float]:
@@ -147,7 +152,9 @@ def summarize(
 
 def timeline_frame(rows: Sequence[Row], t0: float, start_unix_s: float, rank: int) -> pd.DataFrame:
     """Rows as a table: t_s since the window opened, unix_s wall clock, then TELEMETRY_COLUMNS."""
-    frame = pd.DataFrame([row[1:] for row in rows], columns=list(TELEMETRY_COLUMNS), dtype="float64")
+    width = len(TELEMETRY_COLUMNS)  # a row without the later columns (both powers) leaves them empty
+    frame = pd.DataFrame([(*row[1:], *(None,) * (width + 1 - len(row))) for row in rows],
+                         columns=list(TELEMETRY_COLUMNS), dtype="float64")
     times = np.array([row[0] for row in rows], dtype="float64") - t0
     frame.insert(0, "t_s", times)
     frame.insert(1, "unix_s", start_unix_s + times)

@@ -34,6 +34,9 @@ class Window:
     state_start: GpuState | None = None  # the GPU when the window opened (None: no GPU meter)
     state_end: GpuState | None = None
     clock_events: int | None = None  # NVML clock event reasons seen at the edges or by the sampler (bit mask)
+    instant_gpu_j: float | None = None  # J: NVML_FI_DEV_POWER_INSTANT samples integrated (None: not offered)
+    average_gpu_j: float | None = None  # J: nvmlDeviceGetPowerUsage (1 s average) samples integrated
+    agreement_bound_j: float | None = None  # J: how far apart the readings may lie (bounds.agreement_bound_j)
 
     @property
     def window_periods(self) -> float | None:

@@ -1,0 +1,52 @@
+"""The roof beside the joule: each cell's decode bandwidth against its GPU's rated one, and what bounds it."""
+
+from __future__ import annotations
+
+from w2w.records import RankRecord
+
+# At or above this share of the rated bandwidth a decode phase is memory-bound.
+MEMORY_BOUND_PCT = 50.0
+MEMORY_BOUND, COMPUTE_BOUND, LAUNCH_BOUND = "memory-bound", "compute-bound", "launch-bound"
+COLUMNS = ("decode_gbs", "roof_pct", "decode_flop_per_byte", "bound_by", "roof_note")
+
+
+def _gpu(record: RankRecord) -> dict:
+    return (record.config or {}).get("gpu") or {}
+
+
+def roof_columns(records: list[RankRecord]) -> dict:
+    """decode_gbs: bytes the decode steps read on a GPU (weights + KV cache, estimated) / decode time,
+    the slowest rank's; roof_pct: that over the GPU's rated bandwidth (gpu.hbm_gbs); bound_by:
+    memory-bound at >= MEMORY_BOUND_PCT of it, else compute-bound where the steps' arithmetic
+    intensity (2 FLOP per weight per row) reaches the GPU's ridge (peak_tflops / hbm_gbs), else
+    launch-bound (neither memory nor arithmetic is the limit: kernel launches and synchronization)."""
+    empty = dict.fromkeys(COLUMNS)
+    rates, intensity = [], None
+    for r in records:
+        c, t = r.counts, r.times
+        if c is None or t is None or c.decode_read_bytes is None or not t.decode_s or not c.decode_steps:
+            return empty | {"roof_note": "no roof: decode bytes or time not recorded"}
+        rates.append(c.decode_read_bytes / t.decode_s / 1e9)
+        if r.rank == min(x.rank for x in records):
+            # FLOP per byte read: each weight element does 2 FLOP per row; rows = positions / forward calls.
+            element_b = 2 if (r.params.get("precision") or "fp16") != "fp32" else 4
+            rows = (c.output_tokens / c.batches) if c.batches else 0.0
+            intensity = 2.0 * rows / element_b
+    gbs = min(rates)  # ranks step together: the slowest one's pace is the cell's
+    gpu = _gpu(records[0])
+    rated, tflops = gpu.get("hbm_gbs"), gpu.get("peak_tflops")
+    if not rated:
+        return empty | {"decode_gbs": gbs, "decode_flop_per_byte": intensity,
+                        "roof_note": f"no roof: gpu={gpu.get('name')} has no rated bandwidth (hbm_gbs)"}
+    pct = 100.0 * gbs / rated
+    if pct >= MEMORY_BOUND_PCT:
+        bound = MEMORY_BOUND
+    elif tflops and intensity is not None and intensity >= tflops * 1e3 / rated:
+        bound = COMPUTE_BOUND
+    elif tflops:
+        bound = LAUNCH_BOUND
+    else:
+        bound = None
+    note = "" if bound else f"below the roof; gpu={gpu.get('name')} has no peak_tflops to tell compute from launch"
+    return {"decode_gbs": gbs, "roof_pct": pct, "decode_flop_per_byte": intensity, "bound_by": bound,
+            "roof_note": note}
