@@ -28,9 +28,9 @@ def roof_columns(records: list[RankRecord]) -> dict:
             return empty | {"roof_note": "no roof: decode bytes or time not recorded"}
         rates.append(c.decode_read_bytes / t.decode_s / 1e9)
         if r.rank == min(x.rank for x in records):
-            # FLOP per byte read: each weight element does 2 FLOP per row; rows = positions / forward calls.
-            element_b = 2 if (r.params.get("precision") or "fp16") != "fp32" else 4
-            rows = (c.output_tokens / c.batches) if c.batches else 0.0
+            # FLOP per weight byte read: each weight element does 2 FLOP per row of the batch.
+            element_b = 4 if r.params.get("precision") == "fp32" else 2
+            rows = c.responses / c.batches if c.batches else 0.0
             intensity = 2.0 * rows / element_b
     gbs = min(rates)  # ranks step together: the slowest one's pace is the cell's
     gpu = _gpu(records[0])

@@ -163,7 +163,8 @@ class GpuMeter:
     def _instant_mw(self) -> float:
         value = call(self.nvml, "nvmlDeviceGetFieldValues", self.handle, [self.nvml.NVML_FI_DEV_POWER_INSTANT])[0]
         if value.nvmlReturn != self.nvml.NVML_SUCCESS:
-            raise gpu_error(value.nvmlReturn, f"NVML_FI_DEV_POWER_INSTANT: NVML error {value.nvmlReturn}")
+            said = str(self.nvml.NVMLError(value.nvmlReturn))  # NVML's own words, e.g. "Not Supported"
+            raise gpu_error(value.nvmlReturn, f"NVML_FI_DEV_POWER_INSTANT: {said} (NVML error {value.nvmlReturn})")
         return float(getattr(value.value, _FIELD_MEMBERS.get(value.valueType, "uiVal")))
 
     def _average_mw(self) -> float:
