@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from w2w.analysis import figures, ladder, paper, pareto, repeats, tables
+from w2w.analysis import figures, ladder, paper, pareto, repeats, roof, selfcheck, tables
 from w2w.analysis.compare import comparison, read_facts
 from w2w.analysis.reduce import load_cells, reduce_cells, summary_notes
 from w2w.launch.status import completeness, sweep_problems
@@ -191,6 +191,8 @@ def render(sweep: Path, out: Path, max_timelines: int | None = None, target: par
         costs_section(costs),
         repeats.repeats_lines(cells, frame_markdown(spread) if not spread.empty else ""),
         ladder.report_sections(cells),
+        selfcheck.report_section(cells),
+        roof.dvfs_section(cells),
         pareto_section(chosen, out),
     ]
     files.append(_write(out / "report.md", "".join(line + "\n" for section in sections for line in section)))

@@ -222,6 +222,20 @@ def _half(cells: pd.DataFrame, column: str) -> np.ndarray | None:
     return None if half is None or half.isna().all() else half.fillna(0.0).to_numpy(float)
 
 
+# The roof beside the joule (analysis/roof.py): each cell's marker says what bounds its decode steps.
+ROOF_MARKERS = {"memory-bound": "s", "compute-bound": "^", "launch-bound": "v"}
+
+
+def _scatter_by_roof(ax, usable: pd.DataFrame, speed: str, cost: str) -> None:
+    bound = usable["bound_by"] if "bound_by" in usable else pd.Series(None, index=usable.index, dtype=object)
+    known = bound.isin(list(ROOF_MARKERS))
+    ax.scatter(usable.loc[~known, speed], usable.loc[~known, cost], s=22, color="0.6", label="cell", zorder=2)
+    for name, marker in ROOF_MARKERS.items():
+        group = usable[bound == name]
+        if not group.empty:
+            ax.scatter(group[speed], group[cost], s=30, marker=marker, color="0.4", label=f"cell, {name}", zorder=2)
+
+
 def pareto_figure(cells: pd.DataFrame) -> Rendered:
     """One panel per (cost, speed): every ok cell, its frontier drawn and labelled by the varied axes."""
     done = ok(cells)
@@ -233,7 +247,7 @@ def pareto_figure(cells: pd.DataFrame) -> Rendered:
         for c, (speed, larger) in enumerate(SPEEDS):
             ax = grid[r, c]
             usable = done[done[cost].notna() & done[speed].notna()]
-            ax.scatter(usable[speed], usable[cost], s=22, color="0.6", label="cell", zorder=2)
+            _scatter_by_roof(ax, usable, speed, cost)
             if has_intervals(usable):  # each mean's 95% interval over its cell's repeats
                 ax.errorbar(usable[speed], usable[cost], xerr=_half(usable, speed), yerr=_half(usable, cost),
                             fmt="none", ecolor="0.5", elinewidth=0.8, capsize=2, zorder=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pandas as pd
+
 from w2w.records import RankRecord
 
 # At or above this share of the rated bandwidth a decode phase is memory-bound.
@@ -50,3 +52,30 @@ def roof_columns(records: list[RankRecord]) -> dict:
     note = "" if bound else f"below the roof; gpu={gpu.get('name')} has no peak_tflops to tell compute from launch"
     return {"decode_gbs": gbs, "roof_pct": pct, "decode_flop_per_byte": intensity, "bound_by": bound,
             "roof_note": note}
+
+
+# What the DVFS section shows of each cell: the three knobs, speed, energy split, and the roof.
+DVFS_COLUMNS = ("cell_id", "gpu_clock_mhz", "power_cap_w", "batch_size", "tokens_per_s", "energy_per_token_j",
+                "static_energy_per_token_j", "dynamic_energy_per_token_j", "decode_gbs", "roof_pct", "bound_by")
+
+
+def dvfs_section(cells: pd.DataFrame) -> list[str]:
+    """The page's section: locked clock x power cap x batch, each cell's energy split and roof, and the
+    cells on the energy/speed frontier among them (the DVFS frontier)."""
+    from w2w.analysis import pareto, tables
+
+    done = tables.ok(cells)
+    lines = ["## Clocks, caps and the roof (DVFS frontier)", "",
+             "Each cell's locked SM clock (gpu_clock_mhz; empty: the GPU's own), power cap and batch size; its "
+             "energy split into static (the GPU loaded and waiting, measured after each warm-up, x the cell's "
+             "time) and dynamic (the rest), per returned token; and its decode steps' bandwidth (bytes read per "
+             "step: weights + KV cache, estimated) against the GPU's rated one (gpu.hbm_gbs): memory-bound at "
+             f">= {MEMORY_BOUND_PCT:g}% of it, else compute-bound past the ridge (peak_tflops / hbm_gbs), else "
+             "launch-bound. On the frontier: no other cell is both faster and cheaper per token.", ""]
+    if done.empty or "energy_per_token_j" not in done or done["energy_per_token_j"].isna().all():
+        return [*lines, "No ok cell has an energy reading.", ""]
+    front = set(pareto.frontier(done, "energy_per_token_j", "tokens_per_s", True)["cell_id"])
+    frame = done[[c for c in DVFS_COLUMNS if c in done]].copy()
+    frame["on_frontier"] = frame["cell_id"].isin(front)
+    notes = sorted({n for n in done.get("roof_note", pd.Series(dtype=str)).dropna() if n})
+    return [*lines, tables.markdown(frame), "", *(f"- {n}" for n in notes), ""]

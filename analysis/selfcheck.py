@@ -98,7 +98,8 @@ def report_section(cells: pd.DataFrame) -> list[str]:
              "readings lie further apart than their bound explains is flagged with them. SLURM's node energy "
              "must be at least the node's GPUs (each once) + CPU + DRAM.", ""]
     flagged = [(r["cell_id"], column, r[column]) for r in done.to_dict("records")
-               for column in COLUMNS if column in r and r[column]]
+               for column in COLUMNS if r.get(column)]
     if not flagged:
-        return lines + ["No cell flagged: every cell's readings agree within their bounds.", ""]
-    return lines + [f"- cell {cid}: {column}: {text}" for cid, column, text in flagged] + [""]
+        return [*lines, "No cell flagged: every cell's readings agree within their bounds, none is missing, "
+                "and no node's energy is below its parts.", ""]
+    return [*lines, *(f"- cell {cid}: {column}: {text}" for cid, column, text in flagged), ""]

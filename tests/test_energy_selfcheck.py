@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import time
 from types import SimpleNamespace
 
 import pandas as pd
@@ -98,7 +99,19 @@ def test_readings_that_disagree_by_more_than_their_bound_are_flagged_with_the_re
     # By hand: peak 150 W; counter edges 2 x 1 mJ + 2 x 150 W x 0.1 s, instant edges 2 x 150 W x 0.1 s.
     assert window.agreement_bound_j == pytest.approx(0.002 + 30.0 + 30.0)
     flag = disagreement(window.counter_gpu_j, window.instant_gpu_j, window.average_gpu_j, window.agreement_bound_j)
-    assert flag == "GPU readings disagree: counter 1000.000 J, instant 1500.000 J: spread 500.000 J > bound 60.002 J"
+    assert flag == "GPU readings disagree: counter 1000.000 J, instant 1500.000 J: 500.000 J apart > bound 60.002 J"
+    assert window.average_bound_j is None  # this GPU has no 1 s average
+
+
+def test_the_one_second_average_is_checked_against_its_own_lag():
+    clock = FakeClock()
+    # The average reads 10% low for 100 s: 1000 J apart; its lag bound: 2 x 100 W x 1 s + the counter's 20.002 J.
+    window = window_of(metered(FakeGpu(power_w=100.0, average_w=90.0), clock), clock, 100.0)
+    assert window.average_bound_j == pytest.approx(200.0 + 20.002)
+    assert window.agreement_bound_j == pytest.approx(20.002 + 20.0)  # counter vs instant: they agree
+    flag = disagreement(window.counter_gpu_j, window.instant_gpu_j, window.average_gpu_j, window.agreement_bound_j,
+                        window.average_bound_j)
+    assert flag is not None and "average 9000.000 J: 1000.000 J apart > bound 220.002 J" in flag
 
 
 def test_readings_that_agree_are_not_flagged():
@@ -106,7 +119,7 @@ def test_readings_that_agree_are_not_flagged():
     window = window_of(metered(FakeGpu(power_w=100.0), clock), clock, 10.0)
     assert window.counter_gpu_j == pytest.approx(1000.0) == window.instant_gpu_j == pytest.approx(window.average_gpu_j)
     assert disagreement(window.counter_gpu_j, window.instant_gpu_j, window.average_gpu_j,
-                        window.agreement_bound_j) is None
+                        window.agreement_bound_j, window.average_bound_j) is None
 
 
 # -- 3: locked clocks, restored at the end and on SIGTERM, refused once -----------------------------------------
@@ -233,3 +246,112 @@ def test_new_fields_are_absent_from_a_record_that_lacks_them():
     assert "gpu_clock" not in written and "readings_flag" not in written["energy"]
     assert "static_gpu_j" not in written["energy"] and "instant_gpu_j" not in written["energy"]
     assert "decode_read_bytes" not in BatchCounts().to_dict()
+
+
+# -- the acceptance sweeps: one rank through run_cells, the reducer and the report, on the fake NVML ----------
+
+
+def _sweep_rank(cells, instant_w: float | None, may_set_clocks: bool) -> dict:
+    """One rank of run_cells with a fake GPU drawing 100 W whose instant field reports instant_w."""
+    import logging
+
+    from w2w import runner
+    from w2w.energy.monitor import EnergyMonitor
+
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    gpu = FakeGpu(power_w=100.0, instant_w=instant_w, may_set_clocks=may_set_clocks)
+    nvml = fake_nvml([gpu])
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("w2w.energy").addHandler(handler)
+
+    class Injected(EnergyMonitor):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("rapl", None)
+            super().__init__(*args, nvml=nvml, rapl=False, **kwargs)
+
+        def measure_active(self, seconds):
+            gpu.set_power(60.0, self._clock())  # loaded and waiting: 60 W; working: 100 W
+            try:
+                return super().measure_active(seconds)
+            finally:
+                gpu.set_power(100.0, self._clock())
+
+        def begin_window(self, name, sync=True):
+            super().begin_window(name, sync)
+            if name == "batch":  # at least 0.2 s per batch: a 200 W gap is 40 J, ten times its bound (~4 J)
+                time.sleep(0.2)
+
+    from unittest import mock
+
+    with mock.patch.object(runner, "EnergyMonitor", Injected):
+        statuses = runner.run_cells(cells)
+    return {"statuses": statuses, "clock_calls": gpu.clock_calls, "sm_clock_mhz": gpu.sm_clock_mhz,
+            "locked": gpu.locked_mhz, "errors": [line for line in lines if "gpu_clock_mhz" in line]}
+
+
+def _grid(sweep, clocks: tuple[int, ...] = ()) -> list:
+    from w2w.config import compose_grid
+
+    cells = compose_grid(["precision=fp32", "max_gen_len=4", "dataset.num_prompts=2", "batch_size=2", "shards=1",
+                          f"sweep_dir={sweep}", "energy.idle_seconds=0", "energy.sample_interval_s=0.005",
+                          "energy.active_s=0.2"])
+    # Past config validation, which wants a CUDA profile for a clock (the fake GPU stands in for one).
+    return [dataclasses.replace(cells[0], gpu_clock_mhz=mhz) for mhz in clocks] or cells
+
+
+@pytest.mark.slow
+def test_fake_metered_sweeps_flag_disagreeing_readings_and_lock_clocks(tmp_path):
+    from w2w.analysis.reduce import reduce_sweep
+
+    from tests.parallel import run_parallel
+    from w2w.records import read_record
+
+    # Instant power 3x what the counter counts (a known 200 W apart): flagged with both readings; locked
+    # clocks 1200, 1600. The bound grows with the peak power and the sampler interval, the gap with the window.
+    off = tmp_path / "off"
+    [result] = run_parallel(1, _sweep_rank, _grid(off, (1200, 1600)), 300.0, True)
+    assert result["statuses"] == ["ok", "ok"]
+    assert result["clock_calls"] == [(1200, 1200), (1600, 1600), None]  # set, set, restored after the job
+    assert result["locked"] is None and result["sm_clock_mhz"] == 1410.0
+    table = reduce_sweep(off)
+    assert table["readings_flag"].str.contains("GPU readings disagree: counter").all()
+    for cid in table["cell_id"]:
+        record = read_record(off / "cells" / cid / "rank-00000.json")
+        e = record.energy
+        assert e.instant_gpu_j == pytest.approx(3 * e.counter_gpu_j, rel=0.05), record.times
+        assert f"counter {e.counter_gpu_j:.3f} J" in e.readings_flag and "instant" in e.readings_flag
+        mhz = record.params["gpu_clock_mhz"]
+        assert record.gpu_clock == {"requested_mhz": mhz, "locked_mhz": mhz, "read_back_mhz": float(mhz),
+                                    "refused": None}
+        # Static: the 60 W of the waiting GPU over the cell's time; dynamic: the other 40 W of its 100 W.
+        assert e.active_power_w == pytest.approx(60.0, rel=1e-3) and e.active_s >= 0.2
+        assert e.static_gpu_j == pytest.approx(e.active_power_w * record.times.total_s)
+        assert e.dynamic_gpu_j == pytest.approx(e.gpu_j - e.static_gpu_j)
+        assert e.dynamic_gpu_j == pytest.approx(40.0 * record.times.total_s, rel=0.02)
+        assert record.counts.decode_steps == 3 and record.counts.decode_read_bytes > 0
+    section = "\n".join(selfcheck.report_section(table))
+    assert all(f"cell {cid}: readings_flag: rank 0: GPU readings disagree" in section for cid in table["cell_id"])
+
+    # The same sweep where the readings agree: not flagged.
+    agree = tmp_path / "agree"
+    [result] = run_parallel(1, _sweep_rank, _grid(agree), None, True)
+    table = reduce_sweep(agree)
+    assert result["statuses"] == ["ok"] and (table["readings_flag"] == "").all()
+    assert "No cell flagged" in "\n".join(selfcheck.report_section(table))
+
+
+@pytest.mark.slow
+def test_no_right_to_lock_clocks_one_line_at_the_first_cell_and_nothing_changed(tmp_path):
+    from tests.parallel import run_parallel
+    from w2w.records import read_record
+
+    sweep = tmp_path / "denied"
+    cells = _grid(sweep, (1200, 1600))
+    [result] = run_parallel(1, _sweep_rank, cells, None, False)
+    assert result["statuses"] == ["error", "error"] and result["clock_calls"] == []
+    assert result["sm_clock_mhz"] == 1410.0 and result["locked"] is None
+    assert len(result["errors"]) == 1 and "gpu_clock_mhz=1200" in result["errors"][0]  # said once, at the first
+    errors = [read_record(sweep / "cells" / c.id / "rank-00000.json").error for c in cells]
+    assert all("\n" not in e and "NoPermission" in e and "Nothing was changed" in e for e in errors)

@@ -78,7 +78,8 @@ def checked_energy(energy: Energy, missing: dict[str, str] | None, active: Windo
     """The cell's energy with issue 27's checks: its three readings compared (the readings where they
     disagree by more than their bound), each missing reading and why, and the split into static
     (the loaded, waiting GPU's power x the cell's time) and dynamic energy."""
-    flag = disagreement(energy.counter_gpu_j, energy.instant_gpu_j, energy.average_gpu_j, energy.agreement_bound_j)
+    flag = disagreement(energy.counter_gpu_j, energy.instant_gpu_j, energy.average_gpu_j, energy.agreement_bound_j,
+                        energy.average_bound_j)
     active_w = active.gpu_j / active.duration_s if active is not None and active.gpu_j is not None \
         and active.duration_s > 0 else None
     static = active_w * cell_s if active_w is not None and cell_s is not None and energy.gpu_j is not None else None

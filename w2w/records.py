@@ -105,10 +105,12 @@ class EnergyFigures(Schema):
     cpu_package_j: float | None = rule(ADD)  # the RAPL package zones of cpu_j
     cpu_dram_j: float | None = rule(ADD)  # the RAPL DRAM zones of cpu_j (each zone counted once)
     # Issue 27: both sampled powers integrated beside the counter, and how far apart the three may lie
-    # (w2w.energy.bounds.agreement_bound_j; bounds add linearly as gpu_bound_j's do).
+    # (w2w.energy.bounds.agreement_bounds_j: counter vs instant, and the 1 s average vs either; bounds add
+    # linearly as gpu_bound_j's do).
     instant_gpu_j: float | None = rule(LATER)
     average_gpu_j: float | None = rule(LATER)
     agreement_bound_j: float | None = rule(LATER)
+    average_bound_j: float | None = rule(LATER)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
 
 

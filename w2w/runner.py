@@ -12,9 +12,9 @@ from w2w import checkpoint, distributed, engines
 from w2w.cell import Cell, DatasetConfig
 from w2w.cell_lock import CellLock
 from w2w.data import Prompt, check_unchanged, load_prompt_rows
+from w2w.energy.clocks import restore_clocks_on_sigterm, restore_clocks_or_log
 from w2w.energy.errors import EnergyError
 from w2w.energy.monitor import EnergyMonitor
-from w2w.energy.clocks import restore_clocks_on_sigterm, restore_clocks_or_log
 from w2w.energy.powercap import PowerCapper, restore_cap_on_sigterm, restore_or_log
 from w2w.engines.common import synchronize
 from w2w.errors import ConfigError

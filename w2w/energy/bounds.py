@@ -85,39 +85,53 @@ class Readings:
     coverage: float | None
 
 
-def agreement_bound_j(r: Readings) -> float | None:
-    """How far apart the window's readings may lie with every meter right, in J; None with fewer than two.
+def _edge_terms(r: Readings) -> tuple[float, dict[str, float]]:
+    """The unsampled-range term and each present reading's own edge error in J, at the peak power seen."""
+    present = {"counter": r.counter_j, "instant": r.instant_j, "average": r.average_j}
+    present = {name: j for name, j in present.items() if j is not None}
+    peak = max(r.power_max_w or 0.0, max(present.values(), default=0.0) / r.duration_s)
+    own = {"counter": 2 * NVML_COUNTER_RESOLUTION_J + 2 * peak * (r.counter_period_s or 0.0),
+           "instant": 2 * peak * (r.sample_interval_s or 0.0),
+           "average": 2 * peak * max(AVERAGE_POWER_WINDOW_S, r.sample_interval_s or 0.0)}
+    unsampled = 0.0
+    if r.coverage is not None and r.power_max_w is not None and r.power_min_w is not None:
+        unsampled = (1 - r.coverage) * (r.power_max_w - r.power_min_w) * r.duration_s
+    return unsampled, {name: own[name] for name in present}
+
+
+def agreement_bounds_j(r: Readings) -> tuple[float | None, float | None]:
+    """How far apart the window's readings may lie with every meter right, in J: (counter vs instant,
+    the 1 s average vs the others); None where a pair lacks a reading.
 
     Each reading's own edge error at the peak power seen (the counter: one update period and its
     resolution; a sampled power: one sampler interval; the 1 s average: AVERAGE_POWER_WINDOW_S of lag),
     plus, where the GPU samples only part of the time, the power range over the unsampled share.
-    Unlike gpu_bound_j it leaves out the counter-sample gap: that gap is what is checked against it.
+    Unlike gpu_bound_j they leave out the counter-sample gap: that gap is what is checked against them.
+    The average's lag is its own bound, so that it does not hide a counter-instant gap in short windows.
     """
-    present = [j for j in (r.counter_j, r.instant_j, r.average_j) if j is not None]
-    if len(present) < 2 or r.duration_s <= 0:
-        return None
-    peak = max(r.power_max_w or 0.0, max(present) / r.duration_s)
-    bound = 0.0
-    if r.counter_j is not None:
-        bound += 2 * NVML_COUNTER_RESOLUTION_J + 2 * peak * (r.counter_period_s or 0.0)
-    if r.instant_j is not None:
-        bound += 2 * peak * (r.sample_interval_s or 0.0)
-    if r.average_j is not None:
-        bound += 2 * peak * max(AVERAGE_POWER_WINDOW_S, r.sample_interval_s or 0.0)
-    if r.coverage is not None and r.power_max_w is not None and r.power_min_w is not None:
-        bound += (1 - r.coverage) * (r.power_max_w - r.power_min_w) * r.duration_s
-    return bound
+    if r.duration_s <= 0:
+        return None, None
+    unsampled, own = _edge_terms(r)
+    pair = own["counter"] + own["instant"] + unsampled if {"counter", "instant"} <= set(own) else None
+    others = [own[n] for n in ("counter", "instant") if n in own]
+    average = own["average"] + max(others) + unsampled if "average" in own and others else None
+    return pair, average
 
 
 def disagreement(counter_j: float | None, instant_j: float | None, average_j: float | None,
-                 bound_j: float | None) -> str | None:
-    """The readings and their spread where it exceeds bound_j (a flag for the record); None where they agree."""
+                 bound_j: float | None, average_bound_j: float | None = None) -> str | None:
+    """The readings and their spread where a pair lies further apart than its bound (counter vs instant:
+    bound_j; the average vs either: average_bound_j); None where they agree or cannot be compared."""
     named = {"counter": counter_j, "instant": instant_j, "average": average_j}
     present = {name: j for name, j in named.items() if j is not None}
-    if bound_j is None or len(present) < 2:
+    gaps = []
+    if bound_j is not None and counter_j is not None and instant_j is not None:
+        gaps.append((abs(counter_j - instant_j), bound_j))
+    if average_bound_j is not None and average_j is not None:
+        gaps += [(abs(average_j - present[n]), average_bound_j) for n in ("counter", "instant") if n in present]
+    over = [(gap, bound) for gap, bound in gaps if gap > bound]
+    if not over:
         return None
-    spread = max(present.values()) - min(present.values())
-    if spread <= bound_j:
-        return None
+    gap, bound = max(over, key=lambda g: g[0] - g[1])
     shown = ", ".join(f"{name} {j:.3f} J" for name, j in present.items())
-    return f"GPU readings disagree: {shown}: spread {spread:.3f} J > bound {bound_j:.3f} J"
+    return f"GPU readings disagree: {shown}: {gap:.3f} J apart > bound {bound:.3f} J"

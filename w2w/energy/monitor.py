@@ -15,7 +15,14 @@ from typing import Any
 import torch
 
 from w2w.energy import gpustate
-from w2w.energy.bounds import GpuReading, Readings, agreement_bound_j, cpu_bound_j, gpu_bound_j, power_sample_coverage
+from w2w.energy.bounds import (
+    GpuReading,
+    Readings,
+    agreement_bounds_j,
+    cpu_bound_j,
+    gpu_bound_j,
+    power_sample_coverage,
+)
 from w2w.energy.errors import EnergyError, GpuError, WindowError
 from w2w.energy.nvml import GpuMeter, call, import_nvml, open_gpu_meter
 from w2w.energy.rapl import POWERCAP_ROOT, RAPL_POLL_INTERVAL_S, RaplMeter, RaplPoller, open_rapl
@@ -308,7 +315,7 @@ class EnergyMonitor:
         voided = bool(errors) or bool(telemetry_errors)  # a read error leaves no reading to compare
         instant = None if voided else integrate_column(rows, "instant_power_w", opened.t0_monotonic_s, t1)
         average = None if voided else integrate_column(rows, "average_power_w", opened.t0_monotonic_s, t1)
-        agreement = agreement_bound_j(Readings(
+        agreement, average_bound = agreement_bounds_j(Readings(
             counter_j, instant, average, duration, self.counter_period_s,
             self.sampler.interval_s if self.sampler else None, reading.power_max_w, reading.power_min_w,
             self._coverage))
@@ -341,6 +348,7 @@ class EnergyMonitor:
             instant_gpu_j=instant,
             average_gpu_j=average,
             agreement_bound_j=agreement,
+            average_bound_j=average_bound,
         )
 
     def _power_coverage(self) -> float | None:

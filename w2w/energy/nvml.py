@@ -9,7 +9,13 @@ from typing import Any
 
 import torch
 
-from w2w.energy.errors import GpuError, GpuNoPermissionError, GpuNotFoundError, GpuNotSupportedError, gpu_error
+from w2w.energy.errors import (
+    GpuError,
+    GpuNoPermissionError,
+    GpuNotFoundError,
+    GpuNotSupportedError,
+    gpu_error,
+)
 
 # Sampler row after the time stamp: (power W, SM util %, memory util %, memory used MiB, temperature C, SM clock MHz,
 # NVML's clock event reasons as a bit mask: w2w.energy.gpustate names them).

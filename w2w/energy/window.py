@@ -36,7 +36,8 @@ class Window:
     clock_events: int | None = None  # NVML clock event reasons seen at the edges or by the sampler (bit mask)
     instant_gpu_j: float | None = None  # J: NVML_FI_DEV_POWER_INSTANT samples integrated (None: not offered)
     average_gpu_j: float | None = None  # J: nvmlDeviceGetPowerUsage (1 s average) samples integrated
-    agreement_bound_j: float | None = None  # J: how far apart the readings may lie (bounds.agreement_bound_j)
+    agreement_bound_j: float | None = None  # J: how far counter and instant may lie apart (bounds.agreement_bounds_j)
+    average_bound_j: float | None = None  # J: how far the 1 s average may lie from either
 
     @property
     def window_periods(self) -> float | None:
