@@ -355,3 +355,20 @@ def test_no_right_to_lock_clocks_one_line_at_the_first_cell_and_nothing_changed(
     assert len(result["errors"]) == 1 and "gpu_clock_mhz=1200" in result["errors"][0]  # said once, at the first
     errors = [read_record(sweep / "cells" / c.id / "rank-00000.json").error for c in cells]
     assert all("\n" not in e and "NoPermission" in e and "Nothing was changed" in e for e in errors)
+
+
+def test_gpu_clock_mhz_is_an_opt_in_axis_checked_by_name():
+    from w2w.config import compose_grid
+    from w2w.errors import ConfigError
+
+    plain = compose_grid(["gpu=h100"])[0]
+    cells = compose_grid(["gpu=h100", "gpu_clock_mhz=1200,1600"])
+    assert plain.gpu_clock_mhz is None and [c.gpu_clock_mhz for c in cells] == [1200, 1600]
+    assert dataclasses.replace(plain, gpu_clock_mhz=None).id == plain.id  # the default keeps old ids
+    assert len({plain.id, *(c.id for c in cells)}) == 3 and cells[0].params()["gpu_clock_mhz"] == 1200
+    with pytest.raises(ConfigError, match=r"gpu_clock_mhz=0: must be a whole number of MHz > 0"):
+        compose_grid(["gpu=h100", "gpu_clock_mhz=0"])
+    with pytest.raises(ConfigError, match=r"gpu_clock_mhz=1200 needs a GPU"):
+        compose_grid(["gpu=cpu", "gpu_clock_mhz=1200"])
+    with pytest.raises(ConfigError, match=r"energy.active_s=-1"):
+        compose_grid(["energy.active_s=-1"])
