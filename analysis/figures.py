@@ -312,7 +312,8 @@ Span = tuple[str, float, float]  # (phase, start, end) in unix s
 
 def phase_spans(record: RankRecord) -> list[Span]:
     """A rank's warm-ups (one per job attempt), and each batch's prefill then decode, from its record."""
-    spans = [("warm-up", s.start_unix_s, s.start_unix_s + s.warmup_s) for s in record.segments
+    # A segment's start_unix_s is stamped as its warm-up ends (measure.measure_cell): the warm-up lies before it.
+    spans = [("warm-up", s.start_unix_s - s.warmup_s, s.start_unix_s) for s in record.segments
              if s.start_unix_s is not None and s.warmup_s]
     for batch in record.batches:
         t = batch.times

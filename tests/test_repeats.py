@@ -385,7 +385,7 @@ def test_figures_label_powers_of_two_plainly_caption_n_and_shade_the_phases(tmp_
     assert [t.get_text() for t in axis.get_xticklabels()] == ["1", "2", "4"]  # not 2^0, 2^1, 2^2
     assert overview.figure.get_supxlabel().startswith("n = 3 run(s) per cell; error bars: the 95% interval")
     record = _record("a", 0, 10.0, 100.0, repeats=1) | {
-        "segments": [{"segment": 0, "start_unix_s": 99.0, "warmup_s": 0.5}],
+        "segments": [{"segment": 0, "start_unix_s": 99.5, "warmup_s": 0.5}],  # stamped as the warm-up ends
         "batches": [{"index": i, "segment": 0, "times": {"start_unix_s": 100.0 + 2 * i, "total_s": 1.5,
                                                          "prefill_s": 0.5, "decode_s": 1.0}} for i in range(2)]}
     frame = pd.DataFrame({"rank": [0] * 5, "unix_s": [100.0, 101.0, 102.0, 103.0, 104.0], "power_w": [50.0] * 5})
