@@ -431,7 +431,7 @@ def stop_note(row: dict) -> str:
     """How many runs a repeats=auto cell took, and why it stopped."""
     width = row.get("repeats_interval_pct")
     shown = "none" if not is_number(width) else f"±{width:.2f}%"
-    why = ("tight" if row["repeats_stopped"] == "tight" else "not tight at repeats_max: the maximum")
+    why = "tight" if row["repeats_stopped"] == "tight" else "at the maximum (repeats_max), not tight"
     return (f"cell {row['cell_id']}: repeats=auto took {int(row['repeats_runs'])} runs and stopped {why} "
             f"(energy_per_token_j 95% interval {shown}, target ±{row['repeats_target_pct']:g}%)")
 

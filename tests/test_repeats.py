@@ -357,7 +357,7 @@ def test_repeats_auto_runs_until_tight_or_the_maximum(tmp_path, monkeypatch):
     notes = summary_notes(table.reset_index())
     assert f"cell {tight.id}: repeats=auto took 4 runs and stopped tight (energy_per_token_j 95% interval " \
            f"±{table.loc[2, 'repeats_interval_pct']:.2f}%, target ±2%)" in notes
-    assert any(n.startswith(f"cell {never.id}: repeats=auto took 6 runs and stopped not tight at repeats_max")
+    assert any(n.startswith(f"cell {never.id}: repeats=auto took 6 runs and stopped at the maximum (repeats_max), not tight")
                for n in notes)
 
 
