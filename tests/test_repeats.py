@@ -397,3 +397,14 @@ def test_figures_label_powers_of_two_plainly_caption_n_and_shade_the_phases(tmp_
     labels = [t.get_text() for t in rendered.figure.axes[0].get_legend().get_texts()]
     assert labels == ["rank 0", "warm-up", "prefill", "decode", "idle"]
     assert rendered.notes[0].startswith("n = 1 run (repeat 0), 1 rank(s); no interval")
+
+
+def test_the_paper_comparison_tests_its_two_sides_where_each_is_one_cell_with_runs(tmp_path):
+    from w2w.analysis.compare import tested
+
+    _write(tmp_path, [_record("a", k, t, 100.0, batch_size=4) for k, t in enumerate((10.0, 10.2, 9.8))]
+           + [_record("b", k, t, 100.0, batch_size=8) for k, t in enumerate((5.0, 5.1, 4.9))])
+    cells = reduce_sweep(tmp_path).set_index("cell_id", drop=False)
+    said = tested(cells.loc[["b"]], cells.loc[["a"]], "tokens_per_s", "b vs a")
+    assert said.startswith("b vs a: differ (mean difference +80.02, 95% interval [+73.37, +86.67] tokens/s; ") and "Welch t: t = " in said
+    assert tested(cells, cells.loc[["a"]], "tokens_per_s", "all vs a") == ""  # two cells on one side: no test
