@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from w2w.analysis import figures, paper, tables
+from w2w.analysis import figures, paper, stats, tables
 from w2w.analysis.reduce import CellRecords, load_cells
 
 # ours/paper needs a point on both sides; a range is compared by where ours falls in it.
@@ -170,12 +170,22 @@ def _fig2_cells(cells: pd.DataFrame) -> pd.DataFrame:
     return figures.min_gpus(_exact(tables.choose(tables.ok(cells), figures.FIG2_PREFER)))
 
 
-def _speedup(cells: pd.DataFrame, model: str) -> tuple[Span | None, pd.DataFrame]:
+def tested(a: pd.DataFrame, b: pd.DataFrame, column: str, what: str) -> str:
+    """Whether two neighbouring configurations of a comparison differ in `column`, by a test on their runs
+    (Welch t or Mann-Whitney U: analysis.stats.difference); "" unless each is one cell with repeats."""
+    if len(a) != 1 or len(b) != 1:
+        return ""
+    said = stats.compare_rows(a.iloc[0].to_dict(), b.iloc[0].to_dict(), column, figures.UNITS.get(column, ""))
+    return f"{what}: {said}" if said else ""
+
+
+def _speedup(cells: pd.DataFrame, model: str) -> tuple[Span | None, pd.DataFrame, str]:
     mine = _fig2_cells(cells)
     mine = mine[mine["model"] == model]
     a100, v100 = (tables.mean_of(mine[mine["gpu"] == g], "tokens_per_s") for g in ("a100", "v100"))
     ratio = a100 / v100 if a100 is not None and v100 else None
-    return _span([ratio]), mine
+    note = tested(mine[mine["gpu"] == "a100"], mine[mine["gpu"] == "v100"], "tokens_per_s", "A100 vs V100")
+    return _span([ratio]), mine, note
 
 
 def _figs_4_9_cells(cells: pd.DataFrame, length: int) -> pd.DataFrame:
@@ -183,16 +193,18 @@ def _figs_4_9_cells(cells: pd.DataFrame, length: int) -> pd.DataFrame:
     return _exact(tables.choose(tables.ok(cells), prefer))
 
 
-def _watts_8_to_32(cells: pd.DataFrame) -> tuple[Span | None, pd.DataFrame]:
-    diffs, used = [], []
+def _watts_8_to_32(cells: pd.DataFrame) -> tuple[Span | None, pd.DataFrame, str]:
+    diffs, used, notes = [], [], []
     for length in figures.FIGS_4_9_LENGTHS:
         mine = _figs_4_9_cells(cells, length)
-        for _, group in mine.groupby(["dataset", "batch_size"]):
+        for (dataset, batch), group in mine.groupby(["dataset", "batch_size"]):
             low, high = (tables.mean_of(group[group["shards"] == s], "energy_per_s_w") for s in (8, 32))
             if low is not None and high is not None:
                 diffs.append(high - low)
                 used.append(group[group["shards"].isin([8, 32])])
-    return _span(diffs), pd.concat(used) if used else cells.iloc[0:0]
+                notes.append(tested(group[group["shards"] == 32], group[group["shards"] == 8], "energy_per_s_w",
+                                    f"32 vs 8 GPUs, max length {length}, {dataset}, batch {int(batch)}"))
+    return _span(diffs), pd.concat(used) if used else cells.iloc[0:0], "; ".join(n for n in notes if n)
 
 
 def _mean_cap(t3: tables.Table3, quantity: str, cap: float) -> float | None:
@@ -207,7 +219,7 @@ def finding_rows(cells: pd.DataFrame, facts: SweepFacts) -> list[Comparison]:
     util = pd.concat([_exact(tables.utilization(cells, p, a)[1]) for p, a in
                       ((paper.TABLE4_SETUP, "max_gen_len"), (paper.TABLE5_SETUP, "shards"))])
     len512 = _figs_4_9_cells(cells, 512)
-    ours: dict[str, tuple[Span | None, pd.DataFrame]] = {
+    ours: dict[str, tuple[Span | None, pd.DataFrame] | tuple[Span | None, pd.DataFrame, str]] = {
         "a100_speedup_7b": _speedup(cells, "llama_7b"),
         "a100_speedup_13b": _speedup(cells, "llama_13b"),
         "watts_8_to_32": _watts_8_to_32(cells),
@@ -219,8 +231,8 @@ def finding_rows(cells: pd.DataFrame, facts: SweepFacts) -> list[Comparison]:
     }
     rows = []
     for f in paper.FINDINGS:
-        span, used = ours[f.key]
-        note = "" if f.key.startswith("cap") else _cap_note(used)  # the cap findings are about caps
+        span, used, *tests = ours[f.key]  # the speed-up and watts findings add their test of the two sides
+        note = "; ".join(n for n in ("" if f.key.startswith("cap") else _cap_note(used), *tests) if n)
         rows.append(compare("Finding", f"{f.claim} ({f.unit})", "as the paper states it", (f.low, f.high),
                             f.hardware, span, _hardware(used, facts), note))
     for cap, changes in paper.RELATED_CAPS.items():

@@ -11,9 +11,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from w2w.analysis import paper
 from w2w.analysis.metrics import METRICS
-from w2w.analysis.stats import CI95
+from w2w.analysis.stats import INTERVAL, MEDIAN, T, chosen
 from w2w.analysis.tables import (
     Choice,
     choose,
@@ -27,6 +29,7 @@ from w2w.analysis.tables import (
 )
 
 from w2w.files import write_atomic
+from w2w.records import RankRecord
 
 UNITS = {m.name: m.unit for m in METRICS}
 NAMES = {
@@ -79,19 +82,43 @@ def _empty(ax, text: str) -> None:
     ax.set_yticks([])
 
 
-def interval_of(cells: pd.DataFrame, metric: str) -> float | None:
-    """The 95% interval half-width over repeats of the one cell a bar or point shows (None: a mean of
-    several cells, or a cell run once)."""
-    column = metric + CI95
-    if len(cells) != 1 or column not in cells:
+def interval_of(cells: pd.DataFrame, metric: str) -> tuple[float, tuple[float, float]] | None:
+    """(center, (below, above)) of the one cell a bar or point shows: the center and the bar lengths of
+    the 95% interval that fits its runs (mean and t, or median and order statistics); None for a mean
+    of several cells or a cell run once."""
+    if len(cells) != 1:
         return None
-    half = cells[column].iloc[0]
-    return None if is_missing(half) else float(half)
+    center, low, high, kind = chosen(cells.iloc[0].to_dict(), metric)
+    if kind is None or is_missing(low) or is_missing(high) or is_missing(center):
+        return None
+    return float(center), (float(center) - float(low), float(high) - float(center))
+
+
+def _bar_value(cells: pd.DataFrame, metric: str) -> tuple[float | None, tuple[float, float] | None]:
+    """A bar's height and error: the center of the cell's fitting interval, else the mean over the cells."""
+    found = interval_of(cells, metric)
+    return (found[0], found[1]) if found else (mean_of(cells, metric), None)
+
+
+def power_of_two_axis(ax, values: list[float]) -> None:
+    """A log2 axis labelled in plain numbers at the values drawn (1, 2, 4 ..., not 2^0, 2^1)."""
+    ax.set_xscale("log", base=2)
+    ticks = sorted({float(v) for v in values if not is_missing(v) and v > 0})
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+def caption(fig: Figure, notes: list[str]) -> None:
+    """The figure's caption at its foot, on the PNG itself: n and the interval used, among its notes."""
+    width = int(fig.get_figwidth() * 15)
+    fig.supxlabel("\n".join(line for note in notes for line in textwrap.wrap(note, width)), fontsize=6,
+                  ha="left", x=0.01)
 
 
 def _bars(ax, groups: list[str], series: list[str], values: dict[tuple[str, str], float | None],
           labels: dict[tuple[str, str], str] | None = None,
-          errors: dict[tuple[str, str], float | None] | None = None) -> bool:
+          errors: dict[tuple[str, str], tuple[float, float] | None] | None = None) -> bool:
     """Grouped bars, each with its error bar (95% interval over repeats) where `errors` has one; a
     missing value is no bar (and 'n/a' where it would stand). True if any bar."""
     width = 0.8 / max(len(series), 1)
@@ -106,7 +133,7 @@ def _bars(ax, groups: list[str], series: list[str], values: dict[tuple[str, str]
                 continue
             error = (errors or {}).get((group, name))
             ax.bar(x, value, width, color=f"C{i}", label=None if labelled else name,
-                   yerr=error, capsize=2 if error is not None else 0)
+                   yerr=None if error is None else [[error[0]], [error[1]]], capsize=2 if error is not None else 0)
             if labels and (group, name) in labels:
                 ax.text(x, value, labels[(group, name)], ha="center", va="bottom", fontsize=6)
             drawn = labelled = True
@@ -161,9 +188,8 @@ def throughput_figure(cells: pd.DataFrame, name: str, metrics: tuple[str, ...], 
         values, labels, errors = {}, {}, {}
         for (model, gpu), group in here.groupby(["model", "gpu"]):
             key = (show("model", model), gpu.upper())
-            values[key] = mean_of(group, metric)
+            values[key], errors[key] = _bar_value(group, metric)
             labels[key] = f"{int(group['shards'].iloc[0])} GPU"
-            errors[key] = interval_of(group, metric)
         if not _bars(ax, [show("model", m) for m in models], [g.upper() for g in gpus], values, labels, errors):
             _empty(ax, _no_data_reason(here, metric))
         ax.set_ylabel(axis_label(metric), fontsize=8)
@@ -173,6 +199,7 @@ def throughput_figure(cells: pd.DataFrame, name: str, metrics: tuple[str, ...], 
     _title(fig, title)
     _legend(fig, axes, "GPU")
     notes = choice.notes + repeats_note(chosen, ["model", "gpu", "dataset"], name) + interval_note(chosen, metrics)
+    caption(fig, interval_note(chosen, metrics))
     return Rendered(name, title, fig, notes)
 
 
@@ -189,8 +216,9 @@ def shards_figure(cells: pd.DataFrame, name: str) -> Rendered:
         ax = axes[0, c]
         here = chosen[chosen["dataset"] == dataset]
         by_bar = here.groupby(["shards", "batch_size"])
-        values = {(str(int(s)), str(int(b))): mean_of(g, metric) for (s, b), g in by_bar}
-        errors = {(str(int(s)), str(int(b))): interval_of(g, metric) for (s, b), g in by_bar}
+        bars = {(str(int(s)), str(int(b))): _bar_value(g, metric) for (s, b), g in by_bar}
+        values = {key: value for key, (value, _) in bars.items()}
+        errors = {key: error for key, (_, error) in bars.items()}
         if not _bars(ax, [str(s) for s in shards], [str(b) for b in batches], values, errors=errors):
             _empty(ax, _no_data_reason(here, metric))
         ax.set_ylabel(axis_label(metric), fontsize=8)
@@ -200,6 +228,7 @@ def shards_figure(cells: pd.DataFrame, name: str) -> Rendered:
     _title(fig, title)
     _legend(fig, axes, "batch size")
     notes = choice.notes + repeats_note(chosen, ["shards", "batch_size", "dataset"], name) + interval_note(chosen, (metric,))
+    caption(fig, interval_note(chosen, (metric,)))
     return Rendered(name, title, fig, notes)
 
 
@@ -216,12 +245,11 @@ def overview_figure(cells: pd.DataFrame) -> Rendered:
                 continue
             values = label if isinstance(label, tuple) else (label,)
             name = ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True)) or "all cells"
-            half = points.get(metric + CI95)  # 95% interval over repeats
-            ax.errorbar(points["batch_size"], points[metric], yerr=_error_bars(half), marker="o", capsize=2,
-                        label=name)
+            centers, errors = _error_bars(points, metric)  # the interval that fits each cell's runs
+            ax.errorbar(points["batch_size"], centers, yerr=errors, marker="o", capsize=2, label=name)
             drawn = True
         if drawn:
-            ax.set_xscale("log", base=2)
+            power_of_two_axis(ax, list(done["batch_size"]))
             ax.set_xlabel("batch size", fontsize=8)
             ax.set_ylabel(axis_label(metric), fontsize=8)
             ax.grid(alpha=0.3)
@@ -231,22 +259,38 @@ def overview_figure(cells: pd.DataFrame) -> Rendered:
     title = f"{len(done)} ok cell(s): the six metrics by batch size"
     _title(fig, title)
     _legend(fig, axes, "cells")
-    return Rendered("metrics", title, fig, interval_note(done, tuple(NAMES)))
+    notes = interval_note(done, tuple(NAMES))
+    caption(fig, notes)
+    return Rendered("metrics", title, fig, notes)
 
 
 def interval_note(cells: pd.DataFrame, metrics: tuple[str, ...]) -> list[str]:
-    """The figure's note on its error bars, where a cell drawn has an interval."""
-    if not any(m + CI95 in cells and cells[m + CI95].notna().any() for m in metrics):
+    """The figure's caption on n and its error bars: which interval each cell drawn got (t or median)."""
+    if cells.empty:
         return []
-    return ["error bars: the 95% interval (Student t) of each cell's mean over its repeats; n per cell in "
-            "the cells table (repeats)"]
+    runs = pd.to_numeric(cells.get("repeats", pd.Series(1, index=cells.index)), errors="coerce").fillna(1)
+    n = f"n = {int(runs.min())}" + (f" to {int(runs.max())}" if runs.max() > runs.min() else "") + " run(s) per cell"
+    kinds = pd.concat([cells[m + INTERVAL] for m in metrics if m + INTERVAL in cells] or [pd.Series(dtype=object)])
+    t, median = int((kinds == T).sum()), int((kinds == MEDIAN).sum())
+    if not t and not median:
+        return [f"{n}: no error bars (a cell run once has no interval)"]
+    covers = [float(c) for m in metrics if m + "_median_cover_pct" in cells
+              for c, k in zip(cells[m + "_median_cover_pct"], cells.get(m + INTERVAL), strict=True)
+              if k == MEDIAN and not is_missing(c)]
+    cover = f"; with fewer than 6 runs it covers only {min(covers):.2f}%" if covers and min(covers) < 95 else ""
+    return [f"{n}; error bars: the 95% interval that fits each cell's runs: mean ± Student t where the runs "
+            f"passed Shapiro-Wilk ({t} cell-metric(s)), else the median with its order-statistics interval "
+            f"({median} cell-metric(s){cover}); each bar spans that interval"]
 
 
-def _error_bars(half: pd.Series | None) -> np.ndarray | None:
-    """Error bar lengths for points; 0 for a point without an interval (a cell run once); None: none at all."""
-    if half is None or half.isna().all():
-        return None
-    return half.fillna(0.0).to_numpy(float)
+def _error_bars(points: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Centers and (below, above) bar lengths of the points: the interval that fits; the mean and no bar
+    for a cell run once; None where no point has an interval."""
+    found = [interval_of(points.iloc[[i]], metric) for i in range(len(points))]
+    centers = np.array([f[0] if f else float(v) for f, v in zip(found, points[metric], strict=True)])
+    if not any(found):
+        return centers, None
+    return centers, np.array([[f[1][0] if f else 0.0 for f in found], [f[1][1] if f else 0.0 for f in found]])
 
 
 def all_figures(cells: pd.DataFrame) -> list[Rendered]:
@@ -261,19 +305,63 @@ def timeline_frames(paths: list[Path]) -> list[pd.DataFrame]:
     return [pd.read_parquet(p, columns=["rank", "unix_s", "power_w"]) for p in paths]
 
 
-def timeline_figure(cell_id: str, frames: list[pd.DataFrame], caption: str) -> Rendered:
-    """GPU power of every rank over the cell, and their sum (what the cell's energy integrates)."""
+# The phases shaded on a power timeline, and their colours.
+PHASE_COLORS = {"warm-up": "tab:purple", "prefill": "tab:orange", "decode": "tab:green", "idle": "0.75"}
+Span = tuple[str, float, float]  # (phase, start, end) in unix s
+
+
+def phase_spans(record: RankRecord) -> list[Span]:
+    """A rank's warm-ups (one per job attempt), and each batch's prefill then decode, from its record."""
+    # A segment's start_unix_s is stamped as its warm-up ends (measure.measure_cell): the warm-up lies before it.
+    spans = [("warm-up", s.start_unix_s - s.warmup_s, s.start_unix_s) for s in record.segments
+             if s.start_unix_s is not None and s.warmup_s]
+    for batch in record.batches:
+        t = batch.times
+        if t.start_unix_s is None or t.prefill_s is None or t.decode_s is None:
+            continue
+        spans += [("prefill", t.start_unix_s, t.start_unix_s + t.prefill_s),
+                  ("decode", t.start_unix_s + t.prefill_s, t.start_unix_s + t.prefill_s + t.decode_s)]
+    return sorted(spans, key=lambda span: span[1])
+
+
+def _idle_gaps(spans: list[Span], start: float, end: float) -> list[Span]:
+    """The stretches of [start, end] that no phase covers: the GPUs waited (host work, I/O, barriers)."""
+    gaps, at = [], start
+    for _, lo, hi in spans:
+        if lo > at:
+            gaps.append(("idle", at, min(lo, end)))
+        at = max(at, hi)
+    return gaps + ([("idle", at, end)] if at < end else [])
+
+
+def _shade(ax, spans: list[Span], start: float) -> None:
+    for phase, lo, hi in spans:
+        ax.axvspan(lo - start, hi - start, color=PHASE_COLORS[phase], alpha=0.15, linewidth=0)
+
+
+def timeline_figure(cell_id: str, frames: list[pd.DataFrame], caption_text: str,
+                    record: RankRecord | None = None) -> Rendered:
+    """GPU power of every rank over the cell, and their sum (what the cell's energy integrates); the
+    phases of rank 0's record (warm-up, prefill, decode, idle between them) shaded behind."""
     fig, axes = _new(2, 1, width=8.0, height=2.6)
     frames = [f.dropna(subset=["unix_s", "power_w"]) for f in frames]  # a failed read is a gap, not a value
     start = min((float(f["unix_s"].iloc[0]) for f in frames if len(f)), default=0.0)
+    end = max((float(f["unix_s"].iloc[-1]) for f in frames if len(f)), default=start)
+    spans = phase_spans(record) if record is not None else []
+    if spans:
+        spans += _idle_gaps(spans, min(start, spans[0][1]), end)
+        for ax in axes.flat:
+            _shade(ax, spans, start)
     for frame in frames:
         if len(frame):
             axes[0, 0].plot(frame["unix_s"] - start, frame["power_w"], linewidth=0.8,
                             label=f"rank {int(frame['rank'].iloc[0])}" if len(frames) <= 8 else None)
     axes[0, 0].set_ylabel("GPU power (W)", fontsize=8)
     axes[0, 0].set_title(f"{len(frames)} rank(s)", fontsize=8)
-    if len(frames) <= 8:
-        axes[0, 0].legend(fontsize=6, loc="lower right")
+    if len(frames) <= 8 or spans:
+        handles, _ = axes[0, 0].get_legend_handles_labels()
+        handles += [Patch(color=PHASE_COLORS[p], alpha=0.3, label=p) for p in dict.fromkeys(p for p, _, _ in spans)]
+        axes[0, 0].legend(handles=handles, fontsize=6, loc="lower right", ncols=2)
     grid, total = _summed(frames, start)
     if grid is not None:
         axes[1, 0].plot(grid, total, linewidth=0.9, color="k")
@@ -281,11 +369,16 @@ def timeline_figure(cell_id: str, frames: list[pd.DataFrame], caption: str) -> R
         _empty(axes[1, 0], "the ranks' timelines do not overlap")
     axes[1, 0].set_ylabel("all GPUs (W)", fontsize=8)
     for ax in axes.flat:
-        ax.set_xlabel("time since the cell started (s)", fontsize=8)
+        ax.set_xlabel("time since the cell's timeline started (s)", fontsize=8)
         ax.grid(alpha=0.3)
-    title = f"cell {cell_id}: GPU power ({caption})"
+    title = f"cell {cell_id}: GPU power ({caption_text})"
     _title(fig, title)
-    return Rendered(f"timeline_{cell_id}", title, fig)
+    notes = [f"n = 1 run (repeat {record.repeat if record else 0}), {len(frames)} rank(s); no interval: "
+             "one run's samples" + ("; shaded: rank 0's phases from its record (warm-up before the "
+                                    "timeline starts where it ran first; idle: between them)" if spans else
+                                    "; no phases: no record beside the timelines")]
+    caption(fig, notes)
+    return Rendered(f"timeline_{cell_id}", title, fig, notes)
 
 
 def _summed(frames: list[pd.DataFrame], start: float) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -16,6 +16,8 @@ from w2w.cell import SHOWN_AXES
 from w2w.engines import ENGINES
 from w2w.files import write_atomic
 from w2w.manifest import MANIFEST, Manifest, read_manifest
+from w2w.records import RankRecord, read_record
+from w2w.schema import RecordError
 
 
 def read_skipped(manifest: Manifest | Path) -> pd.DataFrame:
@@ -132,11 +134,20 @@ def _timelines(sweep: Path, cells: pd.DataFrame, out: Path, limit: int | None) -
             break
         caption = ", ".join(f"{k}={tables.show(k, row[k])}" for k in
                             ("model", "gpu", "shards", "dataset", "batch_size", "max_gen_len", "power_cap_w"))
-        rendered = figures.timeline_figure(row["cell_id"], figures.timeline_frames(paths), caption)
+        rendered = figures.timeline_figure(row["cell_id"], figures.timeline_frames(paths), caption,
+                                           _rank0(sweep / "cells" / row["cell_id"]))
         written.append(figures.save(rendered, out))
     if not written:
         notes.append("power timelines: no ok cell has timeline files (no GPU meter, or energy.sampler=false)")
     return written, notes
+
+
+def _rank0(folder: Path) -> RankRecord | None:
+    """Rank 0's record of a cell's first run, for the phases of its timeline; None where unreadable."""
+    try:
+        return read_record(folder / "rank-00000.json")
+    except (OSError, RecordError):
+        return None
 
 
 @dataclass

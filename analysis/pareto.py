@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from w2w.analysis.figures import Rendered, _empty, _new, _title
+from w2w.analysis.figures import Rendered, _empty, _error_bars, _new, _title, caption, interval_note
 from w2w.analysis.metrics import METRICS
-from w2w.analysis.stats import CI95, N, overlap
-from w2w.analysis.tables import half_text, is_missing, ok, show
+from w2w.analysis.stats import CI95, INTERVAL, MEDIAN, N, compare_rows
+from w2w.analysis.tables import interval_text, is_missing, ok, show
 
 from w2w.cell import SHOWN_AXES
 
@@ -144,36 +144,33 @@ def recommend(cells: pd.DataFrame, target: Target, cost: str = "energy_per_token
     return rec
 
 
-def _interval(row: dict, column: str) -> tuple[float | None, float | None]:
-    """(mean, 95% half-width) of a cell's column; the half-width is None for a cell run once."""
-    half = row.get(column + CI95)
-    return row.get(column), None if is_missing(half) else half
-
-
 def distinguishable(best: dict, other: dict, cost: str) -> list[str]:
-    """The recommendation's line on whether the winner is told apart from the runner-up: by the 95%
-    intervals of their means over repeats, or why that cannot be said."""
-    both = overlap(_interval(best, cost), _interval(other, cost))
-    if both is None:
-        return [f"- {cost} has no interval for both cells (run once): run with repeats=3 or more to tell "
+    """The recommendation's line on whether the winner is told apart from the runner-up: by a test
+    on their runs (Welch's t where both cells' runs passed the normality check, else Mann-Whitney U),
+    with its numbers, or why that cannot be said."""
+    said = compare_rows(best, other, cost, UNITS.get(cost, ""))
+    if said is None:
+        return [f"- {cost} has fewer than 2 runs in one of the cells: run with repeats=3 or more to tell "
                 "whether the difference is real"]
-    a, b = _interval(best, cost), _interval(other, cost)
-    shown = f"{a[0]:.4g} ± {half_text(a[1])} vs {b[0]:.4g} ± {half_text(b[1])} {UNITS.get(cost, '')}".rstrip()
-    if both:
-        return [f"- **not distinguishable**: the 95% intervals of {cost} overlap ({shown}; n = "
-                f"{best.get(cost + N)}, {other.get(cost + N)} repeats)"]
-    return [f"- distinguishable: the 95% intervals of {cost} do not overlap ({shown})"]
+    shown = f"{interval_text(best, cost)} vs {interval_text(other, cost)} {UNITS.get(cost, '')}".rstrip()
+    verdict, _, detail = said.partition(" (")
+    if verdict == "not distinguishable":
+        return [f"- **not distinguishable** in {cost} ({shown}): {detail.removesuffix(')')}"]
+    return [f"- distinguishable in {cost} ({shown}): {detail.removesuffix(')')}"]
 
 
-def _overlapping(front: list[dict], cost: str, speed: str) -> list[str]:
-    """For each frontier point, the other points whose intervals overlap it in both cost and speed."""
-    names = []
-    for row in front:
-        same = [o["cell_id"] for o in front if o is not row
-                and overlap(_interval(row, cost), _interval(o, cost))
-                and overlap(_interval(row, speed), _interval(o, speed))]
-        names.append(", ".join(same))
-    return names
+def _next_neighbour(front: list[dict], cost: str, speed: str) -> list[str]:
+    """For each frontier point (ordered by speed), whether it differs from the next one in cost and in
+    speed: the test's verdict and numbers, or "" where a point has no runs to test."""
+    texts = []
+    for row, following in zip(front, [*front[1:], None]):  # noqa: B905 (the last point has no next)
+        if following is None:
+            texts.append("")
+            continue
+        said = [f"{column}: {verdict}" for column in (cost, speed)
+                if (verdict := compare_rows(row, following, column, UNITS.get(column, ""))) is not None]
+        texts.append(f"vs {following['cell_id']}: " + "; ".join(said) if said else "")
+    return texts
 
 
 def frontier_table(cells: pd.DataFrame) -> pd.DataFrame:
@@ -185,12 +182,12 @@ def frontier_table(cells: pd.DataFrame) -> pd.DataFrame:
         if cost not in done or done[cost].isna().all():
             continue
         for speed, larger in SPEEDS:
-            front = frontier(done, cost, speed, larger).to_dict("records")
-            for row, same in zip(front, _overlapping(front, cost, speed), strict=True):
+            front = frontier(done, cost, speed, larger).sort_values(speed, kind="stable").to_dict("records")
+            for row, same in zip(front, _next_neighbour(front, cost, speed), strict=True):
                 rows.append({"setting": label(row, axes) or "(the only setting)", "cost": cost,
                              "cost_value": row[cost], "cost_unit": UNITS[cost], "speed": speed,
                              "speed_value": row[speed], "speed_unit": UNITS[speed], "cell_id": row["cell_id"]}
-                            | _interval_columns(row, cost, speed) | ({"overlaps": same} if has_intervals(done) else {}))
+                            | _interval_columns(row, cost, speed) | ({"next": same} if has_intervals(done) else {}))
     return pd.DataFrame(rows)
 
 
@@ -200,10 +197,11 @@ def has_intervals(cells: pd.DataFrame) -> bool:
 
 
 def _interval_columns(row: dict, cost: str, speed: str) -> dict:
-    """The frontier point's 95% half-widths and n over repeats (present only where the sweep has repeats)."""
+    """The frontier point's 95% intervals (the kind that fits) and n over repeats (only where it has some)."""
     if not any(not is_missing(row.get(c + CI95)) for c in (cost, speed)):
         return {}
-    return {"cost_ci95": row.get(cost + CI95), "speed_ci95": row.get(speed + CI95), "n": row.get(cost + N)}
+    return {"cost_95": interval_text(row, cost), "cost_interval": row.get(cost + INTERVAL),
+            "speed_95": interval_text(row, speed), "speed_interval": row.get(speed + INTERVAL), "n": row.get(cost + N)}
 
 
 def missing_reason(cells: pd.DataFrame) -> str | None:
@@ -214,12 +212,6 @@ def missing_reason(cells: pd.DataFrame) -> str | None:
     if done["energy_per_token_j"].isna().all():
         return "no ok cell has an energy reading (energy_per_token_j is empty: see the notes)"
     return None
-
-
-def _half(cells: pd.DataFrame, column: str) -> np.ndarray | None:
-    """Error bar lengths of a column (0 where a cell has no interval), or None where no cell has one."""
-    half = cells.get(column + CI95)
-    return None if half is None or half.isna().all() else half.fillna(0.0).to_numpy(float)
 
 
 # The roof beside the joule (analysis/roof.py): each cell's marker says what bounds its decode steps.
@@ -248,9 +240,14 @@ def pareto_figure(cells: pd.DataFrame) -> Rendered:
             ax = grid[r, c]
             usable = done[done[cost].notna() & done[speed].notna()]
             _scatter_by_roof(ax, usable, speed, cost)
-            if has_intervals(usable):  # each mean's 95% interval over its cell's repeats
-                ax.errorbar(usable[speed], usable[cost], xerr=_half(usable, speed), yerr=_half(usable, cost),
-                            fmt="none", ecolor="0.5", elinewidth=0.8, capsize=2, zorder=1)
+            if has_intervals(usable):  # the interval that fits each cell's runs, drawn around its center
+                (xs, xerr), (ys, yerr) = _error_bars(usable, speed), _error_bars(usable, cost)
+                ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.5", elinewidth=0.8, capsize=2,
+                            zorder=1)
+                median = ((usable[speed + INTERVAL] == MEDIAN) | (usable[cost + INTERVAL] == MEDIAN)).to_numpy()
+                if median.any():  # the cross's center is a median there, not the mean the point shows
+                    ax.scatter(xs[median], ys[median], marker="D", s=18, facecolors="none", edgecolors="0.3",
+                               label="median (runs not normal)", zorder=2)
             front = frontier(done, cost, speed, larger)
             for row in usable[~usable["cell_id"].isin(front["cell_id"])].to_dict("records"):
                 ax.annotate(label(row, axes), (row[speed], row[cost]), textcoords="offset points",
@@ -268,8 +265,10 @@ def pareto_figure(cells: pd.DataFrame) -> Rendered:
             ax.grid(alpha=0.3)
             ax.margins(x=0.12, y=0.08)  # room for the labels of the outermost points
             ax.legend(loc="best", fontsize="x-small")
-    if has_intervals(done):
-        notes.append("error bars: the 95% interval (Student t) of each cell's mean over its repeats")
+    shown = interval_note(done, (*costs, *(s for s, _ in SPEEDS)))
+    notes += [*shown, "points: the means (the frontier is drawn through them); where the median's interval "
+              "fits, the error bars cross at the median (hollow diamond)"] if has_intervals(done) else shown
+    caption(fig, shown)
     reason = missing_reason(cells)
     if reason:
         for ax in grid.flat:

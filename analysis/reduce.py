@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from w2w.analysis.metrics import METRIC_NAMES, CellTotals, compute
-from w2w.analysis.stats import CI95, STD, N, is_number, summarize
+from w2w.analysis.stats import COMPARED, INTERVAL, RUNS, is_number, summarize, summary_columns
 from w2w.launch.axes import cell_parameters, label, varying_axes
 from w2w.launch.status import completeness, sweep_problems
 from w2w.launch.submit import load_manifest
@@ -21,6 +22,7 @@ from w2w.files import writable_problem, write_atomic
 from w2w.manifest import MANIFEST, ManifestError
 from w2w.records import REPEAT_PREFIX, STATUS_OK, Energy, RankRecord, read_record, with_batch_totals
 from w2w.schema import RecordError
+from w2w.stopping import Stop, read_stop
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -49,6 +51,7 @@ class CellRecords:
     timeline_samples: int = 0  # rows read from the ranks' timeline files
     runs: dict[int, CellRecords] = field(default_factory=dict)  # repeat K >= 1 -> that run's records (cells/<id>/repeat-K/)
     repeats: int = 1  # runs planned for the cell (its config's repeats)
+    stop: Stop | None = None  # repeats=auto: how many runs it took and why it stopped
 
 
 # The timeline columns the reducer decodes: a file that does not yield them does not parse.
@@ -114,6 +117,7 @@ def _with_runs(cell: CellRecords, folder: Path) -> CellRecords:
     configs = [r.config for run in (cell, *cell.runs.values()) for r in run.records.values()]
     planned = [c.get("repeats") for c in configs if isinstance(c, dict) and isinstance(c.get("repeats"), int)]
     cell.repeats = max([*planned, 1])
+    cell.stop = read_stop(folder.parent.parent, cell.cell_id)
     return cell
 
 
@@ -290,9 +294,10 @@ def axis_columns(cells: dict[str, CellRecords]) -> dict[str, str]:
 
 
 # How many runs a cell has, and which run a record is: not a setting of the result.
-NOT_AXES = ("repeats", "repeat")
+NOT_AXES = ("repeats", "repeat", "repeats_auto", "repeats_target_pct", "repeats_min", "repeats_max")
 # Numbers of a run's row that describe the cell rather than measure it: no statistics over repeats.
-NOT_MEASURED = frozenset({*PARAM_COLUMNS, "gpus", "nodes", "segments", "responses_saved"})
+NOT_MEASURED = frozenset({*PARAM_COLUMNS, "gpus", "nodes", "segments", "responses_saved", "repeats_runs",
+                          "repeats_target_pct", "repeats_interval_pct"})
 
 
 def measured_columns(rows: list[dict]) -> list[str]:
@@ -305,7 +310,9 @@ def measured_columns(rows: list[dict]) -> list[str]:
 
 def combine_runs(rows: dict[int, dict], planned: int = 1) -> dict:
     """One row of the cells table from its runs' rows (repeat -> row): each measured column becomes the
-    mean over the ok runs, beside its standard deviation (_std), n (_n) and 95% interval half-width (_ci95).
+    mean over the ok runs, beside its standard deviation (_std), n (_n), Student t half-width (_ci95), median
+    and its order-statistics interval, Shapiro-Wilk p, and the interval that fits (_interval, _low, _high:
+    analysis.stats.summary_columns).
     `repeats` counts the ok runs; repeat_note names the runs that failed or are missing."""
     good = {k: r for k, r in sorted(rows.items()) if r.get("status") == STATUS_OK}
     missing = sorted(set(range(planned)) - set(rows))
@@ -317,15 +324,22 @@ def combine_runs(rows: dict[int, dict], planned: int = 1) -> dict:
         return first | {"repeats": 0, "repeat_note": "; ".join(notes) if len(rows) > 1 or missing else ""}
     row = dict(next(iter(good.values())))
     for column in measured_columns(list(good.values())):
-        summary = summarize(r.get(column) for r in good.values())
-        row |= {column: summary.mean, column + STD: summary.std, column + N: summary.n, column + CI95: summary.ci95}
+        values = [r.get(column) for r in good.values()]
+        row |= summary_columns(column, summarize(values))
+        if column in COMPARED:  # the runs themselves, for the tests between cells (analysis.stats.difference)
+            row[column + RUNS] = json.dumps([v for v in values if is_number(v)])
     return row | {"repeats": len(good), "repeat_note": "; ".join(notes)}
 
 
 def reduce_repeats(cell: CellRecords) -> dict:
     """The cell's row: each of its runs reduced as a cell of its own, then combined (combine_runs)."""
     runs = {0: cell, **cell.runs} if cell.records or cell.problems or not cell.runs else dict(cell.runs)
-    return combine_runs({k: _reduce_or_report(run) for k, run in runs.items()}, cell.repeats)
+    stop = cell.stop
+    row = combine_runs({k: _reduce_or_report(run) for k, run in runs.items()}, stop.runs if stop else cell.repeats)
+    if stop is None:
+        return row
+    return row | {"repeats_stopped": stop.stopped, "repeats_runs": stop.runs, "repeats_target_pct": stop.target_pct,
+                  "repeats_interval_pct": stop.interval_pct}
 
 
 # Engine names in older records, and the engine they ran (w2w.engines.RENAMED says why).
@@ -409,10 +423,29 @@ def write_results(table: pd.DataFrame, sweep_dir: Path) -> Path:
 
     out = sweep_dir / "results"
     write_atomic(out / "cells.csv", table.to_csv(index=False).encode())
-    write_atomic(out / "cells.md", (interval_markdown(table, table_columns(table)) + "\n").encode())
-    text = {c: "string" for c in ("note", "energy_source", "cpu_note", "score_note", "repeat_note")}
+    legend = "".join(f"\n{line}\n" for line in interval_legend(table))
+    write_atomic(out / "cells.md", (interval_markdown(table, table_columns(table)) + "\n" + legend).encode())
+    text = {c: "string" for c in ("note", "energy_source", "cpu_note", "score_note", "repeat_note",
+                                  *(c for c in table if c.endswith((INTERVAL, RUNS)) or c == "repeats_stopped"))}
     write_atomic(out / "cells.parquet", table.astype(text).to_parquet(index=False))
     return out
+
+
+def stop_note(row: dict) -> str:
+    """How many runs a repeats=auto cell took, and why it stopped."""
+    width = row.get("repeats_interval_pct")
+    shown = "none" if not is_number(width) else f"±{width:.2f}%"
+    why = "tight" if row["repeats_stopped"] == "tight" else "at the maximum (repeats_max), not tight"
+    return (f"cell {row['cell_id']}: repeats=auto took {int(row['repeats_runs'])} runs and stopped {why} "
+            f"(energy_per_token_j 95% interval {shown}, target ±{row['repeats_target_pct']:g}%)")
+
+
+def interval_legend(table: pd.DataFrame) -> list[str]:
+    """What the table's intervals are, where a cell ran repeats."""
+    from w2w.analysis.tables import INTERVAL_LEGEND
+
+    kinds = [c for c in table if c.endswith(INTERVAL)]
+    return [INTERVAL_LEGEND] if any(table[c].notna().any() for c in kinds) else []
 
 
 def summary_notes(table: pd.DataFrame) -> list[str]:
@@ -428,6 +461,7 @@ def summary_notes(table: pd.DataFrame) -> list[str]:
     notes.extend(f"cpu_energy_j empty: {reason.removeprefix('no CPU energy: ')}" for reason in sorted(cpu_reasons))
     notes.extend(f"cell {row['cell_id']}: {row['repeat_note']}" for _, row in table.iterrows()
                  if row["status"] == STATUS_OK and isinstance(row.get("repeat_note"), str) and row["repeat_note"])
+    notes.extend(stop_note(row) for row in table.to_dict("records") if isinstance(row.get("repeats_stopped"), str))
     score_reasons = {row["score_note"] for _, row in table.iterrows() if row["status"] == STATUS_OK and row["score_note"]}
     notes.extend(f"answers: {reason}" for reason in sorted(score_reasons))
     notes.extend(ladder.notes(table))
@@ -447,7 +481,8 @@ def plot_timeline(sweep_dir: Path, cell: str) -> Path:
         raise ReduceError(
             f"cell {folders[0].name} has no timeline files: its ranks had no GPU meter or ran with energy.sampler=false"
         )
-    rendered = timeline_figure(folders[0].name, timeline_frames(files), f"{len(files)} rank file(s)")
+    first = _load_cell(folders[0]).records.get(0)  # its phases are shaded where rank 0's record reads
+    rendered = timeline_figure(folders[0].name, timeline_frames(files), f"{len(files)} rank file(s)", first)
     return save(rendered, sweep_dir / "results")
 
 
@@ -482,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     from w2w.analysis.tables import interval_markdown
 
     print(interval_markdown(table, table_columns(table)))
+    for line in interval_legend(table):
+        print(line)
     for note in summary_notes(table):
         print(note)
     if (table["status"] == STATUS_OK).any():

@@ -1,10 +1,10 @@
-"""The report's section on repeats: each cell's mean, spread, n and 95% interval over its runs."""
+"""The report's section on repeats: each cell's spread, n, normality check and the 95% interval that fits its runs."""
 
 from __future__ import annotations
 
 import pandas as pd
-from w2w.analysis.stats import CI95, STD, N
-from w2w.analysis.tables import interval_text, is_missing, ok
+from w2w.analysis.stats import INTERVAL, NORMAL_P, STD, N, chosen
+from w2w.analysis.tables import INTERVAL_LEGEND, interval_text, is_missing, ok
 
 from w2w.cell import SHOWN_AXES
 
@@ -15,18 +15,24 @@ AXES = tuple(axis.column for axis in SHOWN_AXES)
 
 
 def spread_table(cells: pd.DataFrame) -> pd.DataFrame:
-    """One row per ok cell: its setting, n, and for each shown figure mean ± 95% interval, std and the
-    interval as a share of the mean."""
+    """One row per ok cell: its setting, n, why it stopped (repeats=auto), and for each shown figure the
+    interval that fits (mean ± t, or the median's), std, Shapiro-Wilk p and the interval's larger side as
+    a share of its center."""
     done = ok(cells)
     axes = [a for a in AXES if a in done and done[a].dropna().astype(str).nunique() > 1]
     rows = []
     for row in done.to_dict("records"):
         out = {a: row.get(a) for a in axes} | {"cell_id": row["cell_id"], "n": row.get("repeats")}
+        if isinstance(row.get("repeats_stopped"), str):
+            out["stopped"] = row["repeats_stopped"]
         for column in SHOWN:
-            mean, half = row.get(column), row.get(column + CI95)
-            out[f"{column} (mean ± 95%)"] = interval_text(row, column)
+            center, low, high, _ = chosen(row, column)
+            out[f"{column} (95%)"] = interval_text(row, column)
+            out[f"{column} interval"] = row.get(column + INTERVAL)
             out[f"{column} std"] = row.get(column + STD)
-            out[f"{column} ±%"] = None if is_missing(half) or not mean else 100.0 * half / abs(mean)
+            out[f"{column} normal p"] = row.get(column + NORMAL_P)
+            out[f"{column} ±%"] = (None if is_missing(low) or is_missing(high) or not center
+                                   else 100.0 * max(center - low, high - center) / abs(center))
         rows.append(out)
     return pd.DataFrame(rows)
 
@@ -43,9 +49,12 @@ def repeats_lines(cells: pd.DataFrame, table_markdown: str) -> list[str]:
                 "between two cells may be noise. Run with `repeats=3` or more.", ""]
     lines += [f"Each cell ran up to {int(runs.max())} times (n: its ok runs). A job runs its cells' repeats in "
               "cycles, each cycle in an order shuffled by the seed, so drift and heat spread over every cell. "
-              "Every figure in the tables is the mean over a cell's runs; ± is the half-width of the 95% "
-              "interval of that mean (Student t, n - 1 degrees of freedom); ±% is that as a share of the mean. "
-              f"Per-metric n, std and interval are in the cells table (`<metric>{N}`, `{STD}`, `{CI95}`). "
+              "Each cell's runs are checked for normality (Shapiro-Wilk; it needs 3 runs), and each figure "
+              f"gets the 95% interval that fits them. {INTERVAL_LEGEND}. ±% is the interval's larger side as "
+              "a share of its center; `stopped` (repeats=auto) says whether the cell stopped once its J per "
+              "token was tight or at repeats_max. The other tables show the mean. "
+              f"Per-metric n, std and both intervals are in the cells table (`<metric>{N}`, `{STD}`, `_ci95`, "
+              "`_median_low`, `_median_high`, `_normal_p`, `_interval`). "
               "An empty entry was not measured (the Notes say why).", ""]
     lines += [table_markdown, ""]
     notes = [f"- cell {r['cell_id']}: {r['repeat_note']}" for r in done.to_dict("records")

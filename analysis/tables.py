@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 from w2w.analysis import paper
-from w2w.analysis.stats import CI95
+from w2w.analysis.stats import MEDIAN, chosen, compare_rows
 
 from w2w.files import write_atomic
 from w2w.records import STATUS_OK
@@ -262,7 +262,25 @@ def table3_values(cells: pd.DataFrame) -> Table3:
         values[int(length)] = row
         if base in at and any(v is None for v in row.values()):
             notes.append(f"max length {int(length)}: some caps lack a cell or an energy reading: left empty")
+        notes += _cap_tests(at, base, caps, int(length))
     return Table3(values, caps, choice, notes)
+
+
+def _cap_tests(at: dict[float, pd.DataFrame], base: float, caps: tuple[float, ...], length: int) -> list[str]:
+    """Whether each capped cell differs from the base-cap cell, per quantity, by a test on their runs
+    (where both are one cell with repeats): the Table's % change may be noise."""
+    notes = []
+    for cap in caps:
+        pair = at.get(_norm(cap)), at.get(base)
+        if any(p is None or len(p) != 1 for p in pair):
+            continue
+        capped, reference = (p.iloc[0].to_dict() for p in pair)
+        for quantity, column in TABLE3_COLUMNS.items():
+            said = compare_rows(capped, reference, column)
+            if said is not None:
+                notes.append(f"max length {length}, {TABLE3_LABELS[quantity]} @{cap:g} W vs "
+                             f"{paper.TABLE3_BASE_W:g} W ({column}): {said}")
+    return notes
 
 
 def table3(cells: pd.DataFrame) -> Table:
@@ -338,12 +356,21 @@ def markdown(frame: pd.DataFrame, columns: list[str] | None = None, fmt: str = "
 
 
 def interval_text(row: dict, column: str, fmt: str = "{:.4g}") -> str:
-    """A cells-table value as its mean +- 95% interval where the cell ran repeats ("12.3 ± 0.4"), else as is."""
-    text = cell_text(row.get(column), fmt)
-    half = row.get(column + CI95)
-    if not text or is_missing(half) or not isinstance(half, float | int):
-        return text
-    return f"{text} ± {half_text(float(half))}"
+    """A cells-table value with the 95% interval that fits its repeats: "12.3 ± 0.4" (mean, Student t)
+    or "med 12.1 [11.8, 13]" (median, order statistics); as is for a cell run once."""
+    center, low, high, kind = chosen(row, column)
+    if kind is None or is_missing(low) or is_missing(high) or is_missing(center):
+        return cell_text(row.get(column), fmt)
+    if kind == MEDIAN:
+        return f"med {cell_text(center, fmt)} [{cell_text(low, fmt)}, {cell_text(high, fmt)}]"
+    return f"{cell_text(center, fmt)} ± {half_text(float(high) - float(center))}"
+
+
+# What interval_text's two forms mean: printed under every table that uses them.
+INTERVAL_LEGEND = ("x ± h: the mean and its 95% Student t interval (the runs passed Shapiro-Wilk, p >= 0.05); "
+                   "med m [a, b]: the median and its order-statistics interval (runs not normal, too few to "
+                   "check, or a t interval reaching below zero; covers 95% from 6 runs, less below: "
+                   "<metric>_median_cover_pct)")
 
 
 def half_text(half: float) -> str:

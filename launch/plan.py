@@ -15,6 +15,7 @@ from w2w.engines import SPECS
 from w2w.errors import ConfigError, divisors
 from w2w.records import runs_done
 from w2w.shapes import PRECISION_BYTES, ModelArgs
+from w2w.stopping import runs_planned
 
 GIB = 1024**3
 # Activations, allocator slack and the CUDA context: a margin on top of weights + KV cache.
@@ -113,7 +114,7 @@ class Job:
         c = self.cell
         return (
             f"job {self.key}: {self.shape()}, {len(self.cells)} cell(s)"
-            + (f" ({runs} runs with repeats)" if (runs := sum(x.cell.repeats for x in self.cells)) > len(self.cells)
+            + (f" ({'up to ' if c.repeats_auto else ''}{runs} runs with repeats)" if (runs := sum(x.cell.repeats for x in self.cells)) > len(self.cells)
                else "")
             + (f", peak est. {max(x.memory.total_gib for x in self.cells):.1f} GiB/GPU" if c.gpu.device == "cuda" else "")
         )
@@ -194,5 +195,7 @@ def make_plan(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> Pl
 
 
 def pending_cells(job: Job) -> list[PlannedCell]:
-    """Cells of the job without a complete set of ok records (in every one of their runs)."""
-    return [c for c in job.cells if not runs_done(c.cell.sweep_dir, c.id, c.cell.shards, c.cell.repeats)]
+    """Cells of the job without a complete set of ok records (in every one of their runs; repeats=auto:
+    of the runs it took, once it has stopped)."""
+    return [c for c in job.cells if not runs_done(c.cell.sweep_dir, c.id, c.cell.shards,
+                                                  runs_planned(c.cell.sweep_dir, c.id, c.cell.repeats))]

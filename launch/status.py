@@ -21,6 +21,7 @@ from w2w.manifest import MANIFEST, Manifest, ManifestCell, ManifestError, Manife
 from w2w.records import cell_dir, read_record, record_path
 from w2w.responses import responses_problem
 from w2w.schema import RecordError
+from w2w.stopping import read_stop, runs_planned
 
 MISSING = "missing"  # the job ended and wrote the cell's records, but one is not there (deleted)
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
@@ -161,8 +162,10 @@ def submission_state(entry: ManifestJob, submission: Submission) -> JobState:
 
 def cell_records(sweep_dir: Path, cid: str, world_size: int, repeats: int = 1) -> tuple[str | None, str]:
     """(state, reason) that the cell's records alone decide: failed when a run failed, done when all
-    its runs (repeats) are; else (None, progress)."""
-    if repeats == 1:
+    its runs (repeats, or as many as repeats=auto took: stopping.read_stop) are; else (None, progress)."""
+    stop = read_stop(sweep_dir, cid)
+    repeats = stop.runs if stop is not None else repeats
+    if repeats == 1 and stop is None:
         return run_records(sweep_dir, cid, world_size)
     runs = [run_records(sweep_dir, cid, world_size, k) for k in range(repeats)]
     failed = [f"repeat {k}: {reason}" for k, (state, reason) in enumerate(runs) if state == "failed"]
@@ -170,7 +173,8 @@ def cell_records(sweep_dir: Path, cid: str, world_size: int, repeats: int = 1) -
         return "failed", "; ".join(failed)
     done = sum(state == "done" for state, _ in runs)
     if done == repeats:
-        return "done", f"{repeats} repeats, " + runs[0][1]
+        stopped = f" (repeats=auto: stopped {stop.stopped})" if stop is not None else ""
+        return "done", f"{repeats} repeats{stopped}, " + runs[0][1]
     return None, "; ".join([f"{done}/{repeats} repeats done", *[r for s, r in runs if s is None and "; " in r]])
 
 
@@ -221,6 +225,7 @@ def _ended_without_records(sweep_dir: Path, cid: str, world_size: int, repeats: 
     (some rank's file of an unfinished run, or, run once, its log's end line), else failed with the
     cell's own last line. With repeats the log's end line may be another run's, so it decides nothing."""
     problems = progress.split("; ")[1:]
+    repeats = runs_planned(sweep_dir, cid, repeats)
     absent = [record_path(sweep_dir, cid, r, k) for k in range(repeats) for r in range(world_size)]
     absent = [path for path in absent if not path.is_file()]
     partial = any(len([p for p in absent if p.parent == run.parent]) < world_size for run in absent)

@@ -133,6 +133,13 @@ class Cell:
     # Runs of the cell, interleaved over the job's cells in cycles (w2w/order.py); the reducer reports
     # mean, standard deviation, n and a 95% interval. Not part of the cell id: raising it adds runs.
     repeats: int = 1
+    # repeats=auto (config turns it into repeats_auto=true, repeats=repeats_max): a cell runs at least
+    # repeats_min and at most repeats_max times, and stops once the 95% interval of its J per token is
+    # within ±repeats_target_pct of its center (w2w/stopping.py). Not part of the cell id either.
+    repeats_auto: bool = False
+    repeats_target_pct: float = 2.0
+    repeats_min: int = 3
+    repeats_max: int = 10
     # Which run this is (0 .. repeats-1): set by the runner, never an option. Run 0 writes to
     # cells/<id>/ as before repeats existed; run K >= 1 to cells/<id>/repeat-K/ (records.run_dir).
     repeat: int = 0
@@ -223,7 +230,8 @@ SHOWN_AXES = tuple(axis for axis in AXES if axis.shown)
 # The keys that decide which job (and model load) a cell belongs to.
 PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
 # Result-neutral keys left out of the cell id, so moving a sweep does not redo its cells.
-ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command", "repeats", "repeat")
+ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command", "repeats", "repeat",
+               "repeats_auto", "repeats_target_pct", "repeats_min", "repeats_max")
 # Facts about the hardware, not settings, per config section: left out of the cell id.
 ID_EXCLUDED_IN = {"gpu": ("hbm_gbs", "peak_tflops")}
 # Options added after sweeps were run, per config section: at their defaults they leave the cell id as it was.

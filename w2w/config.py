@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import os
@@ -32,6 +33,8 @@ from w2w.errors import ConfigError, divisors
 CONFIG_DIR_ENV = "W2W_CONFIG_DIR"
 PRECISIONS = ("fp32", "fp16", "bf16")
 ENERGY_BACKENDS = ("auto", "nvml", "none")
+# repeats=auto is a flag beside the count: repeats stays an int, the count of runs planned (repeats_max).
+AUTO_REPEATS = {"repeats=auto": "repeats_auto=true", "+repeats=auto": "repeats_auto=true"}
 
 
 def _writable(schema: type) -> DictConfig:
@@ -236,7 +239,7 @@ class Composer:
         try:
             for text in overrides:
                 if text not in self._parsed:
-                    (self._parsed[text],) = self._parser.parse_overrides([text])
+                    (self._parsed[text],) = self._parser.parse_overrides([AUTO_REPEATS.get(text, text)])
         except OverrideParseException as exc:
             raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
         return [self._parsed[text] for text in overrides]
@@ -261,6 +264,8 @@ class Composer:
         self._fill_from_checkpoint(cfg.model, given)
         self._stamp_content_hash(cfg.dataset)
         cell = OmegaConf.to_object(cfg)
+        if cell.repeats_auto:  # the job plans up to repeats_max runs; stopping.decide ends them sooner
+            cell = dataclasses.replace(cell, repeats=cell.repeats_max)
         validate(cell)
         return cell
 
@@ -524,8 +529,19 @@ def repeats(cfg: Cell) -> str | None:
     ])
 
 
+def repeats_auto(cfg: Cell) -> str | None:
+    """repeats=auto's options; checked whether or not it is on, so a bad value never waits to bite."""
+    return _first([
+        (cfg.repeats_target_pct > 0, f"repeats_target_pct={cfg.repeats_target_pct}: must be > 0 (the 95% "
+         "interval's half-width in % of its center that stops repeats=auto)"),
+        (cfg.repeats_min >= 3, f"repeats_min={cfg.repeats_min}: must be >= 3 (normality cannot be checked below)"),
+        (cfg.repeats_max >= cfg.repeats_min, f"repeats_max={cfg.repeats_max}: must be >= repeats_min="
+         f"{cfg.repeats_min}"),
+    ])
+
+
 CHECKS: tuple[Check, ...] = (shards_split_heads, model_shapes, lengths, engine_runs_model, precision, energy,
-                             power_cap, gpu_clock, dataset, sampling, hardware, repeats)
+                             power_cap, gpu_clock, dataset, sampling, hardware, repeats, repeats_auto)
 
 
 def validate(cfg: Cell) -> None:

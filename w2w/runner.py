@@ -23,6 +23,7 @@ from w2w.model import DTYPES, Transformer, build_model
 from w2w.order import run_order
 from w2w.progress import progress_path
 from w2w.records import STATUS_OK, cell_done, write_record_unless_worse
+from w2w.stopping import Stop, decide, read_stop, write_stop
 from w2w.tokenizer import TokenizerLike, check_vocab, open_tokenizer
 
 log = logging.getLogger("w2w.run")
@@ -161,6 +162,9 @@ def _run_one(cell: Cell, place: str, rows: list[Prompt], loaded: Loaded, info: d
     """One cell of the job, unless done already; its record is written; returns its status."""
     if cell.repeats > 1:
         place += f" repeat {cell.repeat + 1}/{cell.repeats}"
+    if cell.repeats_auto and distributed.broadcast_flag(info.rank == 0 and _stopped(cell, info.world_size)):
+        log.info("cell %s %s: not needed, repeats=auto stopped the cell (its repeats.json), skipped", place, cell.id)
+        return "skipped"
     if distributed.broadcast_flag(cell_done(cell.sweep_dir, cell.id, info.world_size, cell.repeat)):
         log.info("cell %s %s: done already, skipped", place, cell.id)
         return "skipped"
@@ -179,7 +183,32 @@ def _run_one(cell: Cell, place: str, rows: list[Prompt], loaded: Loaded, info: d
             f"cell {cell.id}: a model collective failed ({record.error}); the model-parallel "
             f"group cannot go on, so the job stops: re-run the sweep to retry the remaining cells"
         )
+    last = cell.repeats_auto and cell.repeat == cell.repeats - 1
+    if last and info.rank == 0 and read_stop(cell.sweep_dir, cell.id) is None:  # every rank has written
+        _write_stop(cell, decide(cell, info.world_size, cell.repeats))  # tight at the last run, or the maximum
     return record.status
+
+
+def _stopped(cell: Cell, world_size: int) -> bool:
+    """Rank 0, repeats=auto: whether this run is not needed, because the cell stopped already or its
+    runs so far are tight (then the stop file is written, once); from repeats_min runs on."""
+    stop = read_stop(cell.sweep_dir, cell.id)
+    if stop is not None:
+        return cell.repeat >= stop.runs
+    if cell.repeat < cell.repeats_min:
+        return False
+    stop = decide(cell, world_size, cell.repeat)
+    if stop is None:
+        return False
+    _write_stop(cell, stop)
+    return True
+
+
+def _write_stop(cell: Cell, stop: Stop) -> None:
+    write_stop(cell, stop)
+    log.info("cell %s: repeats=auto stopped after %d runs: %s (J/token interval ±%s%%, target ±%g%%)", cell.id,
+             stop.runs, stop.stopped, "n/a" if stop.interval_pct is None else f"{stop.interval_pct:.2f}",
+             stop.target_pct)
 
 
 def setup_logging() -> None:
