@@ -197,6 +197,55 @@ def test_lock_names_its_holder_and_is_free_once_released(tmp_path):
     assert not mine.held and CellLock(tmp_path, "c0ffee").try_acquire()
 
 
+# -- issue 28.1: SIGTERM and SIGINT stop a runner after its batch, the progress kept, in one line --
+
+STOP_CELL = ["shards=1", "precision=fp32", "energy.idle_seconds=0", "max_gen_len=16", "dataset.num_prompts=6",
+             "batch_size=1", "save_responses=true"]
+
+
+def _same_cell(sweep: Path, reference: Path) -> None:
+    """The cell's record and responses are those of the uninterrupted run (sampled tokens included)."""
+    (cid,) = _cell_ids(reference)
+    assert _cell_ids(sweep) == [cid]
+    record, whole = read_record(record_path(sweep, cid, 0)), read_record(record_path(reference, cid, 0))
+    assert record.ok, record.error
+    for key in COUNTS:
+        assert getattr(record.counts, key) == getattr(whole.counts, key), key
+    assert responses_path(sweep, cid).read_text() == responses_path(reference, cid).read_text()
+    assert not progress_path(sweep, cid, 0).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "sampling"), [(signal.SIGTERM, "greedy=false"), (signal.SIGINT, "greedy=true")])
+def test_a_stop_signal_ends_the_runner_after_its_batch_and_a_rerun_equals_an_uninterrupted_run(
+        tmp_path, signum, sampling):
+    """`kill PID` (or `timeout`, scancel) used to run all the cell's batches to the end, and Ctrl-C printed a
+    25-line KeyboardInterrupt. The signal lands while the runner holds after its 2nd batch: it stops there."""
+    args = [*STOP_CELL, sampling]
+    reference = tmp_path / "reference"
+    whole = Runner(tmp_path, "reference", [*args, f"sweep_dir={reference}"])
+    assert whole.wait() == 0, whole.err.read_text()[-3000:]
+    sweep = tmp_path / "sweep"
+    stopped = Runner(tmp_path, "stopped", [*args, f"sweep_dir={sweep}"], hold_after=2)
+    _wait_for(stopped.held, "the runner to hold after 2 batches", stopped)
+    stopped.proc.send_signal(signum)
+    assert stopped.wait() == 128 + signum
+    err = stopped.err.read_text()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.splitlines()[-1] == (f"w2w-run: stopped by {signal.Signals(signum).name}: every finished batch is "
+                                    "kept; run the same command again to resume")
+    (cid,) = _cell_ids(sweep)
+    saved = json.loads(progress_path(sweep, cid, 0).read_text())
+    assert len(saved["batches"]) == 2 and not record_path(sweep, cid, 0).exists()  # stopped within one batch
+    lock = CellLock(sweep, cid)
+    assert lock.try_acquire()  # released on the way out
+    lock.release()
+    again = Runner(tmp_path, "again", [*args, f"sweep_dir={sweep}"])
+    assert again.wait() == 0, again.err.read_text()[-3000:]
+    assert again.says(f"cell {cid}: resumed at batch 3/6 after 1 segment(s)")
+    _same_cell(sweep, reference)
+
+
 # -- the property: any interleaving of two runners, Ctrl-C and kill -9 loses, doubles and mixes nothing --
 
 GRID = ["shards=1", "precision=fp32", "energy.idle_seconds=0", "max_gen_len=4", "dataset.num_prompts=4",
