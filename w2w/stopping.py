@@ -37,6 +37,7 @@ def _on_signal(signum: int, frame) -> None:
     # Inside a batch the ranks stop together at its end (a rank that left mid-collective would hang the
     # others); a second signal is the user insisting.
     if not _state["deferred"] or again:
+        _state["signum"] = None  # obeyed
         raise Stopped(signum)
 
 
