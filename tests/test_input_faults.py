@@ -108,7 +108,7 @@ def test_plan_rejects_missing_fewshot_file(tmp_path):
 def test_plan_rejects_unparsable_fewshot_file(tmp_path):
     shots = tmp_path / "shots.jsonl"
     shots.write_text('{"question": "a?", "answer": "#### 1"}\n{"question": \n')
-    with pytest.raises(ConfigError, match=r"fewshot_path=.*cannot read it as JSONL"):
+    with pytest.raises(ConfigError, match=r"fewshot_path=.*: line 2 is not JSON .*: fix or remove that line"):
         make_plan(["dataset=gsm8k", f"dataset.path={ROWS}", "dataset.num_prompts=2", "dataset.fewshot_k=1",
                    f"dataset.fewshot_path={shots}"])
 
