@@ -247,6 +247,23 @@ def test_a_stop_signal_ends_the_runner_after_its_batch_and_a_rerun_equals_an_uni
     _same_cell(sweep, reference)
 
 
+@pytest.mark.slow
+def test_a_cell_killed_after_its_last_batch_says_so_when_rerun(tmp_path):
+    """Issue 28.10: its re-run said "resumed at batch 5/4"; it writes the record of the batches it has."""
+    sweep = tmp_path / "sweep"
+    first = Runner(tmp_path, "first", [*ONE_CELL, f"sweep_dir={sweep}"], hold_after=4)
+    _wait_for(first.held, "the runner to hold after its last batch", first)
+    first.proc.kill()
+    first.proc.wait(timeout=60)
+    again = Runner(tmp_path, "again", [*ONE_CELL, f"sweep_dir={sweep}"])
+    assert again.wait() == 0, again.err.read_text()[-3000:]
+    (cid,) = _cell_ids(sweep)
+    assert again.says(f"cell {cid}: all 4 batches done in 1 earlier segment(s): its record is written now")
+    assert not again.says("resumed at batch")
+    record = read_record(record_path(sweep, cid, 0))
+    assert record.ok and [b.job_id for b in record.batches] == ["first"] * 4
+
+
 # -- the property: any interleaving of two runners, Ctrl-C and kill -9 loses, doubles and mixes nothing --
 
 GRID = ["shards=1", "precision=fp32", "energy.idle_seconds=0", "max_gen_len=4", "dataset.num_prompts=4",
