@@ -17,15 +17,15 @@ class CellsJob(submitit.helpers.Checkpointable):
         self.cells = cells
 
     def __call__(self) -> list[str]:
-        from w2w import stopping
+        from w2w import signals
         from w2w.runner import run_cells, setup_logging
 
         setup_logging()
         # submitit ignores SIGTERM (scancel's, the local executor's): here it stops the task after its batch,
         # with the cap restored and the progress kept, and exits with the signal's status (143).
-        with stopping.on_signals():
+        with signals.on_signals():
             try:
                 return run_cells(self.cells)
-            except stopping.Stopped as stop:
-                print(stopping.stopped_line("w2w job", stop), file=sys.stderr)
+            except signals.Stopped as stop:
+                print(signals.stopped_line("w2w job", stop), file=sys.stderr)
                 raise SystemExit(stop.exit_status) from None

@@ -119,13 +119,13 @@ class _Capper:
 def test_a_stop_signal_restores_the_cap_and_closes_the_meter(monkeypatch):
     """Issue 28.1: SIGTERM (scancel) stops the runner by raising Stopped wherever it is; the cap set for a
     cell is restored on the way out (restore_cap_on_sigterm used to act only while capped, else did nothing)."""
-    from w2w import runner, stopping
+    from w2w import runner, signals
 
     def loading(*args):
-        raise stopping.Stopped(signal.SIGTERM)
+        raise signals.Stopped(signal.SIGTERM)
 
     monkeypatch.setattr(runner, "_load_measured", loading)
     capper, monitor = _Capper(capped=True), mock.Mock()
-    with pytest.raises(stopping.Stopped) as stop:
+    with pytest.raises(signals.Stopped) as stop:
         runner._run_loaded([], mock.Mock(), monitor, capper, {})
     assert stop.value.exit_status == 143 and capper.restored == 1 and monitor.close.called

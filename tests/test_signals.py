@@ -14,7 +14,7 @@ from w2w.launch.plan import make_plan
 
 from tests.conftest import ROOT, cli
 from tests.test_bookkeeping_errors import _one_line_error
-from w2w import stopping
+from w2w import signals
 from w2w.config import MAX_REPEATS, compose_cell
 from w2w.errors import ConfigError
 
@@ -30,20 +30,20 @@ def _signal_self(signum: int) -> None:
 
 
 def test_a_stop_signal_raises_at_once_outside_a_batch_and_only_between_batches_inside_one():
-    with stopping.on_signals():
-        with pytest.raises(stopping.Stopped) as outside:
+    with signals.on_signals():
+        with pytest.raises(signals.Stopped) as outside:
             _signal_self(signal.SIGTERM)
         assert outside.value.exit_status == 143
-        with stopping.deferred():
+        with signals.deferred():
             _signal_self(signal.SIGINT)  # noted only: the batch runs on
-            assert stopping.requested() == signal.SIGINT
-            with pytest.raises(stopping.Stopped) as insisted:  # a second signal is the user insisting
+            assert signals.requested() == signal.SIGINT
+            with pytest.raises(signals.Stopped) as insisted:  # a second signal is the user insisting
                 _signal_self(signal.SIGINT)
         assert insisted.value.exit_status == 130
-        with stopping.deferred():
+        with signals.deferred():
             _signal_self(signal.SIGTERM)
-            with pytest.raises(stopping.Stopped):
-                stopping.check(stopping.requested())  # what distributed.stop_if_asked does between batches
+            with pytest.raises(signals.Stopped):
+                signals.check(signals.requested())  # what distributed.stop_if_asked does between batches
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handlers are back
 
 

@@ -13,7 +13,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 
-from w2w import stopping
+from w2w import signals
 from w2w.errors import ConfigError
 
 
@@ -152,10 +152,10 @@ def agreed_min(value: int) -> int:
 
 
 def stop_if_asked() -> None:
-    """Raise stopping.Stopped on every rank if any rank received SIGTERM or SIGINT (one small collective:
+    """Raise signals.Stopped on every rank if any rank received SIGTERM or SIGINT (one small collective:
     the ranks stop together, none is left waiting in the next collective)."""
-    agreed = -agreed_min(-(stopping.requested() or 0))
-    stopping.check(agreed or None)
+    agreed = -agreed_min(-(signals.requested() or 0))
+    signals.check(agreed or None)
 
 
 def barrier() -> None:

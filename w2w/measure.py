@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from w2w import distributed, stopping
+from w2w import distributed, signals
 from w2w.cell import Cell
 from w2w.cell_lock import batch_writer
 from w2w.cell_record import (
@@ -330,11 +330,11 @@ def measure_cell(
     try:
         apply_power_cap(capper, cell)
         progress = _resume(cell, info, len(rows))
-        with stopping.deferred():  # a stop signal ends the cell between batches, on every rank at once
+        with signals.deferred():  # a stop signal ends the cell between batches, on every rank at once
             record = run_cell(
                 cell, rows, loaded, monitor, timeline=timeline_path(cell.sweep_dir, cell.id, info.rank, cell.repeat),
                 rank=info.rank, progress=progress, segment=job_segment(loaded.job_energy)).onto(record)
-    except stopping.Stopped:  # no record: the progress file keeps the finished batches for a re-run
+    except signals.Stopped:  # no record: the progress file keeps the finished batches for a re-run
         monitor.abandon_windows()
         raise
     except Exception as exc:  # the sweep goes on; the record says what happened

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from w2w import stopping
+from w2w import signals
 from w2w.cell import Cell
 from w2w.config import compose_grid, one_placement, split_config_dirs
 from w2w.data import check_dataset
@@ -34,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip() + "\n\n" + USAGE)
         return 0
     # SIGTERM (scancel, timeout, kill) and SIGINT (Ctrl-C) stop it in one line, after the batch that runs.
-    with stopping.on_signals():
+    with signals.on_signals():
         try:
             return _main(args)
-        except stopping.Stopped as stop:
-            print(stopping.stopped_line("w2w-run", stop), file=sys.stderr)
+        except signals.Stopped as stop:
+            print(signals.stopped_line("w2w-run", stop), file=sys.stderr)
             return stop.exit_status
 
 

@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from w2w import checkpoint, distributed, engines, stopping
+from w2w import checkpoint, distributed, engines, signals
 from w2w.cell import Cell, DatasetConfig
 from w2w.cell_lock import CellLock
 from w2w.config import one_placement
@@ -112,7 +112,7 @@ def _run_loaded(
         # A cell that another process holds is put off, then waited for once the others are done:
         # a second runner on the same cells does no harm, and a requeued job whose first attempt
         # still lives resumes that attempt's cell when it ends.
-        with stopping.deferred():  # from here the ranks stop together, between batches and cells
+        with signals.deferred():  # from here the ranks stop together, between batches and cells
             for wait in (False, True):
                 for index, cell in enumerate(runs):
                     if statuses.get(index, HELD) == HELD:
@@ -189,15 +189,15 @@ def setup_logging() -> None:
 
 def run_main(cells: list[Cell]) -> int:
     """Run composed cells as the w2w-run command does: exit 0 when every cell is ok or done already;
-    a stop signal (stopping.on_signals, set by the caller) ends it with 143 or 130."""
+    a stop signal (signals.on_signals, set by the caller) ends it with 143 or 130."""
     setup_logging()
     try:
         statuses = run_cells(cells)
     except (ConfigError, EnergyError) as exc:
         print(f"w2w-run: error: {exc}", file=sys.stderr)
         return 2
-    except stopping.Stopped as stop:
-        print(stopping.stopped_line("w2w-run", stop), file=sys.stderr)
+    except signals.Stopped as stop:
+        print(signals.stopped_line("w2w-run", stop), file=sys.stderr)
         return stop.exit_status
     return 0 if all(s in (STATUS_OK, "skipped") for s in statuses) else 1
 
