@@ -152,7 +152,9 @@ def notes(table: pd.DataFrame) -> list[str]:
            if r["window_flag"]]
     out += [f"cell {r['cell_id']}: ran throttled ({r['throttle_reasons']})" for r in done.to_dict("records")
             if r["throttled"] is True]
-    out += [f"node_energy_j empty: {n.removeprefix('no node energy: ')}" for n in sorted(set(done["node_note"])) if n]
+    # a cell without a node note (a run-0 record of another cell under repeats) has None or NaN there, not text
+    out += [f"node_energy_j empty: {n.removeprefix('no node energy: ')}"
+            for n in sorted({n for n in done["node_note"] if isinstance(n, str) and n})]
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import submitit
 
 from w2w.cell import Cell
@@ -15,7 +17,15 @@ class CellsJob(submitit.helpers.Checkpointable):
         self.cells = cells
 
     def __call__(self) -> list[str]:
+        from w2w import signals
         from w2w.runner import run_cells, setup_logging
 
         setup_logging()
-        return run_cells(self.cells)
+        # submitit ignores SIGTERM (scancel's, the local executor's): here it stops the task after its batch,
+        # with the cap restored and the progress kept, and exits with the signal's status (143).
+        with signals.on_signals():
+            try:
+                return run_cells(self.cells)
+            except signals.Stopped as stop:
+                print(signals.stopped_line("w2w job", stop), file=sys.stderr)
+                raise SystemExit(stop.exit_status) from None

@@ -112,7 +112,7 @@ def submit_jobs(jobs_and_cells: list[tuple[Job, list[PlannedCell]]], sweep_dir: 
         chatter = io.StringIO()  # submitit echoes sbatch's stderr; the error line below says it once
         try:
             local = group[0][0].cell.cluster.backend == "local"
-            quiet = _controller_stderr(sweep_dir / "submitit" / CONTROLLER_LOG) if local else contextlib.nullcontext()
+            quiet = _controller_stdio(sweep_dir / "submitit" / CONTROLLER_LOG) if local else contextlib.nullcontext()
             obeying = _children_obey_sigint() if local else contextlib.nullcontext()
             with contextlib.redirect_stderr(chatter), quiet, obeying, executor.batch():
                 handles = [executor.submit(CellsJob([c.cell for c in cells])) for _, cells in group]
@@ -140,25 +140,41 @@ def _children_obey_sigint() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-# Where the local executor's controller processes write their stderr (submitit's own traceback on Ctrl-C).
+# Where the local executor's controller processes write their output (submitit's own traceback on Ctrl-C).
 CONTROLLER_LOG = "local-controllers.log"
 
 
 @contextlib.contextmanager
-def _controller_stderr(log: Path) -> Iterator[None]:
-    """Point file descriptor 2 at `log` while local jobs start. Their controller inherits it, and a Ctrl-C
-    in the terminal reaches the controller too: its KeyboardInterrupt traceback then goes to the log
-    instead of following w2w-sweep's own message. The tasks' output goes to their own files anyway."""
+def _controller_stdio(log: Path) -> Iterator[None]:
+    """Point file descriptors 1 and 2 at `log`, and 0 at /dev/null, while local jobs start. Their controller
+    inherits them: holding w2w-sweep's stdout, it kept a pipe (`w2w-sweep ... | tee log`) open until the job
+    ended, and a Ctrl-C traceback of its own followed w2w-sweep's message. The tasks' output goes to their
+    own files anyway."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    if sys.stdout is not None:  # None: w2w-sweep started with stdout closed
+        sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = [_dup_or_none(fd) for fd in (0, 1, 2)]
     try:
-        with open(log, "a") as handle:
+        with open(log, "a") as handle, open(os.devnull) as nothing:
+            os.dup2(nothing.fileno(), 0)
+            os.dup2(handle.fileno(), 1)
             os.dup2(handle.fileno(), 2)
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        for fd, copy in enumerate(saved):
+            if copy is None:  # closed before (`>&-`): closed again
+                os.close(fd)
+            else:
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
+def _dup_or_none(fd: int) -> int | None:
+    try:
+        return os.dup(fd)
+    except OSError:  # a closed descriptor (`w2w-sweep >&-`)
+        return None
 
 
 def load_manifest(sweep_dir: Path) -> Manifest:

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a folder of more presets (cluster/, model/, ...) beside w2w's own; "
                         "repeatable; also W2W_CONFIG_DIR")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides; a,b lists make a grid")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before, between and after the flags
     try:
         plan = make_plan(args.overrides, args.config_dir)
         sweep_dir = _sweep_dir(plan)

@@ -20,8 +20,7 @@ LONG = [*COMMON, "max_gen_len=64", "dataset.num_prompts=1024", "batch_size=1"]  
 
 
 def _sweep_returns(tmp_path: Path, *args: str) -> str:
-    """w2w-sweep without --wait: its stdout once it returns. Through a file, not a pipe: the local
-    jobs it starts inherit its stdout and would hold a pipe open until they end."""
+    """w2w-sweep without --wait: its stdout once it returns (test_a_piped_sweep_... reads a pipe)."""
     log = tmp_path / f"sweep-{time.monotonic_ns()}.log"
     with log.open("w") as out:
         code = spawn([sys.executable, "-m", "w2w.launch.sweep", *args], cwd=ROOT, stdout=out,
@@ -108,6 +107,29 @@ def _alive(pid: int) -> bool:
 def _ignores_sigint(pid: int) -> bool:
     mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
     return bool(int(mask.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+def test_a_piped_sweep_returns_while_its_job_runs_which_sigterm_stops_after_a_batch_naming_its_job(tmp_path):
+    """Issue 28.1: `w2w-sweep ... | tee log` waited for its local job to end (105 s), the controller holding
+    the pipe: the pipe now reaches its end while the job still runs. The job's task stops on the SIGTERM its
+    controller forwards (as scancel's), after its batch, in one line; 28.8: the batches name the local job."""
+    sweep = tmp_path / "sweep"
+    proc = spawn([sys.executable, "-m", "w2w.launch.sweep", *LONG, f"sweep_dir={sweep}"], cwd=ROOT,
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=120)  # old code: no end of file until the job's minutes are over
+    assert proc.returncode == 0 and "submitted " in out, out
+    (submission,) = _submissions(sweep)
+    controller = int(submission["job_id"])
+    assert _alive(controller)
+    _wait_for(lambda: list(sweep.glob("cells/*/progress-rank-00000.json")), 300, "the job's first batch")
+    os.kill(controller, signal.SIGTERM)  # submitit's controller forwards it to the task, as SLURM signals each
+    _wait_for(lambda: not _alive(controller), 120, "the job to stop")
+    (log,) = sweep.glob(f"submitit/{controller}/*_0_log.err")
+    assert log.read_text().splitlines()[-1] == ("w2w job: stopped by SIGTERM: every finished batch is kept; "
+                                                "run the same command again to resume")
+    (saved,) = sweep.glob("cells/*/progress-rank-00000.json")
+    batches = json.loads(saved.read_text())["batches"]
+    assert 1 <= len(batches) < 1024 and {b["job_id"] for b in batches} == {submission["job_id"]}
 
 
 def test_local_jobs_obey_sigint_when_w2w_sweep_runs_in_the_background(tmp_path):

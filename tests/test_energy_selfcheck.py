@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from types import SimpleNamespace
+from unittest import mock
 
 import pandas as pd
 import pynvml
@@ -18,10 +19,9 @@ from w2w.analysis.metrics import CellTotals, compute
 from tests.fake_nvml import FakeClock, FakeGpu, fake_nvml
 from w2w.cell_record import checked_energy
 from w2w.energy.bounds import disagreement
-from w2w.energy.clocks import restore_clocks_on_sigterm
 from w2w.energy.errors import ClockError
 from w2w.energy.monitor import EnergyMonitor
-from w2w.energy.powercap import PowerCapper, restore_cap_on_sigterm
+from w2w.energy.powercap import PowerCapper
 from w2w.energy.window import Window
 from w2w.measure import decode_read_bytes
 from w2w.records import BatchCounts, Counts, Energy, RankRecord, Times
@@ -155,13 +155,27 @@ def test_without_the_right_one_line_and_nothing_changed():
     assert gpu.clock_calls == []
 
 
+def _stopped_by_sigterm(capper) -> None:
+    """The runner's way out of a stop signal (w2w.signals): Stopped raised where the job is, the cap and clocks
+    restored in _run_loaded's finally."""
+    from w2w import runner, signals
+
+    def loading(*args):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the model loads: a stop at once
+        raise AssertionError("SIGTERM did not stop the job")
+
+    with mock.patch.object(runner, "_load_measured", loading), signals.on_signals(), \
+            pytest.raises(signals.Stopped) as stop:
+        runner._run_loaded([], mock.Mock(), mock.Mock(), capper, {})
+    assert stop.value.exit_status == 143
+
+
 def test_sigterm_while_locked_restores_clock_and_cap_and_stops():
     gpu = FakeGpu(limit_w=400.0)
     capper = capper_for(gpu)
     capper.apply(200.0)
     capper.clocks.apply(1200)
-    with pytest.raises(SystemExit), restore_cap_on_sigterm(capper), restore_clocks_on_sigterm(capper.clocks):
-        os.kill(os.getpid(), signal.SIGTERM)
+    _stopped_by_sigterm(capper)
     assert gpu.clock_calls == [(1200, 1200), None] and gpu.sm_clock_mhz == 1410.0 and gpu.limit_w == 400.0
 
 
@@ -169,9 +183,7 @@ def test_sigterm_with_a_clock_and_no_cap_still_stops():
     gpu = FakeGpu()
     capper = capper_for(gpu)
     capper.clocks.apply(1600)
-    with pytest.raises(SystemExit, match="SM clocks were restored"), restore_cap_on_sigterm(capper), \
-            restore_clocks_on_sigterm(capper.clocks):
-        os.kill(os.getpid(), signal.SIGTERM)
+    _stopped_by_sigterm(capper)
     assert gpu.locked_mhz is None
 
 

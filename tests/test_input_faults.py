@@ -13,7 +13,7 @@ import pytest
 from w2w.analysis import pareto
 from w2w.analysis.reduce import reduce_sweep, summary_notes, table_columns
 from w2w.launch.plan import make_plan
-from w2w.launch.submit import _controller_stderr, load_manifest, record_plan, save_manifest
+from w2w.launch.submit import _controller_stdio, load_manifest, record_plan, save_manifest
 
 from tests.conftest import ROOT, cli, spawn
 from tests.test_bookkeeping_errors import FAST, _one_line_error
@@ -108,7 +108,7 @@ def test_plan_rejects_missing_fewshot_file(tmp_path):
 def test_plan_rejects_unparsable_fewshot_file(tmp_path):
     shots = tmp_path / "shots.jsonl"
     shots.write_text('{"question": "a?", "answer": "#### 1"}\n{"question": \n')
-    with pytest.raises(ConfigError, match=r"fewshot_path=.*cannot read it as JSONL"):
+    with pytest.raises(ConfigError, match=r"fewshot_path=.*: line 2 is not JSON .*: fix or remove that line"):
         make_plan(["dataset=gsm8k", f"dataset.path={ROWS}", "dataset.num_prompts=2", "dataset.fewshot_k=1",
                    f"dataset.fewshot_path={shots}"])
 
@@ -224,17 +224,19 @@ def test_broken_pipe_exits_quietly(tmp_path):
         assert result.stderr == "" and result.returncode == EXIT_BROKEN_PIPE, (args, result.stderr)
 
 
-def test_ctrl_c_reaches_no_controller_traceback_to_the_terminal(tmp_path, capfd):
-    """The local executor's controller inherits stderr while it starts: a Ctrl-C in --wait made it print
-    submitit's KeyboardInterrupt after w2w-sweep's message. It now writes to the sweep's log instead."""
+def test_a_local_controller_holds_none_of_w2w_sweeps_stdio(tmp_path, capfd):
+    """The local executor's controller inherits stdio while it starts: a Ctrl-C in --wait made it print
+    submitit's KeyboardInterrupt after w2w-sweep's message, and (issue 28.1) holding stdout it kept a piped
+    `w2w-sweep ... | tee log` waiting until the job ended. It now writes to the sweep's log, reads /dev/null."""
     log = tmp_path / "submitit" / "local-controllers.log"
-    with _controller_stderr(log):
-        child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stderr.write('controller says')"])
+    with _controller_stdio(log):
+        child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stderr.write('controller says '); "
+                                  "sys.stdout.write('and prints ' + repr(sys.stdin.read()))"])
     child.wait(timeout=60)
     print("w2w-sweep says", file=sys.stderr)
-    err = capfd.readouterr().err
-    assert "controller says" not in err and "w2w-sweep says" in err
-    assert log.read_text() == "controller says"
+    out, err = capfd.readouterr()
+    assert "controller says" not in err and "w2w-sweep says" in err and "prints" not in out
+    assert "controller says" in log.read_text() and "and prints ''" in log.read_text()
 
 
 # -- misleading messages --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ The runners are real `w2w-run` processes on the tiny model; a test holds one at 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -197,13 +198,79 @@ def test_lock_names_its_holder_and_is_free_once_released(tmp_path):
     assert not mine.held and CellLock(tmp_path, "c0ffee").try_acquire()
 
 
+# -- issue 28.1: SIGTERM and SIGINT stop a runner after its batch, the progress kept, in one line --
+
+STOP_CELL = ["shards=1", "precision=fp32", "energy.idle_seconds=0", "max_gen_len=16", "dataset.num_prompts=6",
+             "batch_size=1", "save_responses=true"]
+
+
+def _same_cell(sweep: Path, reference: Path) -> None:
+    """The cell's record and responses are those of the uninterrupted run (sampled tokens included)."""
+    (cid,) = _cell_ids(reference)
+    assert _cell_ids(sweep) == [cid]
+    record, whole = read_record(record_path(sweep, cid, 0)), read_record(record_path(reference, cid, 0))
+    assert record.ok, record.error
+    for key in COUNTS:
+        assert getattr(record.counts, key) == getattr(whole.counts, key), key
+    assert responses_path(sweep, cid).read_text() == responses_path(reference, cid).read_text()
+    assert not progress_path(sweep, cid, 0).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "sampling"), [(signal.SIGTERM, "greedy=false"), (signal.SIGINT, "greedy=true")])
+def test_a_stop_signal_ends_the_runner_after_its_batch_and_a_rerun_equals_an_uninterrupted_run(
+        tmp_path, signum, sampling):
+    """`kill PID` (or `timeout`, scancel) used to run all the cell's batches to the end, and Ctrl-C printed a
+    25-line KeyboardInterrupt. The signal lands while the runner holds after its 2nd batch: it stops there."""
+    args = [*STOP_CELL, sampling]
+    reference = tmp_path / "reference"
+    whole = Runner(tmp_path, "reference", [*args, f"sweep_dir={reference}"])
+    assert whole.wait() == 0, whole.err.read_text()[-3000:]
+    sweep = tmp_path / "sweep"
+    stopped = Runner(tmp_path, "stopped", [*args, f"sweep_dir={sweep}"], hold_after=2)
+    _wait_for(stopped.held, "the runner to hold after 2 batches", stopped)
+    stopped.proc.send_signal(signum)
+    assert stopped.wait() == 128 + signum
+    err = stopped.err.read_text()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.splitlines()[-1] == (f"w2w-run: stopped by {signal.Signals(signum).name}: every finished batch is "
+                                    "kept; run the same command again to resume")
+    (cid,) = _cell_ids(sweep)
+    saved = json.loads(progress_path(sweep, cid, 0).read_text())
+    assert len(saved["batches"]) == 2 and not record_path(sweep, cid, 0).exists()  # stopped within one batch
+    lock = CellLock(sweep, cid)
+    assert lock.try_acquire()  # released on the way out
+    lock.release()
+    again = Runner(tmp_path, "again", [*args, f"sweep_dir={sweep}"])
+    assert again.wait() == 0, again.err.read_text()[-3000:]
+    assert again.says(f"cell {cid}: resumed at batch 3/6 after 1 segment(s)")
+    _same_cell(sweep, reference)
+
+
+@pytest.mark.slow
+def test_a_cell_killed_after_its_last_batch_says_so_when_rerun(tmp_path):
+    """Issue 28.10: its re-run said "resumed at batch 5/4"; it writes the record of the batches it has."""
+    sweep = tmp_path / "sweep"
+    first = Runner(tmp_path, "first", [*ONE_CELL, f"sweep_dir={sweep}"], hold_after=4)
+    _wait_for(first.held, "the runner to hold after its last batch", first)
+    first.proc.kill()
+    first.proc.wait(timeout=60)
+    again = Runner(tmp_path, "again", [*ONE_CELL, f"sweep_dir={sweep}"])
+    assert again.wait() == 0, again.err.read_text()[-3000:]
+    (cid,) = _cell_ids(sweep)
+    assert again.says(f"cell {cid}: all 4 batches done in 1 earlier segment(s): its record is written now")
+    assert not again.says("resumed at batch")
+    record = read_record(record_path(sweep, cid, 0))
+    assert record.ok and [b.job_id for b in record.batches] == ["first"] * 4
+
+
 # -- the property: any interleaving of two runners, Ctrl-C and kill -9 loses, doubles and mixes nothing --
 
 GRID = ["shards=1", "precision=fp32", "energy.idle_seconds=0", "max_gen_len=4", "dataset.num_prompts=4",
         "batch_size=1,2", "save_responses=true", "dataset=gsm8k"]
-FATES = ("release", "sigint", "kill")
-# Seeded: the same scenarios in every run (about 20 s each on two cores); W2W_INTERLEAVINGS=N tries more.
-INTERLEAVINGS = int(os.environ.get("W2W_INTERLEAVINGS", 5))
+FATES = ("release", "sigint", "sigterm", "kill")
+# Seeded: the same scenarios in every run (about 30 s each on two cores); W2W_INTERLEAVINGS=N tries more.
+INTERLEAVINGS = int(os.environ.get("W2W_INTERLEAVINGS", 4))
 
 
 def _gsm8k(tmp: Path) -> Path:
@@ -214,24 +281,99 @@ def _gsm8k(tmp: Path) -> Path:
     return path
 
 
+class SweepJob(Runner):
+    """A local job of `w2w-sweep` on the runners' cells (its controller and its task), which has returned
+    by then; hold_after=N as a Runner's (the job's task inherits the barrier from w2w-sweep)."""
+
+    def __init__(self, tmp: Path, name: str, args: list[str], hold_after: int | None = None):
+        self.name, self.barrier = name, tmp / f"barrier-{name}"
+        env = os.environ | {"SLURM_JOB_ID": name, "PYTHONPATH": os.pathsep.join([str(FAKE_SITE), str(ROOT)]),
+                            "OMP_NUM_THREADS": "1"}
+        if hold_after is not None:
+            env |= {"W2W_TEST_BARRIER": str(self.barrier), "W2W_TEST_BARRIER_AFTER": f"batches:{hold_after}"}
+        with (tmp / f"{name}.out").open("w") as out:
+            sweep = spawn([sys.executable, "-m", "w2w.launch.sweep", *args], cwd=ROOT, env=env, stdout=out,
+                          stderr=subprocess.STDOUT)
+            assert sweep.wait(timeout=300) == 0, (tmp / f"{name}.out").read_text()
+        sweep_dir = Path(next(a for a in args if a.startswith("sweep_dir=")).split("=", 1)[1])
+        manifest = json.loads((sweep_dir / "manifest.json").read_text())
+        submitted = [s["job_id"] for job in manifest["jobs"].values() for s in job["submissions"]]
+        self.job_id = int(submitted[-1]) if submitted else 0  # none where the runners left no cell to do
+        self.err = sweep_dir / "submitit" / str(self.job_id) / f"{self.job_id}_0_log.err"
+
+    def says(self, text: str) -> bool:
+        return self.err.is_file() and text in self.err.read_text()
+
+    def ended(self) -> bool:
+        return not self.job_id or not _running(self.job_id)
+
+    def signal(self, signum: int) -> None:
+        """SIGTERM to the controller, which forwards it to its task (as scancel signals each task); SIGINT
+        to the task alone (as w2w-sweep's Ctrl-C stops its local jobs); SIGKILL to both."""
+        targets = [self.job_id] if signum == signal.SIGTERM else _children(self.job_id)
+        if signum == signal.SIGKILL:
+            targets = [*targets, self.job_id]
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def wait(self) -> int:
+        self.release()
+        _wait_for(self.ended, f"{self.name}'s job to end")
+        return 0
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
 def _scenario(rng: random.Random) -> dict:
     return {"hold_a": rng.choice((1, 2)), "fate_a": rng.choice(FATES), "b_while_a_held": rng.random() < 0.6,
-            "hold_b": rng.choice((None, 1)), "fate_b": rng.choice(FATES), "b_first": rng.random() < 0.5}
+            "hold_b": rng.choice((None, 1)), "fate_b": rng.choice(FATES), "b_first": rng.random() < 0.5,
+            "sweep": rng.random() < 0.6, "hold_s": rng.choice((None, 1)), "fate_s": rng.choice(FATES),
+            "sweep_at": rng.choice((0, 1, 2))}
+
+
+SIGNALS = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "kill": signal.SIGKILL}
 
 
 def _meet(runner: Runner, fate: str) -> None:
+    """The runner's fate where it stands (at its barrier, waiting on a held cell, or running): a stop
+    signal is obeyed after the batch, so the barrier opens after it; kill -9 needs no barrier opened."""
     if fate == "release":
         runner.release()
+        return
+    at_barrier = runner.held()  # it waits there until released: the signal meets it between two batches
+    if isinstance(runner, SweepJob):
+        runner.signal(SIGNALS[fate])
     else:
-        runner.proc.send_signal(signal.SIGINT if fate == "sigint" else signal.SIGKILL)
-        runner.proc.wait(timeout=120)
+        runner.proc.send_signal(SIGNALS[fate])
+    if fate != "kill":
+        runner.release()
+    code = runner.wait()
+    if at_barrier and fate != "kill" and not isinstance(runner, SweepJob):  # stopped there, in one line
+        assert code == 128 + SIGNALS[fate], runner.err.read_text()[-3000:]
+        assert runner.err.read_text().splitlines()[-1].startswith(f"w2w-run: stopped by {SIGNALS[fate].name}")
 
 
 def _play(tmp: Path, args: list[str], plan: dict) -> None:
-    """Run one interleaving: A held at its barrier, B started while A holds a cell or after A's fate."""
+    """Run one interleaving: A held at its barrier, B started while A holds a cell or after A's fate, and
+    a sweep's local job beside them."""
     a = Runner(tmp, "a", args, hold_after=plan["hold_a"])
     _wait_for(a.held, "A at its barrier", a)
-    runners = [a]
+    runners: list[Runner] = [a]
     if not plan["b_while_a_held"]:
         _meet(a, plan["fate_a"])
     b = Runner(tmp, "b", args, hold_after=plan["hold_b"])
@@ -242,6 +384,11 @@ def _play(tmp: Path, args: list[str], plan: dict) -> None:
     fates = [(b, plan["fate_b"])]
     if plan["b_while_a_held"]:
         fates.insert(1 if plan["b_first"] else 0, (a, plan["fate_a"]))
+    if plan["sweep"]:
+        job = SweepJob(tmp, "s", args, hold_after=plan["hold_s"])
+        runners.append(job)
+        _wait_for(lambda: job.held() or job.says("held by") or job.ended(), "the sweep's job at its barrier or waiting")
+        fates.insert(min(plan["sweep_at"], len(fates)), (job, plan["fate_s"]))
     for runner, fate in fates:
         if not runner.ended():
             _meet(runner, fate)
@@ -269,7 +416,9 @@ def _check_like_reference(sweep: Path, reference: Path) -> None:
 
 
 @pytest.mark.slow
-def test_random_interleavings_of_two_runners_lose_double_and_mix_nothing(tmp_path):
+def test_random_interleavings_of_two_runners_and_a_sweep_lose_double_and_mix_nothing(tmp_path):
+    """Issue 28.1: SIGTERM, SIGINT and kill -9 at random points of two runners and a sweep's local job, with
+    sampling on (the grid's default): every record and response file equals an uninterrupted run's."""
     data = _gsm8k(tmp_path)
     reference = tmp_path / "reference"
     whole = Runner(tmp_path, "reference", [*GRID, f"dataset.path={data}", f"sweep_dir={reference}"])

@@ -143,7 +143,7 @@ def test_a_prompt_that_cannot_fit_fails_at_plan_naming_its_row_and_the_ways_out(
     questions = ["q0?", "q1?", " ".join(["how many apples are left"] * 4) + "?", "q3?"]
     data.write_text("".join(f'{{"question": "{q}"}}\n' for q in questions))
     grid = ["dataset=gsm8k", f"dataset.path={data}", "dataset.num_prompts=4", "model.max_seq_len=64", "max_gen_len=32"]
-    with pytest.raises(ConfigError, match=r"dataset=gsm8k row 2: its prompt is 54 tokens but model.max_seq_len=64 "
+    with pytest.raises(ConfigError, match=r"dataset=gsm8k row 3: its prompt is 54 tokens but model.max_seq_len=64 "
                                           r"- max_gen_len=32 leaves 32 \(engine=fast\): lower max_gen_len to 10 or less, raise "
                                           r"model.max_seq_len to 86 or more, or set dataset.max_prompt_tokens=N"):
         make_plan(grid)
@@ -161,7 +161,7 @@ def test_llama1_runs_a_prompt_that_leaves_less_than_max_gen_len_as_meta_did(tmp_
     data.write_text("".join(f'{{"question": "{q}"}}\n' for q in questions))
     grid = ["dataset=gsm8k", f"dataset.path={data}", "dataset.num_prompts=4", "model.max_seq_len=64", "max_gen_len=32",
             "batch_size=2"]
-    with pytest.raises(ConfigError, match=r"row 2: its prompt is 54 tokens .* leaves 32 \(engine=llama2\)"):
+    with pytest.raises(ConfigError, match=r"row 3: its prompt is 54 tokens .* leaves 32 \(engine=llama2\)"):
         make_plan([*grid, "engine=llama2"])
     (planned,) = make_plan([*grid, "engine=llama1"]).cells
     assert cache_positions(planned.cell, 54) == 2 * 64  # batch x max_seq_len, not x (54 + 32)
@@ -208,3 +208,9 @@ def test_a_cut_keeps_bos_first_and_counts_the_prompts_cut():
     assert cut_prompt(whole, 1, tokenizer.bos_id) == [tokenizer.bos_id]
     with pytest.raises(ValueError, match=r"set dataset\.max_prompt_tokens"):
         encode_prompts([long_text], tokenizer, None, fits=len(whole) - 1)
+    # issue 28.10: the row is named from 1, and a shorter generation is not offered where it cannot help
+    with pytest.raises(ValueError, match=r"^dataset row 8: its prompt of \d+ tokens does not fit the 4 that "
+                                         r"model.max_seq_len - max_gen_len leaves: raise model.max_seq_len"):
+        encode_prompts([short_text, long_text], tokenizer, None, fits=4, rows=[0, 7], max_seq_len=len(whole))
+    with pytest.raises(ValueError, match=r"leaves: lower max_gen_len, raise"):
+        encode_prompts([long_text], tokenizer, None, fits=4, rows=[0], max_seq_len=len(whole) + 1)

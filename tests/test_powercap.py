@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from unittest import mock
 
@@ -115,32 +116,16 @@ class _Capper:
         self.restored += 1
 
 
-def test_sigterm_while_capped_restores_the_limit_and_stops():
-    import os
-    import signal
+def test_a_stop_signal_restores_the_cap_and_closes_the_meter(monkeypatch):
+    """Issue 28.1: SIGTERM (scancel) stops the runner by raising Stopped wherever it is; the cap set for a
+    cell is restored on the way out (restore_cap_on_sigterm used to act only while capped, else did nothing)."""
+    from w2w import runner, signals
 
-    from w2w.runner import restore_cap_on_sigterm
+    def loading(*args):
+        raise signals.Stopped(signal.SIGTERM)
 
-    capper = _Capper(capped=True)
-    with pytest.raises(SystemExit, match="power limit was restored"), restore_cap_on_sigterm(capper):
-        os.kill(os.getpid(), signal.SIGTERM)
-        signal.sigtimedwait([], 0)  # let the handler run before leaving the block
-    assert capper.restored == 1
-
-
-def test_sigterm_without_a_cap_goes_to_the_previous_handler():
-    import os
-    import signal
-
-    from w2w.runner import restore_cap_on_sigterm
-
-    seen = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
-    try:
-        capper = _Capper(capped=False)
-        with restore_cap_on_sigterm(capper):
-            os.kill(os.getpid(), signal.SIGTERM)
-            signal.sigtimedwait([], 0)
-        assert seen == [signal.SIGTERM] and capper.restored == 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.setattr(runner, "_load_measured", loading)
+    capper, monitor = _Capper(capped=True), mock.Mock()
+    with pytest.raises(signals.Stopped) as stop:
+        runner._run_loaded([], mock.Mock(), monitor, capper, {})
+    assert stop.value.exit_status == 143 and capper.restored == 1 and monitor.close.called

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from w2w.errors import ConfigError
 from w2w.records import cell_dir
 
 LOCK_FILE = "cell.lock"  # in cells/<cell id>/; the reducer reads rank-*.json only
@@ -21,9 +22,11 @@ def lock_path(sweep_dir: str | Path, cid: str) -> Path:
 
 
 def job_attempt() -> tuple[str | None, int]:
-    """This process's job id (SLURM's, or submitit's local one) and attempt (SLURM's restart count)."""
+    """This process's job id (SLURM's, or the local executor's: its controller's pid, as the manifest
+    names the job) and attempt (SLURM's restart count)."""
     env = os.environ
-    return env.get("SLURM_JOB_ID") or env.get("SUBMITIT_JOB_ID"), int(env.get("SLURM_RESTART_COUNT", 0) or 0)
+    job_id = env.get("SLURM_JOB_ID") or env.get("SUBMITIT_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID")
+    return job_id, int(env.get("SLURM_RESTART_COUNT", 0) or 0)
 
 
 def batch_writer() -> dict:
@@ -56,7 +59,10 @@ class CellLock:
     def try_acquire(self) -> bool:
         """Take the lock if no other process holds it; never waits."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except IsADirectoryError:
+            raise ConfigError(f"{self.path} is a folder, not w2w's lock file: remove it and run again") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -134,7 +134,7 @@ def identity(cell: Cell, info: distributed.DistInfo) -> RankRecord:
     return RankRecord(
         schema=SCHEMA_VERSION,
         sweep_dir=cell.sweep_dir,
-        job_id=os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_JOB_ID"),
+        job_id=job_attempt()[0],
         cell_id=cell.id,
         repeat=cell.repeat,
         rank=info.rank,

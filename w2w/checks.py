@@ -54,14 +54,15 @@ def prompt_lengths(dataset: DatasetConfig, model: ModelConfig) -> list[tuple[int
 
 
 def check_prompt_fits(cell: Cell, args: ModelArgs, lengths: list[tuple[int, int]]) -> int:
-    """The longest prompt kept whole; ConfigError naming the first row that cannot fit and the ways out."""
+    """The longest prompt kept whole; ConfigError naming the longest row (counted from 1, as the data
+    layer's messages count lines and rows) and the ways out."""
     fits = prompt_room(cell.engine, args.max_seq_len, cell.max_gen_len)
     row, longest = max(lengths, key=lambda rl: rl[1], default=(None, 0))
     if longest > fits:
         shorter = args.max_seq_len - longest
         lower = f"lower max_gen_len to {shorter} or less, " if shorter >= 1 else ""
         raise ConfigError(
-            f"dataset={cell.dataset.name} row {row}: its prompt is {longest} tokens but model.max_seq_len="
+            f"dataset={cell.dataset.name} row {row + 1}: its prompt is {longest} tokens but model.max_seq_len="
             f"{args.max_seq_len} - max_gen_len={cell.max_gen_len} leaves {fits} (engine={cell.engine}): {lower}raise model.max_seq_len to "
             f"{longest + cell.max_gen_len} or more, or set dataset.max_prompt_tokens=N to cut prompts (BOS and the "
             "last N-1 tokens are kept)"

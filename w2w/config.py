@@ -35,6 +35,11 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 ENERGY_BACKENDS = ("auto", "nvml", "none")
 # repeats=auto is a flag beside the count: repeats stays an int, the count of runs planned (repeats_max).
 AUTO_REPEATS = {"repeats=auto": "repeats_auto=true", "+repeats=auto": "repeats_auto=true"}
+# Bounds on the options that size work (issue 28.2): past them planning, w2w-status and w2w-reduce, which
+# visit every run of every cell, take minutes, and the statistics gain nothing (an interval narrows as 1/sqrt(n)).
+MAX_REPEATS = 100
+MAX_NUM_PROMPTS = 100_000  # every rank holds a cell's prompts, and its progress file an entry per batch
+MAX_RUNS = 10_000  # cells x repeats of one command
 
 
 def _writable(schema: type) -> DictConfig:
@@ -149,6 +154,10 @@ def expand_overrides(overrides: list[str]) -> list[list[str]]:
         else:
             values = [f"{key}={override.get_value_element_as_str()}"]
         axes.append(values)
+    points = math.prod(len(values) for values in axes)
+    if points > MAX_RUNS:
+        raise ConfigError(f"{' '.join(overrides)}: a grid of {points:,} cells; at most {MAX_RUNS:,} per command "
+                          "(w2w-status and w2w-reduce visit each): split it into several commands on one sweep_dir")
     return [list(point) for point in itertools.product(*axes)]
 
 
@@ -323,6 +332,9 @@ class Composer:
                 # repeats is not in the id: two values would make one cell with two counts of runs.
                 _check(kept.repeats == cell.repeats, f"repeats={kept.repeats},{cell.repeats}: repeats is the "
                        "number of runs of every cell, not a grid axis: give one value")
+        runs = sum(c.repeats for c in cells.values())
+        _check(runs <= MAX_RUNS, f"{len(cells):,} cells x repeats = {runs:,} runs; at most {MAX_RUNS:,} per command "
+               "(w2w-status and w2w-reduce visit each): lower repeats or split the grid into several commands")
         return list(cells.values())
 
     def _missing_option_message(self, exc: MissingConfigException, overrides: list[str]) -> str:
@@ -503,6 +515,8 @@ def dataset(cfg: Cell) -> str | None:
         (d.max_prompt_tokens is None or d.max_prompt_tokens >= 1,
          f"dataset.max_prompt_tokens={d.max_prompt_tokens}: must be >= 1, or null to keep prompts whole"),
         (d.num_prompts >= 1, f"dataset.num_prompts={d.num_prompts}: must be >= 1"),
+        (d.num_prompts <= MAX_NUM_PROMPTS, f"dataset.num_prompts={d.num_prompts}: at most {MAX_NUM_PROMPTS:,} "
+         "(every rank holds a cell's prompts and an entry per batch): lower dataset.num_prompts"),
     ])
 
 
@@ -525,6 +539,8 @@ def hardware(cfg: Cell) -> str | None:
 def repeats(cfg: Cell) -> str | None:
     return _first([
         (cfg.repeats >= 1, f"repeats={cfg.repeats}: must be >= 1 (runs per cell; 1: each cell once)"),
+        (cfg.repeats <= MAX_REPEATS, f"repeats={cfg.repeats}: at most {MAX_REPEATS} runs per cell (an interval "
+         "narrows as 1/sqrt(runs), while w2w-status and w2w-reduce read every run): lower repeats"),
         (cfg.repeat == 0, f"repeat={cfg.repeat}: set by w2w for each run, not an option: use repeats=N"),
     ])
 
@@ -537,6 +553,8 @@ def repeats_auto(cfg: Cell) -> str | None:
         (cfg.repeats_min >= 3, f"repeats_min={cfg.repeats_min}: must be >= 3 (normality cannot be checked below)"),
         (cfg.repeats_max >= cfg.repeats_min, f"repeats_max={cfg.repeats_max}: must be >= repeats_min="
          f"{cfg.repeats_min}"),
+        (cfg.repeats_max <= MAX_REPEATS, f"repeats_max={cfg.repeats_max}: at most {MAX_REPEATS} runs per cell "
+         "(as repeats): lower repeats_max"),
     ])
 
 
@@ -551,6 +569,15 @@ def validate(cfg: Cell) -> None:
         problem = check(cfg)
         if problem:
             raise ConfigError(problem)
+
+
+def one_placement(cells: list[Cell]) -> None:
+    """w2w-run loads one model on one set of ranks: ConfigError where the grid spans placements."""
+    if len({c.placement for c in cells}) != 1:
+        raise ConfigError(
+            "w2w-run takes cells of one placement (model, gpu, shards, precision, cluster, sweep_dir); "
+            "use w2w-sweep for grids over those"
+        )
 
 
 def compose_grid(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> list[Cell]:

@@ -106,29 +106,29 @@ def check_unchanged(cfg: DatasetConfig) -> None:
 Rows = list[tuple[str, object]]  # (where in the file: "line 3" or "row 3", the row)
 
 
-def _json_rows(path: Path) -> Rows:
-    if path.suffix == ".jsonl":
+def _json_rows(path: Path, option: str = "dataset.path") -> Rows:
+    if path.suffix != ".json":
         rows = []
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
                 try:
                     rows.append((f"line {number}", json.loads(line)))
                 except json.JSONDecodeError as exc:
-                    raise ConfigError(f"dataset.path={path}: line {number} is not JSON ({exc.msg}, column "
+                    raise ConfigError(f"{option}={path}: line {number} is not JSON ({exc.msg}, column "
                                       f"{exc.colno}): fix or remove that line") from None
         return rows
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"dataset.path={path}: not valid JSON at line {exc.lineno} column {exc.colno} "
+        raise ConfigError(f"{option}={path}: not valid JSON at line {exc.lineno} column {exc.colno} "
                           f"({exc.msg}); a .json file holds a list of rows, a .jsonl one row per line") from None
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
         width = {len(v) for v in data.values()}
         if len(width) != 1:
-            raise ConfigError(f"dataset.path={path}: its columns have different lengths {sorted(width)}")
+            raise ConfigError(f"{option}={path}: its columns have different lengths {sorted(width)}")
         data = [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
     if not isinstance(data, list):
-        raise ConfigError(f"dataset.path={path}: holds a JSON {type(data).__name__}; give a list of rows "
+        raise ConfigError(f"{option}={path}: holds a JSON {type(data).__name__}; give a list of rows "
                           f"(objects) or one object per line in a .jsonl file")
     return [(f"row {number}", row) for number, row in enumerate(data, 1)]
 
@@ -316,10 +316,10 @@ def fewshot_prefix(cfg: DatasetConfig) -> str:
     if not k:
         return ""
     path = fewshot_file(cfg)
-    try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"dataset.fewshot_path={path}: cannot read it as JSONL: {exc}") from None
+    try:  # .jsonl or .json (a list of rows) as dataset.path is read; a .json used to show "0 rows"
+        rows = [row for _, row in _json_rows(path, "dataset.fewshot_path")]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"dataset.fewshot_path={path}: cannot read it: {exc}") from None
     good = [r for r in rows if isinstance(r, dict) and {"question", "answer"} <= r.keys()]
     for number, row in enumerate(good[:k], 1):
         if not isinstance(row["question"], str):

@@ -13,6 +13,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 
+from w2w import signals
 from w2w.errors import ConfigError
 
 
@@ -148,6 +149,13 @@ def agreed_min(value: int) -> int:
     t.fill_(value)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def stop_if_asked() -> None:
+    """Raise signals.Stopped on every rank if any rank received SIGTERM or SIGINT (one small collective:
+    the ranks stop together, none is left waiting in the next collective)."""
+    agreed = -agreed_min(-(signals.requested() or 0))
+    signals.check(agreed or None)
 
 
 def barrier() -> None:

@@ -1,4 +1,4 @@
-"""How a command ends: a closed stdout (`| head`) quietly, as Unix tools do, never with a traceback."""
+"""How a command ends: a closed stdout (`| head`, `>&-`) quietly, as Unix tools do, never with a traceback."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ def quiet_on_broken_pipe(main: F) -> F:
     def wrapped(*args, **kwargs) -> int:
         try:
             status = main(*args, **kwargs)
-            sys.stdout.flush()  # a block-buffered stdout (no PYTHONUNBUFFERED) meets the closed pipe here
+            if sys.stdout is not None:  # None: started with stdout closed (`>&-`), where print writes nothing
+                sys.stdout.flush()  # a block-buffered stdout (no PYTHONUNBUFFERED) meets the closed pipe here
             return status
         except BrokenPipeError:
             # Python flushes stdout again at exit, which would fail and print: point it at /dev/null.
             devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            os.dup2(devnull, 1)
             return EXIT_BROKEN_PIPE
 
     return wrapped  # type: ignore[return-value]

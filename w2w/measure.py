@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from w2w import distributed
+from w2w import distributed, signals
 from w2w.cell import Cell
 from w2w.cell_lock import batch_writer
 from w2w.cell_record import (
@@ -263,7 +263,8 @@ def run_cell(
     model = loaded.model
     fits = prompt_room(cell.engine, model.args.max_seq_len, cell.max_gen_len)
     cut_to = None if cell.dataset.max_prompt_tokens is None else min(cell.dataset.max_prompt_tokens, fits)
-    prompts, truncated = encode_prompts([r.text for r in rows], loaded.tokenizer, cut_to, fits)
+    prompts, truncated = encode_prompts([r.text for r in rows], loaded.tokenizer, cut_to, fits,
+                                        rows=[r.id for r in rows], max_seq_len=model.args.max_seq_len)
     cache_len = max(len(p) for p in prompts) + cell.max_gen_len
     size = cell.batch_size
     batches = [prompts[i : i + size] for i in range(0, len(prompts), size)]
@@ -274,6 +275,7 @@ def run_cell(
                    cell_stream(cell, model.device, progress), weight_bytes(model))
     start = progress.done
     warmup = _warm_up(run, batches[start:], monitor) if start < len(batches) else None
+    distributed.stop_if_asked()
     progress.begin_segment(dataclasses.replace(
         segment or Segment(segment=0), start_unix_s=time.time(), warmup_s=warmup.duration_s if warmup else 0.0,
         warmup_gpu_j=warmup.gpu_j if warmup else None))
@@ -291,6 +293,8 @@ def run_cell(
         # A re-run does not resume after void figures.
         progress.add_batch(entry, save=not errors, stream_state=stream_state(run.stream))
         log.info("cell batch %d/%d: %d output tokens", index + 1, len(batches), entry.counts.output_tokens)
+        if index + 1 < len(batches):  # after the last one the record is written first
+            distributed.stop_if_asked()
     window: Window = monitor.end_window("cell")
     totals = Totals.of(progress.batches, progress.segments)
     errors = ([f"cell: {window.error}"] if window.error else []) + phases.errors + errors
@@ -324,7 +328,10 @@ def _resume(cell: Cell, info: distributed.DistInfo, num_prompts: int) -> CellPro
         done = first_missing_part(cell.sweep_dir, cell.id, done, cell.repeat)
     start = distributed.agreed_min(done)  # ranks run batches together: resume where all got to
     progress.resume_at(start)
-    if start:
+    if start >= shape.num_batches:  # stopped after its last batch, before its record was written
+        log.info("cell %s: all %d batches done in %d earlier segment(s): its record is written now", cell.id,
+                 shape.num_batches, len(progress.segments))
+    elif start:
         log.info("cell %s: resumed at batch %d/%d after %d segment(s)", cell.id, start + 1, shape.num_batches,
                  len(progress.segments))
     return progress
@@ -354,9 +361,13 @@ def measure_cell(
     try:
         apply_power_cap(capper, cell)
         progress = _resume(cell, info, len(rows))
-        record = run_cell(
-            cell, rows, loaded, monitor, timeline=timeline_path(cell.sweep_dir, cell.id, info.rank, cell.repeat),
-            rank=info.rank, progress=progress, segment=job_segment(loaded.job_energy)).onto(record)
+        with signals.deferred():  # a stop signal ends the cell between batches, on every rank at once
+            record = run_cell(
+                cell, rows, loaded, monitor, timeline=timeline_path(cell.sweep_dir, cell.id, info.rank, cell.repeat),
+                rank=info.rank, progress=progress, segment=job_segment(loaded.job_energy)).onto(record)
+    except signals.Stopped:  # no record: the progress file keeps the finished batches for a re-run
+        monitor.abandon_windows()
+        raise
     except Exception as exc:  # the sweep goes on; the record says what happened
         record = failed(record, exc)
         outcome = distributed.GROUP_BROKEN if distributed.is_collective_error(exc) else distributed.CELL_FAILED

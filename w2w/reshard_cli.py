@@ -8,6 +8,7 @@ from pathlib import Path
 
 from w2w.errors import ConfigError
 from w2w.exits import quiet_on_broken_pipe
+from w2w.files import writable_problem
 from w2w.shapes import PRECISION_BYTES
 
 
@@ -18,6 +19,9 @@ def check_destination(src: Path, dst: Path) -> None:
                           "config.json beside its weights)")
     if dst.exists() and not dst.is_dir():
         raise ConfigError(f"DST {dst} is a file, not a folder: give a directory to write the checkpoint into")
+    problem = writable_problem(dst)
+    if problem:
+        raise ConfigError(f"DST {dst}: {problem}: give a directory you can write")
     if dst.resolve() == src.resolve():
         raise ConfigError(f"DST {dst} is SRC {src}: write the resharded checkpoint to a new directory "
                           "(nothing was changed)")
@@ -66,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"w2w-reshard: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # DST refused a write the checks could not foresee (permissions as seen by a server, a full disk)
+        print(f"w2w-reshard: error: writing {opts.dst} failed: {exc.strerror or exc} ({exc.filename or opts.dst}): "
+              "give a directory you can write, with room for the checkpoint", file=sys.stderr)
+        return 1
     size = sum(p.stat().st_size for p in written)
     print(f"wrote {len(written)} shard(s), {size / 2**30:.2f} GiB, to {opts.dst}")
     return 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from w2w import signals
 from w2w.cell import Cell
-from w2w.config import compose_grid, split_config_dirs
+from w2w.config import compose_grid, one_placement, split_config_dirs
 from w2w.data import check_dataset
 from w2w.errors import ConfigError
 from w2w.exits import quiet_on_broken_pipe
@@ -32,9 +33,20 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\n" + USAGE)
         return 0
+    # SIGTERM (scancel, timeout, kill) and SIGINT (Ctrl-C) stop it in one line, after the batch that runs.
+    with signals.on_signals():
+        try:
+            return _main(args)
+        except signals.Stopped as stop:
+            print(signals.stopped_line("w2w-run", stop), file=sys.stderr)
+            return stop.exit_status
+
+
+def _main(args: list[str]) -> int:
     try:
         config_dirs, overrides = split_config_dirs(args)
         cells = compose_grid(overrides, config_dirs)
+        one_placement(cells)
         check_cells(cells)
     except ConfigError as exc:
         print(f"w2w-run: error: {exc}", file=sys.stderr)

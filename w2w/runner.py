@@ -8,14 +8,15 @@ import sys
 import time
 from dataclasses import asdict
 
-from w2w import checkpoint, distributed, engines
+from w2w import checkpoint, distributed, engines, signals
 from w2w.cell import Cell, DatasetConfig
 from w2w.cell_lock import CellLock
+from w2w.config import one_placement
 from w2w.data import Prompt, check_unchanged, load_prompt_rows
-from w2w.energy.clocks import restore_clocks_on_sigterm, restore_clocks_or_log
+from w2w.energy.clocks import restore_clocks_or_log
 from w2w.energy.errors import EnergyError
 from w2w.energy.monitor import EnergyMonitor
-from w2w.energy.powercap import PowerCapper, restore_cap_on_sigterm, restore_or_log
+from w2w.energy.powercap import PowerCapper, restore_or_log
 from w2w.engines.common import synchronize
 from w2w.errors import ConfigError
 from w2w.measure import Loaded, measure_cell
@@ -90,19 +91,14 @@ def _load_measured(cells: list[Cell], info: distributed.DistInfo, monitor: Energ
 
 def run_cells(cells: list[Cell]) -> list[str]:
     """Run the cells of one placement on this rank; returns the status of each cell."""
-    if len({c.placement for c in cells}) != 1:
-        raise ConfigError(
-            "w2w-run takes cells of one placement (model, gpu, shards, precision, cluster, sweep_dir); "
-            "use w2w-sweep for grids over those"
-        )
+    one_placement(cells)
     first = cells[0]
     prompt_sets = load_prompt_sets(cells)  # bad prompt files stop the job before the model loads
     info = distributed.init(first.gpu.device, first.dist_timeout_s)
     distributed.init_model_parallel(first.shards, info.world_size)
     monitor = _open_monitor(first, info)
     capper = PowerCapper(monitor.meter, monitor.reason)
-    with restore_cap_on_sigterm(capper), restore_clocks_on_sigterm(capper.clocks):
-        statuses = _run_loaded(cells, info, monitor, capper, prompt_sets)
+    statuses = _run_loaded(cells, info, monitor, capper, prompt_sets)  # a stop signal restores the cap there too
     distributed.shutdown()  # only after a clean end: a broken group's teardown could block
     return statuses
 
@@ -118,12 +114,14 @@ def _run_loaded(
         # A cell that another process holds is put off, then waited for once the others are done:
         # a second runner on the same cells does no harm, and a requeued job whose first attempt
         # still lives resumes that attempt's cell when it ends.
-        for wait in (False, True):
-            for index, cell in enumerate(runs):
-                if statuses.get(index, HELD) == HELD:
-                    statuses[index] = _run_held(cell, f"{index + 1}/{len(runs)}", prompt_sets[cell.dataset],
-                                                loaded, info, monitor, capper, wait=wait)
-    finally:  # also when a cell or the load fails: no GPU is left capped or clock-locked, NVML is shut down
+        with signals.deferred():  # from here the ranks stop together, between batches and cells
+            for wait in (False, True):
+                for index, cell in enumerate(runs):
+                    if statuses.get(index, HELD) == HELD:
+                        distributed.stop_if_asked()
+                        statuses[index] = _run_held(cell, f"{index + 1}/{len(runs)}", prompt_sets[cell.dataset],
+                                                    loaded, info, monitor, capper, wait=wait)
+    finally:  # also when a cell or the load fails, or a signal stops the job: no GPU is left capped or clock-locked, NVML is shut down
         restore_or_log(capper)
         restore_clocks_or_log(capper.clocks)
         monitor.close()
@@ -143,6 +141,7 @@ def _take(cell: Cell, place: str, info: distributed.DistInfo, *, wait: bool) -> 
                             cell.id, lock.holder())
             return None
         time.sleep(LOCK_POLL_S)
+        distributed.stop_if_asked()
 
 
 def _run_held(cell: Cell, place: str, rows: list[Prompt], loaded: Loaded, info: distributed.DistInfo,
@@ -220,12 +219,16 @@ def setup_logging() -> None:
 
 
 def run_main(cells: list[Cell]) -> int:
-    """Run composed cells as the w2w-run command does: exit 0 when every cell is ok or done already."""
+    """Run composed cells as the w2w-run command does: exit 0 when every cell is ok or done already;
+    a stop signal (signals.on_signals, set by the caller) ends it with 143 or 130."""
     setup_logging()
     try:
         statuses = run_cells(cells)
     except (ConfigError, EnergyError) as exc:
         print(f"w2w-run: error: {exc}", file=sys.stderr)
         return 2
+    except signals.Stopped as stop:
+        print(signals.stopped_line("w2w-run", stop), file=sys.stderr)
+        return stop.exit_status
     return 0 if all(s in (STATUS_OK, "skipped") for s in statuses) else 1
 

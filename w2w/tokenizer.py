@@ -219,18 +219,23 @@ def cut_prompt(ids: list[int], max_len: int, bos_id: int) -> list[int]:
 
 
 def encode_prompts(prompts: list[str], tokenizer: TokenizerLike, max_prompt_len: int | None,
-                   fits: int | None = None) -> tuple[list[list[int]], int]:
+                   fits: int | None = None, *, rows: list[int] | None = None,
+                   max_seq_len: int | None = None) -> tuple[list[list[int]], int]:
     """The prompts' token ids, each cut to max_prompt_len tokens with BOS kept first (None: kept whole);
-    and how many were cut. fits: the longest a whole prompt may be (ValueError beyond it; --plan says so first)."""
+    and how many were cut. fits: the longest a whole prompt may be (ValueError beyond it, naming the row,
+    0-based in rows, counted from 1; --plan says so first)."""
     encoded, cut = [], 0
-    for text in prompts:
+    for index, text in enumerate(prompts):
         ids = tokenizer.encode(text)
         if max_prompt_len is not None and len(ids) > max_prompt_len:
             cut += 1
             ids = cut_prompt(ids, max_prompt_len, tokenizer.bos_id)
         if fits is not None and len(ids) > fits:
-            raise ValueError(f"a prompt of {len(ids)} tokens does not fit the {fits} that model.max_seq_len - "
-                             "max_gen_len leaves: lower max_gen_len, raise model.max_seq_len, or set "
+            where = f"dataset row {rows[index] + 1}" if rows is not None else f"prompt {index + 1}"
+            # a shorter generation only helps a prompt shorter than the whole context
+            lower = "lower max_gen_len, " if max_seq_len is None or len(ids) < max_seq_len else ""
+            raise ValueError(f"{where}: its prompt of {len(ids)} tokens does not fit the {fits} that "
+                             f"model.max_seq_len - max_gen_len leaves: {lower}raise model.max_seq_len, or set "
                              "dataset.max_prompt_tokens to cut it")
         encoded.append(ids)
     return encoded, cut

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 from w2w.energy.errors import ClockError, GpuError, GpuNoPermissionError, GpuNotSupportedError
@@ -83,28 +79,3 @@ def restore_clocks_or_log(locker: ClockLocker) -> None:
         locker.restore()
     except ClockError as exc:
         log.error("the GPU keeps a locked SM clock (reset it with nvidia-smi -rgc): %s", exc)
-
-
-@contextlib.contextmanager
-def restore_clocks_on_sigterm(locker: ClockLocker) -> Iterator[None]:
-    """As powercap.restore_cap_on_sigterm: while a clock is locked, SIGTERM resets it, then the previous
-    handler runs (the power cap's, which restores the cap and stops), and the job stops."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum, frame):
-        was_locked = locker.locked
-        if was_locked:
-            restore_clocks_or_log(locker)
-        if callable(previous):
-            previous(signum, frame)
-        if was_locked:
-            raise SystemExit("SIGTERM: the job was cancelled; the GPU's own SM clocks were restored")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

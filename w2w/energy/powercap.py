@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shlex
-import signal
 import subprocess
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from w2w.energy.clocks import ClockLocker
@@ -140,27 +137,3 @@ def restore_or_log(capper: PowerCapper) -> None:
     except PowerCapError as exc:
         log.error("the GPU keeps a power cap (original limit %s W, restore it with nvidia-smi -pl): %s",
                   capper.original_w, exc)
-
-
-@contextlib.contextmanager
-def restore_cap_on_sigterm(capper: PowerCapper) -> Iterator[None]:
-    """scancel sends SIGTERM, then SIGKILL; submitit ignores SIGTERM, so a capped GPU would
-    outlive the job. While a cap is in force: restore it and stop at once. Otherwise the
-    previous handler (submitit's) decides, as before."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum, frame):
-        if capper.capped:
-            restore_or_log(capper)
-            raise SystemExit("SIGTERM: the job was cancelled; the GPU's original power limit was restored")
-        if callable(previous):
-            previous(signum, frame)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
