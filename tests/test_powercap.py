@@ -111,6 +111,7 @@ class _Capper:
         self.capped = capped
         self.restored = 0
         self.original_w = 250.0
+        self.clocks = mock.Mock()  # its SM clocks' locker: restored beside the cap
 
     def restore(self) -> None:
         self.restored += 1
@@ -129,3 +130,4 @@ def test_a_stop_signal_restores_the_cap_and_closes_the_meter(monkeypatch):
     with pytest.raises(signals.Stopped) as stop:
         runner._run_loaded([], mock.Mock(), monitor, capper, {})
     assert stop.value.exit_status == 143 and capper.restored == 1 and monitor.close.called
+    assert capper.clocks.restore.called
