@@ -6,13 +6,13 @@ import dataclasses
 import json
 
 import pytest
+from w2w.launch import sweep
+from w2w.launch.plan import make_plan, with_snapshots
 
 from tests.conftest import write_paper_datasets
 from w2w.config import compose_cell
 from w2w.data import SNAPSHOTS, load_prompt_rows, snapshot_dataset
 from w2w.errors import ConfigError
-from w2w.launch import sweep
-from w2w.launch.plan import make_plan, with_snapshots
 from w2w.records import read_record, record_path
 
 
