@@ -27,6 +27,11 @@ if "HF_DATASETS_CACHE" not in os.environ:
     os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="w2w-hf-cache-")
     for _prepared in ("openai___gsm8k/main", "tatsu-lab___alpaca/default"):
         (Path(os.environ["HF_DATASETS_CACHE"]) / _prepared / "0.0.0" / "stub").mkdir(parents=True)
+# W2W_GSM8K/W2W_ALPACA make dataset=gsm8k/alpaca read local copies (conf/dataset). Out of the tests'
+# environment, so that those names mean the hub unless a test points them at a file; the real GSM8K
+# split that .ci/run puts in W2W_GSM8K is kept here for the test that runs it.
+REAL_GSM8K = os.environ.pop("W2W_GSM8K", None)
+os.environ.pop("W2W_ALPACA", None)
 IN_CI = os.environ.get("CI") == "true"
 FAKE_SITE = ROOT / "tests" / "fake_site"
 
