@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from w2w.cell import Cell
+from w2w.cell import Cell, DatasetConfig
 from w2w.checks import FileChecks
 from w2w.config import compose_grid
+from w2w.data import snapshot_dataset
 from w2w.engines import SPECS
 from w2w.errors import ConfigError, divisors
 from w2w.records import runs_done
@@ -18,9 +20,10 @@ from w2w.shapes import PRECISION_BYTES, ModelArgs
 from w2w.stopping import runs_planned
 
 GIB = 1024**3
-# Activations, allocator slack and the CUDA context: a margin on top of weights + KV cache.
+# Activations and allocator slack (a margin on weights + KV cache), and the CUDA context with
+# cuBLAS workspace (about half a GiB under torch on a V100 or A100).
 MEMORY_OVERHEAD = 1.10
-CONTEXT_GIB = 1.0
+CONTEXT_GIB = 0.5
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ def _fit_reason(cell: Cell, memory: MemoryEstimate) -> str | None:
     return (
         f"model={cell.model.name} shards={cell.shards} batch_size={cell.batch_size} max_gen_len={cell.max_gen_len} "
         f"needs ~{memory.total_gib:.1f} GiB per GPU (weights {memory.weights_gib:.1f} + KV cache "
-        f"{memory.kv_cache_gib:.1f}, +{MEMORY_OVERHEAD - 1:.0%} +{CONTEXT_GIB:.0f} GiB) but gpu={cell.gpu.name} "
+        f"{memory.kv_cache_gib:.1f}, +{MEMORY_OVERHEAD - 1:.0%} +{CONTEXT_GIB:g} GiB) but gpu={cell.gpu.name} "
         f"has {limit:g} GiB"
     )
 
@@ -192,6 +195,22 @@ def make_plan(overrides: list[str], config_dir: Sequence[str | Path] = ()) -> Pl
             groups.setdefault(key, []).append(planned)
     jobs = [Job(i, cells, *placement(cells[0].cell)) for i, cells in enumerate(groups.values())]
     return Plan(jobs, skipped)
+
+
+def with_snapshots(plan: Plan, sweep_dir: Path) -> Plan:
+    """The plan with each cell reading its prompts from a snapshot in the sweep (data.snapshot_dataset),
+    one per distinct dataset: the jobs need neither the hub nor the source files."""
+    made: dict[DatasetConfig, DatasetConfig] = {}
+
+    def own(planned: PlannedCell) -> PlannedCell:
+        dataset = planned.cell.dataset
+        if dataset not in made:
+            made[dataset] = snapshot_dataset(dataset, sweep_dir)
+        return dataclasses.replace(planned, cell=dataclasses.replace(planned.cell, dataset=made[dataset]))
+
+    jobs = [dataclasses.replace(job, cells=[own(c) for c in job.cells], skipped=[own(c) for c in job.skipped])
+            for job in plan.jobs]
+    return Plan(jobs, [own(c) for c in plan.skipped])
 
 
 def pending_cells(job: Job) -> list[PlannedCell]:

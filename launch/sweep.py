@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from w2w.launch.axes import cell_axes, cell_parameters, describe
-from w2w.launch.plan import Job, Plan, PlannedCell, make_plan, pending_cells
+from w2w.launch.plan import Job, Plan, PlannedCell, make_plan, pending_cells, with_snapshots
 from w2w.launch.status import MISSING, StatusError, render, sweep_status
 from w2w.launch.submit import (
     load_manifest,
@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = make_plan(args.overrides, args.config_dir)
         sweep_dir = _sweep_dir(plan)
+        plan = with_snapshots(plan, sweep_dir)  # the jobs read the prompts from the sweep alone
     except ConfigError as exc:
         print(f"w2w-sweep: error: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +27,11 @@ if "HF_DATASETS_CACHE" not in os.environ:
     os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="w2w-hf-cache-")
     for _prepared in ("openai___gsm8k/main", "tatsu-lab___alpaca/default"):
         (Path(os.environ["HF_DATASETS_CACHE"]) / _prepared / "0.0.0" / "stub").mkdir(parents=True)
+# W2W_GSM8K/W2W_ALPACA make dataset=gsm8k/alpaca read local copies (conf/dataset). Out of the tests'
+# environment, so that those names mean the hub unless a test points them at a file; the real GSM8K
+# split that .ci/run puts in W2W_GSM8K is kept here for the test that runs it.
+REAL_GSM8K = os.environ.pop("W2W_GSM8K", None)
+os.environ.pop("W2W_ALPACA", None)
 IN_CI = os.environ.get("CI") == "true"
 FAKE_SITE = ROOT / "tests" / "fake_site"
 
@@ -76,6 +82,31 @@ def cli(module: str, *args: str, timeout: float = 600, check: bool = True) -> su
         raise AssertionError(f"{module} {' '.join(args)} exited {result.returncode}\n"
                              f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}")
     return result
+
+
+PAPER_ROWS = 4096  # the paper's prompts per dataset: a local file of exactly that many rows serves a preset
+
+
+def write_paper_datasets(folder: Path, rows: int = PAPER_ROWS) -> dict[str, str]:
+    """Local Alpaca and GSM8K files of `rows` rows each (.jsonl, as the hub's fields), and the
+    environment (W2W_ALPACA, W2W_GSM8K) that points the paper presets at them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    alpaca, gsm8k = folder / "alpaca.jsonl", folder / "gsm8k.jsonl"
+    with alpaca.open("w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"instruction": f"Name {i % 7 + 1} uses of energy number {i}.",
+                                "input": "" if i % 3 else f"Context {i}.", "output": "..."}) + "\n")
+    with gsm8k.open("w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"question": f"A node draws {i} W for {i % 9 + 1} s. How many joules?",
+                                "answer": f"{i} * {i % 9 + 1} = {i * (i % 9 + 1)}\n#### {i * (i % 9 + 1)}"}) + "\n")
+    return {"W2W_ALPACA": str(alpaca), "W2W_GSM8K": str(gsm8k)}
+
+
+@pytest.fixture(scope="session")
+def paper_datasets(tmp_path_factory) -> dict[str, str]:
+    """W2W_ALPACA and W2W_GSM8K pointing at local files of 4,096 rows each: the presets plan offline."""
+    return write_paper_datasets(tmp_path_factory.mktemp("paper-data"))
 
 
 @pytest.fixture(scope="session")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tests.conftest import IN_CI, cli
+from tests.conftest import IN_CI, REAL_GSM8K, cli
 
-GSM8K = os.environ.get("W2W_GSM8K")
+GSM8K = REAL_GSM8K  # W2W_GSM8K as .ci/run set it (conftest takes it out of the tests' environment)
 
 
 @pytest.fixture(scope="module")

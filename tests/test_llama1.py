@@ -7,11 +7,23 @@ import json
 import pytest
 import torch
 
-from tests.aten_trace import ARGS, EOS, GOLDEN, MAX_BATCH, PROMPTS, SEED, prefill_and_decode
+from tests.aten_trace import (
+    ARGS,
+    EOS,
+    GOLDEN,
+    MAX_BATCH,
+    PREFILL_LEN,
+    PROMPTS,
+    SEED,
+    TRACE_TOKENS,
+    prefill_and_decode,
+    trace,
+)
 from w2w import distributed, engines
 from w2w.config import compose_cell
 from w2w.engines import fused
 from w2w.engines.common import SamplingParams
+from w2w.engines.llama1 import next_token
 from w2w.errors import ConfigError
 from w2w.model import ModelArgs, Transformer, build_model, random_state_dict
 from w2w.shapes import ModelArgs as Shapes
@@ -109,15 +121,67 @@ def test_greedy_tokens_agree_across_engines_after_the_eos_cut(model, golden):
     assert len(tokens["llama1"][1]) < GREEDY.max_gen_len  # the EOS cut did cut a row
 
 
-def test_llama1_allocates_its_cache_once_per_cell_shape(model):
+def test_llama1_allocates_metas_cache_once_per_cell(model):
+    """Meta's load: (max_batch_size, max_seq_len, heads, head_dim), whatever the prompts; here the
+    cell's batch size (cache_batch) and model.max_seq_len, once for every batch of the cell."""
     engine = _llama1(model)
-    engine.generate(PROMPTS, FORCED, EOS, 0, cache_len=20)
+    engine.generate(PROMPTS[:2], FORCED, EOS, 0, cache_len=20, cache_batch=3)  # a warm-up's smaller batch first
     cache = engine.cache[0][0]
-    assert cache.shape == (3, 20, ARGS.n_heads, ARGS.head_dim)  # Meta's (max_batch, max_seq, heads, head_dim)
-    engine.generate(PROMPTS[:2], FORCED, EOS, 0, cache_len=20)  # a smaller last batch: the first rows
+    assert cache.shape == (3, ARGS.max_seq_len, ARGS.n_heads, ARGS.head_dim)
+    assert engine.kv_cache.shape == tuple(cache.shape)
+    assert engine.kv_cache.bytes == 2 * ARGS.n_layers * 3 * ARGS.max_seq_len * ARGS.dim * 4  # K and V, fp32
+    engine.generate(PROMPTS, FORCED, EOS, 0, cache_len=24, cache_batch=3)  # the cell's batches: the same cache
     assert engine.cache[0][0].data_ptr() == cache.data_ptr()
-    engine.generate(PROMPTS[:2], FORCED, EOS, 0, cache_len=24)  # the next cell's shape: a new cache
-    assert engine.cache[0][0].shape == (2, 24, ARGS.n_heads, ARGS.head_dim)
+    assert engine.table.shape[0] == 2 * ARGS.max_seq_len  # Meta's rotary table: 2 x max_seq_len positions
+
+
+def test_other_engines_report_the_models_cache(model):
+    engine = engines.create("llama2", model)
+    engine.generate(PROMPTS, FORCED, EOS, 0, cache_batch=8)  # cache_batch sizes only a cache allocated at load
+    assert engine.kv_cache.shape == (3, ARGS.n_heads, 6 + FORCED.max_gen_len, ARGS.head_dim)
+
+
+def meta_sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """LLaMA-1's sample_top_p (llama_v1 llama/generation.py), rewritten here from its published
+    source as the reference: sort, cumulative sum, the mask assigned 0 in place, div_, multinomial
+    on the global generator, gather."""
+    ordered, index = torch.sort(probs, dim=-1, descending=True)
+    total = torch.cumsum(ordered, dim=-1)
+    mask = total - ordered > p
+    ordered[mask] = 0.0
+    ordered.div_(ordered.sum(dim=-1, keepdim=True))
+    picked = torch.multinomial(ordered, num_samples=1)
+    return torch.gather(index, -1, picked)
+
+
+def meta_next_token(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """What LLaMA-1's generate does with the last position's logits when temperature > 0."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return meta_sample_top_p(probs, top_p).reshape(-1)
+
+
+def test_a_sampled_llama1_decode_step_runs_metas_sample_top_p(model, golden):
+    """The whole decode step (forward, then sampling): Meta's forward operators (the golden trace),
+    then those of Meta's sampling (the boolean-mask index_put_ and multinomial included), and the
+    same token from the same draws."""
+    engine = _llama1(model)
+    engine.prepare(MAX_BATCH, ARGS.max_seq_len)
+    params = SamplingParams(max_gen_len=4, temperature=0.8, top_p=0.95)
+    tokens = torch.tensor(TRACE_TOKENS)
+    with torch.inference_mode():
+        engine.forward(tokens[:, :PREFILL_LEN], 0)
+        logits = engine.forward(tokens[:, PREFILL_LEN:], PREFILL_LEN)
+        generator = torch.Generator().manual_seed(SEED)
+        step = trace(lambda: next_token(engine.forward(tokens[:, PREFILL_LEN:], PREFILL_LEN), params, generator))
+        torch.manual_seed(SEED)  # Meta draws from the global generator, seeded alike
+        meta = trace(lambda: meta_next_token(logits, params.temperature, params.top_p))
+        ours = next_token(logits, params, torch.Generator().manual_seed(SEED))
+        torch.manual_seed(SEED)
+        theirs = meta_next_token(logits, params.temperature, params.top_p)
+    assert step == golden["decode"] + meta
+    assert "aten.index_put_.default" in meta and "aten.multinomial.default" in meta
+    assert "aten.masked_fill.Scalar" not in step
+    assert torch.equal(ours, theirs)
 
 
 def test_llama1_refuses_grouped_query_attention():
@@ -144,7 +208,9 @@ def test_the_plan_counts_a_mixed_jobs_two_caches():
     llama1 = compose_cell(["engine=llama1", "batch_size=4", "max_gen_len=64", "dataset.max_prompt_tokens=128"])
     per_token = 2 * 32 * 4096 * 2 / 1024**3  # K and V, 32 layers, dim 4096, fp16
     alone = estimate_memory(llama1, shapes).kv_cache_gib
-    assert alone == pytest.approx(4 * (128 + 64) * per_token)
+    assert alone == pytest.approx(4 * llama1.model.max_seq_len * per_token)  # Meta's (batch, max_seq_len)
+    fast = compose_cell(["engine=fast", "batch_size=4", "max_gen_len=64", "dataset.max_prompt_tokens=128"])
+    assert estimate_memory(fast, shapes).kv_cache_gib == pytest.approx(4 * (128 + 64) * per_token)
     assert estimate_memory(llama1, shapes, resident_positions=1000).kv_cache_gib == pytest.approx(
         alone + 1000 * per_token)
 

@@ -140,10 +140,13 @@ PAPER_TARGETS = ("paper", "paper-fig2", "paper-fig3", "paper-fig4-9", "paper-tab
 
 
 @pytest.mark.parametrize("target", PAPER_TARGETS)
-def test_paper_targets_plan_their_sweep(target, tmp_path):
+def test_paper_targets_plan_their_sweep(target, tmp_path, monkeypatch, paper_datasets):
+    for name, value in paper_datasets.items():  # W2W_ALPACA, W2W_GSM8K: local copies, planned offline
+        monkeypatch.setenv(name, value)
     out = _ok(make(target, "PAPER_ARGS=--plan", f"PAPER_RUNS={tmp_path}"))
     assert f"sweep_dir={tmp_path}/paper_" in out and " cell" in out
-    assert not list(tmp_path.iterdir())  # --plan submits nothing
+    # --plan submits nothing: it writes only the prompts' snapshots into the sweep
+    assert {path.name for path in tmp_path.glob("*/*")} == {"prompts"}
 
 
 def test_slurm_status_reports_the_local_slurm():

@@ -185,14 +185,15 @@ def test_the_memory_estimate_takes_the_longest_prompt_kept_whole():
 
 def test_the_memory_estimate_allocates_what_the_engine_does():
     """The planner's cache length is the engine's own rule (EngineSpec.cache_len): fast rounds up to 64,
-    llama1 stops at max_seq_len, llama2 takes prompt + max_gen_len as it is."""
+    llama1 allocates model.max_seq_len whatever the prompts (Meta's), llama2 takes prompt + max_gen_len as it is."""
     from w2w.launch.plan import cache_positions
 
     from w2w.config import compose_cell
 
     grid = ["batch_size=2", "max_gen_len=8", "model.max_seq_len=100"]
     assert [cache_positions(compose_cell([*grid, f"engine={e}"]), 90) for e in ("fast", "llama1", "llama2")] == [
-        2 * 100, 2 * 98, 2 * 98]
+        2 * 100, 2 * 100, 2 * 98]
+    assert [cache_positions(compose_cell([*grid, f"engine={e}"]), 5) for e in ("fast", "llama1")] == [2 * 64, 2 * 100]
     assert [cache_positions(compose_cell([*grid, f"engine={e}"]), 95) for e in ("fast", "llama1")] == [2 * 103, 2 * 100]
 
 

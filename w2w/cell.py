@@ -58,6 +58,9 @@ class DatasetConfig:
     content_sha256: str | None = None
     # Set by w2w, not an option: sha256 of dataset.fewshot_path where fewshot_k > 0 (the shots are in every prompt).
     fewshot_sha256: str | None = None
+    # Set by w2w-sweep, not an option: the sweep's file of this cell's prompts as the job runs them
+    # (w2w.data.snapshot_dataset), which the job reads instead of the file or the hub; None: read the source.
+    snapshot: str | None = None
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
 ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command", "repeats", "repeat",
                "repeats_auto", "repeats_target_pct", "repeats_min", "repeats_max")
 # Facts about the hardware, not settings, per config section: left out of the cell id.
-ID_EXCLUDED_IN = {"gpu": ("hbm_gbs", "peak_tflops")}
+ID_EXCLUDED_IN = {"gpu": ("hbm_gbs", "peak_tflops"), "dataset": ("snapshot",)}  # the snapshot's content is in content_sha256
 # Options added after sweeps were run, per config section: at their defaults they leave the cell id as it was.
 ID_NEW_DEFAULTS = {
     "": {"save_responses": False, "gpu_clock_mhz": None},

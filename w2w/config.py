@@ -25,7 +25,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from w2w import data
 from w2w.cell import Cell, ClusterConfig, DatasetConfig, GpuConfig, ModelConfig
+from w2w.engines import ENGINES
 from w2w.engines import check_name as check_engine_name
+from w2w.engines import prompt_room as engine_prompt_room
 from w2w.engines import refusal as engine_refusal
 from w2w.errors import ConfigError, divisors
 
@@ -442,10 +444,13 @@ def model_shapes(cfg: Cell) -> str | None:
 
 def lengths(cfg: Cell) -> str | None:
     m = cfg.model
+    # LLaMA-1's rule (EngineSpec.runs_to_max_seq_len): max_gen_len may pass max_seq_len, the run stops there.
+    room = (engine_prompt_room(cfg.engine, m.max_seq_len, cfg.max_gen_len) if cfg.engine in ENGINES
+            else m.max_seq_len - cfg.max_gen_len)
     return _first([
         (cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1"),
         (cfg.max_gen_len >= 1, f"max_gen_len={cfg.max_gen_len}: must be >= 1"),
-        (cfg.max_gen_len < m.max_seq_len, f"max_gen_len={cfg.max_gen_len} leaves no room for the prompt in "
+        (room >= 1, f"max_gen_len={cfg.max_gen_len} leaves no room for the prompt in "
          f"model.max_seq_len={m.max_seq_len}: lower max_gen_len or raise model.max_seq_len"),
         (cfg.eos_check_every >= 1, f"eos_check_every={cfg.eos_check_every}: must be >= 1"),
     ])

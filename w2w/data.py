@@ -1,8 +1,9 @@
-"""Prompt sets: Alpaca, GSM8K (hub name or local JSON/JSONL, via `datasets`) and offline synthetic ones."""
+"""Prompt sets: Alpaca, GSM8K (hub name or local JSON/JSONL), offline synthetic ones, and a sweep's snapshots of them."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 
 from w2w.cell import DatasetConfig
 from w2w.errors import ConfigError
+from w2w.files import write_atomic
 
 # Stanford Alpaca's prompt template (tatsu-lab/stanford_alpaca, train.py).
 ALPACA_WITH_INPUT = (
@@ -88,7 +90,10 @@ def file_sha256(path: Path) -> str:
 
 
 def check_unchanged(cfg: DatasetConfig) -> None:
-    """The prompt file still holds what the cell id was computed from (a job may start hours later)."""
+    """The prompt file still holds what the cell id was computed from (a job may start hours later);
+    a cell with a snapshot reads only that (read_snapshot checks it), not the source."""
+    if cfg.snapshot:
+        return
     expected = cfg.content_sha256
     local = check_local_path(cfg)
     if expected and local is not None and file_sha256(local) != expected:
@@ -335,6 +340,46 @@ def fewshot_prefix(cfg: DatasetConfig) -> str:
     return "".join(f"{fill_template(template, r['question'])} {r['answer']}\n\n" for r in good[:k])
 
 
+SNAPSHOTS = "prompts"  # the sweep's folder of prompt snapshots, <dataset>-<sha256 prefix>.jsonl
+SNAPSHOT_HASH_CHARS = 16
+
+
+def snapshot_bytes(rows: list[Prompt]) -> bytes:
+    """The prompts as JSONL, one {"id", "text", "reference"} per line, in the order the cell runs them."""
+    lines = (json.dumps(dataclasses.asdict(row), ensure_ascii=False, sort_keys=True) for row in rows)
+    return "".join(f"{line}\n" for line in lines).encode()
+
+
+def snapshot_dataset(cfg: DatasetConfig, sweep_dir: Path) -> DatasetConfig:
+    """cfg reading its prompts from a snapshot in the sweep (SNAPSHOTS), written once per content.
+
+    Local files are read here without `datasets`; a hub dataset is loaded here, on the login
+    node, so that no compute node needs the hub or the datasets cache. Its content hash goes into
+    content_sha256 (hence the cell id), as a local file's does; a local file keeps its own hash.
+    Synthetic prompts need no file: cfg is returned as it is.
+    """
+    if cfg.name == "synthetic":
+        return cfg
+    rows = plan_prompt_rows(cfg)
+    blob = snapshot_bytes(load_prompt_rows(cfg) if rows is None else rows)
+    sha = hashlib.sha256(blob).hexdigest()
+    path = sweep_dir / SNAPSHOTS / f"{cfg.name}-{sha[:SNAPSHOT_HASH_CHARS]}.jsonl"
+    if not path.is_file() or file_sha256(path) != sha:
+        write_atomic(path, blob)
+    return dataclasses.replace(cfg, snapshot=str(path), content_sha256=cfg.content_sha256 or sha)
+
+
+def read_snapshot(cfg: DatasetConfig) -> list[Prompt]:
+    """The prompts of cfg.snapshot, checked against the hash in its name (no hub, no `datasets`)."""
+    path = Path(str(cfg.snapshot))
+    if not path.is_file():
+        raise ConfigError(f"dataset {cfg.name}: its snapshot {path} is gone: re-run w2w-sweep to write it again")
+    if not file_sha256(path).startswith(path.stem.rsplit("-", 1)[-1]):
+        raise ConfigError(f"dataset {cfg.name}: its snapshot {path} was edited after the sweep was planned: "
+                          "delete it and re-run w2w-sweep")
+    return [Prompt(**json.loads(line)) for line in path.read_text().splitlines() if line]
+
+
 def load_prompts(cfg: DatasetConfig) -> list[str]:
     """The texts of load_prompt_rows."""
     return [p.text for p in load_prompt_rows(cfg)]
@@ -342,7 +387,10 @@ def load_prompts(cfg: DatasetConfig) -> list[str]:
 
 def load_prompt_rows(cfg: DatasetConfig) -> list[Prompt]:
     """cfg.num_prompts prompts sampled without replacement with cfg.seed, in sampled order, with
-    the template and k-shot prefix applied (so prompt token counts include them)."""
+    the template and k-shot prefix applied (so prompt token counts include them); from the sweep's
+    snapshot where w2w-sweep made one (snapshot_dataset)."""
+    if cfg.snapshot:
+        return read_snapshot(cfg)
     check_template(cfg)
     prefix, template = fewshot_prefix(cfg), prompt_template(cfg)
     return [Prompt(p.id, prefix + fill_template(template, p.text), p.reference) for p in _dataset_rows(cfg)]

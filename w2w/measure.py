@@ -40,6 +40,7 @@ from w2w.engines.common import (
     PREFILL,
     Engine,
     Generation,
+    KvCache,
     PhaseClock,
     SamplingParams,
     new_generator,
@@ -153,7 +154,7 @@ class _CellRun:
         tokenizer = self.loaded.tokenizer
         engine = self.loaded.engines[self.cell.engine]
         return engine.generate(batch, SamplingParams.of(self.cell, max_gen_len), tokenizer.eos_id,
-                               tokenizer.pad_id, self.cache_len, clock, generator)
+                               tokenizer.pad_id, self.cache_len, clock, generator, cache_batch=self.cell.batch_size)
 
 
 def stream_state(generator: torch.Generator) -> str:
@@ -234,6 +235,7 @@ class CellResult:
     responses: dict
     graph: str | None
     decode_step: str | None  # the decode-step variant that ran (the engine's spec)
+    kv_cache: KvCache | None = None  # the KV cache the engine held at the cell's end on this rank
     error: str | None = None
 
     def onto(self, record: RankRecord) -> RankRecord:
@@ -242,7 +244,9 @@ class CellResult:
             record, status=STATUS_OK if self.error is None else "error", error=self.error, counts=self.counts,
             times=self.times, energy=self.energy, gpu_state=self.gpu_state, telemetry=self.telemetry,
             timeline=self.timeline, batches=self.batches, segments=self.segments, responses=self.responses,
-            graph=self.graph, decode_step=self.decode_step)
+            graph=self.graph, decode_step=self.decode_step,
+            kv_cache_shape=None if self.kv_cache is None else list(self.kv_cache.shape),
+            kv_cache_bytes=None if self.kv_cache is None else self.kv_cache.bytes)
 
 
 def run_cell(
@@ -315,6 +319,7 @@ def run_cell(
         responses=responses_block(cell, len(batches), rank),
         graph=loaded.engines[cell.engine].graph,
         decode_step=loaded.engines[cell.engine].decode_step,
+        kv_cache=loaded.engines[cell.engine].kv_cache,
         error=f"EnergyError: {errors[0]}{more}" if errors else None,
     )
 

@@ -25,7 +25,7 @@ SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in (
         description="the paper's program: Meta's LLaMA-1 code (llama_v1), schedule, arithmetic and cache layout",
         decode_step="LLaMA-1's forward (llama_v1 llama/model.py)",
         grouped_query=False, rope_scaling=False, refused_because="LLaMA-1 had none",
-        runs_to_max_seq_len=True, own_cache=True,
+        runs_to_max_seq_len=True, own_cache=True, cache_at_max_seq_len=True,
     ),
     EngineSpec(
         name="llama2",

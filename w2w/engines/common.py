@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -54,6 +55,19 @@ class Generation:
     # positions computed: the rows of every forward call (sum over calls of batch x positions in the call),
     # prompt rows and rows past EOS included
     positions: int
+
+
+@dataclass(frozen=True)
+class KvCache:
+    """A KV cache as allocated on one rank: one tensor's shape (K and V of each layer alike) and the
+    bytes of all of them."""
+
+    shape: tuple[int, ...]  # in the holder's layout: llama1 (B, S, H, D) as Meta's, the model's (B, H, S, D)
+    bytes: int  # every layer's K and V on this rank
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...], element_bytes: int, tensors: int) -> KvCache:
+        return cls(shape, tensors * element_bytes * math.prod(shape))
 
 
 def synchronize(device: torch.device) -> None:
@@ -166,11 +180,14 @@ class Engine(ABC):
         cache_len: int | None = None,
         clock: PhaseClock | None = None,
         generator: torch.Generator | None = None,
+        cache_batch: int | None = None,
     ) -> Generation:
         """Generate for a batch of tokenized prompts.
 
         cache_len: KV cache length to allocate (default: longest prompt + max_gen_len); pass the
         same value for every batch of a cell so the cache is allocated once.
+        cache_batch: the cell's batch size, at which an engine that allocates at load
+        (EngineSpec.cache_at_max_seq_len: LLaMA-1's max_batch_size) sizes its cache; None: this batch's.
         generator: the sampling stream, on the model's device, drawn from and left advanced (a cell
         passes one stream to all its batches, as Meta seeds once per process); None: a fresh one
         seeded with params.seed, for this batch alone.
@@ -178,7 +195,8 @@ class Engine(ABC):
         max_seq_len = self.model.args.max_seq_len
         cache_len = check_lengths(prompts, params, cache_len, max_seq_len if self.spec.runs_to_max_seq_len else None)
         cache_len = self.spec.cache_len(cache_len, max_seq_len)
-        self.prepare(len(prompts), cache_len)
+        rows = max(len(prompts), cache_batch or 0) if self.spec.cache_at_max_seq_len else len(prompts)
+        self.prepare(rows, cache_len)
         if generator is None:
             generator = new_generator(self.model.device, params.seed)
         clock = clock or PhaseClock(self.model.device)
@@ -192,6 +210,14 @@ class Engine(ABC):
     def decode_step(self) -> str:
         """The decode step's program, as the record names it."""
         return self.spec.decode_step
+
+    @property
+    def kv_cache(self) -> KvCache | None:
+        """The KV cache allocated now on this rank (the model's; llama1 its own); None before any."""
+        cache = self.model.layers[0].attention.cache
+        if cache is None:
+            return None
+        return KvCache.of(tuple(cache.k.shape), cache.k.element_size(), 2 * len(self.model.layers))
 
     @property
     def graph(self) -> str | None:

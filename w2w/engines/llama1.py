@@ -10,26 +10,26 @@ traced from Meta's code, tests/golden/llama1_aten_ops.json):
 - Arithmetic: rotary embedding through a complex polar table and view_as_complex, RMSNorm with
   one float cast, an additive -inf mask built only when a call covers more than one position,
   an explicit matmul attention with an fp32 softmax, logits of the last position only.
-- Memory: a KV cache (max batch, max length, local heads, head_dim) per layer, held by this
+- Memory: a KV cache (max batch, max_seq_len, local heads, head_dim) per layer, held by this
   engine, sliced [:bsz, :start+seqlen] and transposed before the matmuls (so matmul copies K and
   V in every layer at every step).
+- Sampling: Meta's sample_top_p, operator for operator: an in-place boolean-mask assignment
+  (`probs_sort[mask] = 0.0`, an index_put_ that on CUDA makes the host wait for the mask's count
+  at every sampled step), an in-place div_, multinomial and gather.
 
 Differences from Meta's llama_v1 code:
 - The forward runs over the weights of w2w's Transformer (FairScale layers, Meta's parameter
   names and layout); the engine holds the cache and the rotary table, not the model.
 - Meta's `load` allocates the cache once per process at the caller's max_batch_size and
-  max_seq_len (example.py: 32 and 512), and a run of example.py serves one setting, so here it is
-  allocated once per cell, at the cell's batch size and cache length (its longest prompt + max_gen_len), and
-  reused by every batch of the cell. Sizing it once for a whole job (the largest batch and length
-  of its cells) would make most cells of the paper presets unfit; the matmuls read only the sliced
-  prefix, so the size changes memory, not the work per step.
+  max_seq_len (example.py: 32 and 512), and a run of example.py serves one setting; here it is
+  allocated once per cell, at the cell's batch size and model.max_seq_len (EngineSpec
+  cache_at_max_seq_len; launch/plan.py counts the same), and reused by every batch of the cell.
+  The matmuls read only the sliced prefix, so the size changes memory, not the work per step.
 - Meta allocates with `.cuda()` under the default tensor type (fp16); here on the model's device
-  in the model's dtype. The rotary table (2 x the cache length positions, Meta's 2 x max_seq_len)
-  is built on that device once; Meta builds it on the host and moves it in every forward call
+  in the model's dtype. The rotary table (2 x max_seq_len positions, as Meta's) is built on that device once; Meta builds it on the host and moves it in every forward call
   (the .to() calls are kept: no-ops, but dispatched, as are Meta's).
-- Sampling is common.next_token: the same nucleus sampling, drawn from one generator per cell and
-  rank seeded at the cell's start (Meta seeds the global generator once per process), and
-  masked_fill where Meta assigns in place.
+- The draws come from one generator per cell and rank seeded at the cell's start (Meta seeds the
+  global generator once per process); greedy=true is Meta's temperature 0 (argmax).
 - Grouped-query attention (n_kv_heads != n_heads) did not exist in LLaMA-1 and is refused;
   so is rope scaling (Llama 3.1).
 - A row whose prompt is shorter than the longest returns only its first max_gen_len new tokens,
@@ -48,9 +48,9 @@ from w2w.engines.common import (
     DECODE,
     PREFILL,
     Generation,
+    KvCache,
     PhaseClock,
     SamplingParams,
-    next_token,
     right_pad,
 )
 from w2w.model import RMSNorm, Transformer
@@ -74,6 +74,28 @@ def rotate(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor) -> tuple[torch
     return q_out.type_as(q), k_out.type_as(k)
 
 
+def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """(B, 1) tokens: Meta's nucleus sampling, its operators in its order (the boolean-mask assignment
+    included), drawn from `generator`."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    chosen = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, chosen)
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """logits (B, V) -> tokens (B,), as LLaMA-1's generate: softmax of logits / temperature and
+    sample_top_p, or argmax where greedy (Meta's temperature 0)."""
+    if params.greedy:
+        chosen = torch.argmax(logits, dim=-1)
+    else:
+        chosen = sample_top_p(torch.softmax(logits / params.temperature, dim=-1), params.top_p, generator)
+    return chosen.reshape(-1)
+
+
 class Engine(common.Engine):
     """LLaMA-1's program; holds its KV cache and rotary table, allocated once per cell shape."""
 
@@ -85,8 +107,9 @@ class Engine(common.Engine):
         self.table: torch.Tensor | None = None
 
     def prepare(self, batch: int, cache_len: int) -> None:
-        """Allocate the cache at (batch, cache_len), Meta's (max_batch_size, max_seq_len); kept while
-        the length stays and the batch fits (a smaller last batch uses the first rows), as setup_caches."""
+        """Allocate the cache at (batch, cache_len): Meta's (max_batch_size, max_seq_len), generate()
+        passing the cell's batch size and model.max_seq_len; kept while the length stays and the batch
+        fits (a smaller last batch uses the first rows)."""
         if self.cache and self.cache[0][0].shape[0] >= batch and self.cache[0][0].shape[1] == cache_len:
             return
         if cache_len > self.model.args.max_seq_len:
@@ -103,6 +126,14 @@ class Engine(common.Engine):
     @property
     def cache_len(self) -> int:
         return self.cache[0][0].shape[1]
+
+    @property
+    def kv_cache(self) -> KvCache | None:
+        """Meta's layout (max batch, max_seq_len, local heads, head_dim), K and V per layer."""
+        if not self.cache:
+            return None
+        first = self.cache[0][0]
+        return KvCache.of(tuple(first.shape), first.element_size(), 2 * len(self.cache))
 
     def norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """RMSNorm with one float cast (w2w's model casts twice)."""

@@ -27,6 +27,9 @@ class EngineSpec:
     # The engine holds a KV cache of its own (kept from cell to cell); False: it uses the model's
     # (setup_caches). A job with both kinds keeps both allocated.
     own_cache: bool = False
+    # LLaMA-1's load: the cache is allocated at (the cell's batch size, model.max_seq_len), once per
+    # cell, whatever the prompts; False: at the batch x (longest prompt + max_gen_len) it runs.
+    cache_at_max_seq_len: bool = False
     cache_multiple: int = 1  # the cache length is rounded up to a multiple of this (capped at max_seq_len)
     scenarios: tuple[str, ...] = (OFFLINE,)
     refused_because: str = ""  # said where grouped-query attention or rope scaling is refused
@@ -36,9 +39,11 @@ class EngineSpec:
         return max_seq_len - 1 if self.runs_to_max_seq_len else max_seq_len - max_gen_len
 
     def cache_len(self, length: int, max_seq_len: int) -> int:
-        """Positions the cache allocates for `length` = longest prompt + max_gen_len: capped at
-        max_seq_len where the engine runs to it, then rounded up to cache_multiple (never past
-        max_seq_len by rounding)."""
+        """Positions the cache allocates for `length` = longest prompt + max_gen_len: max_seq_len
+        where the engine allocates at it (cache_at_max_seq_len); else capped at max_seq_len where
+        the engine runs to it, then rounded up to cache_multiple (never past max_seq_len by rounding)."""
+        if self.cache_at_max_seq_len:
+            return max_seq_len
         if self.runs_to_max_seq_len:
             length = min(length, max_seq_len)
         return min(-(-length // self.cache_multiple) * self.cache_multiple, max(length, max_seq_len))
