@@ -269,7 +269,7 @@ class RankRecord(Schema):
     """
 
     OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("error", "traceback", "counts", "times", "telemetry", "responses",
-                                               "graph", "decode_step", "gpu_state")
+                                               "graph", "decode_step", "gpu_state", "serving")
     # Present and typed in every ok record: the reducer relies on them.
     OK_REQUIRED: ClassVar[tuple[str, ...]] = (
         "node", "counts.responses", "counts.output_tokens", "counts.output_words", "times.total_s",
@@ -308,6 +308,7 @@ class RankRecord(Schema):
     # fast: how its decode steps ran: "cuda graph", "eager", or "eager, capture failed: <why>".
     graph: str | None = None
     decode_step: str | None = None  # the decode step's program (EngineSpec.decode_step); None before it was recorded
+    serving: dict[str, Any] | None = None  # scenario=serving: whole run and steady state (w2w.serving_stats.summarize)
     gpu_state: GpuState | None = None  # temperature, clock and throttle reasons over the cell (no GPU: None)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
 
