@@ -201,7 +201,7 @@ def _rank(cells: list[Cell]) -> list[str]:
         def __init__(self, *args, **kwargs):
             super().__init__(*args, nvml=nvml, **kwargs)
 
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
     with mock.patch.object(runner, "EnergyMonitor", InjectedMonitor):
         return runner.run_cells(cells)
 
