@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from w2w.analysis.stats import Summary, summarize
+
 from w2w.exits import quiet_on_broken_pipe
 from w2w.files import write_atomic
 from w2w.records import read_record

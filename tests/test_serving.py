@@ -193,7 +193,6 @@ def _rank(cells: list[Cell]) -> list[str]:
     from w2w import runner
     from w2w.energy.monitor import EnergyMonitor
 
-    rank = int(os.environ["RANK"])
     gpus = [FakeGpu(uuid=f"GPU-{i}", power_w=ACTIVE_W[i]) for i in range(2)]
     nvml = fake_nvml(gpus)
 
