@@ -251,3 +251,17 @@ def test_percentile_is_numpys_linear_rule():
     values = [3.0, 1.0, 7.5, 2.0, 9.0]
     for q in (0, 50, 90, 99, 100):
         assert percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_the_bench_prints_the_ratio_and_the_step_adds_only_the_rings_bookkeeping(capsys):
+    from w2w.bench.serving_vs_offline import main
+
+    assert main(["--device", "cpu", "--dtype", "fp32", "--dim", "64", "--layers", "2", "--heads", "4", "--kv-heads",
+                 "2", "--vocab", "128", "--slots", "2", "--batches", "2", "--prompt-len", "6", "--new-tokens", "4",
+                 "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio serving/offline: " in out
+    # The layers' operators are fast's own; the ring wraps its column and clamps idle rows' positions,
+    # where offline writes its output column (index_copy_ of an unsqueezed row) and advances it.
+    assert "serving only: {'remainder_': 1, 'clamp_': 1}" in out
+    assert "offline only: {'unsqueeze': 1, 'index_copy_': 1, 'add_': 1}" in out
