@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from w2w import distributed, engines
 from w2w.engines.common import SamplingParams, new_generator
 from w2w.engines.fast import StaticDecoder
-from w2w.engines.serving import ContinuousBatch, RingDecoder, Request
+from w2w.engines.serving import ContinuousBatch, Request, RingDecoder
 from w2w.model import DTYPES, ModelArgs, build_model, random_state_dict
 
 
