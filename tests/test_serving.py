@@ -265,3 +265,23 @@ def test_the_bench_prints_the_ratio_and_the_step_adds_only_the_rings_bookkeeping
     # where offline writes its output column (index_copy_ of an unsqueezed row) and advances it.
     assert "serving only: {'remainder_': 1, 'clamp_': 1}" in out
     assert "offline only: {'unsqueeze': 1, 'index_copy_': 1, 'add_': 1}" in out
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("local_slurm")
+def test_a_serving_sweep_on_the_local_slurm_two_rates_two_slot_counts_two_shards(tmp_path):
+    from tests.conftest import cli
+
+    sweep = tmp_path / "sweep"
+    out = cli("w2w.launch.sweep", "--wait", "--poll", "1", "cluster=local_slurm", "gpu=cpu", "precision=fp32",
+              "dist_timeout_s=60", "shards=2", "scenario=serving", "greedy=true", "max_gen_len=4",
+              "dataset.num_prompts=6", "serving.rate=20,inf", "serving.max_slots=2,3", "energy.idle_seconds=0",
+              f"sweep_dir={sweep}").stdout
+    assert "4 done, 0 failed" in out, out
+    records = [read_record(p).to_dict() for p in sorted(sweep.glob("cells/*/rank-*.json"))]
+    assert len(records) == 8 and {r["node"] for r in records} == {"n1", "n2"}
+    assert all(r["status"] == STATUS_OK for r in records)
+    assert cli("w2w.analysis.reduce", str(sweep)).returncode == 0
+    table = cli("w2w.analysis.serving", str(sweep)).stdout
+    print(table)
+    assert table.count("| r=") == 4 and "s=2" in table
