@@ -285,3 +285,33 @@ def test_a_serving_sweep_on_the_local_slurm_two_rates_two_slot_counts_two_shards
     table = cli("w2w.analysis.serving", str(sweep)).stdout
     print(table)
     assert table.count("| r=") == 4 and "s=2" in table
+
+
+def _preempted_serving(sweep: Path, preempt: bool) -> str:
+    from w2w import runner
+    from w2w.engines.serving import ContinuousBatch
+
+    real = ContinuousBatch.serve
+
+    def serve(self, requests, now, wait, decide=None):
+        if preempt and self.params.max_gen_len == 6:  # the cell's serve, not its warm-up's
+            raise SystemExit("preempted")  # what submitit's USR2 handler raises
+        return real(self, requests, now, wait, decide)
+
+    ContinuousBatch.serve = serve  # this process only: run_parallel starts one per rank
+    try:
+        return runner.run_cells(compose_grid(["scenario=serving", "precision=fp32", "max_gen_len=6", "greedy=true",
+                                              "dataset.num_prompts=4", f"sweep_dir={sweep}"]))
+    except SystemExit:
+        return "preempted"
+
+
+def test_a_preempted_serving_cell_restarts_whole_and_says_so(tmp_path):
+    sweep = tmp_path / "sweep"
+    assert run_parallel(1, _preempted_serving, sweep, True) == ["preempted"]
+    assert run_parallel(1, _preempted_serving, sweep, False) == [[STATUS_OK]]
+    folder = next((sweep / "cells").iterdir())
+    record = read_record(folder / "rank-00000.json")
+    assert record.serving["restarted_whole"] == 1 and record.serving["requests"] == 4
+    assert len(record.segments) == 1  # the figures are the whole second attempt's
+    assert len((folder / "responses.jsonl").read_text().splitlines()) == 4

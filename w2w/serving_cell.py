@@ -93,9 +93,10 @@ def run_serving_cell(
     requests = [Request(i, prompts[a.row], a.offset_s) for i, a in enumerate(arrivals)]
     if progress is None:
         progress = CellProgress(CellShape(cell.id, rank, 1, max(len(rows), 1), 1), None)
-    if progress.segments:
-        log.warning("serving cell %s restarts whole: an earlier job attempt was cut off mid-serve, and a serving "
-                    "cell is one time series (its partial serve is discarded)", cell.id)
+    restarts = progress.abandoned  # earlier attempts that began this cell and were cut off mid-serve
+    if restarts:
+        log.warning("serving cell %s restarts whole: %d earlier job attempt(s) were cut off mid-serve, and a "
+                    "serving cell is one time series (their partial serves are discarded)", cell.id, restarts)
     params = SamplingParams.of(cell)
     warmup = None
     if cell.warmup:  # allocation, kernel choice and the graph capture of this slot count, outside the windows
@@ -107,6 +108,7 @@ def run_serving_cell(
     progress.begin_segment(dataclasses.replace(
         segment or Segment(segment=0), start_unix_s=time.time(), warmup_s=warmup.duration_s if warmup else 0.0,
         warmup_gpu_j=warmup.gpu_j if warmup else None))
+    progress.save()
     phases = PhaseEnergy(monitor)
     monitor.begin_window("cell")
     monitor.begin_window("batch")
@@ -130,7 +132,8 @@ def run_serving_cell(
                         min_steady_s=None if period is None else period * cell.energy.min_window_periods)
     summary |= {"energy_j_ranks": cell_j, "energy_above_idle_j_ranks": above, "requests": len(lines),
                 "max_slots": cell.serving.max_slots, "rate": cell.serving.rate, "correct": responses.correct,
-                "scored": responses.scored}
+                "scored": responses.scored,
+                "restarted_whole": restarts}
     if rank == 0:
         responses.write(responses_path(cell.sweep_dir, cell.id, cell.repeat))
     for flag in summary["flags"]:
