@@ -155,10 +155,16 @@ def cheapest_lines(points: list[Point]) -> list[str]:
     return lines
 
 
+def _bars(figures: list[Summary]) -> list[list[float]]:
+    """Error bars of 95% intervals, the lower one kept above zero (log axes)."""
+    return [[min(f.ci95 or 0.0, 0.9 * f.mean) for f in figures], [f.ci95 or 0.0 for f in figures]]
+
+
 def plot(points: list[Point], path: Path) -> Path | None:
     """J per output token against p90 ITL, 95% intervals as error bars, the frontier joined; None without energy."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     known = [p for p in points if p.itl_p90_ms.mean is not None and p.j_per_output_token.mean is not None]
     if not known:
@@ -169,16 +175,24 @@ def plot(points: list[Point], path: Path) -> Path | None:
     for slots in sorted({p.max_slots for p in known}):
         group = [p for p in known if p.max_slots == slots]
         ax.errorbar([p.itl_p90_ms.mean for p in group], [p.j_per_output_token.mean for p in group],
-                    xerr=[p.itl_p90_ms.ci95 or 0 for p in group], yerr=[p.j_per_output_token.ci95 or 0 for p in group],
+                    xerr=_bars([p.itl_p90_ms for p in group]), yerr=_bars([p.j_per_output_token for p in group]),
                     fmt="o", capsize=3, label=f"max_slots={slots}")
         for p in group:
             ax.annotate(f"r={p.rate:g}" + (" (queue)" if p.overloaded else ""), (p.itl_p90_ms.mean,
                         p.j_per_output_token.mean), fontsize=7, xytext=(4, 3), textcoords="offset points")
     best = sorted((p for p in known if p.cell_id in on_frontier(known)), key=lambda p: p.itl_p90_ms.mean)
     ax.plot([p.itl_p90_ms.mean for p in best], [p.j_per_output_token.mean for p in best], "k--", lw=1, label="frontier")
-    for target in ITL_TARGETS_MS:
-        if target <= max(p.itl_p90_ms.mean for p in known) * 1.5:
+    # Log axes, limits from the means: an interval from few repeats can be wider than the spread of the cells.
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # the minor ticks' labels overlap on a short log axis
+    xs, ys = [p.itl_p90_ms.mean for p in known], [p.j_per_output_token.mean for p in known]
+    ax.set_xlim(min(xs) / 2, max(xs) * 2)
+    ax.set_ylim(min(ys) / 2, max(ys) * 2)
+    for target in ITL_TARGETS_MS:  # ML.ENERGY's ITL targets, where they fall inside the axes
+        if min(xs) / 2 <= target <= max(xs) * 2:
             ax.axvline(target, color="grey", lw=0.6, ls=":")
+            ax.annotate(f"{target:g} ms", (target, min(ys) / 1.9), fontsize=7, color="grey")
     ax.set_xlabel("p90 inter-token latency (ms)")
     ax.set_ylabel("J per output token")
     ax.set_title("Time-energy frontier (serving cells; bars: 95% interval over repeats)")
