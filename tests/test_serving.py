@@ -245,6 +245,13 @@ def test_energies_add_up_and_percentiles_follow_from_the_timestamps(tmp_path, sh
     assert whole["j_per_request"] == pytest.approx(cell_j / 8)
     assert whole["j_per_output_token"] == pytest.approx(cell_j / sum(line["output_tokens"] for line in lines))
     assert records[0]["counts"]["responses"] == 8 and records[0]["serving"]["scored"] == 8
+    # The report's table reads the same figures (one run: the mean is the run's figure).
+    from w2w.analysis.serving import load_points
+
+    (point,) = load_points(tmp_path / "sweep")
+    serving = records[0]["serving"]
+    assert point.itl_p90_ms.mean == serving[point.window]["itl_p90_ms"]
+    assert point.j_per_output_token.mean == serving[point.window]["j_per_output_token"]
 
 
 def test_percentile_is_numpys_linear_rule():
