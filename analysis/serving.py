@@ -12,7 +12,7 @@ from w2w.analysis.stats import Summary, summarize
 
 from w2w.exits import quiet_on_broken_pipe
 from w2w.files import write_atomic
-from w2w.records import read_record
+from w2w.records import RecordError, read_record
 
 # ML.ENERGY Benchmark v3's inter-token-latency targets (ms); a sweep's own serving.itl_slo_ms are added.
 ITL_TARGETS_MS = (50.0, 100.0, 250.0)
@@ -51,7 +51,10 @@ def _runs(sweep: Path) -> dict[str, list]:
     out: dict[str, list] = {}
     for path in sorted((sweep / "cells").glob("*/rank-00000.json")) + sorted(
             (sweep / "cells").glob("*/repeat-*/rank-00000.json")):
-        record = read_record(path)
+        try:
+            record = read_record(path)
+        except (RecordError, OSError, ValueError):  # the report names damaged files elsewhere; skip them here
+            continue
         if record.ok and record.serving:
             out.setdefault(record.cell_id, []).append(record)
     return out
