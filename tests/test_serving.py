@@ -322,3 +322,20 @@ def test_a_preempted_serving_cell_restarts_whole_and_says_so(tmp_path):
     assert record.serving["restarted_whole"] == 1 and record.serving["requests"] == 4
     assert len(record.segments) == 1  # the figures are the whole second attempt's
     assert len((folder / "responses.jsonl").read_text().splitlines()) == 4
+
+
+def test_the_cheapest_cell_meets_the_target_at_its_upper_bound_and_is_not_overloaded():
+    from w2w.analysis.serving import Point, cheapest, on_frontier
+    from w2w.analysis.stats import Summary
+
+    def point(cid, itl, itl_ci, j, overloaded=False):
+        s = Summary(j, None, 1, None)
+        return Point(cid, 1.0, 2, 1, None, "fast", "steady", s, Summary(itl, None, 2, itl_ci), s, s, s, s, s,
+                     overloaded, (), None)
+
+    points = [point("a", 40, 20, 5.0), point("b", 45, 1, 7.0), point("c", 30, 1, 1.0, overloaded=True),
+              point("d", 200, 1, 2.0)]
+    assert cheapest(points, 50, "j_per_request").cell_id == "b"  # a's interval reaches 60 ms; c's queue grew
+    assert cheapest(points, 250, "j_per_request").cell_id == "d"
+    assert cheapest(points, 10, "j_per_request") is None
+    assert on_frontier(points) == {"c"}  # c (30 ms, 1 J) beats every other cell on both axes
