@@ -330,7 +330,7 @@ def test_the_cheapest_cell_meets_the_target_at_its_upper_bound_and_is_not_overlo
 
     def point(cid, itl, itl_ci, j, overloaded=False):
         s = Summary(j, None, 1, None)
-        return Point(cid, 1.0, 2, 1, None, "fast", "steady", s, Summary(itl, None, 2, itl_ci), s, s, s, s, s,
+        return Point(cid, 1.0, 2, 1, None, "fast", "steady", s, Summary(itl, None, 2, itl_ci), s, s, s, s,
                      overloaded, (), None)
 
     points = [point("a", 40, 20, 5.0), point("b", 45, 1, 7.0), point("c", 30, 1, 1.0, overloaded=True),
