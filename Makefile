@@ -9,7 +9,10 @@ PYTEST_ARGS ?=
 CONSTRAINTS ?= constraints-cpu.txt
 VENV_FLAGS ?=
 
-.PHONY: install demo test lint bench bench-launches bench-decode bench-reduce bench-plan bench-gpu gpu-check gpu-accept slurm-up slurm-down slurm-status tiny-tokenizer clean
+SERVING_SWEEP ?= runs/serving
+SERVING_GRID ?= scenario=serving precision=fp32 greedy=true max_gen_len=16 dataset.num_prompts=12 serving.rate=20,inf serving.max_slots=2,4 energy.idle_seconds=0
+
+.PHONY: install demo serving test lint bench bench-launches bench-decode bench-reduce bench-plan bench-gpu gpu-check gpu-accept slurm-up slurm-down slurm-status tiny-tokenizer clean
 
 install: $(STAMP)
 
@@ -24,6 +27,12 @@ demo: install
 	rm -rf $(SWEEP)
 	$(VENV)/bin/w2w-sweep --wait --poll 2 sweep_dir=$(SWEEP) $(DEMO_GRID)
 	$(VENV)/bin/w2w-reduce $(SWEEP)
+
+# A small serving sweep on the CPU (tiny model: two rates x two slot counts), then its frontier table.
+serving: install
+	rm -rf $(SERVING_SWEEP)
+	$(VENV)/bin/w2w-run sweep_dir=$(SERVING_SWEEP) $(SERVING_GRID)
+	$(PY) -m w2w.analysis.serving $(SERVING_SWEEP)
 
 # CI=true: SLURM tests must run, so the local SLURM is provisioned first (needs root).
 # Each run gets a base temp folder of its own: two runs sharing /tmp/pytest-of-USER prune each

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from w2w.analysis import figures, ladder, paper, pareto, repeats, roof, selfcheck, tables
+from w2w.analysis import figures, ladder, paper, pareto, repeats, roof, selfcheck, serving, tables
 from w2w.analysis.compare import comparison, read_facts
 from w2w.analysis.reduce import load_cells, reduce_cells, summary_notes
 from w2w.launch.status import completeness, sweep_problems
@@ -205,6 +205,7 @@ def render(sweep: Path, out: Path, max_timelines: int | None = None, target: par
         selfcheck.report_section(cells),
         roof.dvfs_section(cells),
         pareto_section(chosen, out),
+        serving.report_lines(sweep, out),  # scenario=serving cells: the time-energy frontier (none: no lines)
     ]
     files.append(_write(out / "report.md", "".join(line + "\n" for section in sections for line in section)))
     return Report(files, notes, incomplete, chosen.recommendation.lines)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from w2w.cell import Cell, DatasetConfig
+from w2w.cell import SERVING, Cell, DatasetConfig
 from w2w.checks import FileChecks
 from w2w.config import compose_grid
 from w2w.data import snapshot_dataset
@@ -43,7 +43,8 @@ def cache_positions(cell: Cell, prompt_tokens: int | None = None) -> int:
     spec, max_seq_len = SPECS[cell.engine], cell.model.max_seq_len
     if prompt_tokens is None:
         prompt_tokens = cell.dataset.max_prompt_tokens or spec.prompt_room(max_seq_len, cell.max_gen_len)
-    return cell.batch_size * spec.cache_len(prompt_tokens + cell.max_gen_len, max_seq_len)
+    rows = cell.serving.max_slots if cell.scenario == SERVING else cell.batch_size  # serving: its slots
+    return rows * spec.cache_len(prompt_tokens + cell.max_gen_len, max_seq_len)
 
 
 def estimate_memory(cell: Cell, args: ModelArgs, prompt_tokens: int | None = None,

@@ -163,3 +163,12 @@ def test_clean_removes_what_runs_leave(tmp_path):
     kept.mkdir()
     _ok(make("clean", directory=tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile", "w2w"]
+
+
+@pytest.mark.slow
+def test_make_serving_runs_a_cpu_serving_sweep_and_prints_its_frontier_table(tmp_path):
+    out = _ok(make("serving", f"SERVING_SWEEP={tmp_path / 'serving'}",
+                   "SERVING_GRID=scenario=serving precision=fp32 greedy=true max_gen_len=4 dataset.num_prompts=4 "
+                   "serving.rate=50,inf serving.max_slots=2 energy.idle_seconds=0"))
+    assert "## Serving: time-energy frontier" in out and out.count("| r=") == 2, out
+    assert "Cheapest configuration meeting each p90 ITL target" in out

@@ -101,7 +101,7 @@ def test_alpaca_cells_have_no_accuracy_and_say_why(tmp_path):
 def test_new_options_at_their_defaults_keep_the_cell_ids_of_older_sweeps():
     import hashlib
 
-    from w2w.cell import ID_EXCLUDED, ID_EXCLUDED_IN, ID_NEW_DEFAULTS
+    from w2w.cell import ID_EXCLUDED, ID_EXCLUDED_IN, ID_NEW_DEFAULTS, ID_NEW_SECTIONS
     from w2w.config import compose_cell
 
     cfg = compose_cell(["dataset.num_prompts=4"])
@@ -114,6 +114,8 @@ def test_new_options_at_their_defaults_keep_the_cell_ids_of_older_sweeps():
     for section, defaults in ID_NEW_DEFAULTS.items():  # what a config from before these options held
         for key in defaults:
             (data[section] if section else data).pop(key)
+    for section in ID_NEW_SECTIONS:  # a section newer than the sweep (serving): absent from it
+        assert data.pop(section) == {}
     older = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
     assert cfg.id == older
     changed = [["save_responses=true"], ["dataset.prompt_template='Q: {prompt}'"], ["model.eos_token='</s>'"],

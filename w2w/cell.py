@@ -102,6 +102,30 @@ class EnergyConfig:
     active_s: float = 0.5
 
 
+# scenario=serving (w2w/serving_cell.py): a server under load inside one cell.
+OFFLINE, SERVING = "offline", "serving"
+SCENARIOS = (OFFLINE, SERVING)
+ARRIVALS = ("poisson", "gamma", "trace")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """scenario=serving: requests arriving at `rate` into a continuous batch of `max_slots` rows."""
+
+    rate: float = float("inf")  # requests per second; inf: every request arrives at t = 0 (the throughput limit)
+    arrival: str = "poisson"  # poisson | gamma (burstiness cv) | trace (trace_path)
+    cv: float = 1.0  # gamma: coefficient of variation of the gaps (1: Poisson; > 1: bursts)
+    # trace: a file of lines "offset_s,row" (JSON lines {"offset_s":..,"row":..} too), sorted by offset;
+    # row indexes the dataset's prompts. Replaces rate and num_requests.
+    trace_path: str | None = None
+    max_slots: int = 8  # the continuous batch's width (in place of batch_size)
+    num_requests: int | None = None  # None: one request per dataset prompt (dataset.num_prompts)
+    duration_s: float | None = None  # None: serve every request; N: only those arriving in the first N s
+    warmup_requests: int = 0  # the first N requests are served and metered but left out of the latency figures
+    ttft_slo_ms: float | None = None  # time-to-first-token target; None: none
+    itl_slo_ms: float | None = None  # inter-token-latency target (per request, its p90 ITL); None: none
+
+
 @dataclass(frozen=True)
 class Cell:
     """One cell of a grid: every setting of one measurement (the root of the config schema)."""
@@ -111,6 +135,8 @@ class Cell:
     dataset: DatasetConfig = MISSING
     cluster: ClusterConfig = MISSING
     energy: EnergyConfig = field(default_factory=EnergyConfig)
+    scenario: str = OFFLINE  # offline (batches run to their end, the paper's) | serving (ServingConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     shards: int = 1
     precision: str = "fp16"
     batch_size: int = 1
@@ -171,6 +197,9 @@ class Cell:
             for key, default in defaults.items():
                 if key in table and table[key] == default:
                     del table[key]
+        for section in ID_NEW_SECTIONS:  # all at its defaults: left out, as before it existed
+            if data.get(section) == {}:
+                del data[section]
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -226,6 +255,11 @@ AXES = (
     Axis("force_max_gen_len", "force_max_gen_len"),
     Axis("seed", "seed"),
     Axis("save_responses", "save_responses"),
+    # scenario=serving (issue 24): shown where they vary.
+    Axis("scenario", "scenario"),
+    Axis("rate", "serving.rate", short="r"),
+    Axis("arrival", "serving.arrival"),
+    Axis("max_slots", "serving.max_slots", short="slots"),
 )
 # The axes every table shows, whether they vary or not (the others show where they vary).
 SHOWN_AXES = tuple(axis for axis in AXES if axis.shown)
@@ -239,7 +273,8 @@ ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "
 ID_EXCLUDED_IN = {"gpu": ("hbm_gbs", "peak_tflops"), "dataset": ("snapshot",)}  # the snapshot's content is in content_sha256
 # Options added after sweeps were run, per config section: at their defaults they leave the cell id as it was.
 ID_NEW_DEFAULTS = {
-    "": {"save_responses": False, "gpu_clock_mhz": None},
+    "": {"save_responses": False, "gpu_clock_mhz": None, "scenario": OFFLINE},
+    "serving": {f.name: f.default for f in dataclasses.fields(ServingConfig)},
     # settle_s: at 0 no wait, as before it existed; min_window_periods only flags; active_s is measured
     # outside the cell's window.
     "energy": {"min_window_periods": 10.0, "settle_s": 0.0, "active_s": 0.5},
@@ -250,3 +285,5 @@ ID_NEW_DEFAULTS = {
     "model": {"eos_token": None, "rope_scaling_factor": None, "rope_low_freq_factor": 1.0,
               "rope_high_freq_factor": 4.0, "rope_original_max_pos": 8192},
 }
+# Sections added after sweeps were run: left out of the id where every key is at its default.
+ID_NEW_SECTIONS = ("serving",)

@@ -24,11 +24,22 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from w2w import data
-from w2w.cell import Cell, ClusterConfig, DatasetConfig, GpuConfig, ModelConfig
+from w2w.arrivals import trace_problem
+from w2w.cell import (
+    ARRIVALS,
+    SCENARIOS,
+    SERVING,
+    Cell,
+    ClusterConfig,
+    DatasetConfig,
+    GpuConfig,
+    ModelConfig,
+)
 from w2w.engines import ENGINES
 from w2w.engines import check_name as check_engine_name
 from w2w.engines import prompt_room as engine_prompt_room
 from w2w.engines import refusal as engine_refusal
+from w2w.engines import scenario_refusal as engine_scenario_refusal
 from w2w.errors import ConfigError, divisors
 
 # Site cluster profiles and model presets: folders searched after the packaged configs (os.pathsep-separated).
@@ -563,8 +574,35 @@ def repeats_auto(cfg: Cell) -> str | None:
     ])
 
 
+def serving(cfg: Cell) -> str | None:
+    """scenario=serving (issue 24): an engine that serves it, and the serving section's values."""
+    if cfg.scenario not in SCENARIOS:
+        return f"scenario={cfg.scenario}: valid are {', '.join(SCENARIOS)}"
+    if cfg.scenario != SERVING:
+        return None
+    s = cfg.serving
+    slo = [(v is None or v > 0, f"serving.{k}={v}: must be > 0 ms, or null for no target")
+           for k, v in (("ttft_slo_ms", s.ttft_slo_ms), ("itl_slo_ms", s.itl_slo_ms))]
+    problem = engine_scenario_refusal(cfg.engine, SERVING) or _first([
+        (s.rate > 0, f"serving.rate={s.rate}: must be > 0 requests/s, or inf (every request at t = 0)"),
+        (s.arrival in ARRIVALS, f"serving.arrival={s.arrival}: valid are {', '.join(ARRIVALS)}"),
+        (s.cv > 0, f"serving.cv={s.cv}: must be > 0 (1: Poisson; > 1: burstier)"),
+        (s.max_slots >= 1, f"serving.max_slots={s.max_slots}: must be >= 1 (the continuous batch's width)"),
+        (s.num_requests is None or s.num_requests >= 1,
+         f"serving.num_requests={s.num_requests}: must be >= 1, or null for one per dataset prompt"),
+        (s.duration_s is None or s.duration_s > 0, f"serving.duration_s={s.duration_s}: must be > 0 s, or null"),
+        (s.warmup_requests >= 0, f"serving.warmup_requests={s.warmup_requests}: must be >= 0"),
+        (s.arrival != "trace" or s.trace_path is not None,
+         "serving.arrival=trace needs serving.trace_path: a file of lines 'offset_s,row'"),
+        *slo,
+    ])
+    if problem is None and s.arrival == "trace":
+        problem = trace_problem(s.trace_path, cfg.dataset.num_prompts)
+    return problem
+
+
 CHECKS: tuple[Check, ...] = (shards_split_heads, model_shapes, lengths, engine_runs_model, precision, energy,
-                             power_cap, gpu_clock, dataset, sampling, hardware, repeats, repeats_auto)
+                             power_cap, gpu_clock, dataset, sampling, hardware, repeats, repeats_auto, serving)
 
 
 def validate(cfg: Cell) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -156,6 +157,26 @@ def stop_if_asked() -> None:
     the ranks stop together, none is left waiting in the next collective)."""
     agreed = -agreed_min(-(signals.requested() or 0))
     signals.check(agreed or None)
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's integer, seen by every rank (a serving cell's admission count before each step)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = _flag(False)
+    t.fill_(value)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def sum_over_ranks(value: float | None) -> float | None:
+    """The sum of a figure over every rank; None where any rank has none."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = _flag(False).double()
+    t.fill_(math.nan if value is None else value)
+    dist.all_reduce(t)
+    return None if math.isnan(t.item()) else float(t.item())
 
 
 def barrier() -> None:

@@ -7,13 +7,14 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from w2w import distributed, signals
-from w2w.cell import Cell
+from w2w.cell import OFFLINE, Cell
 from w2w.cell_lock import batch_writer
 from w2w.cell_record import (
     batch_energy,
@@ -237,6 +238,7 @@ class CellResult:
     decode_step: str | None  # the decode-step variant that ran (the engine's spec)
     kv_cache: KvCache | None = None  # the KV cache the engine held at the cell's end on this rank
     error: str | None = None
+    serving: dict | None = None  # scenario=serving: the cell's serving figures (w2w.serving_stats.summarize)
 
     def onto(self, record: RankRecord) -> RankRecord:
         """`record` (the cell's identity) with these sections, status ok or error."""
@@ -244,7 +246,7 @@ class CellResult:
             record, status=STATUS_OK if self.error is None else "error", error=self.error, counts=self.counts,
             times=self.times, energy=self.energy, gpu_state=self.gpu_state, telemetry=self.telemetry,
             timeline=self.timeline, batches=self.batches, segments=self.segments, responses=self.responses,
-            graph=self.graph, decode_step=self.decode_step,
+            graph=self.graph, decode_step=self.decode_step, serving=self.serving,
             kv_cache_shape=None if self.kv_cache is None else list(self.kv_cache.shape),
             kv_cache_bytes=None if self.kv_cache is None else self.kv_cache.bytes)
 
@@ -326,7 +328,9 @@ def run_cell(
 
 def _resume(cell: Cell, info: distributed.DistInfo, num_prompts: int) -> CellProgress:
     """The batches of the cell that earlier segments finished on every rank (a preempted job's)."""
-    shape = CellShape(cell.id, info.rank, info.world_size, cell.batch_size, math.ceil(num_prompts / cell.batch_size))
+    # A serving cell is one time series, one "batch": resumed only once whole (else it restarts whole).
+    size = cell.batch_size if cell.scenario == OFFLINE else max(num_prompts, 1)
+    shape = CellShape(cell.id, info.rank, info.world_size, size, math.ceil(num_prompts / size))
     progress = CellProgress.load(progress_path(cell.sweep_dir, cell.id, info.rank, cell.repeat), shape)
     done = progress.done
     if cell.save_responses and info.rank == 0:  # rank 0 writes responses: not past a batch whose part is gone
@@ -358,16 +362,17 @@ def apply_power_cap(capper: PowerCapper, cell: Cell) -> None:
 
 def measure_cell(
     cell: Cell, rows: list[Prompt], loaded: Loaded, info: distributed.DistInfo, monitor: EnergyMonitor,
-    capper: PowerCapper,
+    capper: PowerCapper, run: Callable[..., CellResult] | None = None,
 ) -> tuple[RankRecord, int]:
-    """One cell on this rank: its full record, and its outcome for the agreement between ranks."""
+    """One cell on this rank: its full record, and its outcome for the agreement between ranks.
+    run: what measures the cell (run_cell; a serving cell's from w2w.serving_cell)."""
     record = identity(cell, info)
     outcome = distributed.CELL_OK
     try:
         apply_power_cap(capper, cell)
         progress = _resume(cell, info, len(rows))
         with signals.deferred():  # a stop signal ends the cell between batches, on every rank at once
-            record = run_cell(
+            record = (run or run_cell)(
                 cell, rows, loaded, monitor, timeline=timeline_path(cell.sweep_dir, cell.id, info.rank, cell.repeat),
                 rank=info.rank, progress=progress, segment=job_segment(loaded.job_energy)).onto(record)
     except signals.Stopped:  # no record: the progress file keeps the finished batches for a re-run

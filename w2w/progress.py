@@ -48,6 +48,7 @@ class CellProgress:
     stream_states: dict[str, str] = field(default_factory=dict)
     version: int = PROGRESS_VERSION
     _saving: bool = field(default=True, repr=False)
+    abandoned: int = field(default=0, repr=False)  # segments resume_at dropped: attempts that finished no batch
 
     @classmethod
     def load(cls, path: Path, shape: CellShape) -> CellProgress:
@@ -83,7 +84,9 @@ class CellProgress:
     def resume_at(self, start: int) -> None:
         """Keep the first `start` batches (the ranks agreed on them) and drop segments left empty."""
         self.batches = self.batches[:start]
-        self.segments = self.used_segments()
+        kept = self.used_segments()
+        self.abandoned = len(self.segments) - len(kept)  # attempts cut off before finishing a batch
+        self.segments = kept
 
     def used_segments(self) -> list[Segment]:
         """The segments that ran at least one of the batches kept."""
@@ -111,6 +114,11 @@ class CellProgress:
             kept = sorted(self.stream_states, key=int)[-KEPT_STREAM_STATES:]
             self.stream_states = {k: self.stream_states[k] for k in kept}
         self._saving = self._saving and save
+        self.save()
+
+    def save(self) -> None:
+        """Write the progress file atomically (after each batch; a serving cell also as its segment
+        begins, so that a later attempt knows an earlier one was cut off)."""
         if self.path is not None and self._saving:
             write_json(self.path, {"version": self.version, "shape": asdict(self.shape),
                                    "batches": [b.to_dict() for b in self.batches],

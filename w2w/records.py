@@ -293,7 +293,7 @@ class RankRecord(Schema):
 
     OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("error", "traceback", "counts", "times", "telemetry", "responses",
                                                "graph", "decode_step", "gpu_state", "gpu_clock", "kv_cache_shape",
-                                               "kv_cache_bytes")
+                                               "kv_cache_bytes", "serving")
     # Present and typed in every ok record: the reducer relies on them.
     OK_REQUIRED: ClassVar[tuple[str, ...]] = (
         "node", "counts.responses", "counts.output_tokens", "counts.output_words", "times.total_s",
@@ -333,6 +333,7 @@ class RankRecord(Schema):
     # fast: how its decode steps ran: "cuda graph", "eager", or "eager, capture failed: <why>".
     graph: str | None = None
     decode_step: str | None = None  # the decode step's program (EngineSpec.decode_step); None before it was recorded
+    serving: dict[str, Any] | None = None  # scenario=serving: whole run and steady state (w2w.serving_stats.summarize)
     gpu_state: GpuState | None = None  # temperature, clock and throttle reasons over the cell (no GPU: None)
     # The KV cache the cell's engine held on this rank: one layer's K tensor shape (llama1: Meta's
     # (max batch, max_seq_len, heads, head_dim)) and every layer's K and V in bytes; None before recorded.

@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict
 
 from w2w import checkpoint, distributed, engines, signals
-from w2w.cell import Cell, DatasetConfig
+from w2w.cell import SERVING, Cell, DatasetConfig
 from w2w.cell_lock import CellLock
 from w2w.config import one_placement
 from w2w.data import Prompt, check_unchanged, load_prompt_rows
@@ -24,6 +24,7 @@ from w2w.model import DTYPES, Transformer, build_model
 from w2w.order import run_order
 from w2w.progress import progress_path
 from w2w.records import STATUS_OK, cell_done, write_record_unless_worse
+from w2w.serving_cell import run_serving_cell
 from w2w.stopping import Stop, decide, read_stop, write_stop
 from w2w.tokenizer import TokenizerLike, check_vocab, open_tokenizer
 
@@ -168,7 +169,8 @@ def _run_one(cell: Cell, place: str, rows: list[Prompt], loaded: Loaded, info: d
         log.info("cell %s %s: done already, skipped", place, cell.id)
         return "skipped"
     log.info("cell %s %s: started", place, cell.id)  # w2w-status reads a cell's own lines from here
-    record, outcome = measure_cell(cell, rows, loaded, info, monitor, capper)
+    serve = run_serving_cell if cell.scenario == SERVING else None  # scenario=serving: one time series
+    record, outcome = measure_cell(cell, rows, loaded, info, monitor, capper, serve)
     if not record.ok:
         log.error("cell %s failed: %s", cell.id, record.error)
     if write_record_unless_worse(cell.sweep_dir, record) is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from w2w.engines.spec import EngineSpec
+from w2w.engines.spec import OFFLINE, SERVING, EngineSpec
 
 if TYPE_CHECKING:  # common imports torch, which the login node must not load to validate engine=
     from w2w.engines.common import Engine
@@ -19,6 +19,7 @@ SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in (
         description="left-padded prefill, then a static-shape decode step (a CUDA graph on GPUs)",
         decode_step="fused: F.rms_norm with its gain, one QKV and one W1/W3 GEMM, in-place RoPE, one cache write",
         cache_multiple=64,  # aligned rows for the attention kernels, and fewer distinct graphs
+        scenarios=(OFFLINE, SERVING),  # serving: continuous batching (w2w/engines/serving.py)
     ),
     EngineSpec(
         name="llama1",
@@ -58,6 +59,12 @@ def refusal(name: str, n_heads: int, kv_heads: int, rope_scaling_factor: float |
     """Why engine `name` cannot run a model of these shapes, naming the engines that can; None where it can."""
     others = [o for o, spec in SPECS.items() if o != name and spec.refusal(n_heads, kv_heads, rope_scaling_factor, []) is None]
     return SPECS[name].refusal(n_heads, kv_heads, rope_scaling_factor, others)
+
+
+def scenario_refusal(name: str, scenario: str) -> str | None:
+    """Why engine `name` cannot run `scenario`, naming the engines that can; None where it can."""
+    others = [o for o, spec in SPECS.items() if scenario in spec.scenarios]
+    return SPECS[name].scenario_refusal(scenario, others)
 
 
 def create(name: str, model: Transformer) -> Engine:

@@ -266,14 +266,17 @@ class Engine(common.Engine):
             log.warning("fast: %s; this engine's decode steps run eagerly from now on, every shape", self.capture_failed)
             return None
 
-    def decoder(self, batch: int, cache_len: int, params: SamplingParams) -> StaticDecoder:
+    def decoder(self, batch: int, cache_len: int, params: SamplingParams,
+                kind: type[StaticDecoder] | None = None) -> StaticDecoder:
+        """The decoder (and graph) of this shape; kind: a StaticDecoder subclass (serving's ring step)."""
         if self.model.cache_generation != self._cache_generation:  # graphs over freed buffers: drop them
             self.decoders.clear()
             self._cache_generation = self.model.cache_generation
-        key = (batch, cache_len, params.greedy)
+        kind = kind or StaticDecoder
+        key = (batch, cache_len, params.greedy) + ((kind.__name__,) if kind is not StaticDecoder else ())
         if key not in self.decoders:
             capture = self._capture if self.capture is not None and self.capture_failed is None else None
-            self.decoders[key] = StaticDecoder(self.fused, batch, cache_len, params.greedy, capture)
+            self.decoders[key] = kind(self.fused, batch, cache_len, params.greedy, capture)
             self.decoders_built += 1
         return self.decoders[key]
 

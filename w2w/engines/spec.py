@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-OFFLINE = "offline"  # a sweep's batches of prompts, run to their end (the only scenario so far)
+from w2w.cell import OFFLINE, SERVING
+
+__all__ = ["OFFLINE", "SERVING", "EngineSpec"]
 
 
 @dataclass(frozen=True)
@@ -61,3 +63,10 @@ class EngineSpec:
             return (f"engine={self.name} has no rope scaling{why}: model.rope_scaling_factor={rope_scaling_factor}; "
                     f"{use}")
         return None
+
+    def scenario_refusal(self, scenario: str, others: list[str]) -> str | None:
+        """Why this engine cannot run `scenario`, naming the engines that can (`others`); None where it can."""
+        if scenario in self.scenarios:
+            return None
+        return (f"engine={self.name} runs scenario={'|'.join(self.scenarios)} only (a static program: a batch "
+                f"run to its end), not scenario={scenario}: use engine={' or '.join(others) or 'fast'}")
