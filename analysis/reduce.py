@@ -18,7 +18,7 @@ from w2w.launch.submit import load_manifest
 from w2w.cell import SHOWN_AXES
 from w2w.exits import quiet_on_broken_pipe
 from w2w.files import writable_problem, write_atomic
-from w2w.manifest import MANIFEST, ManifestError
+from w2w.manifest import MANIFEST, Manifest, ManifestError
 from w2w.records import REPEAT_PREFIX, STATUS_OK, Energy, RankRecord, read_record, with_batch_totals
 from w2w.schema import RecordError
 
@@ -99,10 +99,27 @@ def _load_cell(folder: Path, cid: str | None = None, repeat: int = 0) -> CellRec
     return cell
 
 
-def load_cells(sweep_dir: Path) -> dict[str, CellRecords]:
-    """Every cell folder's rank records; unreadable files become problems of their cell."""
+def load_cells(sweep_dir: Path, manifest: Manifest | None = None) -> dict[str, CellRecords]:
+    """Every cell folder's rank records; unreadable files become problems of their cell. The runs a cell
+    planned are its records' repeats, or the manifest's where a later w2w-sweep raised them (the runs
+    still to do are then named in its repeat_note); manifest: the sweep's, where the caller read it already."""
     folders = [f for f in sorted((sweep_dir / "cells").glob("*")) if f.is_dir()]
-    return {folder.name: _with_runs(_load_cell(folder), folder) for folder in folders}
+    cells = {folder.name: _with_runs(_load_cell(folder), folder) for folder in folders}
+    for cid, repeats in _planned_repeats(sweep_dir, manifest).items():
+        if cid in cells:
+            cells[cid].repeats = max(cells[cid].repeats, repeats)
+    return cells
+
+
+def _planned_repeats(sweep_dir: Path, manifest: Manifest | None) -> dict[str, int]:
+    """Cell id -> the repeats its latest plan asked for (the manifest's); none without a readable manifest."""
+    if manifest is None and (sweep_dir / MANIFEST).is_file():
+        try:
+            manifest = load_manifest(sweep_dir)
+        except (ManifestError, OSError):
+            return {}  # the manifest's own problem is reported where it is read
+    cells = manifest.cells if manifest is not None else {}
+    return {cid: r for cid, cell in cells.items() if isinstance(r := cell.params.get("repeats"), int) and r >= 1}
 
 
 def _with_runs(cell: CellRecords, folder: Path) -> CellRecords:
@@ -202,7 +219,14 @@ def _answer_columns(first: RankRecord, totals: CellTotals) -> dict:
         note = "energy_per_correct_j empty: no correct answer in the cell"
     else:
         note = ""
-    return {"scored": totals.scored, "correct": totals.correct,
+    counts = first.counts
+    if counts.unscorable:  # neither right nor wrong: out of accuracy's denominator, and said
+        note = "; ".join(filter(None, [note, f"{counts.unscorable} response(s) unscorable: their reference "
+                                             "answer has no '#### N' (not counted as wrong)"]))
+    return {"scored": totals.scored, "correct": totals.correct, "unscorable": counts.unscorable,
+            # how the cell's responses ended (None: a record from before they were counted)
+            "ended_eos": counts.ended_eos, "ended_max_gen_len": counts.ended_max_gen_len,
+            "ended_max_seq_len": counts.ended_max_seq_len,
             "responses_saved": bool(block.get("saved")), "score_note": note}
 
 
@@ -346,7 +370,9 @@ def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
         params = _cell_parameters(cell) or {}
         rows.append(row | {column: params.get(key) for column, key in extra.items()})
     table = pd.DataFrame(rows)
-    table = ladder.add_node_columns(table, {cid: list(cell.records.values()) for cid, cell in cells.items()})
+    table = ladder.add_node_columns(table, {cid: {0: list(cell.records.values()),
+                                                  **{k: list(run.records.values()) for k, run in cell.runs.items()}}
+                                            for cid, cell in cells.items()})
     if "engine" in table:  # records of sweeps before the rename: engine=reference was Llama 2's program
         table["engine"] = table["engine"].replace(OLD_ENGINE_NAMES)
     for column in ("cell_id", *PARAM_COLUMNS, *extra, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus",

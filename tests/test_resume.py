@@ -186,3 +186,21 @@ def test_a_resumed_cell_sums_the_energy_windows_of_its_batches_at_each_segments_
     assert row["energy_j"] == pytest.approx(sum(r["energy"]["gpu_j"] for r in records), rel=1e-12)
     above = sum(r["energy"]["gpu_j"] - r["energy"]["idle_gpu_j"] for r in records)
     assert row["energy_j_above_idle"] == pytest.approx(above, rel=1e-9)
+
+
+def test_every_batchs_sampling_state_is_kept_so_an_earlier_resume_samples_exactly(tmp_path):
+    # Issue 28: only the last two states were kept, so resuming earlier (a deleted response part, a rank
+    # that got less far, a gap in the batch indices) restarted the stream and sampled other tokens.
+    progress = CellProgress(_shape(), tmp_path / "progress-rank-00000.json")
+    progress.begin_segment(Segment(segment=0, idle_power_w=50.0))
+    for n in range(4):
+        progress.add_batch(Batch(index=0, segment=0, times=BatchTimes(start_unix_s=0.0, total_s=1.0)),
+                           stream_state=f"state-after-{n + 1}")
+    earlier = CellProgress.load(progress.path, _shape())
+    earlier.resume_at(1)
+    assert earlier.stream_state == "state-after-1"
+    data = json.loads(progress.path.read_text())
+    data["batches"][2]["index"] = 9  # a gap after two batches
+    progress.path.write_text(json.dumps(data))
+    gapped = CellProgress.load(progress.path, _shape())
+    assert gapped.done == 2 and gapped.stream_state == "state-after-2"

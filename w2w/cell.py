@@ -217,13 +217,14 @@ SHOWN_AXES = tuple(axis for axis in AXES if axis.shown)
 PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
 # Result-neutral keys left out of the cell id, so moving a sweep does not redo its cells.
 ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command", "repeats", "repeat")
-# Facts about the hardware, not settings, per config section: left out of the cell id.
-ID_EXCLUDED_IN = {"gpu": ("hbm_gbs",)}
+# Facts about the hardware, and options that only flag or report (they change no figure), per config
+# section: left out of the cell id, so changing them measures nothing again.
+ID_EXCLUDED_IN = {"gpu": ("hbm_gbs",), "energy": ("min_window_periods",)}
 # Options added after sweeps were run, per config section: at their defaults they leave the cell id as it was.
 ID_NEW_DEFAULTS = {
     "": {"save_responses": False},
-    # settle_s: at 0 no wait, as before it existed; min_window_periods only flags.
-    "energy": {"min_window_periods": 10.0, "settle_s": 0.0},
+    # settle_s: at 0 no wait, as before it existed.
+    "energy": {"settle_s": 0.0},
     # content_sha256 is None for hub and synthetic data: they keep their earlier ids.
     # max_prompt_tokens: None (nothing cut) became the default after 128; a cell that sets it keeps its id.
     "dataset": {"prompt_template": "{prompt}", "fewshot_path": None, "fewshot_k": 0, "content_sha256": None,

@@ -36,6 +36,7 @@ from w2w.energy.sampler import summarize
 from w2w.engines import prompt_room
 from w2w.engines.common import (
     DECODE,
+    ENDINGS,
     PREFILL,
     Engine,
     Generation,
@@ -79,7 +80,7 @@ class Loaded:
     job_energy: dict
 
 
-def batch_counts(gen: Generation, texts: list[str], scored: int, correct: int) -> BatchCounts:
+def batch_counts(gen: Generation, texts: list[str], responses: Responses) -> BatchCounts:
     """What one batch produced (`batches` and `truncated_prompts` belong to the whole cell's Counts)."""
     return BatchCounts(
         prompts=len(gen.tokens),
@@ -88,8 +89,10 @@ def batch_counts(gen: Generation, texts: list[str], scored: int, correct: int) -
         output_tokens=sum(len(t) for t in gen.tokens),
         positions=gen.positions,
         output_words=sum(len(text.split()) for text in texts),  # the paper's words: split on whitespace
-        scored=scored,
-        correct=correct,
+        scored=responses.scored,
+        correct=responses.correct,
+        unscorable=responses.unscorable,
+        **{f"ended_{how}": responses.ended.get(how, 0) for how in ENDINGS},
     )
 
 
@@ -102,16 +105,15 @@ class _BatchResponses:
     rows: list[Prompt]
     rank: int
 
-    def score(self, batch: list[list[int]], outputs: list[list[int]], texts: list[str]) -> tuple[int, int]:
-        """(scored, correct) of the batch; with save_responses, rank 0 writes the batch's lines
-        (every rank scores: the ranks' tokens are identical)."""
+    def score(self, batch: list[list[int]], gen: Generation, texts: list[str]) -> Responses:
+        """The batch's responses, scored and counted by how they ended; with save_responses, rank 0
+        writes the batch's lines (every rank scores: the ranks' tokens are identical)."""
         cell = self.cell
-        responses = Responses(cell.dataset.name, cell.max_gen_len, cell.force_max_gen_len,
-                              keep=cell.save_responses and self.rank == 0)
-        responses.add(self.rows, [len(p) for p in batch], outputs, texts)
+        responses = Responses(cell.dataset.name, keep=cell.save_responses and self.rank == 0)
+        responses.add(self.rows, [len(p) for p in batch], gen.tokens, texts, gen.ended_by)
         if responses.keep:  # before the batch counts as done: a resumed cell finds every earlier batch's part
             responses.write(response_part_path(cell.sweep_dir, cell.id, self.index, cell.repeat))
-        return responses.scored, responses.correct
+        return responses
 
 
 @dataclass
@@ -182,7 +184,7 @@ def _run_batch(run: _CellRun, batch: list[list[int]], responses: _BatchResponses
 
     entry = Batch(
         index=0, segment=0,
-        counts=batch_counts(gen, texts, *responses.score(batch, gen.tokens, texts)),
+        counts=batch_counts(gen, texts, responses.score(batch, gen, texts)),
         times=BatchTimes(start_unix_s=window.start_unix_s, total_s=window.duration_s,
                          prefill_s=clock.seconds[PREFILL] - seconds[PREFILL],
                          decode_s=clock.seconds[DECODE] - seconds[DECODE]),

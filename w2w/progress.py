@@ -16,8 +16,9 @@ from w2w.schema import RecordError
 log = logging.getLogger("w2w.progress")
 # 2: the sampling stream's state is saved; a version-1 file cannot resume the stream, so its cell starts over.
 PROGRESS_VERSION = 2
-# The stream's state is kept for the last batches only: ranks that save after the same batch differ by one at most.
-KEPT_STREAM_STATES = 2
+# The stream's state is kept after every batch (a CUDA stream's is 16 bytes): a cell resumed before its last
+# batch (a damaged response part deleted, a gap in the batch indices, a rank that got less far) samples
+# exactly what an uninterrupted run would have.
 
 
 def progress_path(sweep_dir: str | Path, cid: str, rank: int, repeat: int = 0) -> Path:
@@ -58,7 +59,8 @@ class CellProgress:
         try:
             data = json.loads(path.read_text())
             saved = CellShape(**data["shape"])
-            version, states = data["version"], dict(data.get("stream_states", {}))
+            version = data["version"]
+            states = {int(k): str(v) for k, v in dict(data.get("stream_states", {})).items()}
             batches = [Batch.from_dict(b, f"batches[{i}]") for i, b in enumerate(data["batches"])]
             segments = [Segment.from_dict(s, f"segments[{i}]") for i, s in enumerate(data["segments"])]
         except (OSError, ValueError, TypeError, KeyError, AttributeError, RecordError) as exc:
@@ -68,7 +70,9 @@ class CellProgress:
             log.warning("%s: progress of another batching (%s): the cell starts from its first batch", path, saved)
             return fresh
         contiguous = list(itertools.takewhile(lambda ib: ib[1].index == ib[0], enumerate(batches)))
-        return cls(shape, path, [b for _, b in contiguous], segments, states)
+        # The state after every batch kept: a gap's later batches run again from the state before them.
+        kept = {str(k): v for k, v in states.items() if k <= len(contiguous)}
+        return cls(shape, path, [b for _, b in contiguous], segments, kept)
 
     @property
     def done(self) -> int:
@@ -83,6 +87,7 @@ class CellProgress:
     def resume_at(self, start: int) -> None:
         """Keep the first `start` batches (the ranks agreed on them) and drop segments left empty."""
         self.batches = self.batches[:start]
+        self.stream_states = {k: v for k, v in self.stream_states.items() if int(k) <= start}
         self.segments = self.used_segments()
 
     def used_segments(self) -> list[Segment]:
@@ -108,8 +113,6 @@ class CellProgress:
         self.batches.append(dataclasses.replace(batch, index=self.done, segment=self.segment))
         if stream_state is not None:
             self.stream_states[str(self.done)] = stream_state
-            kept = sorted(self.stream_states, key=int)[-KEPT_STREAM_STATES:]
-            self.stream_states = {k: self.stream_states[k] for k in kept}
         self._saving = self._saving and save
         if self.path is not None and self._saving:
             write_json(self.path, {"version": self.version, "shape": asdict(self.shape),
