@@ -244,3 +244,17 @@ def test_a_local_sweep_with_repeats_gives_n_2_per_cell(tmp_path):
     assert "all cells done" in again and "submitted " not in again and "(4 runs with repeats)" in again
     for cell in compose_grid([*grid, "repeats=3"]):  # a third repeat: the same cells, one run each to go
         assert runs_done(sweep, cell.id, 1, 2) and not runs_done(sweep, cell.id, 1, 3)
+
+
+def test_runs_still_missing_after_repeats_were_raised_are_named(tmp_path):
+    # Issue 28: a cell run once, then planned again with repeats=3 (its id unchanged): the records say 1,
+    # the manifest 3; the runs not yet done were not mentioned.
+    from w2w.launch.submit import save_manifest
+
+    from w2w.manifest import Manifest, ManifestCell
+
+    _write(tmp_path, [_record("c", 0, 10.0, 100.0, repeats=1)])
+    save_manifest(Manifest(cells={"c": ManifestCell(world_size=1, params={"repeats": 3})}), tmp_path)
+    row = reduce_sweep(tmp_path).iloc[0]
+    assert row["status"] == "ok" and row["repeats"] == 1
+    assert "repeat(s) [1, 2] of 3 not run" in row["repeat_note"]
