@@ -19,7 +19,15 @@ from w2w.cell import SHOWN_AXES
 from w2w.exits import quiet_on_broken_pipe
 from w2w.files import writable_problem, write_atomic
 from w2w.manifest import MANIFEST, Manifest, ManifestError
-from w2w.records import REPEAT_PREFIX, STATUS_OK, Energy, RankRecord, read_record, with_batch_totals
+from w2w.records import (
+    REPEAT_PREFIX,
+    STATUS_OK,
+    Energy,
+    RankRecord,
+    read_record,
+    sampling_restarts,
+    with_batch_totals,
+)
 from w2w.schema import RecordError
 
 if TYPE_CHECKING:
@@ -265,6 +273,9 @@ def reduce_cell(cell: CellRecords) -> dict:
         positions=first.counts.positions,
     )
     row |= {"status": STATUS_OK, **compute(totals), "idle_power_w": idle_power_w, **_energy_columns(records, energy_j)}
+    restarts = sampling_restarts(first.segments)
+    row["sampling_note"] = (f"sampling restarted at batch(es) {restarts} (no stream state saved there): its sampled "
+                            "tokens are not an uninterrupted run's") if restarts else ""
     row |= {
         "energy_j": energy_j,
         "energy_j_paper": _paper_energy(records) if energy_j is not None else None,
@@ -377,7 +388,7 @@ def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
         table["engine"] = table["engine"].replace(OLD_ENGINE_NAMES)
     for column in ("cell_id", *PARAM_COLUMNS, *extra, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus",
                    "nodes", "segments", "truncated_prompts", "note",
-                   "score_note", "repeats", "repeat_note"):
+                   "score_note", "sampling_note", "repeats", "repeat_note"):
         if column not in table:
             table[column] = None
     sort_keys = [c for c in (*(axis.column for axis in SHOWN_AXES if axis.sort), *extra) if table[c].notna().any()]
@@ -452,6 +463,8 @@ def summary_notes(table: pd.DataFrame) -> list[str]:
                  if row["status"] == STATUS_OK and isinstance(row.get("repeat_note"), str) and row["repeat_note"])
     score_reasons = {row["score_note"] for _, row in table.iterrows() if row["status"] == STATUS_OK and row["score_note"]}
     notes.extend(f"answers: {reason}" for reason in sorted(score_reasons))
+    notes.extend(f"cell {row['cell_id']}: {row['sampling_note']}" for _, row in table.iterrows()
+                 if isinstance(row.get("sampling_note"), str) and row["sampling_note"])
     notes.extend(ladder.notes(table))
     return notes + truncation_notes(table)
 

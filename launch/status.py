@@ -21,7 +21,14 @@ from w2w.cell_lock import CellLock
 from w2w.data import file_sha256
 from w2w.exits import quiet_on_broken_pipe
 from w2w.manifest import MANIFEST, Manifest, ManifestCell, ManifestError, ManifestJob, Submission
-from w2w.records import REPEAT_PREFIX, cell_dir, misplaced, read_record, record_path
+from w2w.records import (
+    REPEAT_PREFIX,
+    cell_dir,
+    misplaced,
+    read_record,
+    record_path,
+    sampling_restarts,
+)
 from w2w.responses import responses_problem
 from w2w.schema import RecordError
 
@@ -202,7 +209,9 @@ def run_records(sweep_dir: Path, cid: str, world_size: int, repeat: int = 0) -> 
     if failed:
         return "failed", "; ".join(f"rank {r.rank}: {r.status}: {r.error or ''}" for r in failed)
     if len(records) == world_size:
-        return "done", "on " + ",".join(sorted({str(r.node) for r in records}))
+        restarts = sampling_restarts(records[0].segments)
+        restarted = f"; sampling restarted at batch(es) {restarts} (no stream state saved)" if restarts else ""
+        return "done", "on " + ",".join(sorted({str(r.node) for r in records})) + restarted
     return None, "; ".join([f"{len(records)}/{world_size} ranks written", *problems])
 
 

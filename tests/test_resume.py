@@ -204,3 +204,25 @@ def test_every_batchs_sampling_state_is_kept_so_an_earlier_resume_samples_exactl
     progress.path.write_text(json.dumps(data))
     gapped = CellProgress.load(progress.path, _shape())
     assert gapped.done == 2 and gapped.stream_state == "state-after-2"
+
+
+def test_a_resume_without_a_saved_sampling_state_is_recorded_in_the_cell_the_table_and_status(tmp_path):
+    # Issue 28: a progress file without the stream's state (an older w2w's kept only the last two) restarted
+    # sampling with a line in the job log only; the record, the cells table and w2w-status now say so.
+    from w2w.launch.status import run_records
+
+    sweep = tmp_path / "sweep"
+    sampled = ("temperature=1.5",)
+    cid = _cells(sweep, *sampled)[0].id
+    for outcome, _, _ in run_parallel(2, _run, sweep, 2, *sampled):
+        assert outcome == "preempted"
+    for rank in (0, 1):
+        path = progress_path(sweep, cid, rank)
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"stream_states": {}}))
+    for outcome, _, _ in run_parallel(2, _run, sweep, None, *sampled):
+        assert outcome == ["ok"]
+    record = read_record(record_path(sweep, cid, 0))
+    assert [s.sampling_restarted for s in record.segments] == [None, True] and record.segments[1].first_batch == 2
+    row = reduce_sweep(sweep).iloc[0]
+    assert row["sampling_note"].startswith("sampling restarted at batch(es) [2]")
+    assert run_records(sweep, cid, 2)[1].endswith("sampling restarted at batch(es) [2] (no stream state saved)")

@@ -247,13 +247,15 @@ def run_cell(
     if progress is None:  # nothing saved between batches
         progress = CellProgress(CellShape(cell.id, rank, 1, size, len(batches)), None)
     phases = PhaseEnergy(monitor)
+    # Sampled (not greedy) batches resumed without the stream's state draw other tokens than an uninterrupted run.
+    restarted = bool(progress.done) and progress.stream_state is None and not cell.greedy
     run = _CellRun(cell, loaded, cache_len, PhaseClock(model.device, phases.on_boundary), phases,
                    cell_stream(cell, model.device, progress))
     start = progress.done
     warmup = _warm_up(run, batches[start:], monitor) if start < len(batches) else None
     progress.begin_segment(dataclasses.replace(
         segment or Segment(segment=0), start_unix_s=time.time(), warmup_s=warmup.duration_s if warmup else 0.0,
-        warmup_gpu_j=warmup.gpu_j if warmup else None))
+        warmup_gpu_j=warmup.gpu_j if warmup else None, sampling_restarted=True if restarted else None))
     settled = monitor.settle(cell.energy.settle_s) if cell.energy.settle_s > 0 else None
     run.clock.enter(None)  # synchronize before the cell's window opens
     monitor.begin_window("cell")

@@ -193,6 +193,8 @@ class Telemetry(Schema):
 class Segment(Schema):
     """One job attempt that ran part of a cell: who it was, its idle baseline and its warm-up."""
 
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("sampling_restarted",)
+
     segment: int  # 0, 1, ...: the cell's attempts in order
     first_batch: int = 0  # the index of the first batch it ran
     job_id: str | None = None
@@ -204,7 +206,15 @@ class Segment(Schema):
     start_unix_s: float | None = None  # s since the epoch, when it began the cell
     warmup_s: float | None = None
     warmup_gpu_j: float | None = None
+    # True: no sampling state was saved after the batch it resumed at (a progress file of an older w2w), so
+    # its sampled tokens are not an uninterrupted run's from first_batch on; None: the stream resumed exactly.
+    sampling_restarted: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
+
+
+def sampling_restarts(segments: list[Segment]) -> list[int]:
+    """The batches at which a cell's sampling stream restarted instead of resuming (Segment.sampling_restarted)."""
+    return [s.first_batch for s in segments if s.sampling_restarted]
 
 
 @dataclass
