@@ -9,7 +9,7 @@ from w2w.analysis.reduce import reduce_sweep
 
 from tests.parallel import run_parallel
 from w2w.config import compose_grid
-from w2w.progress import CellProgress, CellShape, progress_path
+from w2w.progress import CellProgress, CellShape, progress_path, streams_path
 from w2w.records import Batch, BatchTimes, Segment, read_record, record_path
 
 MAX_GEN_LEN = 6  # not the warm-up's length: the fake below tells the two apart
@@ -219,6 +219,7 @@ def test_a_resume_without_a_saved_sampling_state_is_recorded_in_the_cell_the_tab
     for rank in (0, 1):
         path = progress_path(sweep, cid, rank)
         path.write_text(json.dumps(json.loads(path.read_text()) | {"stream_states": {}}))
+        streams_path(path).unlink()  # as an older w2w left it: no side file
     for outcome, _, _ in run_parallel(2, _run, sweep, None, *sampled):
         assert outcome == ["ok"]
     record = read_record(record_path(sweep, cid, 0))
