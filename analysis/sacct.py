@@ -7,7 +7,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from w2w.records import RankRecord
 
@@ -53,30 +53,52 @@ def _unix_s(fields: list[str], index: int) -> float | None:
     return float(text) if text.isdigit() else None
 
 
+@dataclass
+class _Attempt:
+    """One attempt while sacct's lines are read: its span (every line of it: a step may end after the
+    allocation line's End) and its numbered steps' (energy, elapsed)."""
+
+    start_unix_s: float | None = None
+    end_unix_s: float | None = None
+    open_ended: bool = False  # a line without an End: the attempt still runs
+    steps: list[tuple[float | None, float]] = field(default_factory=list)
+
+    def span(self, fields: list[str]) -> None:
+        start, end = _unix_s(fields, 3), _unix_s(fields, 4)
+        if start is not None:
+            self.start_unix_s = start if self.start_unix_s is None else min(self.start_unix_s, start)
+        if end is None:
+            self.open_ended = True
+        else:
+            self.end_unix_s = end if self.end_unix_s is None else max(self.end_unix_s, end)
+
+    def energy(self) -> JobEnergy:
+        steps = self.steps
+        return JobEnergy(None if any(e is None for e, _ in steps) else sum(e for e, _ in steps), sum(s for _, s in steps),
+                         self.start_unix_s, None if self.open_ended else self.end_unix_s)
+
+
 def parse_sacct(text: str) -> dict[str, list[JobEnergy]]:
     """`sacct -n -P -D -o JobID,ConsumedEnergyRaw,ElapsedRaw,Start,End` output as each job's attempts
     (-D lists every one of a requeued job), each its numbered steps summed. sacct prints an attempt's
     allocation line before its steps: a step belongs to the last allocation line of its job."""
-    attempts: dict[str, list[tuple[float | None, float | None, list[tuple[float | None, float]]]]] = {}
+    attempts: dict[str, list[_Attempt]] = {}
     for line in text.splitlines():
         fields = line.split("|")
         if len(fields) < 3:
             continue
         name = fields[0].strip()
+        job = name.split(".", 1)[0]
         if "." not in name:  # the allocation line: a new attempt of the job
-            attempts.setdefault(name, []).append((_unix_s(fields, 3), _unix_s(fields, 4), []))
-            continue
-        match = _NUMBERED_STEP.fullmatch(name)
-        if match is None:
-            continue  # the batch/extern step
-        elapsed = float(fields[2]) if fields[2].strip().isdigit() else 0.0
-        runs = attempts.setdefault(match["job"], [])
+            attempts.setdefault(job, []).append(_Attempt())
+        runs = attempts.setdefault(job, [])
         if not runs:
-            runs.append((None, None, []))
-        runs[-1][2].append((_energy(fields[1]), elapsed))
-    return {job: [JobEnergy(None if any(e is None for e, _ in steps) else sum(e for e, _ in steps),
-                            sum(s for _, s in steps), start, end) for start, end, steps in runs if steps]
-            for job, runs in attempts.items() if any(steps for _, _, steps in runs)}
+            runs.append(_Attempt())
+        runs[-1].span(fields)
+        match = _NUMBERED_STEP.fullmatch(name)
+        if match is not None:  # not the allocation, batch or extern line: they overlap the numbered steps
+            runs[-1].steps.append((_energy(fields[1]), float(fields[2]) if fields[2].strip().isdigit() else 0.0))
+    return {job: [a.energy() for a in runs if a.steps] for job, runs in attempts.items() if any(a.steps for a in runs)}
 
 
 def _run(argv: list[str], env: dict[str, str] | None = None) -> tuple[str | None, str | None]:

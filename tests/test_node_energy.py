@@ -75,3 +75,15 @@ def test_node_energy_is_per_run_with_mean_spread_and_interval_and_sacct_asked_fo
     argv = (bin_dir / "sacct.argv").read_text().split()
     assert "-D" in argv and argv[-1] == "701,702"
     assert ladder.notes(reduce_sweep(sweep)) == []
+
+
+def test_an_attempt_spans_its_steps_too_as_the_local_slurm_printed_a_requeued_job():
+    # From the local SLURM (sacct -D, SLURM_TIME_FORMAT=%s): the first attempt's step ended after its
+    # allocation line's End; a batch then still ran in that attempt. A running attempt has no End.
+    jobs = parse_sacct("16||5|1704|1709\n16.batch|0|5|1704|1709\n16.0|1200|12|1704|1716\n"
+                       "16|0|9|1717|Unknown\n16.batch|0|9|1717|Unknown\n16.0|900|9|1717|Unknown\n")
+    first, second = jobs["16"]
+    assert (first.start_unix_s, first.end_unix_s, second.end_unix_s) == (1704.0, 1716.0, None)
+    node, _ = apportion({"16": [(1712.0, 6.0), (1800.0, 3.0)]}, jobs)
+    assert node == pytest.approx(1200.0 * 6 / 12 + 900.0 * 3 / 9)
+    assert ladder.sacct.apportion({"16": [(1000.0, 1.0)]}, jobs)[0] is None  # before either attempt: no guess
