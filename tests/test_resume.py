@@ -227,3 +227,10 @@ def test_a_resume_without_a_saved_sampling_state_is_recorded_in_the_cell_the_tab
     row = reduce_sweep(sweep).iloc[0]
     assert row["sampling_note"].startswith("sampling restarted at batch(es) [2]")
     assert run_records(sweep, cid, 2)[1].endswith("sampling restarted at batch(es) [2] (no stream state saved)")
+
+
+def test_the_first_save_of_a_run_makes_its_folder(tmp_path):
+    progress = CellProgress(_shape(), progress_path(tmp_path, "c", 0, repeat=1))  # repeat-1/ does not exist yet
+    progress.begin_segment(Segment(segment=0))
+    progress.add_batch(Batch(index=0, segment=0, times=BatchTimes(start_unix_s=0.0, total_s=1.0)), stream_state="s1")
+    assert CellProgress.load(progress.path, _shape()).stream_state == "s1"

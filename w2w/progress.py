@@ -157,6 +157,7 @@ class CellProgress:
     def _append_state(self, path: Path, done: int, state: str) -> None:
         """One line of the side file (a fresh cell's starts it over); appended, not rewritten: O(1) a batch.
         Not fsynced: a kill loses nothing written, and a line lost with the machine is a recorded restart."""
+        path.parent.mkdir(parents=True, exist_ok=True)  # a run's repeat-K/ folder is made by its first save
         with streams_path(path).open("a" if self._appending else "w") as f:
             f.write(json.dumps({"done": done, "state": state}) + "\n")
         self._appending = True
