@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 from w2w.analysis import sacct, tables
+from w2w.analysis.stats import CI95, STD, N, summarize
 
 from w2w.records import STATUS_OK, RankRecord
 
@@ -119,28 +120,50 @@ def _pue(records: list[RankRecord]) -> float | None:
     return ((first.config or {}).get("cluster") or {}).get("pue")
 
 
-def add_node_columns(table: pd.DataFrame, records: dict[str, list[RankRecord]]) -> pd.DataFrame:
+def _node_energy(records: list[RankRecord], jobs: dict[str, list[sacct.JobEnergy]], failed: str | None,
+                 plugin: str | None) -> tuple[float | None, str]:
+    """One run's node energy and its note (why it is empty, or its share-above-1 flag)."""
+    found, reason = _slurm_seconds(records)
+    if found is None:
+        return None, f"no node energy: {reason}"
+    node, note = (None, failed) if failed else sacct.apportion(found, jobs, plugin)
+    return node, f"no node energy: {note}" if node is None else (note or "")
+
+
+def add_node_columns(table: pd.DataFrame, runs: dict[str, dict[int, list[RankRecord]]]) -> pd.DataFrame:
     """The node (sacct, apportioned by wall time) and facility (node x cluster.pue) columns of every ok cell;
-    empty with the reason where there is no figure. Every column of COLUMNS exists afterwards."""
+    empty with the reason where there is no figure. `runs`: each cell's runs (repeat -> its records): with
+    repeats, the node figure is the mean over the runs that have one, with its spread, n and interval like
+    every measured column. Every column of COLUMNS exists afterwards."""
     table = table.copy()
     for column in COLUMNS:
         if column not in table:
             table[column] = None
-    ok = [i for i in table.index if table.at[i, "status"] == STATUS_OK and records.get(table.at[i, "cell_id"])]
-    seconds = {i: _slurm_seconds(records[table.at[i, "cell_id"]]) for i in ok}
-    jobs, failed = sacct.read_jobs(job for found, _ in seconds.values() if found for job in found)
-    plugin = sacct.energy_plugin() if any(j.energy_j is None for j in jobs.values()) else None
+    ok = [i for i in table.index if table.at[i, "status"] == STATUS_OK and runs.get(table.at[i, "cell_id"])]
+    done = {i: {k: rs for k, rs in sorted(runs[table.at[i, "cell_id"]].items()) if rs and all(r.ok for r in rs)}
+            for i in ok}
+    wanted = [job for i in ok for rs in done[i].values() if (found := _slurm_seconds(rs)[0]) for job in found]
+    jobs, failed = sacct.read_jobs(wanted)
+    plugin = sacct.energy_plugin() if any(a.energy_j is None for js in jobs.values() for a in js) else None
     for i in ok:
-        found, reason = seconds[i]
-        node = None
-        if found is not None:
-            node, reason = (None, failed) if failed else sacct.apportion(found, jobs, plugin)
-        pue = _pue(records[table.at[i, "cell_id"]])
-        table.at[i, "node_energy_j"] = node
-        table.at[i, "node_note"] = f"no node energy: {reason}" if node is None else ""
-        table.at[i, "facility_energy_j_est"] = node * pue if node is not None and pue is not None else None
-        table.at[i, "facility_note"] = ("" if node is not None and pue is not None else
-                                        "no facility estimate: " + ("no node energy" if node is None else
+        figures = {k: _node_energy(rs, jobs, failed, plugin) for k, rs in done[i].items()}
+        pue = _pue(next(iter(done[i].values()))) if done[i] else None
+        node = summarize(n for n, _ in figures.values())
+        facility = summarize(n * pue for n, _ in figures.values() if n is not None and pue is not None)
+        notes = sorted({note for _, note in figures.values() if note})
+        if len(figures) > 1:
+            notes = [f"{note} (run(s) {[k for k, (_, n) in figures.items() if n == note]})" for note in notes]
+        table.at[i, "node_energy_j"] = node.mean
+        table.at[i, "node_note"] = "; ".join(notes)
+        table.at[i, "facility_energy_j_est"] = facility.mean
+        if len(figures) > 1:
+            for column, summary in (("node_energy_j", node), ("facility_energy_j_est", facility)):
+                for suffix, value in ((STD, summary.std), (N, summary.n), (CI95, summary.ci95)):
+                    if column + suffix not in table:
+                        table[column + suffix] = None
+                    table.at[i, column + suffix] = value
+        table.at[i, "facility_note"] = ("" if node.mean is not None and pue is not None else
+                                        "no facility estimate: " + ("no node energy" if node.mean is None else
                                                                     "the cluster profile sets no PUE (cluster.pue)"))
     return table
 
@@ -153,8 +176,11 @@ def notes(table: pd.DataFrame) -> list[str]:
     out += [f"cell {r['cell_id']}: ran throttled ({r['throttle_reasons']})" for r in done.to_dict("records")
             if r["throttled"] is True]
     # a cell without a node note (a run-0 record of another cell under repeats) has None or NaN there, not text
+    empty = done["node_energy_j"].map(tables.is_missing)
     out += [f"node_energy_j empty: {n.removeprefix('no node energy: ')}"
-            for n in sorted({n for n in done["node_note"] if isinstance(n, str) and n})]
+            for n in sorted({n for n in done[empty]["node_note"] if isinstance(n, str) and n})]
+    out += [f"cell {r['cell_id']}: node_energy_j {r['node_note']}" for r in done[~empty].to_dict("records")
+            if isinstance(r["node_note"], str) and r["node_note"]]  # a share of a job above 1: the figure stands, flagged
     return out
 
 
@@ -192,6 +218,8 @@ def report_sections(cells: pd.DataFrame) -> list[str]:
     notes |= {f"CPU+DRAM above idle empty: {n}" for n in done["cpu_idle_note"] if n}
     for column, note in (("node_energy_j", "node_note"), ("facility_energy_j_est", "facility_note")):
         notes |= set(_reasons(done, column, note))
+    notes |= {f"{BOUNDARY_COLUMNS['node_energy_j']} of cell {r['cell_id']}: {r['node_note']}"
+              for r in done.to_dict("records") if r["node_note"] and not tables.is_missing(r["node_energy_j"])}
     lines += [f"- {n}" for n in sorted(notes)] + [""]
     return lines + _uncertainty(done) + _gpu_state(done)
 

@@ -165,7 +165,7 @@ def render(sweep: Path, out: Path, max_timelines: int | None = None, target: par
     manifest = read_manifest(sweep / MANIFEST)  # parsed once, for the completeness and the skipped cells
     complete = completeness(sweep, manifest)
     incomplete = None if complete is None or complete.complete else complete.warning()
-    loaded = load_cells(sweep)  # every rank file parsed once, for the table and the facts
+    loaded = load_cells(sweep, manifest)  # every rank file parsed once, for the table and the facts
     cells = reduce_cells(loaded)
     check_some_ok(sweep, cells)
     skipped = read_skipped(manifest)

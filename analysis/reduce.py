@@ -19,8 +19,16 @@ from w2w.launch.submit import load_manifest
 from w2w.cell import SHOWN_AXES
 from w2w.exits import quiet_on_broken_pipe
 from w2w.files import writable_problem, write_atomic
-from w2w.manifest import MANIFEST, ManifestError
-from w2w.records import REPEAT_PREFIX, STATUS_OK, Energy, RankRecord, read_record, with_batch_totals
+from w2w.manifest import MANIFEST, Manifest, ManifestError
+from w2w.records import (
+    REPEAT_PREFIX,
+    STATUS_OK,
+    Energy,
+    RankRecord,
+    read_record,
+    sampling_restarts,
+    with_batch_totals,
+)
 from w2w.schema import RecordError
 from w2w.stopping import Stop, read_stop
 
@@ -102,10 +110,27 @@ def _load_cell(folder: Path, cid: str | None = None, repeat: int = 0) -> CellRec
     return cell
 
 
-def load_cells(sweep_dir: Path) -> dict[str, CellRecords]:
-    """Every cell folder's rank records; unreadable files become problems of their cell."""
+def load_cells(sweep_dir: Path, manifest: Manifest | None = None) -> dict[str, CellRecords]:
+    """Every cell folder's rank records; unreadable files become problems of their cell. The runs a cell
+    planned are its records' repeats, or the manifest's where a later w2w-sweep raised them (the runs
+    still to do are then named in its repeat_note); manifest: the sweep's, where the caller read it already."""
     folders = [f for f in sorted((sweep_dir / "cells").glob("*")) if f.is_dir()]
-    return {folder.name: _with_runs(_load_cell(folder), folder) for folder in folders}
+    cells = {folder.name: _with_runs(_load_cell(folder), folder) for folder in folders}
+    for cid, repeats in _planned_repeats(sweep_dir, manifest).items():
+        if cid in cells:
+            cells[cid].repeats = max(cells[cid].repeats, repeats)
+    return cells
+
+
+def _planned_repeats(sweep_dir: Path, manifest: Manifest | None) -> dict[str, int]:
+    """Cell id -> the repeats its latest plan asked for (the manifest's); none without a readable manifest."""
+    if manifest is None and (sweep_dir / MANIFEST).is_file():
+        try:
+            manifest = load_manifest(sweep_dir)
+        except (ManifestError, OSError):
+            return {}  # the manifest's own problem is reported where it is read
+    cells = manifest.cells if manifest is not None else {}
+    return {cid: r for cid, cell in cells.items() if isinstance(r := cell.params.get("repeats"), int) and r >= 1}
 
 
 def _with_runs(cell: CellRecords, folder: Path) -> CellRecords:
@@ -206,7 +231,14 @@ def _answer_columns(first: RankRecord, totals: CellTotals) -> dict:
         note = "energy_per_correct_j empty: no correct answer in the cell"
     else:
         note = ""
-    return {"scored": totals.scored, "correct": totals.correct,
+    counts = first.counts
+    if counts.unscorable:  # neither right nor wrong: out of accuracy's denominator, and said
+        note = "; ".join(filter(None, [note, f"{counts.unscorable} response(s) unscorable: their reference "
+                                             "answer has no '#### N' (not counted as wrong)"]))
+    return {"scored": totals.scored, "correct": totals.correct, "unscorable": counts.unscorable,
+            # how the cell's responses ended (None: a record from before they were counted)
+            "ended_eos": counts.ended_eos, "ended_max_gen_len": counts.ended_max_gen_len,
+            "ended_max_seq_len": counts.ended_max_seq_len,
             "responses_saved": bool(block.get("saved")), "score_note": note}
 
 
@@ -247,6 +279,9 @@ def reduce_cell(cell: CellRecords) -> dict:
         dynamic_energy_j=_energy_sum(records, "dynamic_gpu_j") if energy_j is not None else None,
     )
     row |= {"status": STATUS_OK, **compute(totals), "idle_power_w": idle_power_w, **_energy_columns(records, energy_j)}
+    restarts = sampling_restarts(first.segments)
+    row["sampling_note"] = (f"sampling restarted at batch(es) {restarts} (no stream state saved there): its sampled "
+                            "tokens are not an uninterrupted run's") if restarts else ""
     row |= {
         "energy_j": energy_j,
         "energy_j_paper": _paper_energy(records) if energy_j is not None else None,
@@ -363,13 +398,15 @@ def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
         params = _cell_parameters(cell) or {}
         rows.append(row | {column: params.get(key) for column, key in extra.items()})
     table = pd.DataFrame(rows)
-    table = ladder.add_node_columns(table, {cid: list(cell.records.values()) for cid, cell in cells.items()})
+    table = ladder.add_node_columns(table, {cid: {0: list(cell.records.values()),
+                                                  **{k: list(run.records.values()) for k, run in cell.runs.items()}}
+                                            for cid, cell in cells.items()})
     table = selfcheck.add_flags(table, {cid: list(cell.records.values()) for cid, cell in cells.items()})
     if "engine" in table:  # records of sweeps before the rename: engine=reference was Llama 2's program
         table["engine"] = table["engine"].replace(OLD_ENGINE_NAMES)
     for column in ("cell_id", *PARAM_COLUMNS, *extra, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus",
                    "nodes", "segments", "truncated_prompts", "note",
-                   "score_note", "repeats", "repeat_note"):
+                   "score_note", "sampling_note", "repeats", "repeat_note"):
         if column not in table:
             table[column] = None
     sort_keys = [c for c in (*(axis.column for axis in SHOWN_AXES if axis.sort), *extra) if table[c].notna().any()]
@@ -464,6 +501,8 @@ def summary_notes(table: pd.DataFrame) -> list[str]:
     notes.extend(stop_note(row) for row in table.to_dict("records") if isinstance(row.get("repeats_stopped"), str))
     score_reasons = {row["score_note"] for _, row in table.iterrows() if row["status"] == STATUS_OK and row["score_note"]}
     notes.extend(f"answers: {reason}" for reason in sorted(score_reasons))
+    notes.extend(f"cell {row['cell_id']}: {row['sampling_note']}" for _, row in table.iterrows()
+                 if isinstance(row.get("sampling_note"), str) and row["sampling_note"])
     notes.extend(ladder.notes(table))
     return notes + truncation_notes(table)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shlex
 import subprocess
@@ -16,14 +17,25 @@ from w2w.launch import process
 from w2w.launch.axes import cell_axes, describe
 from w2w.launch.submit import load_manifest
 
+from w2w.cell_lock import CellLock
+from w2w.data import file_sha256
 from w2w.exits import quiet_on_broken_pipe
 from w2w.manifest import MANIFEST, Manifest, ManifestCell, ManifestError, ManifestJob, Submission
-from w2w.records import cell_dir, read_record, record_path
+from w2w.records import (
+    REPEAT_PREFIX,
+    cell_dir,
+    misplaced,
+    read_record,
+    record_path,
+    sampling_restarts,
+)
 from w2w.responses import responses_problem
 from w2w.schema import RecordError
 from w2w.stopping import read_stop, runs_planned
 
 MISSING = "missing"  # the job ended and wrote the cell's records, but one is not there (deleted)
+SUPERSEDED = "superseded"  # its prompt or few-shot file was edited after it was planned: a new cell id runs it
+KILLED = "KILLED"  # a local job whose process is gone without its result (kill -9, a reboot)
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
 
 
@@ -71,7 +83,8 @@ def _local_state(job_id: str, folder: str, tasks: int, stamp: str | None = None)
         running, why = process.alive(int(job_id), stamp)
     except ValueError:
         return JobState("FINISHED")
-    return JobState("RUNNING") if running else JobState("FINISHED", why)
+    # Gone without every task's result pickle (submitit writes one even for an exception): killed, not finished.
+    return JobState("RUNNING") if running else JobState(KILLED, why or "its process is gone and left no result")
 
 
 def _job_error(folder: str, job_id: str, state: str) -> str:
@@ -87,7 +100,7 @@ def _job_error(folder: str, job_id: str, state: str) -> str:
         except Exception:
             return ""
         text = str(value) if outcome == "error" else ""
-    elif state in ("FAILED", "NODE_FAIL", "FINISHED"):
+    elif state in ("FAILED", "NODE_FAIL", "FINISHED", KILLED):
         text = log.read_text(errors="replace") if log.is_file() else ""
     else:
         text = ""
@@ -98,8 +111,8 @@ def _job_error(folder: str, job_id: str, state: str) -> str:
 
 # runner.setup_logging's prefix, and the runner's lines that open and close a cell.
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d \[rank [^\]]*\] ")
-CELL_START = re.compile(r"cell \d+/\d+(?: repeat \d+/\d+)? (\w+): started$")  # runner._run_one's lines
-CELL_END = re.compile(r"cell \d+/\d+(?: repeat \d+/\d+)? (\w+): (ok|oom|error)$")
+CELL_START = re.compile(r"cell \d+/\d+(?: repeat (?P<repeat>\d+)/\d+)? (?P<cid>\w+): started$")  # runner._run_one's
+CELL_END = re.compile(r"cell \d+/\d+(?: repeat (?P<repeat>\d+)/\d+)? (?P<cid>\w+): (?P<status>ok|oom|error)$")
 
 
 @dataclass(frozen=True)
@@ -109,12 +122,13 @@ class CellLog:
     started: bool = False
     ended: str | None = None  # the status its end line gave (its record was then written)
     last: str = ""
+    ended_runs: frozenset[int] = frozenset()  # the runs (repeat 0..K-1) whose end line is in the logs
 
 
 def cell_log(folder: str, job_id: str, tasks: int, cid: str) -> CellLog:
     """The cell's own lines in the job's task logs (its latest run there): from its start line to the
     next cell's; never the lines of another cell."""
-    found = CellLog()
+    found, ended_runs = CellLog(), set()
     for task in range(tasks):
         path = Path(folder) / f"{job_id}_{task}_log.err"
         try:
@@ -125,24 +139,27 @@ def cell_log(folder: str, job_id: str, tasks: int, cid: str) -> CellLog:
         inside = False
         for line in lines:
             text = LOG_LINE.sub("", line.strip())
+            end = CELL_END.search(text)
+            if end and end["cid"] == cid:  # "repeat 2/3": run 1
+                ended_runs.add(int(end["repeat"]) - 1 if end["repeat"] else 0)
             start = CELL_START.search(text)
             if start:
-                inside = start.group(1) == cid
+                inside = start["cid"] == cid
                 mine = [text] if inside else mine
             elif inside and text and not _names_another_cell(text, cid):
                 mine.append(text)
         if mine is None:
             continue
-        ends = [m.group(2) for m in map(CELL_END.search, mine) if m]
+        ends = [m["status"] for m in map(CELL_END.search, mine) if m]
         ended = ends[-1] if ends else None
         if not found.started or (found.ended and not ended):  # a task that did not end says more
             found = CellLog(True, ended, mine[-1])
-    return found
+    return dataclasses.replace(found, ended_runs=frozenset(ended_runs))
 
 
 def _names_another_cell(text: str, cid: str) -> bool:
     match = CELL_START.search(text) or CELL_END.search(text)
-    return match is not None and match.group(1) != cid
+    return match is not None and match["cid"] != cid
 
 
 def submission_state(entry: ManifestJob, submission: Submission) -> JobState:
@@ -185,14 +202,20 @@ def run_records(sweep_dir: Path, cid: str, world_size: int, repeat: int = 0) -> 
         path = record_path(sweep_dir, cid, rank, repeat)
         if path.is_file():
             try:
-                records.append(read_record(path))
+                record = read_record(path)
             except RecordError as exc:
                 problems.append(str(exc))
+                continue
+            wrong = misplaced(record, cid, rank, repeat)  # a copy from another cell: no result of this one
+            problems += [wrong] if wrong else []
+            records += [] if wrong else [record]
     failed = [r for r in records if not r.ok]
     if failed:
         return "failed", "; ".join(f"rank {r.rank}: {r.status}: {r.error or ''}" for r in failed)
     if len(records) == world_size:
-        return "done", "on " + ",".join(sorted({str(r.node) for r in records}))
+        restarts = sampling_restarts(records[0].segments)
+        restarted = f"; sampling restarted at batch(es) {restarts} (no stream state saved)" if restarts else ""
+        return "done", "on " + ",".join(sorted({str(r.node) for r in records})) + restarted
     return None, "; ".join([f"{len(records)}/{world_size} ranks written", *problems])
 
 
@@ -202,8 +225,33 @@ def cell_repeats(cell: ManifestCell) -> int:
     return repeats if isinstance(repeats, int) and repeats >= 1 else 1
 
 
+# The input files a cell's id holds the hash of (w2w.data sets them): editing one gives the cell a new id.
+HASHED_FILES = (("dataset.path", "dataset.content_sha256"), ("dataset.fewshot_path", "dataset.fewshot_sha256"))
+
+
+def superseded(cell: ManifestCell, cells: dict[str, ManifestCell]) -> str | None:
+    """Why a planned cell without results will never run, or None: its prompt or few-shot file was edited
+    after it was planned (its job refuses it) and the manifest plans the edited file's cell, under a new id,
+    with every other setting the same."""
+    for key, sha_key in HASHED_FILES:
+        path, planned = cell.params.get(key), cell.params.get(sha_key)
+        if not path or not planned or not Path(path).is_file():
+            continue
+        try:
+            now = file_sha256(Path(path))
+        except OSError:
+            continue
+        if now == planned:
+            continue
+        same = {k: v for k, v in cell.params.items() if k != sha_key} | {sha_key: now}
+        new = [cid for cid, other in cells.items() if other.params == same]
+        if new:
+            return f"{key}={path} was edited after this cell was planned: superseded by cell {new[0]}"
+    return None
+
+
 def cell_state(sweep_dir: Path, cid: str, cell: ManifestCell, job: JobState | None,
-               log: CellLog | None = None) -> tuple[str, str]:
+               log: CellLog | None = None, cells: dict[str, ManifestCell] | None = None) -> tuple[str, str]:
     """(state, reason) of one cell, from its records first, then from the job that last held it and
     the cell's own lines in that job's logs (log)."""
     if cell.skip_reason:
@@ -211,6 +259,12 @@ def cell_state(sweep_dir: Path, cid: str, cell: ManifestCell, job: JobState | No
     state, progress = cell_records(sweep_dir, cid, cell.world_size, cell_repeats(cell))
     if state:
         return state, progress
+    edited = superseded(cell, cells or {})
+    if edited:
+        return SUPERSEDED, edited
+    lock = CellLock(sweep_dir, cid)
+    if lock.taken():  # a w2w-run (this sweep's job or a command of its own) holds the cell now
+        return "running", "; ".join([f"held by {lock.holder()}", progress])
     if job is None or job.state == "NOT_SUBMITTED":
         return "pending", "not submitted"
     if job.active:
@@ -226,13 +280,15 @@ def _ended_without_records(sweep_dir: Path, cid: str, world_size: int, repeats: 
     cell's own last line. With repeats the log's end line may be another run's, so it decides nothing."""
     problems = progress.split("; ")[1:]
     repeats = runs_planned(sweep_dir, cid, repeats)
-    absent = [record_path(sweep_dir, cid, r, k) for k in range(repeats) for r in range(world_size)]
-    absent = [path for path in absent if not path.is_file()]
-    partial = any(len([p for p in absent if p.parent == run.parent]) < world_size for run in absent)
-    ended = log.ended if repeats == 1 else None
+    absent = {(k, r): record_path(sweep_dir, cid, r, k) for k in range(repeats) for r in range(world_size)}
+    absent = {key: path for key, path in absent.items() if not path.is_file()}
+    partial = any(len([p for p in absent.values() if p.parent == run.parent]) < world_size for run in absent.values())
+    # A run whose end line is in the logs wrote its records: they were deleted since (with repeats, its own line).
+    written = sorted({k for k, _ in absent} & log.ended_runs)
+    ended = log.ended if repeats == 1 else (f"run(s) {written}" if written else None)
     if partial or ended:
         said = f" (the job's log says it ended {ended})" if ended else ""
-        names = ", ".join(str(path.relative_to(cell_dir(sweep_dir, cid))) for path in absent)
+        names = ", ".join(str(path.relative_to(cell_dir(sweep_dir, cid))) for path in absent.values())
         return MISSING, "; ".join([f"record missing: {names}{said}: re-run the sweep's command to run it again",
                                    *problems])
     ended = f"job ended {job.state}"
@@ -256,8 +312,8 @@ class SweepStatus:
     def summary(self, cells: Iterable[str] | None = None) -> str:
         ids = list(self.cells if cells is None else cells)
         counts = self.counts(ids)
-        order = ("done", "failed", MISSING, "running", "pending", "skipped")
-        shown = [k for k in order if k != MISSING or counts.get(k)]  # missing only where a record is
+        order = ("done", "failed", MISSING, "running", "pending", "skipped", SUPERSEDED)
+        shown = [k for k in order if k not in (MISSING, SUPERSEDED) or counts.get(k)]  # only where there are
         return f"{len(ids)} cells: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in shown)
 
     @property
@@ -294,7 +350,7 @@ def sweep_status(sweep_dir: Path, manifest: Manifest | None = None) -> SweepStat
                 job = status.submissions[submission.job_id]
                 if not job.active:
                     log = cell_log(submission.folder, submission.job_id, entry.nodes * entry.tasks_per_node, cid)
-        status.cells[cid] = cell_state(sweep_dir, cid, cell, job, log)
+        status.cells[cid] = cell_state(sweep_dir, cid, cell, job, log, manifest.cells)
     for entry in manifest.jobs.values():  # for the listing: each job that last held a cell, and the latest
         holding = {s.job_id for s in map(entry.holder, entry.cells) if s is not None}
         for submission in entry.submissions:
@@ -340,11 +396,12 @@ def completeness(sweep_dir: Path, manifest: Manifest | None = None) -> Completen
         cells = {}
         for cid, cell in manifest.cells.items():
             state = "skipped" if cell.skip_reason else cell_records(sweep_dir, cid, cell.world_size, cell_repeats(cell))[0]
+            state = state or (SUPERSEDED if superseded(cell, manifest.cells) else None)
             cells[cid] = (state or "pending", "not submitted")
     counts = Counter(state for state, _ in cells.values())
     queued = sum(1 for state, reason in cells.values() if state == "pending" and reason != "not submitted")
     return Completeness(
-        sweep_dir, planned=sum(n for state, n in counts.items() if state != "skipped"),
+        sweep_dir, planned=sum(n for state, n in counts.items() if state not in ("skipped", SUPERSEDED)),
         missing=counts["pending"] - queued + counts[MISSING], failed=counts["failed"], running=counts["running"] + queued, note=note,
     )
 
@@ -356,18 +413,26 @@ def foreign_cells(sweep_dir: Path, manifest: Manifest) -> list[str]:
 
 
 def damaged_responses(sweep_dir: Path, cids: Iterable[str]) -> dict[str, str]:
-    """Cell id -> why its responses file does not match its rank-0 record's counts."""
+    """Cell id -> why the responses file of one of its runs (repeat-K/ too) does not match that run's
+    rank-0 record's counts."""
     found = {}
     for cid in cids:
-        path = record_path(sweep_dir, cid, 0)
-        if not path.is_file():
-            continue
-        try:
-            problem = responses_problem(sweep_dir, read_record(path))
-        except RecordError:
-            continue  # the record's own problem is listed where it is read
-        if problem:
-            found[cid] = problem
+        runs = [0, *sorted(int(d.name.removeprefix(REPEAT_PREFIX)) for d in cell_dir(sweep_dir, cid).glob(f"{REPEAT_PREFIX}*")
+                           if d.is_dir() and d.name.removeprefix(REPEAT_PREFIX).isdigit())]
+        problems = []
+        for repeat in runs:
+            path = record_path(sweep_dir, cid, 0, repeat)
+            if not path.is_file():
+                continue
+            try:
+                record = read_record(path)
+            except RecordError:
+                continue  # the record's own problem is listed where it is read
+            problem = None if misplaced(record, cid, 0, repeat) else responses_problem(sweep_dir, record)
+            if problem:
+                problems.append(problem if repeat == 0 else f"{REPEAT_PREFIX}{repeat}/{problem}")
+        if problems:
+            found[cid] = "; ".join(problems)
     return found
 
 

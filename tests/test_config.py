@@ -79,6 +79,19 @@ def test_cell_id_is_stable_and_ignores_where_results_go():
     assert len(compose_grid(["batch_size=4,4,8"])) == 2
 
 
+def test_an_option_that_only_flags_is_not_in_the_cell_id():
+    # Issue 28: energy.min_window_periods only flags short windows; changing it measured the cells again.
+    base = compose_cell(["batch_size=4"])
+    assert compose_cell(["batch_size=4", "energy.min_window_periods=3"]).id == base.id
+    assert compose_cell(["batch_size=4", "energy.min_window_periods=0"]).id == base.id
+
+
+@pytest.mark.parametrize("pue", ["inf", "nan", "-inf"])
+def test_cluster_pue_must_be_finite(pue):
+    with pytest.raises(ConfigError, match=r"cluster\.pue=.*must be finite and >= 1"):
+        compose_cell([f"cluster.pue={pue}"])
+
+
 @pytest.mark.parametrize(
     ("overrides", "fragments"),
     [

@@ -288,3 +288,18 @@ def test_the_table_keeps_its_columns_for_old_records(tmp_path):
     _write(tmp_path, record)
     assert reduce_sweep(tmp_path).loc[0, "truncated_prompts"] == 0
     assert not pd.isna(reduce_sweep(tmp_path).loc[0, "truncated_prompts"])
+
+
+@pytest.mark.parametrize(("shot", "what"), [
+    ('{"question": "a?", "answer": null}', "field 'answer' null"),  # put 'None' into every prompt
+    ('{"question": "a?"}', "field 'answer' missing"),  # was skipped silently: the next row became shot 1
+    ('{"question": "", "answer": "#### 1"}', "field 'question' empty"),
+    ('["a?", "#### 1"]', "is a JSON list"),
+])
+def test_a_fewshot_row_must_have_text_for_every_field_it_uses(tmp_path, shot, what):
+    # Issue 28: a shot row with "answer": null or without answer must be a clear error naming it.
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text(shot + '\n{"question": "b?", "answer": "#### 2"}\n')
+    with pytest.raises(ConfigError, match=rf"fewshot_path=.*: shot 1 .*{what}"):
+        make_plan(["dataset=gsm8k", f"dataset.path={ROWS}", "dataset.num_prompts=2", "dataset.fewshot_k=1",
+                   f"dataset.fewshot_path={shots}"])

@@ -3,6 +3,7 @@ a missing record says so, and cells or responses that are not this sweep's are l
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -59,18 +60,18 @@ def test_reused_pid_is_not_running(tmp_path, stranger):
     sweep = _sweep(tmp_path, stranger, "0-boot:1")  # the job started at another time than this process
     status = sweep_status(sweep)
     job = status.submissions[str(stranger)]
-    assert job.state == "FINISHED" and not job.active
+    assert job.state == "KILLED" and not job.active  # gone without its result pickle: it did not finish
     assert job.reason == f"pid {stranger} now belongs to another process (started later)"
     assert not status.in_flight() and {state for state, _ in status.cells.values()} == {"failed"}
     assert completeness(sweep).running == 0  # --require-complete no longer counts it as running
     line = render(sweep, status).splitlines()[1]
     print(line)
-    assert f"[local {stranger}: FINISHED (pid {stranger} now belongs to another process (started later))]" in line
+    assert f"[local {stranger}: KILLED (pid {stranger} now belongs to another process (started later))]" in line
 
 
 def test_a_job_recorded_without_start_time_is_known_by_its_command(tmp_path, stranger):
     job = sweep_status(_sweep(tmp_path, stranger, None)).submissions[str(stranger)]
-    assert job.state == "FINISHED" and "now belongs to another process (sleep 600" in job.reason
+    assert job.state == "KILLED" and "now belongs to another process (sleep 600" in job.reason
 
 
 def test_the_job_with_its_own_start_time_is_running(tmp_path, stranger):
@@ -119,7 +120,7 @@ def test_a_job_killed_among_repeats_is_failed_not_missing(tmp_path):
                       f"cell 3/6 repeat 2/3 {a}: started", f"cell 3/6 repeat 2/3 {a}: ok",
                       f"cell 4/6 repeat 3/3 {a}: started"])
     status = sweep_status(sweep)
-    assert status.cells[a] == ("failed", f"job ended FINISHED during this cell (its last line: cell 4/6 repeat 3/3 {a}: "
+    assert status.cells[a] == ("failed", f"job ended KILLED during this cell (its last line: cell 4/6 repeat 3/3 {a}: "
                                          "started)")
     state, reason = status.cells[b]
     assert state == "missing" and reason.startswith("record missing: repeat-1/rank-00001.json:")
@@ -135,12 +136,12 @@ def test_killed_job_reason_is_own_cell(tmp_path):
                       f"cell 2/3 {b}: started"])
     status = sweep_status(sweep)
     job = status.submissions[str(pid)]
-    assert job.state == "FINISHED" and a not in job.reason  # a log line is not the job's error
-    assert status.cells[b] == ("failed", f"job ended FINISHED during this cell (its last line: cell 2/3 {b}: started)")
-    assert status.cells[c] == ("failed", "job ended FINISHED before this cell started")
+    assert job.state == "KILLED" and a not in job.reason  # a log line is not the job's error
+    assert status.cells[b] == ("failed", f"job ended KILLED during this cell (its last line: cell 2/3 {b}: started)")
+    assert status.cells[c][0] == "failed" and status.cells[c][1].startswith("job ended KILLED before this cell started")
     _log(sweep, pid, [f"cell 1/3 {a}: started", f"cell 1/3 {a}: ok", f"cell 2/3 {b}: started",
                       "cell batch 1/2: 4 output tokens", f"cell 1/3 {a}: ok"])  # another cell's line, out of turn
-    assert sweep_status(sweep).cells[b] == ("failed", "job ended FINISHED during this cell "
+    assert sweep_status(sweep).cells[b] == ("failed", "job ended KILLED during this cell "
                                                       "(its last line: cell batch 1/2: 4 output tokens)")
 
 
@@ -203,3 +204,97 @@ def test_responses_that_do_not_parse_or_repeat_a_prompt_are_damaged(odd_sweep, t
         assert responses_problem(sweep, record) == "responses.jsonl is missing (the record says it was saved)"
     finally:
         path.write_text(good)
+
+
+# -- issue 28: status from evidence, never a guess ---------------------------------------------------
+
+
+def test_a_deleted_record_of_a_finished_run_among_repeats_is_missing_not_failed(tmp_path):
+    pid = _ended_pid()
+    sweep = _sweep(tmp_path, pid, "0-boot:1", repeats=3)
+    a = CELLS[0]
+    for repeat in (0, 2):  # run 1's only record was deleted; its end line is in the log
+        _ok(sweep, a, 0, 1, repeat)
+    _log(sweep, pid, [f"cell {i + 1}/9 repeat {i + 1}/3 {a}: {what}" for i in range(3) for what in ("started", "ok")])
+    state, reason = sweep_status(sweep).cells[a]
+    assert state == "missing" and reason.startswith("record missing: repeat-1/rank-00000.json (the job's log says "
+                                                    "it ended run(s) [1])")
+
+
+def test_a_record_copied_from_another_cell_is_not_done_and_runs_again(tmp_path):
+    from w2w.records import cell_done
+
+    sweep = _sweep(tmp_path, _ended_pid(), "0-boot:1")
+    a, b, _ = CELLS
+    _ok(sweep, b)
+    record_path(sweep, a, 0).parent.mkdir(parents=True)
+    record_path(sweep, a, 0).write_bytes(record_path(sweep, b, 0).read_bytes())  # b's record copied into a
+    _ok(sweep, b, repeat=1)
+    state, reason = sweep_status(sweep).cells[a]
+    assert state != "done" and f"holds cell '{b}'" in reason
+    assert not cell_done(sweep, a, 1) and cell_done(sweep, b, 1)
+    (record_path(sweep, b, 0, 1)).write_bytes(record_path(sweep, b, 0).read_bytes())  # run 0's copied as run 1
+    assert not cell_done(sweep, b, 1, repeat=1)
+
+
+def test_a_cell_whose_lock_a_runner_holds_is_running_not_failed(tmp_path):
+    import sys
+
+    from tests.conftest import ROOT
+
+    sweep = _sweep(tmp_path, _ended_pid(), "0-boot:1")
+    a = CELLS[0]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from w2w.cell_lock import CellLock; "
+                               "lock = CellLock(sys.argv[1], sys.argv[2]); print(lock.try_acquire(), flush=True); "
+                               "sys.stdin.read()", str(sweep), a], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        state, reason = sweep_status(sweep).cells[a]
+        assert state == "running" and reason.startswith(f"held by pid {holder.pid} on ")
+        assert sweep_status(sweep).cells[CELLS[1]][0] == "failed"  # its job ended; no runner holds it
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert sweep_status(sweep).cells[a][0] == "failed"  # the holder is gone: the lock says nothing more
+
+
+def test_damaged_responses_of_a_repeat_are_listed(tmp_path):
+    from w2w.launch.status import damaged_responses
+
+    sweep = tmp_path / "sweep"
+    a = CELLS[0]
+    for repeat in (0, 1):
+        write_record(sweep, RankRecord.from_dict({
+            "cell_id": a, "rank": 0, "world_size": 1, "repeat": repeat, "status": "ok", "node": "n1",
+            "counts": {"responses": 2, "output_tokens": 8, "output_words": 6}, "times": {"total_s": 1.0},
+            "responses": {"requested": True, "saved": True, "file": "responses.jsonl"}}))
+        lines = [{"prompt_id": i, "correct": None} for i in range(2 if repeat == 0 else 1)]
+        responses_path(sweep, a, repeat).write_text("".join(f"{json.dumps(line)}\n" for line in lines))
+    assert damaged_responses(sweep, [a]) == {a: "repeat-1/responses.jsonl has 1 line(s) where its record counts "
+                                                "2 response(s)"}
+
+
+def test_a_cell_of_an_edited_prompt_file_is_superseded_by_its_new_id_not_failed_for_ever(tmp_path):
+    from w2w.data import file_sha256
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"question": "a?", "answer": "#### 1"}\n')
+    old = file_sha256(prompts)
+    prompts.write_text('{"question": "b?", "answer": "#### 2"}\n')  # edited after the first plan
+    sweep = _sweep(tmp_path, _ended_pid(), "0-boot:1")
+    manifest = load_manifest(sweep)
+    a, b, c = CELLS
+    params = {"dataset.path": str(prompts), "seed": 0, "repeats": 1}
+    manifest.cells[a].params = params | {"dataset.content_sha256": old}
+    manifest.cells[b].params = params | {"dataset.content_sha256": file_sha256(prompts)}  # the new plan's cell
+    manifest.cells[c].params = {"seed": 2, "repeats": 1}
+    save_manifest(manifest, sweep)
+    _ok(sweep, b)
+    _ok(sweep, c)
+    status = sweep_status(sweep)
+    assert status.cells[a] == ("superseded", f"dataset.path={prompts} was edited after this cell was planned: "
+                                             f"superseded by cell {b}")
+    done = completeness(sweep)
+    assert done.complete and done.planned == 2
+    assert cli("w2w.analysis.reduce", str(sweep), "--require-complete", check=False).returncode == 0

@@ -67,7 +67,7 @@ def _fake_command(folder: Path, name: str, stdout: str) -> Path:
 
 
 def test_sacct_output_sums_numbered_steps_only():
-    jobs = parse_sacct(SACCT_OUT + "503.0|18446744073709551614|5\n")
+    jobs = {job: attempt for job, (attempt,) in parse_sacct(SACCT_OUT + "503.0|18446744073709551614|5\n").items()}
     assert jobs["501"].energy_j == 48000.0 and jobs["501"].elapsed_s == 60.0  # batch/extern overlap step 0
     assert jobs["502"].energy_j is None  # 0 J: nothing accounted it
     assert jobs["503"].energy_j is None  # NO_VAL

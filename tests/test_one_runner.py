@@ -436,3 +436,49 @@ def test_random_interleavings_of_two_runners_and_a_sweep_lose_double_and_mix_not
     print(f"{len(tried)} interleavings tried, every record as an uninterrupted run's:")
     for plan in tried:
         print(f"  {plan}")
+
+
+def test_a_deleted_lock_file_lets_no_second_runner_in(tmp_path):
+    # Issue 28: deleting a leftover-looking cell.lock let a second runner share the cell.
+    mine = CellLock(tmp_path, "c0ffee")
+    assert mine.try_acquire()
+    mine.path.unlink()
+    other = subprocess.run([sys.executable, "-c", "import sys; from w2w.cell_lock import CellLock; "
+                            "print(CellLock(sys.argv[1], 'c0ffee').try_acquire())",
+                            str(tmp_path)], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert other.strip() == "False"
+    mine.release()
+    assert CellLock(tmp_path, "c0ffee").try_acquire()
+
+
+def test_a_lock_is_taken_on_the_file_at_its_path_even_if_it_was_replaced_meanwhile(tmp_path, monkeypatch):
+    import fcntl
+
+    from w2w import cell_lock
+
+    lock = CellLock(tmp_path, "c0ffee")
+    real, replaced = fcntl.lockf, []
+
+    def lockf(fd, how):  # another process deletes and recreates the file between our open and our lock
+        if not replaced:
+            lock.path.unlink()
+            lock.path.write_text("")
+            replaced.append(True)
+        return real(fd, how)
+
+    monkeypatch.setattr(cell_lock.fcntl, "lockf", lockf)
+    assert lock.try_acquire()
+    assert os.fstat(lock._fd).st_ino == os.stat(lock.path).st_ino  # the lock is on the file others will open
+    lock.release()
+
+
+def test_the_holders_own_read_of_its_lock_file_does_not_release_it(tmp_path):
+    # POSIX locks go when their process closes any descriptor of the file: the folder's flock stays.
+    mine = CellLock(tmp_path, "c0ffee")
+    assert mine.try_acquire()
+    mine.path.read_text()  # a second descriptor, opened and closed by the holder
+    other = subprocess.run([sys.executable, "-c", "import sys; from w2w.cell_lock import CellLock; "
+                            "print(CellLock(sys.argv[1], 'c0ffee').try_acquire())",
+                            str(tmp_path)], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert other.strip() == "False"
+    mine.release()

@@ -408,3 +408,17 @@ def test_the_paper_comparison_tests_its_two_sides_where_each_is_one_cell_with_ru
     said = tested(cells.loc[["b"]], cells.loc[["a"]], "tokens_per_s", "b vs a")
     assert said.startswith("b vs a: differ (mean difference +80.02, 95% interval [+73.37, +86.67] tokens/s; ") and "Welch t: t = " in said
     assert tested(cells, cells.loc[["a"]], "tokens_per_s", "all vs a") == ""  # two cells on one side: no test
+
+
+def test_runs_still_missing_after_repeats_were_raised_are_named(tmp_path):
+    # Issue 28: a cell run once, then planned again with repeats=3 (its id unchanged): the records say 1,
+    # the manifest 3; the runs not yet done were not mentioned.
+    from w2w.launch.submit import save_manifest
+
+    from w2w.manifest import Manifest, ManifestCell
+
+    _write(tmp_path, [_record("c", 0, 10.0, 100.0, repeats=1)])
+    save_manifest(Manifest(cells={"c": ManifestCell(world_size=1, params={"repeats": 3})}), tmp_path)
+    row = reduce_sweep(tmp_path).iloc[0]
+    assert row["status"] == "ok" and row["repeats"] == 1
+    assert "repeat(s) [1, 2] of 3 not run" in row["repeat_note"]

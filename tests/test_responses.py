@@ -55,14 +55,46 @@ def test_bad_template_options_name_the_option(extra, fragment):
 
 def test_responses_score_gsm8k_and_say_how_each_ended():
     rows = [Prompt(0, "q", "x\n#### 1,200"), Prompt(1, "q", "#### -3"), Prompt(2, "q", "#### 3")]
-    responses = Responses("gsm8k", max_gen_len=3, force_max_gen_len=False, keep=True)
-    responses.add(rows, [5, 6, 7], [[1, 2], [1, 2, 3], []], ["$1,200.", "it is 3", ""])
-    assert (responses.scored, responses.correct) == (3, 1)
-    assert [line["ended_by"] for line in responses.lines] == ["eos", "length", "eos"]
+    responses = Responses("gsm8k", keep=True)
+    responses.add(rows, [5, 6, 7], [[1, 2], [1, 2, 3], []], ["$1,200.", "it is 3", ""],
+                  ["eos", "max_gen_len", "max_seq_len"])
+    assert (responses.scored, responses.correct, responses.unscorable) == (3, 1, 0)
+    assert [line["ended_by"] for line in responses.lines] == ["eos", "max_gen_len", "max_seq_len"]
+    assert responses.ended == {"eos": 1, "max_gen_len": 1, "max_seq_len": 1}
     assert [line["correct"] for line in responses.lines] == [True, False, False]
-    unscored = Responses("alpaca", 3, False)
-    unscored.add([Prompt(0, "q")], [5], [[1]], ["5"])
+    unscored = Responses("alpaca")
+    unscored.add([Prompt(0, "q")], [5], [[1]], ["5"], ["eos"])
     assert (unscored.scored, unscored.lines) == (0, [])
+
+
+def test_an_answer_that_cannot_be_scored_is_counted_apart_never_as_wrong():
+    # Issue 28: a GSM8K answer "" or "42" (no '####') was scored, always wrong, and lowered accuracy.
+    rows = [Prompt(0, "q", ""), Prompt(1, "q", "42"), Prompt(2, "q", "#### 7")]
+    responses = Responses("gsm8k", keep=True)
+    responses.add(rows, [1, 1, 1], [[1], [1], [1]], ["42", "42", "7"], ["eos"] * 3)
+    assert (responses.scored, responses.correct, responses.unscorable) == (1, 1, 2)
+    assert [line["correct"] for line in responses.lines] == [None, None, True]
+
+
+def test_llama1_says_a_row_cut_by_max_seq_len_ended_there_not_at_eos():
+    # Issue 28: a llama1 row cut at max_seq_len (shorter than max_gen_len, no EOS) said "eos".
+    import torch
+
+    from tests.aten_trace import ARGS, PROMPTS, SEED
+    from w2w import distributed, engines
+    from w2w.engines.common import SamplingParams
+    from w2w.model import build_model, random_state_dict
+
+    distributed.init("cpu", timeout_s=60)
+    distributed.init_model_parallel(1, 1)
+    model = build_model(ARGS, random_state_dict(ARGS, SEED), torch.device("cpu"), torch.float32)
+    params = SamplingParams(max_gen_len=ARGS.max_seq_len - 3, greedy=True)
+    gen = engines.create("llama1", model).generate(PROMPTS, params, -1, 0)  # an EOS id never sampled
+    # total_len = min(32, 6 + 29): the 6- and 4-token prompts' rows end at max_seq_len, the 2-token one's at 29
+    assert [len(row) for row in gen.tokens] == [26, 29, 28]
+    assert gen.ended_by == ["max_seq_len", "max_gen_len", "max_seq_len"]
+    eos = gen.tokens[1][0]  # an EOS the 2-token row samples first: it ends there
+    assert engines.create("llama1", model).generate(PROMPTS, params, eos, 0).ended_by[1] == "eos"
 
 
 def test_w2w_run_saves_responses_on_rank_0_and_the_reducer_adds_accuracy(tmp_path):
@@ -80,10 +112,15 @@ def test_w2w_run_saves_responses_on_rank_0_and_the_reducer_adds_accuracy(tmp_pat
     for line in lines:
         assert line["prompt"].startswith("Question: ") and line["prompt"].endswith("\nAnswer:")
         assert line["prompt_tokens"] == len(tokenizer.encode(line["prompt"]))  # the template counts
-        assert line["ended_by"] in ("eos", "length") and set(line) >= {"prompt_id", "response", "output_tokens"}
+        assert line["ended_by"] in ("eos", "max_gen_len") and set(line) >= {"prompt_id", "response", "output_tokens"}
     assert record.counts.prompt_tokens == sum(line["prompt_tokens"] for line in lines)
+    ended = {how: sum(line["ended_by"] == how for line in lines) for how in ("eos", "max_gen_len", "max_seq_len")}
+    assert (record.counts.ended_eos, record.counts.ended_max_gen_len, record.counts.ended_max_seq_len) == (
+        ended["eos"], ended["max_gen_len"], ended["max_seq_len"])
+    assert record.counts.unscorable == 0
     (row,) = reduce_sweep(tmp_path).to_dict("records")
     assert row["scored"] == 6 and row["accuracy"] == row["correct"] / 6 and row["responses_saved"]
+    assert row["ended_eos"] + row["ended_max_gen_len"] + row["ended_max_seq_len"] == 6
 
 
 def test_alpaca_cells_have_no_accuracy_and_say_why(tmp_path):

@@ -9,7 +9,7 @@ from w2w.analysis.reduce import reduce_sweep
 
 from tests.parallel import run_parallel
 from w2w.config import compose_grid
-from w2w.progress import CellProgress, CellShape, progress_path
+from w2w.progress import CellProgress, CellShape, progress_path, streams_path
 from w2w.records import Batch, BatchTimes, Segment, read_record, record_path
 
 MAX_GEN_LEN = 6  # not the warm-up's length: the fake below tells the two apart
@@ -186,3 +186,51 @@ def test_a_resumed_cell_sums_the_energy_windows_of_its_batches_at_each_segments_
     assert row["energy_j"] == pytest.approx(sum(r["energy"]["gpu_j"] for r in records), rel=1e-12)
     above = sum(r["energy"]["gpu_j"] - r["energy"]["idle_gpu_j"] for r in records)
     assert row["energy_j_above_idle"] == pytest.approx(above, rel=1e-9)
+
+
+def test_every_batchs_sampling_state_is_kept_so_an_earlier_resume_samples_exactly(tmp_path):
+    # Issue 28: only the last two states were kept, so resuming earlier (a deleted response part, a rank
+    # that got less far, a gap in the batch indices) restarted the stream and sampled other tokens.
+    progress = CellProgress(_shape(), tmp_path / "progress-rank-00000.json")
+    progress.begin_segment(Segment(segment=0, idle_power_w=50.0))
+    for n in range(4):
+        progress.add_batch(Batch(index=0, segment=0, times=BatchTimes(start_unix_s=0.0, total_s=1.0)),
+                           stream_state=f"state-after-{n + 1}")
+    earlier = CellProgress.load(progress.path, _shape())
+    earlier.resume_at(1)
+    assert earlier.stream_state == "state-after-1"
+    data = json.loads(progress.path.read_text())
+    data["batches"][2]["index"] = 9  # a gap after two batches
+    progress.path.write_text(json.dumps(data))
+    gapped = CellProgress.load(progress.path, _shape())
+    assert gapped.done == 2 and gapped.stream_state == "state-after-2"
+
+
+def test_a_resume_without_a_saved_sampling_state_is_recorded_in_the_cell_the_table_and_status(tmp_path):
+    # Issue 28: a progress file without the stream's state (an older w2w's kept only the last two) restarted
+    # sampling with a line in the job log only; the record, the cells table and w2w-status now say so.
+    from w2w.launch.status import run_records
+
+    sweep = tmp_path / "sweep"
+    sampled = ("temperature=1.5",)
+    cid = _cells(sweep, *sampled)[0].id
+    for outcome, _, _ in run_parallel(2, _run, sweep, 2, *sampled):
+        assert outcome == "preempted"
+    for rank in (0, 1):
+        path = progress_path(sweep, cid, rank)
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"stream_states": {}}))
+        streams_path(path).unlink()  # as an older w2w left it: no side file
+    for outcome, _, _ in run_parallel(2, _run, sweep, None, *sampled):
+        assert outcome == ["ok"]
+    record = read_record(record_path(sweep, cid, 0))
+    assert [s.sampling_restarted for s in record.segments] == [None, True] and record.segments[1].first_batch == 2
+    row = reduce_sweep(sweep).iloc[0]
+    assert row["sampling_note"].startswith("sampling restarted at batch(es) [2]")
+    assert run_records(sweep, cid, 2)[1].endswith("sampling restarted at batch(es) [2] (no stream state saved)")
+
+
+def test_the_first_save_of_a_run_makes_its_folder(tmp_path):
+    progress = CellProgress(_shape(), progress_path(tmp_path, "c", 0, repeat=1))  # repeat-1/ does not exist yet
+    progress.begin_segment(Segment(segment=0))
+    progress.add_batch(Batch(index=0, segment=0, times=BatchTimes(start_unix_s=0.0, total_s=1.0)), stream_state="s1")
+    assert CellProgress.load(progress.path, _shape()).stream_state == "s1"

@@ -269,15 +269,16 @@ PLACEMENT_KEYS = ("model", "gpu", "shards", "precision", "cluster")
 # Result-neutral keys left out of the cell id, so moving a sweep does not redo its cells.
 ID_EXCLUDED = ("sweep_dir", "cluster", "dist_timeout_s", "skip_unfit", "grid", "power_cap_command", "repeats", "repeat",
                "repeats_auto", "repeats_target_pct", "repeats_min", "repeats_max")
-# Facts about the hardware, not settings, per config section: left out of the cell id.
-ID_EXCLUDED_IN = {"gpu": ("hbm_gbs", "peak_tflops"), "dataset": ("snapshot",)}  # the snapshot's content is in content_sha256
+# Facts about the hardware, and options that only flag or report (they change no figure), per config
+# section: left out of the cell id, so changing them measures nothing again. The snapshot's content is in
+# content_sha256.
+ID_EXCLUDED_IN = {"gpu": ("hbm_gbs", "peak_tflops"), "dataset": ("snapshot",), "energy": ("min_window_periods",)}
 # Options added after sweeps were run, per config section: at their defaults they leave the cell id as it was.
 ID_NEW_DEFAULTS = {
     "": {"save_responses": False, "gpu_clock_mhz": None, "scenario": OFFLINE},
     "serving": {f.name: f.default for f in dataclasses.fields(ServingConfig)},
-    # settle_s: at 0 no wait, as before it existed; min_window_periods only flags; active_s is measured
-    # outside the cell's window.
-    "energy": {"min_window_periods": 10.0, "settle_s": 0.0, "active_s": 0.5},
+    # settle_s: at 0 no wait, as before it existed; active_s is measured outside the cell's window.
+    "energy": {"settle_s": 0.0, "active_s": 0.5},
     # content_sha256 is None for hub and synthetic data: they keep their earlier ids.
     # max_prompt_tokens: None (nothing cut) became the default after 128; a cell that sets it keeps its id.
     "dataset": {"prompt_template": "{prompt}", "fewshot_path": None, "fewshot_k": 0, "content_sha256": None,

@@ -499,7 +499,7 @@ def energy(cfg: Cell) -> str | None:
          f"energy.min_window_periods={e.min_window_periods}: must be >= 0 (0 flags no window)"),
         (0 <= e.settle_s <= 3600, f"energy.settle_s={e.settle_s}: must be in [0, 3600] (0: no wait before a cell)"),
         (0 <= e.active_s <= 600, f"energy.active_s={e.active_s}: must be in [0, 600] (0: no static/dynamic split)"),
-        (cfg.cluster.pue is None or cfg.cluster.pue >= 1, f"cluster.pue={cfg.cluster.pue}: must be >= 1 "
+        (cfg.cluster.pue is None or 1 <= cfg.cluster.pue < math.inf, f"cluster.pue={cfg.cluster.pue}: must be finite and >= 1 "
          "(facility energy / IT energy), or null for no facility estimate"),
     ])
 

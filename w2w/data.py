@@ -314,6 +314,24 @@ def fewshot_file(cfg: DatasetConfig) -> Path:
     return path
 
 
+SHOT_FIELDS = ("question", "answer")
+
+
+def check_shot(where: str, line: str, row: object) -> None:
+    """A k-shot row is an object whose question and answer are non-empty text (a null or missing answer
+    put 'None' or nothing into every prompt); ConfigError naming the row and the field."""
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where} ({line}) is a JSON {type(row).__name__}, not an object with question and answer")
+    for name in SHOT_FIELDS:
+        value = row.get(name)
+        if not isinstance(value, str) or not value.strip():
+            what = ("missing" if name not in row else "null" if value is None
+                    else "empty" if isinstance(value, str) else f"{value!r}, a {type(value).__name__}")
+            example = ' (a worked answer ending in "#### N")' if name == "answer" else ""
+            raise ConfigError(f"{where} has field '{name}' {what}, not text: write it as text{example}, "
+                              f"or remove {line}")
+
+
 def fewshot_prefix(cfg: DatasetConfig) -> str:
     """The first dataset.fewshot_k rows of dataset.fewshot_path, each as the template filled with
     its question followed by its worked answer (which ends in '#### N')."""
@@ -322,22 +340,18 @@ def fewshot_prefix(cfg: DatasetConfig) -> str:
         return ""
     path = fewshot_file(cfg)
     try:  # .jsonl or .json (a list of rows) as dataset.path is read; a .json used to show "0 rows"
-        rows = [row for _, row in _json_rows(path, "dataset.fewshot_path")]
+        rows = _json_rows(path, "dataset.fewshot_path")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"dataset.fewshot_path={path}: cannot read it: {exc}") from None
-    good = [r for r in rows if isinstance(r, dict) and {"question", "answer"} <= r.keys()]
-    for number, row in enumerate(good[:k], 1):
-        if not isinstance(row["question"], str):
-            raise ConfigError(f"dataset.fewshot_path={path}: shot {number} has field 'question' "
-                              f"{row['question']!r}, not text: write it as text")
-        check_answer(f"dataset.fewshot_path={path}: shot {number}", "gsm8k", row)
-    if len(good) < k:
+    if len(rows) < k:
         raise ConfigError(
-            f"dataset.fewshot_path={path} has {len(good)} rows with question and answer; "
+            f"dataset.fewshot_path={path} has {len(rows)} rows with question and answer; "
             f"dataset.fewshot_k={k} needs {k}: lower fewshot_k or give a larger file"
         )
+    for number, (line, row) in enumerate(rows[:k], 1):  # every shot is in every prompt: each needs both texts
+        check_shot(f"dataset.fewshot_path={path}: shot {number}", line, row)
     template = prompt_template(cfg)
-    return "".join(f"{fill_template(template, r['question'])} {r['answer']}\n\n" for r in good[:k])
+    return "".join(f"{fill_template(template, r['question'])} {r['answer']}\n\n" for _, r in rows[:k])
 
 
 SNAPSHOTS = "prompts"  # the sweep's folder of prompt snapshots, <dataset>-<sha256 prefix>.jsonl

@@ -38,6 +38,7 @@ from w2w.energy.sampler import summarize
 from w2w.engines import prompt_room
 from w2w.engines.common import (
     DECODE,
+    ENDINGS,
     PREFILL,
     Engine,
     Generation,
@@ -100,7 +101,7 @@ def decode_read_bytes(model: Transformer, weights_b: int, rows: int, prompt_len:
     return float(steps * weights_b + per_position * rows * positions)
 
 
-def batch_counts(gen: Generation, texts: list[str], scored: int, correct: int,
+def batch_counts(gen: Generation, texts: list[str], responses: Responses,
                  decode_read_b: float | None = None) -> BatchCounts:
     """What one batch produced (`batches` and `truncated_prompts` belong to the whole cell's Counts)."""
     return BatchCounts(
@@ -110,8 +111,10 @@ def batch_counts(gen: Generation, texts: list[str], scored: int, correct: int,
         output_tokens=sum(len(t) for t in gen.tokens),
         positions=gen.positions,
         output_words=sum(len(text.split()) for text in texts),  # the paper's words: split on whitespace
-        scored=scored,
-        correct=correct,
+        scored=responses.scored,
+        correct=responses.correct,
+        unscorable=responses.unscorable,
+        **{f"ended_{how}": responses.ended.get(how, 0) for how in ENDINGS},
         decode_steps=gen.decode_steps,
         decode_read_bytes=decode_read_b,
     )
@@ -126,16 +129,15 @@ class _BatchResponses:
     rows: list[Prompt]
     rank: int
 
-    def score(self, batch: list[list[int]], outputs: list[list[int]], texts: list[str]) -> tuple[int, int]:
-        """(scored, correct) of the batch; with save_responses, rank 0 writes the batch's lines
-        (every rank scores: the ranks' tokens are identical)."""
+    def score(self, batch: list[list[int]], gen: Generation, texts: list[str]) -> Responses:
+        """The batch's responses, scored and counted by how they ended; with save_responses, rank 0
+        writes the batch's lines (every rank scores: the ranks' tokens are identical)."""
         cell = self.cell
-        responses = Responses(cell.dataset.name, cell.max_gen_len, cell.force_max_gen_len,
-                              keep=cell.save_responses and self.rank == 0)
-        responses.add(self.rows, [len(p) for p in batch], outputs, texts)
+        responses = Responses(cell.dataset.name, keep=cell.save_responses and self.rank == 0)
+        responses.add(self.rows, [len(p) for p in batch], gen.tokens, texts, gen.ended_by)
         if responses.keep:  # before the batch counts as done: a resumed cell finds every earlier batch's part
             responses.write(response_part_path(cell.sweep_dir, cell.id, self.index, cell.repeat))
-        return responses.scored, responses.correct
+        return responses
 
 
 @dataclass
@@ -207,7 +209,7 @@ def _run_batch(run: _CellRun, batch: list[list[int]], responses: _BatchResponses
 
     entry = Batch(
         index=0, segment=0,
-        counts=batch_counts(gen, texts, *responses.score(batch, gen.tokens, texts),
+        counts=batch_counts(gen, texts, responses.score(batch, gen, texts),
                             decode_read_bytes(run.loaded.model, run.weights_b, len(batch), max(map(len, batch)),
                                               gen.decode_steps)),
         times=BatchTimes(start_unix_s=window.start_unix_s, total_s=window.duration_s,
@@ -277,6 +279,8 @@ def run_cell(
     if progress is None:  # nothing saved between batches
         progress = CellProgress(CellShape(cell.id, rank, 1, size, len(batches)), None)
     phases = PhaseEnergy(monitor)
+    # Sampled (not greedy) batches resumed without the stream's state draw other tokens than an uninterrupted run.
+    restarted = bool(progress.done) and progress.stream_state is None and not cell.greedy
     run = _CellRun(cell, loaded, cache_len, PhaseClock(model.device, phases.on_boundary), phases,
                    cell_stream(cell, model.device, progress), weight_bytes(model))
     start = progress.done
@@ -284,7 +288,7 @@ def run_cell(
     distributed.stop_if_asked()
     progress.begin_segment(dataclasses.replace(
         segment or Segment(segment=0), start_unix_s=time.time(), warmup_s=warmup.duration_s if warmup else 0.0,
-        warmup_gpu_j=warmup.gpu_j if warmup else None))
+        warmup_gpu_j=warmup.gpu_j if warmup else None, sampling_restarted=True if restarted else None))
     settled = monitor.settle(cell.energy.settle_s) if cell.energy.settle_s > 0 else None
     # Warmed up and waiting: the GPU's active-state power, for the static part of the cell's energy.
     active = monitor.measure_active(cell.energy.active_s) if start < len(batches) else None

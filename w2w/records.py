@@ -59,6 +59,13 @@ class BatchCounts(Schema):
     # shard's weights once per step, the KV cache up to each step's position; measure.decode_read_bytes).
     decode_steps: int | None = rule(LATER)
     decode_read_bytes: float | None = rule(LATER)
+    # Issue 28 (None: a record from before they were counted). Responses whose reference cannot be scored
+    # (GSM8K without '#### N'): counted apart, never as wrong; and how many responses ended at their EOS,
+    # at max_gen_len, or at the engine's max_seq_len (w2w.engines.common.ENDINGS).
+    unscorable: int | None = rule(LATER)
+    ended_eos: int | None = rule(LATER)
+    ended_max_gen_len: int | None = rule(LATER)
+    ended_max_seq_len: int | None = rule(LATER)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
 
 
@@ -209,6 +216,8 @@ class Telemetry(Schema):
 class Segment(Schema):
     """One job attempt that ran part of a cell: who it was, its idle baseline and its warm-up."""
 
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("sampling_restarted",)
+
     segment: int  # 0, 1, ...: the cell's attempts in order
     first_batch: int = 0  # the index of the first batch it ran
     job_id: str | None = None
@@ -220,7 +229,15 @@ class Segment(Schema):
     start_unix_s: float | None = None  # s since the epoch, when it began the cell
     warmup_s: float | None = None
     warmup_gpu_j: float | None = None
+    # True: no sampling state was saved after the batch it resumed at (a progress file of an older w2w), so
+    # its sampled tokens are not an uninterrupted run's from first_batch on; None: the stream resumed exactly.
+    sampling_restarted: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know
+
+
+def sampling_restarts(segments: list[Segment]) -> list[int]:
+    """The batches at which a cell's sampling stream restarted instead of resuming (Segment.sampling_restarted)."""
+    return [s.first_batch for s in segments if s.sampling_restarted]
 
 
 @dataclass
@@ -391,13 +408,23 @@ def write_record(sweep_dir: str | Path, record: RankRecord) -> Path:
     return path
 
 
+def misplaced(record: RankRecord, cid: str, rank: int, repeat: int) -> str | None:
+    """Why a record read from cid's rank-`rank` file of run `repeat` is not that (copied from another cell
+    or run), or None where it is: such a record is no result of this cell."""
+    if (record.cell_id, record.rank, record.repeat) == (cid, rank, repeat):
+        return None
+    return (f"rank-{rank:05d}.json of cell {cid} repeat {repeat} holds cell {record.cell_id!r} rank {record.rank} "
+            f"repeat {record.repeat} (copied from another cell or run?): it is run again")
+
+
 def write_record_unless_worse(sweep_dir: str | Path, record: RankRecord) -> Path | None:
-    """write_record, except over an ok record of the same (cell, rank) when this one is not ok: an error
+    """write_record, except over an ok record of the same (cell, rank, run) when this one is not ok: an error
     never replaces an ok (None then: the file is left as it was)."""
     path = record_path(sweep_dir, record.cell_id, record.rank, record.repeat)
     if not record.ok and path.is_file():
         try:
-            if read_record(path).ok:
+            kept = read_record(path)
+            if kept.ok and misplaced(kept, record.cell_id, record.rank, record.repeat) is None:
                 return None
         except RecordError:
             pass  # an unreadable file holds no result to keep
@@ -411,9 +438,10 @@ def cell_done(sweep_dir: str | Path, cid: str, world_size: int, repeat: int = 0)
         if not path.is_file():
             return False
         try:
-            if not read_record(path).ok:
-                return False
+            record = read_record(path)
         except RecordError:
+            return False
+        if not record.ok or misplaced(record, cid, rank, repeat) is not None:
             return False
     return True
 

@@ -9,11 +9,13 @@ from pathlib import Path
 from w2w.data import Prompt
 from w2w.files import write_atomic
 from w2w.records import RankRecord, run_dir
-from w2w.scoring import score_gsm8k
+from w2w.scoring import gsm8k_reference, score_gsm8k
 
 RESPONSES_FILE = "responses.jsonl"
 # Datasets whose rows carry a reference answer, and the one function that scores against it.
 SCORERS = {"gsm8k": score_gsm8k}
+# ... and the one that says whether a reference can be scored against at all (GSM8K: a number after '####').
+SCORABLE = {"gsm8k": lambda answer: gsm8k_reference(answer) is not None}
 
 
 def responses_path(sweep_dir: str | Path, cid: str, repeat: int = 0) -> Path:
@@ -60,31 +62,30 @@ class Responses:
     lines of the responses file when `keep` is set."""
 
     dataset: str
-    max_gen_len: int
-    force_max_gen_len: bool
     keep: bool = False
     scored: int = 0
     correct: int = 0
+    unscorable: int = 0  # responses whose reference has no answer to score against: neither right nor wrong
+    ended: dict[str, int] = field(default_factory=dict)  # how many responses ended each way (Generation.ended_by)
     lines: list[dict] = field(default_factory=list)
 
-    def ended_by(self, output_tokens: int) -> str:
-        # Generation drops the EOS token: a response shorter than the limit stopped at EOS.
-        if self.force_max_gen_len or output_tokens >= self.max_gen_len:
-            return "length"
-        return "eos"
-
-    def add(self, rows: list[Prompt], prompt_tokens: list[int], outputs: list[list[int]], texts: list[str]) -> None:
-        scorer = SCORERS.get(self.dataset)
-        for row, n_prompt, out, text in zip(rows, prompt_tokens, outputs, texts, strict=True):
+    def add(self, rows: list[Prompt], prompt_tokens: list[int], outputs: list[list[int]], texts: list[str],
+            ended_by: list[str]) -> None:
+        """One batch's responses; ended_by: how each ended, as the engine's Generation says."""
+        scorer, scorable = SCORERS.get(self.dataset), SCORABLE.get(self.dataset)
+        for row, n_prompt, out, text, ended in zip(rows, prompt_tokens, outputs, texts, ended_by, strict=True):
+            self.ended[ended] = self.ended.get(ended, 0) + 1
             correct = None
-            if scorer is not None and row.reference is not None:
+            if scorer is not None and row.reference is not None and scorable is not None and not scorable(row.reference):
+                self.unscorable += 1
+            elif scorer is not None and row.reference is not None:
                 correct = scorer(text, row.reference)
                 self.scored += 1
                 self.correct += int(correct)
             if self.keep:
                 self.lines.append({
                     "prompt_id": row.id, "prompt": row.text, "response": text, "prompt_tokens": n_prompt,
-                    "output_tokens": len(out), "ended_by": self.ended_by(len(out)), "correct": correct,
+                    "output_tokens": len(out), "ended_by": ended, "correct": correct,
                 })
 
     def write(self, path: Path) -> str:

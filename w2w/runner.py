@@ -22,7 +22,7 @@ from w2w.errors import ConfigError
 from w2w.measure import Loaded, measure_cell
 from w2w.model import DTYPES, Transformer, build_model
 from w2w.order import run_order
-from w2w.progress import progress_path
+from w2w.progress import remove_progress
 from w2w.records import STATUS_OK, cell_done, write_record_unless_worse
 from w2w.serving_cell import run_serving_cell
 from w2w.stopping import Stop, decide, read_stop, write_stop
@@ -177,7 +177,7 @@ def _run_one(cell: Cell, place: str, rows: list[Prompt], loaded: Loaded, info: d
         log.warning("cell %s: rank %d's ok record from an earlier run is kept (this run's %s is not written)",
                     cell.id, info.rank, record.status)
     if record.ok:  # the record holds the batches now; a failed cell resumes
-        progress_path(cell.sweep_dir, cell.id, info.rank, cell.repeat).unlink(missing_ok=True)
+        remove_progress(cell.sweep_dir, cell.id, info.rank, cell.repeat)
     log.info("cell %s %s: %s", place, cell.id, record.status)
     if distributed.worst_outcome(outcome, info) == distributed.GROUP_BROKEN:
         raise RuntimeError(

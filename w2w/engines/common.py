@@ -6,7 +6,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +55,23 @@ class Generation:
     # positions computed: the rows of every forward call (sum over calls of batch x positions in the call),
     # prompt rows and rows past EOS included
     positions: int
+    # How each response ended (ENDINGS), set by Engine.generate from the rows before the EOS cut.
+    ended_by: list[str] = field(default_factory=list)
+
+
+# How a response ends: its EOS token, max_gen_len new tokens, or the engine's max_seq_len (LLaMA-1 runs a
+# batch to min(max_seq_len, longest prompt + max_gen_len): a row can be cut before either).
+EOS, MAX_GEN_LEN, MAX_SEQ_LEN = "eos", "max_gen_len", "max_seq_len"
+ENDINGS = (EOS, MAX_GEN_LEN, MAX_SEQ_LEN)
+
+
+def endings(rows: list[list[int]], eos_id: int, params: SamplingParams) -> list[str]:
+    """How each of the rows (before the EOS cut) ended: with force_max_gen_len EOS ends nothing."""
+    def one(row: list[int]) -> str:
+        if not params.force_max_gen_len and eos_id in row:
+            return EOS
+        return MAX_GEN_LEN if len(row) >= params.max_gen_len else MAX_SEQ_LEN
+    return [one(row) for row in rows]
 
 
 @dataclass(frozen=True)
@@ -202,6 +219,7 @@ class Engine(ABC):
         clock = clock or PhaseClock(self.model.device)
         with torch.inference_mode():
             gen = self.schedule(prompts, params, eos_id, pad_id, cache_len, clock, generator)
+        gen.ended_by = endings(gen.tokens, eos_id, params)
         if not params.force_max_gen_len:
             gen.tokens = cut_at_eos(gen.tokens, eos_id)
         return gen
