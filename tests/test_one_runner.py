@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from w2w.launch.sweep import _children  # the processes a local job controller started (from /proc)
 
 from tests.conftest import FAKE_SITE, ROOT, spawn
 from w2w.cell_lock import CellLock
@@ -328,15 +329,6 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-    return found
 
 
 def _scenario(rng: random.Random) -> dict:
