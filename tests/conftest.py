@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from w2w.bench.plan_speed import write_paper_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 # No network in tests: hub dataset names (the paper presets') plan from the datasets cache, as a
@@ -84,23 +85,6 @@ def cli(module: str, *args: str, timeout: float = 600, check: bool = True) -> su
     return result
 
 
-PAPER_ROWS = 4096  # the paper's prompts per dataset: a local file of exactly that many rows serves a preset
-
-
-def write_paper_datasets(folder: Path, rows: int = PAPER_ROWS) -> dict[str, str]:
-    """Local Alpaca and GSM8K files of `rows` rows each (.jsonl, as the hub's fields), and the
-    environment (W2W_ALPACA, W2W_GSM8K) that points the paper presets at them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    alpaca, gsm8k = folder / "alpaca.jsonl", folder / "gsm8k.jsonl"
-    with alpaca.open("w") as f:
-        for i in range(rows):
-            f.write(json.dumps({"instruction": f"Name {i % 7 + 1} uses of energy number {i}.",
-                                "input": "" if i % 3 else f"Context {i}.", "output": "..."}) + "\n")
-    with gsm8k.open("w") as f:
-        for i in range(rows):
-            f.write(json.dumps({"question": f"A node draws {i} W for {i % 9 + 1} s. How many joules?",
-                                "answer": f"{i} * {i % 9 + 1} = {i * (i % 9 + 1)}\n#### {i * (i % 9 + 1)}"}) + "\n")
-    return {"W2W_ALPACA": str(alpaca), "W2W_GSM8K": str(gsm8k)}
 
 
 @pytest.fixture(scope="session")

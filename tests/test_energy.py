@@ -315,7 +315,7 @@ def test_telemetry_summary_and_timeline_frame():
      ("power_cap_command='sudo setcap {watt}'", "unknown or malformed placeholder"),
      ("energy.min_window_periods=-1", "energy.min_window_periods=-1.0: must be >= 0"),
      ("energy.settle_s=-5", "energy.settle_s=-5.0: must be in"),
-     ("cluster.pue=0.8", "cluster.pue=0.8: must be >= 1")],
+     ("cluster.pue=0.8", "cluster.pue=0.8: must be finite and >= 1")],
 )
 def test_config_rejects_bad_energy_options(override, message):
     with pytest.raises(ConfigError, match=message):

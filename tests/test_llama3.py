@@ -158,10 +158,10 @@ def test_planner_estimates_405b_across_nodes():
     assert "weights 94.5" in skipped.skip_reason and "gpu=a100 has 80 GiB" in skipped.skip_reason
 
 
-def test_llama3_h100_is_the_paper_grid_with_llama_3_1_on_h100_nodes():
+def test_llama3_h100_is_the_paper_grid_with_llama_3_1_on_h100_nodes(paper_datasets, tmp_path):
     from tests.test_paper_presets import plan_output
 
-    plan = plan_output("+experiment=llama3_h100")
+    plan = plan_output("+experiment=llama3_h100", f"sweep_dir={tmp_path}", env=paper_datasets)
     shapes = plan["shapes"]
     assert {m for m, _, _ in shapes} == {"llama3_1_8b", "llama3_1_70b"} and {g for _, g, _ in shapes} == {"h100"}
     assert {(m, s) for m, _, s in shapes} == {("llama3_1_8b", 1), ("llama3_1_8b", 2), ("llama3_1_70b", 2),

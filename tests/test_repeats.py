@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from unittest import mock
 
 import pytest
 from w2w.analysis.pareto import Target, distinguishable, frontier_table, recommend
@@ -248,12 +249,12 @@ def _run(sweep, stop_after: int | None) -> tuple[object, list[str]]:
 
     real, calls = fast.Engine.generate, []
 
-    def generate(self, prompts, params, eos_id, pad_id, cache_len=None, clock=None, generator=None):
+    def generate(self, prompts, params, eos_id, pad_id, cache_len=None, clock=None, generator=None, **kwargs):
         kind = "warmup" if clock is None else "batch"
         if kind == "batch" and calls.count("batch") == stop_after:
             raise SystemExit("preempted")
         calls.append(kind)
-        return real(self, prompts, params, eos_id, pad_id, cache_len, clock, generator)
+        return real(self, prompts, params, eos_id, pad_id, cache_len, clock, generator, **kwargs)
 
     fast.Engine.generate = generate  # this process only: run_parallel starts one per rank
     try:
@@ -327,7 +328,7 @@ def test_repeats_auto_runs_until_tight_or_the_maximum(tmp_path, monkeypatch):
     assert [c.repeats for c in cells] == [6, 6] and all(c.repeats_auto for c in cells)
     measured = []
 
-    def measure(cell, rows, loaded, info, monitor, capper):  # the meter's readings, known in advance
+    def measure(cell, rows, loaded, info, monitor, capper, run=None):  # the meter's readings, known in advance
         measured.append((cell.batch_size, cell.repeat))
         energy = AUTO_ENERGY_J[cell.batch_size][cell.repeat]
         return parse_record(_record(cell.id, cell.repeat, 10.0, energy, repeats=cell.repeats,
@@ -337,7 +338,7 @@ def test_repeats_auto_runs_until_tight_or_the_maximum(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "_load_measured", lambda cells, info, monitor: None)
     monkeypatch.setattr(runner, "restore_or_log", lambda capper: None)
     info = DistInfo(0, 0, 1, "host", "node", torch.device("cpu"))
-    statuses = runner._run_loaded(cells, info, monitor=type("M", (), {"close": lambda self: None})(), capper=None,
+    statuses = runner._run_loaded(cells, info, monitor=type("M", (), {"close": lambda self: None})(), capper=mock.Mock(),
                                   prompt_sets={c.dataset: [] for c in cells})
     tight, never = (next(c for c in cells if c.batch_size == b) for b in (2, 4))
     assert sorted(k for b, k in measured if b == 2) == [0, 1, 2, 3]  # 3 runs: ±2.5%; the 4th: ±1.4%

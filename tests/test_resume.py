@@ -28,13 +28,13 @@ def _run(sweep, preempt_after: int | None, *extra: str) -> tuple[object, list[st
 
     real, calls, streams = fast.Engine.generate, [], []
 
-    def generate(self, prompts, params, eos_id, pad_id, cache_len=None, clock=None, generator=None):
+    def generate(self, prompts, params, eos_id, pad_id, cache_len=None, clock=None, generator=None, **kwargs):
         kind = "batch" if params.max_gen_len == MAX_GEN_LEN else "warmup"
         if kind == "batch" and calls.count("batch") == preempt_after:
             raise SystemExit("preempted")
         calls.append(kind)
         streams.append((id(generator), bytes(generator.get_state().tolist())))
-        return real(self, prompts, params, eos_id, pad_id, cache_len, clock, generator)
+        return real(self, prompts, params, eos_id, pad_id, cache_len, clock, generator, **kwargs)
 
     fast.Engine.generate = generate  # this process only: run_parallel starts one per rank
     try:

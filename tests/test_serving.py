@@ -81,7 +81,7 @@ def _same_tokens(world: int, args_name: str) -> dict:
 def test_every_request_gets_the_tokens_of_its_prompt_run_alone(world, args_name):
     for out in run_parallel(world, _same_tokens, world, args_name):
         assert out["served"] == out["alone"]
-        assert "eos" in out["ended"] and "length" in out["ended"]  # rows ending at EOS, and at max_gen_len
+        assert "eos" in out["ended"] and "max_gen_len" in out["ended"]  # rows ending at EOS, and at max_gen_len
         assert out["overlap"]  # a request admitted while an earlier one still decoded
         assert set(out["slots"]) == {0, 1}
 

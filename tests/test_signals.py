@@ -115,7 +115,8 @@ def test_node_notes_skip_cells_without_one():
 
     table = pd.DataFrame({"cell_id": ["a", "b", "c"], "status": ["ok"] * 3, "window_flag": [""] * 3,
                           "throttled": [False] * 3, "throttle_reasons": [""] * 3,
-                          "node_note": ["no node energy: outside SLURM", None, float("nan")]})
+                          "node_note": ["no node energy: outside SLURM", None, float("nan")],
+                          "node_energy_j": [None, None, None]})
     assert notes(table) == ["node_energy_j empty: outside SLURM"]
 
 

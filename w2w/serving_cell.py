@@ -27,7 +27,7 @@ from w2w.energy.monitor import EnergyMonitor
 from w2w.energy.phases import PhaseEnergy
 from w2w.energy.sampler import summarize as summarize_samples
 from w2w.engines import SPECS, prompt_room
-from w2w.engines.common import SamplingParams, new_generator
+from w2w.engines.common import ENDINGS, SamplingParams, new_generator
 from w2w.engines.serving import DECODE_STEP, PREFILL_STEP, ContinuousBatch, Request, ServeResult
 from w2w.measure import WARMUP_TOKENS, CellResult, Loaded
 from w2w.progress import CellProgress, CellShape
@@ -57,9 +57,9 @@ def _serve(cell: Cell, loaded: Loaded, requests: list[Request], cache_len: int, 
 def _lines(cell: Cell, rows: list[Prompt], arrivals, result: ServeResult, texts: list[str], start_unix_s: float,
            energy_j: dict[int, float] | None, above_j: dict[int, float] | None) -> tuple[list[dict], Responses]:
     """The per-request lines of responses.jsonl (times in s from the serve loop's start; *_unix_s absolute)."""
-    responses = Responses(cell.dataset.name, cell.max_gen_len, cell.force_max_gen_len, keep=True)
+    responses = Responses(cell.dataset.name, keep=True)
     responses.add([rows[a.row] for a in arrivals], [s.prompt_tokens for s in result.served],
-                  [s.tokens for s in result.served], texts)
+                  [s.tokens for s in result.served], texts, [s.ended_by for s in result.served])
     seen: set[str] = set()
     for k, (line, served) in enumerate(zip(responses.lines, result.served, strict=True)):
         pid = str(line["prompt_id"])
@@ -147,7 +147,8 @@ def run_serving_cell(
                            output_tokens=sum(len(s.tokens) for s in result.served),
                            positions=sum(s.computed for s in result.steps),
                            output_words=sum(len(t.split()) for t in texts), scored=responses.scored,
-                           correct=responses.correct),
+                           correct=responses.correct, unscorable=responses.unscorable,
+                           **{f"ended_{how}": responses.ended.get(how, 0) for how in ENDINGS}),
         times=BatchTimes(start_unix_s=batch_window.start_unix_s, total_s=batch_window.duration_s,
                          prefill_s=spans[PREFILL_STEP], decode_s=spans[DECODE_STEP]),
         energy=batch_energy(batch_window, None, None), gpu_state=window_state(batch_window), **batch_writer(),

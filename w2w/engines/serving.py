@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from w2w.engines.common import SamplingParams
+from w2w.engines.common import EOS, MAX_GEN_LEN, SamplingParams
 from w2w.engines.fast import Engine as FastEngine
 from w2w.engines.fast import StaticDecoder
 from w2w.model import KVCache
@@ -62,7 +62,7 @@ class Served:
     tokens: list[int] = field(default_factory=list)  # output tokens (EOS dropped)
     token_s: list[float] = field(default_factory=list)  # when each output token reached the host
     generated: int = 0  # tokens drawn, an EOS included
-    ended_by: str | None = None  # eos | length
+    ended_by: str | None = None  # common.EOS | common.MAX_GEN_LEN
 
 
 @dataclass(frozen=True)
@@ -153,12 +153,12 @@ class ContinuousBatch:
         """Take one drawn token; True when the request has ended."""
         request.generated += 1
         if token == self.eos_id and not self.params.force_max_gen_len:
-            request.ended_by = "eos"
+            request.ended_by = EOS
         else:
             request.tokens.append(token)
             request.token_s.append(now_s)
         if request.ended_by is None and request.generated >= self.params.max_gen_len:
-            request.ended_by = "length"
+            request.ended_by = MAX_GEN_LEN
         if request.ended_by is not None:
             request.finish_s = now_s
         return request.ended_by is not None
