@@ -29,7 +29,16 @@ def _signal_self(signum: int) -> None:
     signal.sigtimedwait([], 0)  # let the handler run here
 
 
-def test_a_stop_signal_raises_at_once_outside_a_batch_and_only_between_batches_inside_one():
+@pytest.fixture
+def sigint_obeyed():
+    """SIGINT at Python's default for this test: a suite started in the background of a script inherits
+    it ignored, and on_signals keeps an ignored SIGINT ignored (as nohup'd commands expect)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_stop_signal_raises_at_once_outside_a_batch_and_only_between_batches_inside_one(sigint_obeyed):
     with signals.on_signals():
         with pytest.raises(signals.Stopped) as outside:
             _signal_self(signal.SIGTERM)
