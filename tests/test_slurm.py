@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -121,15 +122,19 @@ def test_preempted_job_requeues_and_continues_at_the_first_unfinished_cell(tmp_p
     barrier = hold_at_barrier("cells:1")
     job_id = _submit(sweep, [*THREE_CELLS, f"sweep_dir={sweep}"])
     _wait_for(lambda: len(barrier.holders()) == 1, 300, "the job to hold after its first cell", job_id)
+    host = re.search(r"\bBatchHost=(\S+)", _scontrol_job(job_id)).group(1)
     # What SLURM sends before preemption or the time limit: submitit checkpoints and requeues.
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # the steps, as SLURM does
     _wait_for(lambda: "Reason=BeginTime" in _scontrol_job(job_id), 60, "the requeue")
     barrier.release(after_exit=True)  # the first attempt has ended; the requeued one passes the barrier
     done = _records_now(sweep)
     assert len(done) == 1
-    # SLURM holds a requeued job for two minutes; an admin may release it at once.
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
-    _wait_for(lambda: _sacct_state(job_id) == "COMPLETED", 600, "the requeued job")  # it may queue behind another suite's jobs
+    # SLURM holds a requeued job for two minutes (cred_expire); an admin may release it at once. The node it
+    # ran on keeps the job's credential revoked until then and refuses it ("Job credential revoked"): the
+    # requeued attempt runs on the other node.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={host}", "StartTime=now"], check=True)
+    # It may queue behind another suite's jobs on the shared local SLURM.
+    _wait_for(lambda: _sacct_state(job_id) == "COMPLETED", 600, "the requeued job", job_id)
     assert len(list(sweep.glob("cells/*/rank-*.json"))) == 3
     assert _unchanged(done)
     log = next(sweep.glob(f"submitit/{job_id}/{job_id}_0_log.err")).read_text()
