@@ -17,6 +17,7 @@ from w2w.launch.status import completeness, sweep_problems
 from w2w.launch.submit import load_manifest
 
 from w2w.cell import SHOWN_AXES
+from w2w.engines import RENAMED_TO
 from w2w.exits import quiet_on_broken_pipe
 from w2w.files import writable_problem, write_atomic
 from w2w.manifest import MANIFEST, Manifest, ManifestError
@@ -377,10 +378,6 @@ def reduce_repeats(cell: CellRecords) -> dict:
                   "repeats_interval_pct": stop.interval_pct}
 
 
-# Engine names in older records, and the engine they ran (w2w.engines.RENAMED says why).
-OLD_ENGINE_NAMES = {"reference": "llama2"}
-
-
 def reduce_sweep(sweep_dir: Path) -> pd.DataFrame:
     return reduce_cells(load_cells(sweep_dir))
 
@@ -403,7 +400,7 @@ def reduce_cells(cells: dict[str, CellRecords]) -> pd.DataFrame:
                                             for cid, cell in cells.items()})
     table = selfcheck.add_flags(table, {cid: list(cell.records.values()) for cid, cell in cells.items()})
     if "engine" in table:  # records of sweeps before the rename: engine=reference was Llama 2's program
-        table["engine"] = table["engine"].replace(OLD_ENGINE_NAMES)
+        table["engine"] = table["engine"].replace(RENAMED_TO)
     for column in ("cell_id", *PARAM_COLUMNS, *extra, "status", *METRIC_NAMES, "energy_j", *ENERGY_COLUMNS, "gpus",
                    "nodes", "segments", "truncated_prompts", "note",
                    "score_note", "sampling_note", "repeats", "repeat_note"):

@@ -37,6 +37,7 @@ SPECS: dict[str, EngineSpec] = {spec.name: spec for spec in (
 ENGINES: dict[str, str] = {name: spec.description for name, spec in SPECS.items()}
 
 # Names no longer in the registry, and what to write instead.
+RENAMED_TO: dict[str, str] = {"reference": "llama2"}  # older records' names, and the engine they ran
 RENAMED: dict[str, str] = {
     "reference": "engine=reference was renamed llama2 (Meta's Llama 2 code); the paper's program is llama1",
 }
