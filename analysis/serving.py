@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from w2w.analysis.stats import Summary, summarize
+from w2w.analysis.stats import MEDIAN, Summary, summarize
 
 from w2w.exits import quiet_on_broken_pipe
 from w2w.files import write_atomic
@@ -123,8 +123,12 @@ def cheapest(points: list[Point], target_ms: float, figure: str) -> Point | None
 
 
 def _fmt(s: Summary, digits: int = 4) -> str:
+    """The mean ± its t half-width, or "med m [a, b]" where the median's interval is the one that fits
+    (as the cells table writes them: never an interval below zero)."""
     if s.mean is None:
         return "—"
+    if s.interval == MEDIAN:
+        return f"med {s.median:.{digits}g} [{s.median_low:.{digits}g}, {s.median_high:.{digits}g}]"
     text = f"{s.mean:.{digits}g}"
     return text if s.ci95 is None else f"{text} ± {s.ci95:.2g}"
 
@@ -159,8 +163,12 @@ def cheapest_lines(points: list[Point]) -> list[str]:
 
 
 def _bars(figures: list[Summary]) -> list[list[float]]:
-    """Error bars of 95% intervals, the lower one kept above zero (log axes)."""
-    return [[min(f.ci95 or 0.0, 0.9 * f.mean) for f in figures], [f.ci95 or 0.0 for f in figures]]
+    """Error bars around each mean from the interval that fits its runs (w2w.stats: the t interval only
+    where it stays above zero, else the median's from the runs themselves), so none reaches zero on the
+    log axes; where the median's interval leaves out the mean, that side's bar is empty."""
+    def side(f: Summary, end: float | None, sign: float) -> float:
+        return 0.0 if end is None or f.mean is None else max(0.0, sign * (end - f.mean))
+    return [[side(f, f.low, -1.0) for f in figures], [side(f, f.high, 1.0) for f in figures]]
 
 
 def plot(points: list[Point], path: Path) -> Path | None:
@@ -198,7 +206,7 @@ def plot(points: list[Point], path: Path) -> Path | None:
             ax.annotate(f"{target:g} ms", (target, min(ys) / 1.9), fontsize=7, color="grey")
     ax.set_xlabel("p90 inter-token latency (ms)")
     ax.set_ylabel("J per output token")
-    ax.set_title("Time-energy frontier (serving cells; bars: 95% interval over repeats)")
+    ax.set_title("Time-energy frontier (serving cells; bars: the 95% interval that fits the repeats)")
     ax.legend(fontsize=8)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)

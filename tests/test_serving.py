@@ -339,3 +339,16 @@ def test_the_cheapest_cell_meets_the_target_at_its_upper_bound_and_is_not_overlo
     assert cheapest(points, 250, "j_per_request").cell_id == "d"
     assert cheapest(points, 10, "j_per_request") is None
     assert on_frontier(points) == {"c"}  # c (30 ms, 1 J) beats every other cell on both axes
+
+
+def test_the_frontiers_bars_and_table_use_the_interval_that_fits_never_below_zero():
+    """Two skewed repeats: the t interval of J/token would reach below zero (a log axis draws it across
+    the figure); the frontier's bars and table take the median's interval from the runs instead."""
+    from w2w.analysis.serving import _bars, _fmt
+    from w2w.analysis.stats import summarize
+
+    skewed = summarize([0.2, 3.0])
+    assert skewed.mean - skewed.ci95 < 0  # what the t interval alone would draw
+    (low,), (high,) = _bars([skewed])
+    assert skewed.mean - low == pytest.approx(0.2) and skewed.mean + high == pytest.approx(3.0)
+    assert _fmt(skewed) == "med 1.6 [0.2, 3]"
